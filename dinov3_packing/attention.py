@@ -1,0 +1,105 @@
+"""Attention over packed segments: one function, several kernels.
+
+`packed_attention(q, k, v, layout, backend)` attends within each segment of the packed sequence and
+never across segments. The model calls only this function; adding a kernel touches only this file.
+
+Backends:
+    "varlen":     PyTorch's `torch.nn.attention.varlen.varlen_attn` (FlashAttention-2 varlen; CUDA, fp16/bf16).
+    "flash_attn": `flash_attn.flash_attn_varlen_func` from the flash-attn package, when installed.
+    "sdpa":       exact reference path: `scaled_dot_product_attention` per run of equal-length segments.
+                  Any device and dtype; what CPU and fp32 use.
+    "auto":       the fastest of the above that supports the inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from .packing import PackedLayout
+
+BACKENDS = ("auto", "varlen", "flash_attn", "sdpa")
+
+
+def has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def has_varlen_attn() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Pick the concrete kernel for `backend` on this device and dtype; fail early if it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attn_backend: expected one of {BACKENDS}, got {backend!r}")
+    flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if backend == "auto":
+        if flash_ok and has_flash_attn():
+            return "flash_attn"
+        if flash_ok and has_varlen_attn():
+            return "varlen"
+        return "sdpa"
+    if backend in ("varlen", "flash_attn"):
+        if not flash_ok:
+            raise ValueError(
+                f"attn_backend: {backend!r} needs a CUDA device and fp16/bf16, got {device.type} and {dtype}; "
+                "use 'sdpa' (exact, any device) or 'auto'"
+            )
+        if backend == "flash_attn" and not has_flash_attn():
+            raise ValueError("attn_backend: 'flash_attn' needs the flash-attn package, which is not installed")
+        if backend == "varlen" and not has_varlen_attn():
+            raise ValueError("attn_backend: 'varlen' needs torch.nn.attention.varlen (PyTorch >= 2.10)")
+    return backend
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: PackedLayout,
+    backend: str,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Softmax attention within each segment.
+
+    Args:
+        q, k, v: `[num_tokens, heads, head_dim]`.
+        layout: the batch's `PackedLayout` (cu_seqlens, max_seqlen, seq_lens).
+        backend: a concrete backend from `resolve_backend` (not "auto").
+        dropout_p: attention dropout (training only; only the "sdpa" backend supports it).
+
+    Returns:
+        `[num_tokens, heads, head_dim]`.
+    """
+    if backend == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu, n = layout.cu_seqlens, layout.max_seqlen
+        return varlen_attn(q, k, v, cu, cu, n, n)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        cu, n = layout.cu_seqlens, layout.max_seqlen
+        return flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=dropout_p)
+    if backend == "sdpa":
+        return _sdpa_per_segment(q, k, v, layout.seq_lens, dropout_p)
+    raise ValueError(f"backend: expected a concrete backend ('varlen', 'flash_attn', 'sdpa'), got {backend!r}")
+
+
+def _sdpa_per_segment(q, k, v, seq_lens: list[int], dropout_p: float) -> torch.Tensor:
+    # Consecutive segments of equal length are contiguous in memory, so each run becomes one batched
+    # SDPA call on a view: uniform batches cost one call, mixed ones one call per run.
+    outputs, start, i = [], 0, 0
+    while i < len(seq_lens):
+        n, j = seq_lens[i], i
+        while j < len(seq_lens) and seq_lens[j] == n:
+            j += 1
+        end = start + n * (j - i)
+        qs, ks, vs = (x[start:end].unflatten(0, (j - i, n)).transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p)
+        outputs.append(out.transpose(1, 2).flatten(0, 1))
+        start, i = end, j
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]

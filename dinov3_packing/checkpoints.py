@@ -1,0 +1,148 @@
+"""Checkpoint resolution, in one place.
+
+`--ckpt` / `ckpt=` accepts:
+    random:<arch>[@seed]   offline: the exact released architecture with seeded random weights
+    <hub id>               a Hugging Face repo (online, or from the local cache)
+    <folder>               a `save_pretrained` folder (config.json + safetensors)
+    <file>.safetensors     a single weights file; config.json beside it, or the architecture is recognised
+                           from the tensor shapes
+The seed document's names (facebook/dinov3-base, ...) are aliases of the real Hub ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+from .archs import ARCHS, SEED_ALIASES, arch_config
+from .modeling import DINOv3ViTPackingModel
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CKPT = "random:vits16"
+_RANDOM = re.compile(r"^random:(?P<arch>[a-z0-9]+)(?:@(?P<seed>\d+))?$")
+
+
+def resolve_alias(ckpt: str) -> str:
+    """Map a seed-document name to its real Hub id, saying so; other names pass through."""
+    if ckpt in SEED_ALIASES:
+        real = ARCHS[SEED_ALIASES[ckpt]].hub_id
+        logger.warning("%s is not a Hugging Face id; using %s", ckpt, real)
+        return real
+    return ckpt
+
+
+def load_packing_model(
+    ckpt: str = DEFAULT_CKPT,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_backend: str = "auto",
+) -> DINOv3ViTPackingModel:
+    """Build a `DINOv3ViTPackingModel` from any checkpoint spelling above, in eval mode.
+
+    Raises:
+        TypeError: ckpt is not a string.
+        ValueError: unknown architecture, a path that is not a checkpoint, or a Hub id that cannot be fetched.
+    """
+    if not isinstance(ckpt, str):
+        raise TypeError(f"ckpt: expected a string (hub id, path or random:<arch>), got {type(ckpt).__name__}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
+    ckpt = resolve_alias(ckpt)
+    m = _RANDOM.match(ckpt)
+    if ckpt.startswith("random:") and not m:
+        raise ValueError(f"ckpt: expected random:<arch>[@seed] with arch in {sorted(ARCHS)}, got {ckpt!r}")
+    if m:
+        config = arch_config(m["arch"])
+        model = random_packing_model(config, seed=int(m["seed"] or 0), attn_backend=attn_backend)
+    else:
+        path = Path(ckpt).expanduser()
+        if path.is_file():
+            model = _from_safetensors_file(path, attn_backend)
+        elif path.is_dir():
+            model = _from_pretrained(str(path), attn_backend)
+        elif ckpt.count("/") == 1 and not ckpt.startswith((".", "/", "~")):
+            model = _from_pretrained(ckpt, attn_backend)
+        else:
+            raise ValueError(f"ckpt: {ckpt!r} is not a file, a folder, a Hub id or random:<arch>")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def reference_model(model: DINOv3ViTPackingModel) -> DINOv3ViTModel:
+    """The Hugging Face `DINOv3ViTModel` with exactly the same weights (strict load), in eval mode."""
+    ref = DINOv3ViTModel(model.config)
+    ref.load_state_dict(model.state_dict(), strict=True)
+    return ref.to(device=model.device, dtype=model.dtype).eval()
+
+
+def random_packing_model(config: DINOv3ViTConfig, seed: int = 0, attn_backend: str = "auto") -> DINOv3ViTPackingModel:
+    """A packed model whose every parameter is drawn from a seeded generator.
+
+    All parameters are random, biases and norms included, so parity checks exercise each of them:
+    weights trunc-normal(0.02), biases N(0, 0.02), LayerNorm weights 1 + N(0, 0.1), LayerScale
+    U(0.05, 0.3) (released models have small layer scales), CLS/register/mask tokens N(0, 0.5).
+    """
+    model = DINOv3ViTPackingModel(config, attn_backend=attn_backend)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.startswith("embeddings.") and leaf != "weight" and leaf != "bias":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif leaf == "lambda1":
+                p.copy_(torch.rand(p.shape, generator=g) * 0.25 + 0.05)
+            elif ".norm" in f".{name}" and leaf == "weight":
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif leaf == "bias":
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.nn.init.trunc_normal_(torch.empty(p.shape), std=0.02, a=-0.04, b=0.04, generator=g))
+    return model
+
+
+def _from_pretrained(name_or_path: str, attn_backend: str) -> DINOv3ViTPackingModel:
+    try:
+        return DINOv3ViTPackingModel.from_pretrained(name_or_path, attn_backend=attn_backend)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"ckpt: could not load {name_or_path!r} ({first}); pass a local folder or .safetensors file with "
+            "the weights, or random:<arch> (e.g. random:vitl16) to run offline"
+        ) from None
+
+
+def _from_safetensors_file(path: Path, attn_backend: str) -> DINOv3ViTPackingModel:
+    if path.suffix != ".safetensors":
+        raise ValueError(f"ckpt: expected a .safetensors file or a folder, got {str(path)!r}")
+    state = load_file(str(path))
+    state = {re.sub(r"^(?:model\.)?layer\.", "model.layer.", k): v for k, v in state.items()}
+    config_file = path.with_name("config.json")
+    if config_file.exists():
+        config = DINOv3ViTConfig(**json.loads(config_file.read_text()))
+    else:
+        config = arch_config(_arch_from_state(state, path))
+    model = DINOv3ViTPackingModel(config, attn_backend=attn_backend)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _arch_from_state(state: dict[str, torch.Tensor], path: Path) -> str:
+    """Recognise a released architecture from tensor shapes (width, depth, gated MLP)."""
+    if "embeddings.cls_token" not in state:
+        raise ValueError(f"ckpt: {str(path)!r} has no embeddings.cls_token; it is not a DINOv3 ViT state dict")
+    width = state["embeddings.cls_token"].shape[-1]
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.layer."))
+    gated = any(".mlp.gate_proj." in k for k in state)
+    for name, a in ARCHS.items():
+        if (a.hidden_size, a.num_hidden_layers, a.use_gated_mlp) == (width, depth, gated):
+            return name
+    raise ValueError(
+        f"ckpt: {str(path)!r} (width {width}, {depth} layers) matches no released DINOv3 architecture; "
+        "put its config.json beside it"
+    )

@@ -1,0 +1,283 @@
+"""DINOv3 ViT on packed input.
+
+Parameter names are those of `transformers.DINOv3ViTModel`, so any Hugging Face DINOv3 checkpoint loads
+as is and `DINOv3ViTModel(config).load_state_dict(model.state_dict())` is exact. The forward takes
+`hidden_states [total_patches, p*p*C]` and `grid_thw [num_images, 3]` (see `packing.py`) and runs every
+image in one sequence: one matmul embeds all patches, every layer runs once over all tokens, and
+attention stays inside each image through `attention.packed_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DINOv3ViTConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.dinov3_vit.modeling_dinov3_vit import (
+    DINOv3ViTEmbeddings,
+    DINOv3ViTGatedMLP,
+    DINOv3ViTLayerScale,
+    DINOv3ViTMLP,
+    DINOv3ViTPreTrainedModel,
+    DINOv3ViTRopePositionEmbedding,
+    get_patches_center_coordinates,
+)
+
+from .attention import BACKENDS, packed_attention, resolve_backend
+from .packing import PackedLayout, validate_packed_input
+
+
+@dataclass
+class PackedModelOutput(ModelOutput):
+    """Output of `DINOv3ViTPackingModel`.
+
+    Attributes:
+        last_hidden_state: `[total_patches, D]` patch tokens, rows aligned with the input rows; after the
+            final LayerNorm, or the raw output of layer `select_layer` when that is given.
+        pooler_output: `[num_segments, D]` CLS token of each segment (frame), normed like `last_hidden_state`.
+        register_tokens: `[num_segments, R, D]`, normed like `last_hidden_state`.
+        hidden_states: with `output_hidden_states=True`, `num_layers + 1` tensors `[total_patches, D]`:
+            the embeddings, then each layer's output (before the final norm), as in Hugging Face.
+        layout: the `PackedLayout` of the batch (token positions, cu_seqlens).
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    register_tokens: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    layout: PackedLayout | None = None
+
+
+class DINOv3ViTPackedEmbeddings(DINOv3ViTEmbeddings):
+    """Patch embedding as one matmul over packed rows, plus CLS and registers per segment.
+
+    Keeps the Conv2d parameter (`patch_embeddings.weight [D, C, p, p]`) for checkpoint compatibility and
+    applies it as a Linear on (p, p, C)-flattened rows.
+    """
+
+    def forward(
+        self, hidden_states: torch.Tensor, layout: PackedLayout, bool_masked_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        conv = self.patch_embeddings
+        weight = conv.weight.permute(0, 2, 3, 1).flatten(1)
+        patches = F.linear(hidden_states.to(weight.dtype), weight, conv.bias)
+        if bool_masked_pos is not None:
+            patches = torch.where(bool_masked_pos[:, None], self.mask_token[0].to(patches.dtype), patches)
+        prefix = torch.cat([self.cls_token[0], self.register_tokens[0]]).to(patches.dtype)
+        prefix_rows = prefix.expand(layout.num_segments, -1, -1).flatten(0, 1)
+        return torch.cat([prefix_rows, patches])[layout.token_source]
+
+
+class DINOv3ViTPackedRopeEmbedding(DINOv3ViTRopePositionEmbedding):
+    """RoPE cos/sin for every token of a packed batch, `[num_tokens, head_dim]`.
+
+    Coordinates are normalised by each segment's own (h, w). Prefix tokens get cos = 1, sin = 0, which
+    leaves them unrotated without a gather or scatter inside the layers. Angles are cached per (h, w).
+    """
+
+    def __init__(self, config: DINOv3ViTConfig):
+        super().__init__(config)
+        self.num_prefix = 1 + config.num_register_tokens
+        self._angle_cache: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def segment_angles(self, h: int, w: int, coords: torch.Tensor | None = None) -> torch.Tensor:
+        """Angles `[num_prefix + h*w, head_dim]` in fp32 for one segment (prefix rows are zero)."""
+        if coords is None:
+            key = (h, w, str(self.inv_freq.device))
+            if key not in self._angle_cache:
+                self._angle_cache[key] = self.segment_angles(h, w, self.patch_coords(h, w))
+            return self._angle_cache[key]
+        angles = 2 * math.pi * coords[:, :, None] * self.inv_freq[None, None, :]
+        angles = angles.flatten(1, 2).tile(2)
+        return torch.cat([angles.new_zeros(self.num_prefix, angles.shape[1]), angles])
+
+    def patch_coords(self, h: int, w: int) -> torch.Tensor:
+        return get_patches_center_coordinates(h, w, dtype=torch.float32, device=self.inv_freq.device)
+
+    def forward(self, layout: PackedLayout, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = torch.cat([self.segment_angles(h, w) for h, w in layout.segment_hw])
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class DINOv3ViTPackedAttention(nn.Module):
+    """Self-attention over packed tokens. q/k/v stay separate parameters (Hugging Face names) and run as
+    one GEMM on their concatenated weights."""
+
+    def __init__(self, config: DINOv3ViTConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dropout = config.attention_dropout
+        d = config.hidden_size
+        self.k_proj = nn.Linear(d, d, bias=config.key_bias)
+        self.v_proj = nn.Linear(d, d, bias=config.value_bias)
+        self.q_proj = nn.Linear(d, d, bias=config.query_bias)
+        self.o_proj = nn.Linear(d, d, bias=config.proj_bias)
+
+    def qkv_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projs])
+        if all(p.bias is None for p in projs):
+            return weight, None
+        bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projs])
+        return weight, bias
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout, backend: str
+    ) -> torch.Tensor:
+        qkv = F.linear(x, *self.qkv_weight_bias()).unflatten(-1, (3, self.num_heads, self.head_dim))
+        qk, v = qkv[:, :2], qkv[:, 2]
+        qk = qk * cos[:, None, None, :] + rotate_half(qk) * sin[:, None, None, :]
+        out = packed_attention(qk[:, 0], qk[:, 1], v, layout, backend, self.dropout if self.training else 0.0)
+        return self.o_proj(out.flatten(1))
+
+
+class DINOv3ViTPackedDropPath(nn.Module):
+    """Stochastic depth per segment (Hugging Face drops per image)."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        keep = torch.floor(torch.rand(layout.num_segments, dtype=x.dtype, device=x.device) + keep_prob)
+        lengths = layout.cu_seqlens.diff()
+        per_token = torch.repeat_interleave(keep, lengths, output_size=layout.num_tokens)
+        return x.div(keep_prob) * per_token[:, None]
+
+
+class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
+    """Pre-norm block: attention and MLP, each with LayerScale and a residual."""
+
+    def __init__(self, config: DINOv3ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = DINOv3ViTPackedAttention(config)
+        self.layer_scale1 = DINOv3ViTLayerScale(config)
+        self.drop_path = DINOv3ViTPackedDropPath(config.drop_path_rate)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = DINOv3ViTGatedMLP(config) if config.use_gated_mlp else DINOv3ViTMLP(config)
+        self.layer_scale2 = DINOv3ViTLayerScale(config)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout, backend: str
+    ) -> torch.Tensor:
+        h = self.attention(self.norm1(x), cos, sin, layout, backend)
+        x = self.drop_path(self.layer_scale1(h), layout) + x
+        h = self.mlp(self.norm2(x))
+        return self.drop_path(self.layer_scale2(h), layout) + x
+
+
+class DINOv3ViTPackedEncoder(nn.Module):
+    def __init__(self, config: DINOv3ViTConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([DINOv3ViTPackedLayer(config) for _ in range(config.num_hidden_layers)])
+
+
+class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
+    """DINOv3 ViT that runs natively on packed patches of many images of different sizes.
+
+    Args:
+        config: a `DINOv3ViTConfig` (see `archs.arch_config` for the released ones).
+        attn_backend: "auto" (default), "varlen", "flash_attn" or "sdpa"; see `attention.py`.
+    """
+
+    main_input_name = "hidden_states"
+    _can_record_outputs: dict = {}  # noqa: RUF012 - overrides the parent's output-capturing hooks with none
+
+    def __init__(self, config: DINOv3ViTConfig, attn_backend: str = "auto"):
+        super().__init__(config)
+        if attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend: expected one of {BACKENDS}, got {attn_backend!r}")
+        self.attn_backend = attn_backend
+        self.embeddings = DINOv3ViTPackedEmbeddings(config)
+        self.rope_embeddings = DINOv3ViTPackedRopeEmbedding(config)
+        self.model = DINOv3ViTPackedEncoder(config)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.config.patch_size)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2 * self.config.num_channels
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.config.num_register_tokens
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        grid_thw: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        select_layer: int | None = None,
+    ) -> PackedModelOutput:
+        """Run a packed batch.
+
+        Args:
+            hidden_states: `[total_patches, p*p*C]` normalized pixels, rows as `packing.patchify` gives them.
+            grid_thw: integer `[num_images, 3]`, rows (t, h, w) in patches.
+            bool_masked_pos: optional bool `[total_patches]`; True rows are replaced by the mask token.
+            output_hidden_states: also return every layer's patch tokens.
+            select_layer: index into the `num_layers + 1` hidden states (LLaVA towers use -2); the outputs
+                are then that layer's tokens without the final norm, and later layers are skipped.
+
+        Returns:
+            `PackedModelOutput`.
+        """
+        grid = validate_packed_input(hidden_states, grid_thw, self.patch_dim)
+        num_layers = self.config.num_hidden_layers
+        if select_layer is not None:
+            if not isinstance(select_layer, int) or isinstance(select_layer, bool):
+                raise TypeError(f"select_layer: expected an int, got {type(select_layer).__name__}")
+            if not -(num_layers + 1) <= select_layer <= num_layers:
+                raise ValueError(
+                    f"select_layer: expected an index into {num_layers + 1} hidden states "
+                    f"(-{num_layers + 1}..{num_layers}), got {select_layer}"
+                )
+        if bool_masked_pos is not None and (
+            not isinstance(bool_masked_pos, torch.Tensor)
+            or bool_masked_pos.dtype != torch.bool
+            or bool_masked_pos.shape != (hidden_states.shape[0],)
+        ):
+            raise ValueError(f"bool_masked_pos: expected a bool tensor of shape [{hidden_states.shape[0]}]")
+
+        device, dtype = self.norm.weight.device, self.norm.weight.dtype
+        backend = resolve_backend(self.attn_backend, device, dtype)
+        layout = PackedLayout.build(grid, self.num_prefix_tokens, device)
+
+        x = self.embeddings(hidden_states.to(device), layout, bool_masked_pos)
+        cos, sin = self.rope_embeddings(layout, dtype)
+        stop = num_layers if select_layer is None else select_layer % (num_layers + 1)
+        if output_hidden_states:
+            stop = num_layers
+        states = [x]
+        for layer in self.model.layer[:stop]:
+            x = layer(x, cos, sin, layout, backend)
+            states.append(x)
+        out = self.norm(x) if select_layer is None else states[select_layer]
+
+        return PackedModelOutput(
+            last_hidden_state=out[layout.patch_index],
+            pooler_output=out[layout.prefix_index[:, 0]],
+            register_tokens=out[layout.prefix_index[:, 1:]],
+            hidden_states=tuple(s[layout.patch_index] for s in states) if output_hidden_states else None,
+            layout=layout,
+        )

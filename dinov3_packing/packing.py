@@ -1,0 +1,210 @@
+"""The packed format: images <-> rows of patches, and the per-batch layout the model runs on.
+
+A packed batch is `hidden_states [total_patches, p*p*C]` (each row one patch, flattened in
+(patch_row, patch_col, channel) order; the patches of one image in raster order; images one after another)
+and `grid_thw [num_images, 3]` with rows (t, h, w) in patches. Each of the t frames of an image is its own
+*segment*: the model gives it its own CLS and register tokens and its own attention block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Cut one image into packed rows.
+
+    Args:
+        image: `[C, H, W]` with H and W multiples of `patch_size`.
+        patch_size: side of a square patch in pixels.
+
+    Returns:
+        `[(H/p) * (W/p), p*p*C]`, patches in raster order, each flattened as (row, col, channel).
+    """
+    if not isinstance(image, torch.Tensor) or image.ndim != 3:
+        raise TypeError(f"image: expected a [C, H, W] tensor, got {_describe(image)}")
+    c, height, width = image.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image: height and width must be multiples of patch_size={patch_size}, got {height}x{width}")
+    h, w = height // patch_size, width // patch_size
+    return image.reshape(c, h, patch_size, w, patch_size).permute(1, 3, 2, 4, 0).reshape(h * w, patch_size**2 * c)
+
+
+def unpatchify(rows: torch.Tensor, h: int, w: int, patch_size: int) -> torch.Tensor:
+    """Inverse of `patchify`: `[h*w, p*p*C]` rows back to a `[C, h*p, w*p]` image."""
+    if rows.ndim != 2 or rows.shape[0] != h * w or rows.shape[1] % (patch_size**2):
+        raise ValueError(f"rows: expected [{h}*{w}, p*p*C] with p={patch_size}, got {tuple(rows.shape)}")
+    c = rows.shape[1] // patch_size**2
+    return (
+        rows.reshape(h, w, patch_size, patch_size, c).permute(4, 0, 2, 1, 3).reshape(c, h * patch_size, w * patch_size)
+    )
+
+
+def pack(images: Sequence[torch.Tensor], patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack images of different sizes into one batch.
+
+    Args:
+        images: `[C, H, W]` images (one frame each), or `[T, C, H, W]` clips whose T frames share one size.
+        patch_size: patch side in pixels; H and W must be multiples of it.
+
+    Returns:
+        `(hidden_states [total_patches, p*p*C], grid_thw [num_images, 3] int64)`.
+    """
+    if isinstance(images, torch.Tensor) or not isinstance(images, Sequence) or len(images) == 0:
+        raise TypeError(
+            f"images: expected a non-empty list of [C, H, W] or [T, C, H, W] tensors, got {_describe(images)}"
+        )
+    rows, grid = [], []
+    for i, img in enumerate(images):
+        if not isinstance(img, torch.Tensor) or img.ndim not in (3, 4):
+            raise TypeError(f"images[{i}]: expected a [C, H, W] or [T, C, H, W] tensor, got {_describe(img)}")
+        frames = img if img.ndim == 4 else img[None]
+        for frame in frames:
+            rows.append(patchify(frame, patch_size))
+        t, (_, height, width) = frames.shape[0], frames.shape[1:]
+        grid.append((t, height // patch_size, width // patch_size))
+    channels = {r.shape[1] for r in rows}
+    if len(channels) != 1:
+        raise ValueError(f"images: all images need the same number of channels, got patch dims {sorted(channels)}")
+    return torch.cat(rows), torch.tensor(grid, dtype=torch.long)
+
+
+def split(packed: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Split packed per-patch rows (model output or input) back into per-image `[t, h, w, D]` maps."""
+    grid = _grid_list(grid_thw)
+    sizes = [t * h * w for t, h, w in grid]
+    if packed.ndim != 2 or packed.shape[0] != sum(sizes):
+        raise ValueError(f"packed: expected [{sum(sizes)}, D] rows for grid_thw, got {tuple(packed.shape)}")
+    return [chunk.reshape(t, h, w, -1) for chunk, (t, h, w) in zip(packed.split(sizes), grid, strict=True)]
+
+
+def validate_packed_input(hidden_states: object, grid_thw: object, patch_dim: int) -> list[tuple[int, int, int]]:
+    """Check a packed batch before any compute; return grid_thw as a list of (t, h, w) tuples.
+
+    Raises:
+        TypeError: hidden_states is not a floating tensor, or grid_thw not an integer `[N, 3]`.
+        ValueError: wrong patch_dim, non-positive grid entries, or row count != sum(t*h*w).
+    """
+    if not isinstance(hidden_states, torch.Tensor):
+        raise TypeError(
+            f"hidden_states: expected a torch.Tensor [total_patches, {patch_dim}], got {_describe(hidden_states)}"
+        )
+    if not hidden_states.is_floating_point():
+        raise TypeError(f"hidden_states: expected a floating-point tensor, got dtype {hidden_states.dtype}")
+    if hidden_states.ndim != 2:
+        raise ValueError(
+            f"hidden_states: expected 2 dims [total_patches, {patch_dim}], got shape {tuple(hidden_states.shape)}"
+        )
+    if hidden_states.shape[1] != patch_dim:
+        raise ValueError(
+            f"hidden_states: expected patch_dim {patch_dim} (patch_size*patch_size*num_channels) in dim 1, "
+            f"got {hidden_states.shape[1]}; rows must be patches of this model's patch size in (p, p, C) order"
+        )
+    grid = _grid_list(grid_thw)
+    total = sum(t * h * w for t, h, w in grid)
+    if hidden_states.shape[0] != total:
+        raise ValueError(
+            f"hidden_states: expected sum(t*h*w) = {total} rows for grid_thw, got {hidden_states.shape[0]}"
+        )
+    return grid
+
+
+def _grid_list(grid_thw: object) -> list[tuple[int, int, int]]:
+    if isinstance(grid_thw, torch.Tensor):
+        if grid_thw.is_floating_point() or grid_thw.is_complex() or grid_thw.dtype == torch.bool:
+            raise TypeError(f"grid_thw: expected an integer tensor [num_images, 3], got dtype {grid_thw.dtype}")
+        if grid_thw.ndim != 2 or grid_thw.shape[1] != 3:
+            raise ValueError(
+                f"grid_thw: expected shape [num_images, 3] with rows (t, h, w), got {tuple(grid_thw.shape)}"
+            )
+        grid = [tuple(r) for r in grid_thw.tolist()]
+    elif isinstance(grid_thw, Sequence) and not isinstance(grid_thw, str):
+        grid = [tuple(r) if isinstance(r, Sequence) else r for r in grid_thw]
+        if not all(isinstance(r, tuple) and len(r) == 3 and all(_is_int(v) for v in r) for r in grid):
+            raise TypeError(f"grid_thw: expected integer rows (t, h, w), got {grid_thw!r}")
+    else:
+        raise TypeError(f"grid_thw: expected an integer tensor [num_images, 3], got {_describe(grid_thw)}")
+    if not grid:
+        raise ValueError("grid_thw: expected at least one image, got 0 rows")
+    bad = [r for r in grid if min(r) < 1]
+    if bad:
+        raise ValueError(f"grid_thw: t, h and w must be positive, got row {bad[0]}")
+    return [(int(t), int(h), int(w)) for t, h, w in grid]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+@dataclass
+class PackedLayout:
+    """Where every token of a packed batch sits; computed once per forward and shared by all layers.
+
+    The token sequence is, for each segment in turn, `[CLS, register_1..R, patch_1..patch_hw]`.
+
+    Attributes:
+        segment_hw: (h, w) of every segment (one per frame).
+        seq_lens: tokens per segment (prefix + h*w), host-side, for kernels that loop over segments.
+        cu_seqlens: int32 `[num_segments + 1]` cumulative token offsets, on the model's device.
+        max_seqlen: longest segment in tokens.
+        patch_index: long `[total_patches]`: token position of each input row.
+        prefix_index: long `[num_segments, 1 + R]`: token positions of CLS and the registers.
+        token_source: long `[num_tokens]`: for each token, its row in `cat([prefix rows of all segments
+            (segment-major), patch rows])`, so the whole sequence is assembled by one gather.
+        num_tokens: total tokens including prefix tokens.
+    """
+
+    segment_hw: list[tuple[int, int]]
+    seq_lens: list[int]
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    patch_index: torch.Tensor
+    prefix_index: torch.Tensor
+    token_source: torch.Tensor
+    num_tokens: int
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.segment_hw)
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_index.numel()
+
+    @classmethod
+    def build(cls, grid: Sequence[tuple[int, int, int]], num_prefix: int, device: torch.device | str) -> PackedLayout:
+        segment_hw = [(h, w) for t, h, w in grid for _ in range(t)]
+        seq_lens = [num_prefix + h * w for h, w in segment_hw]
+        offsets = [0]
+        for n in seq_lens:
+            offsets.append(offsets[-1] + n)
+        starts = torch.tensor(offsets[:-1], dtype=torch.long)
+        patch_counts = torch.tensor([h * w for h, w in segment_hw], dtype=torch.long)
+        # Position of every patch row: its segment's start + prefix + its index within the segment.
+        seg_of_row = torch.repeat_interleave(torch.arange(len(segment_hw)), patch_counts)
+        first_row = torch.cumsum(patch_counts, 0) - patch_counts
+        row = torch.arange(int(patch_counts.sum()))
+        patch_index = starts[seg_of_row] + num_prefix + (row - first_row[seg_of_row])
+        prefix_index = starts[:, None] + torch.arange(num_prefix)[None, :]
+        token_source = torch.empty(offsets[-1], dtype=torch.long)
+        token_source[prefix_index.flatten()] = torch.arange(prefix_index.numel())
+        token_source[patch_index] = prefix_index.numel() + row
+        return cls(
+            segment_hw=segment_hw,
+            seq_lens=seq_lens,
+            cu_seqlens=torch.tensor(offsets, dtype=torch.int32, device=device),
+            max_seqlen=max(seq_lens),
+            patch_index=patch_index.to(device),
+            prefix_index=prefix_index.to(device),
+            token_source=token_source.to(device),
+            num_tokens=offsets[-1],
+        )

@@ -1,0 +1,90 @@
+"""The seed document's interface: `DINOv3ViTPacking` (packed) and `Dinov3` (standard, the reference)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .archs import normalization_for
+from .checkpoints import DEFAULT_CKPT, load_packing_model, reference_model, resolve_alias
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 elsewhere (the seed's defaults)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+
+
+class DINOv3ViTPacking(nn.Module):
+    """Packed DINOv3: `forward(hidden_states [total_patches, p*p*C], grid_thw [N, 3]) -> [total_patches, D]`.
+
+    Args:
+        ckpt: checkpoint (see `checkpoints.py`); default an offline random ViT-S/16.
+        device: default CUDA when available, else CPU.
+        dtype: default bf16 on CUDA, fp32 on CPU.
+        attn_backend: "auto", "varlen", "flash_attn" or "sdpa".
+
+    Attributes:
+        model: the underlying `DINOv3ViTPackingModel`.
+        patch_size: the model's patch size (16 for DINOv3).
+        image_mean, image_std: the normalization the checkpoint expects.
+    """
+
+    def __init__(
+        self,
+        ckpt: str = DEFAULT_CKPT,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        attn_backend: str = "auto",
+    ):
+        super().__init__()
+        device = _device(device)
+        self.model = load_packing_model(ckpt, device, dtype or default_dtype(device), attn_backend)
+        self.patch_size = self.model.patch_size
+        self.image_mean, self.image_std = normalization_for(resolve_alias(ckpt))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def forward(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Packed patch tokens after the final LayerNorm, CLS and registers removed: `[total_patches, D]`."""
+        return self.model(hidden_states, grid_thw).last_hidden_state
+
+
+class Dinov3(nn.Module):
+    """Standard (unpacked) Hugging Face `DINOv3ViTModel` with the same weights as `DINOv3ViTPacking(ckpt)`.
+
+    `forward(pixel_values [B, C, H, W])` returns the patch tokens after the final LayerNorm,
+    `[B, h*w, D]`; `.model` is the `DINOv3ViTModel`.
+    """
+
+    def __init__(
+        self, ckpt: str = DEFAULT_CKPT, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ):
+        super().__init__()
+        device = _device(device)
+        packed = load_packing_model(ckpt, "cpu", torch.float32, "sdpa")
+        self.model = reference_model(packed).to(device=device, dtype=dtype or default_dtype(device))
+        self.patch_size = packed.patch_size
+        self.num_prefix_tokens = packed.num_prefix_tokens
+        self.image_mean, self.image_std = normalization_for(resolve_alias(ckpt))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+            raise ValueError("pixel_values: expected a [B, C, H, W] tensor")
+        param = self.model.embeddings.patch_embeddings.weight
+        out = self.model(pixel_values.to(device=param.device, dtype=param.dtype))
+        return out.last_hidden_state[:, self.num_prefix_tokens :]
