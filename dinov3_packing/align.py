@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .checkpoints import DEFAULT_CKPT
 from .images import image_paths_in, load_at_patch_multiple, sample_image_paths
 from .packing import pack, split
-from .wrappers import DINOv3ViTPacking, Dinov3
+from .wrappers import Dinov3, DINOv3ViTPacking
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP32_RTOL = 1e-5  # fp32 packed vs fp32 reference: only summation order differs (observed ~1e-6)

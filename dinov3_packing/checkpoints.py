@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -108,13 +110,37 @@ def random_packing_model(config: DINOv3ViTConfig, seed: int = 0, attn_backend: s
 
 def _from_pretrained(name_or_path: str, attn_backend: str) -> DINOv3ViTPackingModel:
     try:
-        return DINOv3ViTPackingModel.from_pretrained(name_or_path, attn_backend=attn_backend)
-    except (OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"ckpt: could not load {name_or_path!r} ({first}); pass a local folder or .safetensors file with "
-            "the weights, or random:<arch> (e.g. random:vitl16) to run offline"
-        ) from None
+        # The local cache first: no network, no retries, and it works offline.
+        return DINOv3ViTPackingModel.from_pretrained(name_or_path, attn_backend=attn_backend, local_files_only=True)
+    except OSError:
+        if Path(name_or_path).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            error = "not found locally"
+        else:
+            error = None
+    if error is None:
+        try:
+            with _quiet_hub():
+                return DINOv3ViTPackingModel.from_pretrained(name_or_path, attn_backend=attn_backend)
+        except (OSError, ValueError, RuntimeError) as e:
+            error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(
+        f"ckpt: could not load {name_or_path!r} ({error}); pass a local folder or .safetensors file with "
+        "the weights, or random:<arch> (e.g. random:vitl16) to run offline"
+    )
+
+
+@contextmanager
+def _quiet_hub():
+    """Silence the download libraries' retry warnings; a failure is reported once, by us."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _from_safetensors_file(path: Path, attn_backend: str) -> DINOv3ViTPackingModel:

@@ -99,8 +99,31 @@ class DINOv3ViTPackedRopeEmbedding(DINOv3ViTRopePositionEmbedding):
     def patch_coords(self, h: int, w: int) -> torch.Tensor:
         return get_patches_center_coordinates(h, w, dtype=torch.float32, device=self.inv_freq.device)
 
-    def forward(self, layout: PackedLayout, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = torch.cat([self.segment_angles(h, w) for h, w in layout.segment_hw])
+    def augmented_coords(self, h: int, w: int, generator: torch.Generator | None) -> torch.Tensor:
+        """Training-time coordinate augmentation for one segment, drawn as Hugging Face draws it for one
+        image (shift, then jitter, then rescale), from `generator` or the global RNG."""
+        cfg, coords = self.config, self.patch_coords(h, w)
+        draw = {"device": coords.device, "dtype": coords.dtype}
+        if cfg.pos_embed_shift is not None:
+            s = cfg.pos_embed_shift
+            coords = coords + torch.empty(1, 2, **draw).uniform_(-s, s, generator=generator)
+        if cfg.pos_embed_jitter is not None:
+            r = math.log(cfg.pos_embed_jitter)
+            coords = coords * torch.empty(1, 2, **draw).uniform_(-r, r, generator=generator).exp()
+        if cfg.pos_embed_rescale is not None:
+            r = math.log(cfg.pos_embed_rescale)
+            coords = coords * torch.empty(1, **draw).uniform_(-r, r, generator=generator).exp()
+        return coords
+
+    def forward(
+        self, layout: PackedLayout, dtype: torch.dtype, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training:
+            # A fresh draw per segment and forward; never cached.
+            segments = [self.segment_angles(h, w, self.augmented_coords(h, w, generator)) for h, w in layout.segment_hw]
+        else:
+            segments = [self.segment_angles(h, w) for h, w in layout.segment_hw]
+        angles = torch.cat(segments)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -228,6 +251,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         select_layer: int | None = None,
+        rope_generator: torch.Generator | None = None,
     ) -> PackedModelOutput:
         """Run a packed batch.
 
@@ -238,6 +262,8 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             output_hidden_states: also return every layer's patch tokens.
             select_layer: index into the `num_layers + 1` hidden states (LLaVA towers use -2); the outputs
                 are then that layer's tokens without the final norm, and later layers are skipped.
+            rope_generator: in training mode, the generator for the per-image RoPE coordinate augmentation
+                (shift / jitter / rescale from the config); default the global RNG.
 
         Returns:
             `PackedModelOutput`.
@@ -264,7 +290,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         layout = PackedLayout.build(grid, self.num_prefix_tokens, device)
 
         x = self.embeddings(hidden_states.to(device), layout, bool_masked_pos)
-        cos, sin = self.rope_embeddings(layout, dtype)
+        cos, sin = self.rope_embeddings(layout, dtype, rope_generator)
         stop = num_layers if select_layer is None else select_layer % (num_layers + 1)
         if output_hidden_states:
             stop = num_layers
