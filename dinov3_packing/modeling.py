@@ -298,7 +298,8 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         for layer in self.model.layer[:stop]:
             x = layer(x, cos, sin, layout, backend)
             states.append(x)
-        out = self.norm(x) if select_layer is None else states[select_layer]
+        # states may stop early, so index it by the absolute layer number, never by a negative index.
+        out = self.norm(x) if select_layer is None else states[select_layer % (num_layers + 1)]
 
         return PackedModelOutput(
             last_hidden_state=out[layout.patch_index],

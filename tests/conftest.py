@@ -50,3 +50,19 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, rel_tol: float = REL_TOL,
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+def random_images(sizes, patch_size: int, seed: int = 0, channels: int = 3) -> list[torch.Tensor]:
+    """Random pixel tensors of the given sizes in patches: (h, w) -> `[C, h*p, w*p]`, (t, h, w) -> `[t, C, ...]`."""
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for size in sizes:
+        *t, h, w = size
+        images.append(torch.randn((*t, channels, h * patch_size, w * patch_size), generator=g))
+    return images
+
+
+@torch.no_grad()
+def reference_per_image(ref, images, **kwargs) -> list:
+    """Hugging Face `DINOv3ViTModel` run image by image (a clip's frames as one batch): one output each."""
+    return [ref(img if img.ndim == 4 else img[None], **kwargs) for img in images]
