@@ -85,8 +85,40 @@ def packed_attention(
         cu, n = layout.cu_seqlens, layout.max_seqlen
         return flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=dropout_p)
     if backend == "sdpa":
-        return _sdpa_per_segment(q, k, v, layout.seq_lens, dropout_p)
+        if dropout_p > 0.0:
+            return _sdpa_per_segment(q, k, v, layout.seq_lens, dropout_p)
+        return sdpa_varlen(q, k, v, layout.cu_seqlens)
     raise ValueError(f"backend: expected a concrete backend ('varlen', 'flash_attn', 'sdpa'), got {backend!r}")
+
+
+# The exact path as a custom op: torch.compile sees one opaque call taking cu_seqlens, so packs with other
+# segment lengths reuse the same graph instead of guarding on (and recompiling for) the Python list.
+@torch.library.custom_op("dinov3_packing::sdpa_varlen", mutates_args=())
+def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Attention per segment `[cu_seqlens[i], cu_seqlens[i+1])` with SDPA; `[tokens, heads, head_dim]`."""
+    seq_lens = cu_seqlens.diff().tolist()
+    return _sdpa_per_segment(q, k, v, seq_lens, 0.0)
+
+
+@sdpa_varlen.register_fake
+def _(q, k, v, cu_seqlens):
+    return torch.empty_like(q)
+
+
+def _sdpa_varlen_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _sdpa_varlen_backward(ctx, grad):
+    q, k, v, cu_seqlens = ctx.saved_tensors
+    with torch.enable_grad():
+        qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = _sdpa_per_segment(*qkv, cu_seqlens.diff().tolist(), 0.0)
+        dq, dk, dv = torch.autograd.grad(out, qkv, grad)
+    return dq, dk, dv, None
+
+
+sdpa_varlen.register_autograd(_sdpa_varlen_backward, setup_context=_sdpa_varlen_setup)
 
 
 def _sdpa_per_segment(q, k, v, seq_lens: list[int], dropout_p: float) -> torch.Tensor:
