@@ -96,6 +96,19 @@ class DINOv3ViTPackedRopeEmbedding(DINOv3ViTRopePositionEmbedding):
         angles = angles.flatten(1, 2).tile(2)
         return torch.cat([angles.new_zeros(self.num_prefix, angles.shape[1]), angles])
 
+    def load_periods(self, periods: torch.Tensor) -> None:
+        """Use a checkpoint's RoPE periods (`inv_freq = 1 / periods`) instead of those from `rope_theta`.
+
+        Meta's original files store the periods rounded to bf16 and the original model uses them as
+        stored; recomputing them moves outputs by ~1e-3 relative. `inv_freq` is not persistent, so a
+        `save_pretrained` copy falls back to `rope_theta` (see `convert.py`).
+        """
+        if periods.shape != self.inv_freq.shape:
+            raise ValueError(f"periods: expected shape {tuple(self.inv_freq.shape)}, got {tuple(periods.shape)}")
+        with torch.no_grad():
+            self.inv_freq.copy_(1 / periods.to(device=self.inv_freq.device, dtype=torch.float32))
+        self._angle_cache.clear()
+
     def patch_coords(self, h: int, w: int) -> torch.Tensor:
         return get_patches_center_coordinates(h, w, dtype=torch.float32, device=self.inv_freq.device)
 
