@@ -1,0 +1,54 @@
+"""Data-parallel training, applied from outside the model (as torchtitan does).
+
+    model = random_packing_model(arch_config("vitl16"))
+    model.activation_checkpointing_enable()   # optional, transformers' per-block checkpointing
+    apply_fsdp(model)                         # after torch.distributed.init_process_group
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`) shards every block, then the root (embeddings, final norm),
+so each block's parameters are all-gathered just before it runs and freed after. Each rank runs its own
+packed batch (any mix of sizes; ranks need not have equal token counts). Gradients are averaged over
+ranks, so a per-rank loss `sum(per-image losses on this rank) * world_size / global_num_images` gives
+exactly the gradient of the global mean loss.
+
+Activation checkpointing needs nothing here: the blocks subclass transformers' `GradientCheckpointingLayer`,
+which checkpoints `forward` (not `__call__`), so FSDP2's hooks stay outside the recomputed region.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from .modeling import DINOv3ViTPackingModel
+
+
+def apply_fsdp(
+    model: DINOv3ViTPackingModel,
+    mesh=None,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    reshard_after_forward: bool = True,
+) -> DINOv3ViTPackingModel:
+    """Shard `model` in place with FSDP2: one unit per block, plus the root.
+
+    Args:
+        model: a `DINOv3ViTPackingModel` (fp32 master weights recommended).
+        mesh: a 1-D `DeviceMesh`; default all ranks of the default process group.
+        param_dtype: compute dtype of the all-gathered parameters (e.g. torch.bfloat16 on GPU); default
+            the parameters' own dtype.
+        reduce_dtype: dtype of the gradient reduce-scatter (fp32 keeps the averaging exact).
+        reshard_after_forward: free gathered block parameters after forward (re-gather in backward).
+
+    Returns:
+        The same model, its parameters now `DTensor`s sharded on dim 0.
+    """
+    if not isinstance(model, DINOv3ViTPackingModel):
+        raise TypeError(f"model: expected a DINOv3ViTPackingModel, got {type(model).__name__}")
+    if not torch.distributed.is_initialized():
+        raise ValueError("model: apply_fsdp needs torch.distributed.init_process_group() to have been called")
+    kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)}
+    for layer in model.model.layer:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+    # The root's parameters (embeddings, norm) are needed first and last: keep them gathered in between.
+    fully_shard(model, reshard_after_forward=False, **kw)
+    return model
