@@ -58,7 +58,7 @@ def load_packing_model(
         raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
     ckpt = resolve_alias(ckpt)
     m = _RANDOM.match(ckpt)
-    if ckpt.startswith("random:") and not m:
+    if ckpt.startswith("random:") and not (m and m["arch"] in ARCHS):
         raise ValueError(f"ckpt: expected random:<arch>[@seed] with arch in {sorted(ARCHS)}, got {ckpt!r}")
     if m:
         config = arch_config(m["arch"])
