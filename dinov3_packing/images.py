@@ -1,16 +1,22 @@
-"""Image files -> normalized `[C, H, W]` tensors at a patch-multiple size."""
+"""Finding image files, and loading one as a normalized `[C, H, W]` tensor at a patch-multiple size.
+
+The pixels themselves come from the one preprocessing pipeline in `preprocess.py`.
+"""
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+
+from .preprocess import Preprocessor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+LIST_SUFFIXES = (".txt", ".lst", ".list")
 
 
 def sample_image_paths() -> list[Path]:
@@ -30,33 +36,44 @@ def image_paths_in(folder: str | Path) -> list[Path]:
     return paths
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file upright (EXIF orientation applied) as 8-bit RGB."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
+def list_images(src: str | os.PathLike) -> list[str]:
+    """The image files `src` names, as absolute paths, without duplicates.
 
+    `src` is one of:
+        a folder            searched recursively for files with an image suffix, sorted by path
+        a list file         `.txt` / `.lst` / `.list`, one path a line (blank lines and `#` comments ignored),
+                            relative paths taken from the list file's folder; order kept. Listed files
+                            need not exist: a missing one is reported by the caller like a corrupt one.
+        a glob pattern      (`*`, `?`, `[`; `**` recursive) matching image files, sorted
+        one image file
 
-def round_to_patches(size: int, patch_size: int) -> int:
-    """Nearest multiple of `patch_size` (at least one patch)."""
-    return max(patch_size, round(size / patch_size) * patch_size)
-
-
-def to_normalized_tensor(
-    image: Image.Image, size_hw: tuple[int, int], mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """Resize (bicubic) to `size_hw`, scale to [0, 1], normalize per channel; returns float32 `[3, H, W]`."""
-    height, width = size_hw
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    Raises:
+        ValueError: `src` matches nothing of the above, or names no image.
+    """
+    if not isinstance(src, (str, os.PathLike)):
+        raise TypeError(f"src: expected a folder, list file or glob pattern, got {type(src).__name__}")
+    path = Path(src).expanduser()
+    if path.is_dir():
+        found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        lines = (line.strip() for line in path.read_text().splitlines())
+        found = [str(path.parent / line) for line in lines if line and not line.startswith("#")]
+    elif path.is_file():
+        found = [str(path)]
+    elif glob.has_magic(str(src)):
+        matches = glob.glob(os.path.expanduser(str(src)), recursive=True)
+        found = sorted(m for m in matches if Path(m).suffix.lower() in IMAGE_SUFFIXES and Path(m).is_file())
+    else:
+        raise ValueError(f"src: {str(src)!r} is not a folder, a list file ({', '.join(LIST_SUFFIXES)}) or a glob")
+    paths = list(dict.fromkeys(os.path.abspath(p) for p in found))
+    if not paths:
+        raise ValueError(f"src: no image files ({', '.join(IMAGE_SUFFIXES)}) in {str(src)!r}")
+    return paths
 
 
 def load_at_patch_multiple(
     path: str | Path, patch_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
-    """Load a photograph, keep its aspect, round each side to the nearest multiple of the patch size."""
-    im = load_rgb(path)
-    size = (round_to_patches(im.height, patch_size), round_to_patches(im.width, patch_size))
-    return to_normalized_tensor(im, size, mean, std)
+    """Load a photograph upright as RGB, keep its aspect, round each side to the nearest multiple of the
+    patch size, normalize: float32 `[3, H, W]` (the `native` policy of `preprocess.Preprocessor`, unbounded)."""
+    return Preprocessor(patch_size=patch_size, mean=mean, std=std, policy="native").image(path)

@@ -1,0 +1,269 @@
+"""Images of any kind -> the packed batch the model takes.
+
+One pipeline for every input (file path, PIL image, numpy array, tensor):
+
+    decode -> upright (EXIF orientation) -> RGB -> [3, h, w] float in [0, 1] (rescale 1/255)
+           -> resize (bilinear, antialiased, on the float pixels) -> normalize -> patchify -> pack
+
+The order (rescale, resize, normalize) and the resampling are those of Hugging Face's
+`DINOv3ViTImageProcessor`, so the `fixed` policy reproduces its pixels exactly (tested).
+
+Colour conversions (`to_rgb`):
+    grayscale (L, 1)      replicated to three channels
+    palette (P, PA)       expanded through the palette (transparency honoured, see below)
+    RGBA / LA / PA        composited on a white background, as Hugging Face's `convert_to_rgb` does;
+                          dropping alpha would reveal whatever colour transparent pixels happen to store
+    CMYK, YCbCr, LAB      PIL's conversion to RGB
+    16-bit (I;16*, I)     scaled by 1/65535 straight to float, keeping all 16 bits (no 8-bit detour)
+
+Resize policies:
+    native   keep the aspect ratio, round each side to the nearest multiple of the patch size; then, if
+             the image has more than `max_tokens` patches, scale it down (or below `min_tokens`, up) with
+             the aspect kept, so that the patch count lands inside the bounds (`max_tokens` wins if both
+             cannot hold). The normal choice for features at native resolution.
+    fixed    resize to a `size x size` square (224 by default), aspect not kept: the Hugging Face
+             processor's behaviour.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from .archs import normalization_for
+from .packing import pack, patchify
+
+POLICIES = ("native", "fixed")
+ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def open_upright(path: str | os.PathLike) -> Image.Image:
+    """Open an image file and apply its EXIF orientation; the pixels are decoded (file closed)."""
+    with Image.open(path) as im:
+        im.load()
+        return ImageOps.exif_transpose(im)
+
+
+def to_rgb(image: ImageLike, name: str = "image") -> torch.Tensor:
+    """Any supported image as float32 `[3, H, W]` in [0, 1] (the module docstring lists the conversions).
+
+    Arrays and tensors: `[H, W]`, `[H, W, C]` (numpy) or `[C, H, W]` / `[H, W]` (torch) with C in 1, 3, 4;
+    uint8 (0..255), uint16 (0..65535) or floating point already in [0, 1]. Four channels are RGBA.
+
+    Raises:
+        TypeError: not a path, PIL image, numpy array or tensor; or an unsupported dtype.
+        ValueError: a shape that is not an image, or an empty image.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return _pil_to_rgb(open_upright(image))
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(ImageOps.exif_transpose(image))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3:
+            image = image.transpose(2, 0, 1)
+        image = np.ascontiguousarray(image)
+        return _array_to_rgb(torch.from_numpy(image if image.flags.writeable else image.copy()), name)
+    if isinstance(image, torch.Tensor):
+        return _array_to_rgb(image.detach().cpu(), name)
+    raise TypeError(f"{name}: expected a file path, PIL image, numpy array or tensor, got {type(image).__name__}")
+
+
+def _pil_to_rgb(im: Image.Image) -> torch.Tensor:
+    if im.mode in _SIXTEEN_BIT:
+        gray = np.asarray(im, dtype=np.float32) / 65535.0
+        return torch.from_numpy(gray).clamp(0, 1).expand(3, -1, -1).contiguous()
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    # Same arithmetic as the HF processor's rescale: uint8 tensor times the float 1/255.
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) * (1 / 255)
+
+
+def _array_to_rgb(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3 or x.shape[0] not in (1, 3, 4):
+        raise ValueError(
+            f"{name}: expected an image [H, W], [H, W, C] (numpy) or [C, H, W] (tensor) with C in (1, 3, 4), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{name}: expected a non-empty image, got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        x = x * (1 / 255)
+    elif x.dtype == torch.uint16:
+        x = x.to(torch.float32) / 65535.0
+    elif x.is_floating_point():
+        x = x.to(torch.float32)
+    else:
+        raise TypeError(f"{name}: expected uint8, uint16 or floating-point pixels, got dtype {x.dtype}")
+    if x.shape[0] == 4:
+        rgb, alpha = x[:3], x[3:]
+        x = rgb * alpha + (1 - alpha)  # composite on white, as for RGBA files
+    elif x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    return x.contiguous()
+
+
+def target_size(
+    height: int,
+    width: int,
+    patch_size: int,
+    policy: str = "native",
+    size: int = 224,
+    min_tokens: int | None = None,
+    max_tokens: int | None = None,
+) -> tuple[int, int]:
+    """Pixel size `(H, W)`, multiples of `patch_size`, an image of `height x width` is resized to."""
+    if policy == "fixed":
+        return size, size
+    h, w = max(1, round(height / patch_size)), max(1, round(width / patch_size))
+    if max_tokens is not None and h * w > max_tokens:
+        h, w = _scaled_grid(height, width, patch_size, max_tokens, math.floor)
+        while h * w > max_tokens:  # only when a side was clamped up to one patch
+            h, w = (h, w - 1) if w >= h else (h - 1, w)
+    elif min_tokens is not None and h * w < min_tokens:
+        h, w = _scaled_grid(height, width, patch_size, min_tokens, math.ceil)
+        if max_tokens is not None and h * w > max_tokens:
+            h, w = _scaled_grid(height, width, patch_size, max_tokens, math.floor)
+    return h * patch_size, w * patch_size
+
+
+def _scaled_grid(height: int, width: int, patch_size: int, tokens: int, rounding) -> tuple[int, int]:
+    scale = math.sqrt(tokens * patch_size**2 / (height * width))
+    return max(1, rounding(height * scale / patch_size)), max(1, rounding(width * scale / patch_size))
+
+
+@dataclass
+class PackedImages:
+    """A packed batch and where it came from.
+
+    Attributes:
+        hidden_states: `[total_patches, p*p*3]` normalized pixels.
+        grid_thw: int64 `[num_images, 3]`, rows (1, h, w).
+        original_sizes: `(height, width)` of every input after EXIF orientation, before resizing.
+    """
+
+    hidden_states: torch.Tensor
+    grid_thw: torch.Tensor
+    original_sizes: list[tuple[int, int]]
+
+
+class Preprocessor:
+    """Turns images into the packed input of a DINOv3 model (see the module docstring).
+
+    Args:
+        patch_size: model patch size (16 for DINOv3).
+        mean, std: per-channel normalization; `Preprocessor.for_checkpoint` picks them from a checkpoint name.
+        policy: "native" or "fixed".
+        size: square side in pixels for the "fixed" policy (a multiple of `patch_size`).
+        min_tokens, max_tokens: patch-count bounds of the "native" policy (None: unbounded).
+    """
+
+    def __init__(
+        self,
+        patch_size: int = 16,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        policy: str = "native",
+        size: int = 224,
+        min_tokens: int | None = None,
+        max_tokens: int | None = None,
+    ):
+        if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
+            raise ValueError(f"patch_size: expected a positive int, got {patch_size!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+        if not isinstance(size, int) or size < patch_size or size % patch_size:
+            raise ValueError(f"size: expected a positive multiple of patch_size={patch_size}, got {size!r}")
+        for arg, value in (("min_tokens", min_tokens), ("max_tokens", max_tokens)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{arg}: expected a positive int or None, got {value!r}")
+        if min_tokens is not None and max_tokens is not None and min_tokens > max_tokens:
+            raise ValueError(f"min_tokens: expected <= max_tokens ({max_tokens}), got {min_tokens}")
+        for arg, value in (("mean", mean), ("std", std)):
+            if len(value) != 3:
+                raise ValueError(f"{arg}: expected 3 per-channel values, got {value!r}")
+        if min(std) <= 0:
+            raise ValueError(f"std: expected positive values, got {std!r}")
+        self.patch_size, self.policy, self.size = patch_size, policy, size
+        self.min_tokens, self.max_tokens = min_tokens, max_tokens
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self._mean = torch.tensor(self.mean)[:, None, None]
+        self._std = torch.tensor(self.std)[:, None, None]
+
+    @classmethod
+    def for_checkpoint(cls, ckpt: str, patch_size: int = 16, **kwargs) -> Preprocessor:
+        """The normalization a checkpoint expects (SAT-493M models have their own), other options as given."""
+        mean, std = normalization_for(ckpt)
+        return cls(patch_size=patch_size, mean=mean, std=std, **kwargs)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        return target_size(
+            height, width, self.patch_size, self.policy, self.size, self.min_tokens, self.max_tokens
+        )
+
+    def resized(self, image: ImageLike, name: str = "image") -> tuple[torch.Tensor, tuple[int, int]]:
+        """`(pixels [3, H, W] in [0, 1] at the target size, original (height, width))`, not normalized."""
+        x = to_rgb(image, name)
+        original = (int(x.shape[1]), int(x.shape[2]))
+        size = self.target_size(*original)
+        if size != original:
+            x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        return x, original
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self._mean) / self._std
+
+    def image(self, image: ImageLike, name: str = "image") -> torch.Tensor:
+        """One image as a normalized float32 `[3, H, W]` tensor at its target size."""
+        return self.normalize(self.resized(image, name)[0])
+
+    def rows(self, image: ImageLike, name: str = "image") -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """One image as packed rows: `(rows [h*w, p*p*3], grid (h, w), original (height, width))`."""
+        pixels, original = self.resized(image, name)
+        rows = patchify(self.normalize(pixels), self.patch_size)
+        return rows, (pixels.shape[1] // self.patch_size, pixels.shape[2] // self.patch_size), original
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike]) -> PackedImages:
+        """Pack one image or a list of them: `PackedImages(hidden_states, grid_thw, original_sizes)`."""
+        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
+            images = [images]
+        if not isinstance(images, Sequence) or len(images) == 0:
+            raise TypeError(f"images: expected an image or a non-empty list of images, got {type(images).__name__}")
+        tensors, originals = [], []
+        for i, im in enumerate(images):
+            pixels, original = self.resized(im, f"images[{i}]")
+            tensors.append(self.normalize(pixels))
+            originals.append(original)
+        hidden_states, grid_thw = pack(tensors, self.patch_size)
+        return PackedImages(hidden_states, grid_thw, originals)
+
+
+def preprocess(
+    images: ImageLike | Sequence[ImageLike],
+    ckpt: str | None = None,
+    patch_size: int = 16,
+    policy: str = "native",
+    size: int = 224,
+    min_tokens: int | None = None,
+    max_tokens: int | None = None,
+) -> PackedImages:
+    """Functional form of `Preprocessor`: normalization from `ckpt` (ImageNet when None)."""
+    kwargs = dict(patch_size=patch_size, policy=policy, size=size, min_tokens=min_tokens, max_tokens=max_tokens)
+    pre = Preprocessor.for_checkpoint(ckpt, **kwargs) if ckpt is not None else Preprocessor(**kwargs)
+    return pre(images)
+
