@@ -1,0 +1,267 @@
+"""Training: gradients, drop path, RoPE augmentation, masking and checkpointing against Hugging Face.
+
+Reference: `transformers.DINOv3ViTModel` with the same weights (`reference_model`), run image by image
+(a clip's frames as one batch), per-image losses summed; fp32 on CPU. Tolerance: `conftest.assert_close`
+(max |diff| / max |ref| <= 1e-5, row cosine >= 0.99999), the forward parity tolerance: backward runs the
+same fp32 operations in another summation order, which moves gradients by ~1e-6 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close, tiny_config
+
+from dinov3_packing import pack, patchify, random_packing_model, reference_model
+
+GELU = {}
+SWIGLU_NO_REG = {"use_gated_mlp": True, "hidden_act": "silu", "intermediate_size": 48, "num_register_tokens": 0}
+# Sizes in patches: non-square, a 1x1 grid, a 2-frame clip.
+MIXED = [(2, 3), (1, 1), (2, 2, 1), (3, 2)]
+
+
+def _images(sizes, seed=0, p=16):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn((*s[:-2], 3, s[-2] * p, s[-1] * p), generator=g) for s in sizes]
+
+
+def _models(overrides, seed=0, sharp=False, **config_kw):
+    """Packed model and HF reference in training mode. No RoPE augmentation unless asked, so training
+    mode computes what eval mode does. `sharp` scales q and k up so attention depends on position
+    (small random weights give near-uniform attention, which RoPE barely moves)."""
+    config = tiny_config(**{"pos_embed_rescale": None, **overrides, **config_kw})
+    model = random_packing_model(config, seed=seed).train()
+    if sharp:
+        with torch.no_grad():
+            for layer in model.model.layer:
+                layer.attention.q_proj.weight.mul_(30)
+                layer.attention.k_proj.weight.mul_(30)
+    return model, reference_model(model).train()
+
+
+def _coefficients(images, prefix, d, seed=1):
+    """Fixed random loss weights per frame, over all tokens [CLS, registers, patches]."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(img.shape[0] if img.ndim == 4 else 1, prefix + img.shape[-2] * img.shape[-1] // 256, d, generator=g)
+        for img in images
+    ]
+
+
+def _loss(tokens, coef):
+    # Linear and quadratic terms over every token: CLS, registers and patches all carry gradient.
+    return (tokens * coef).sum() + 0.1 * tokens.pow(2).sum()
+
+
+def _packed_tokens(out, grid):
+    """Per image `[t, 1 + R + h*w, D]` tokens from a packed output (CLS, registers, patches)."""
+    result, row, seg = [], 0, 0
+    for t, h, w in grid.tolist():
+        patches = out.last_hidden_state[row : row + t * h * w].reshape(t, h * w, -1)
+        prefix = torch.cat([out.pooler_output[seg : seg + t, None], out.register_tokens[seg : seg + t]], dim=1)
+        result.append(torch.cat([prefix, patches], dim=1))
+        row, seg = row + t * h * w, seg + t
+    return result
+
+
+def _packed_backward(model, images, coefs, **kwargs):
+    hidden_states, grid = pack(images, 16)
+    hidden_states.requires_grad_()
+    out = model(hidden_states, grid, **kwargs)
+    loss = sum(_loss(tok, c) for tok, c in zip(_packed_tokens(out, grid), coefs, strict=True))
+    loss.backward()
+    return loss.detach(), hidden_states.grad
+
+
+def _reference_backward(ref, images, coefs, masks=None):
+    loss, row_grads = 0.0, []
+    for i, (img, coef) in enumerate(zip(images, coefs, strict=True)):
+        pixels = (img if img.ndim == 4 else img[None]).clone().requires_grad_()
+        kwargs = {} if masks is None else {"bool_masked_pos": masks[i]}
+        out = ref(pixels, **kwargs)
+        image_loss = _loss(out.last_hidden_state, coef)
+        image_loss.backward()
+        loss += image_loss.detach()
+        row_grads += [patchify(g, 16) for g in pixels.grad]
+    return loss, torch.cat(row_grads)
+
+
+def _assert_grads_equal(model, ref):
+    ref_params = dict(ref.named_parameters())
+    assert set(ref_params) == {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        r = ref_params[name]
+        if r.grad is None:
+            assert p.grad is None, f"{name}: packed has a gradient, HF has none"
+            continue
+        assert p.grad is not None, f"{name}: no gradient"
+        if r.grad.numel() == 0:  # zero registers: [1, 0, D]
+            assert p.grad.shape == r.grad.shape
+            continue
+        try:
+            assert_close(p.grad, r.grad)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+
+
+@pytest.mark.parametrize("overrides", [GELU, SWIGLU_NO_REG], ids=["gelu-4reg", "swiglu-0reg"])
+def test_backward_matches_hf(overrides):
+    """Gradients of every parameter (by name) and of the input rows equal HF's, mixed sizes and t > 1."""
+    model, ref = _models(overrides)
+    images = _images(MIXED)
+    coefs = _coefficients(images, model.num_prefix_tokens, model.config.hidden_size)
+    loss, row_grad = _packed_backward(model, images, coefs)
+    ref_loss, ref_row_grad = _reference_backward(ref, images, coefs)
+    assert_close(loss[None], ref_loss[None])
+    assert_close(row_grad, ref_row_grad)
+    _assert_grads_equal(model, ref)
+    assert model.embeddings.register_tokens.grad is not None or not model.config.num_register_tokens
+
+
+def test_bool_masked_pos_matches_hf_per_image():
+    """iBOT-style masking on packed rows = HF's bool_masked_pos per image: outputs and gradients,
+    including the mask token's."""
+    model, ref = _models(GELU)
+    images = _images(MIXED, seed=3)
+    coefs = _coefficients(images, model.num_prefix_tokens, model.config.hidden_size)
+    g = torch.Generator().manual_seed(5)
+    masks = [
+        torch.rand(img.shape[0] if img.ndim == 4 else 1, img.shape[-2] * img.shape[-1] // 256, generator=g) < 0.4
+        for img in images
+    ]
+    packed_mask = torch.cat([m.flatten() for m in masks])
+    assert packed_mask.any() and not packed_mask.all()
+    loss, _ = _packed_backward(model, images, coefs, bool_masked_pos=packed_mask)
+    ref_loss, _ = _reference_backward(ref, images, coefs, masks=masks)
+    assert_close(loss[None], ref_loss[None])
+    assert model.embeddings.mask_token.grad is not None and model.embeddings.mask_token.grad.abs().sum() > 0
+    _assert_grads_equal(model, ref)
+
+
+def test_drop_path_is_per_image_as_in_hf():
+    """With drop path on, the packed model draws one keep/drop per segment per residual branch, exactly as
+    HF draws per batch element: same global seed, same images -> same output. Seeds change the output,
+    so the drop is live (not an identity that would trivially agree)."""
+    model, ref = _models(GELU, drop_path_rate=0.5, num_hidden_layers=4)
+    images = _images([(2, 2)] * 4, seed=7)
+    hidden_states, grid = pack(images, 16)
+    outs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        got = model(hidden_states, grid).last_hidden_state
+        torch.manual_seed(seed)
+        want = ref(torch.stack(images)).last_hidden_state[:, model.num_prefix_tokens :].reshape(got.shape)
+        assert_close(got, want)
+        outs.append(got)
+    eval_out = model.eval()(hidden_states, grid).last_hidden_state
+    assert not torch.allclose(outs[0], outs[1])
+    assert not torch.allclose(outs[0], eval_out)
+
+
+def test_drop_path_keeps_or_drops_whole_segments():
+    """One block at rate sqrt(1/2): a segment skips both residual branches with probability 1/2, and
+    then its patch tokens equal the final norm of its embeddings. Skipping is all-or-nothing per segment
+    (every row of a segment agrees), and both outcomes occur among 12 segments."""
+    model, _ = _models(GELU, drop_path_rate=0.5**0.5, num_hidden_layers=1)
+    images = _images([(2, 3), (1, 2), (2, 2), (3, 1), (1, 1), (2, 1)] * 2, seed=2)
+    hidden_states, grid = pack(images, 16)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model(hidden_states, grid)
+        skipped = model.norm(model.embeddings(hidden_states, out.layout))[out.layout.patch_index]
+    row_skipped = torch.isclose(out.last_hidden_state, skipped, atol=1e-6).all(dim=1)
+    per_segment = [
+        rows.all().item() or not rows.any().item() for rows in row_skipped.split([h * w for _, h, w in grid.tolist()])
+    ]
+    skipped_segments = [rows.all().item() for rows in row_skipped.split([h * w for _, h, w in grid.tolist()])]
+    assert all(per_segment)
+    assert any(skipped_segments) and not all(skipped_segments), skipped_segments
+
+
+def test_rope_augmentation_matches_hf_for_one_image_and_per_image():
+    """Training-mode RoPE coordinate augmentation (shift, jitter, rescale): with the global RNG seeded the
+    same, one image matches HF; a pack of two matches HF run on image 0 then image 1 (each segment draws its
+    own augmentation, in order)."""
+    aug = {"pos_embed_shift": 0.1, "pos_embed_jitter": 1.3, "pos_embed_rescale": 2.0}
+    model, ref = _models(GELU, sharp=True, **aug)
+    images = _images([(3, 2), (2, 4)], seed=4)
+    with torch.no_grad():
+        torch.manual_seed(11)
+        refs = [ref(img[None]).last_hidden_state[0, model.num_prefix_tokens :] for img in images]
+        hidden_states, grid = pack(images[:1], 16)
+        torch.manual_seed(11)
+        one = model(hidden_states, grid).last_hidden_state
+        hidden_states, grid = pack(images, 16)
+        torch.manual_seed(11)
+        both = model(hidden_states, grid).last_hidden_state
+        eval_out = model.eval()(hidden_states, grid).last_hidden_state
+    assert_close(one, refs[0])
+    assert_close(both, torch.cat(refs))
+    # The augmentation moves the output far beyond the parity tolerance, so the agreement above is not
+    # that of two unaugmented models.
+    assert (both - eval_out).abs().max() > 100 * 1e-5 * eval_out.abs().max()
+
+
+def test_rope_generator_makes_augmentation_reproducible():
+    model, _ = _models(GELU, sharp=True, pos_embed_shift=0.1, pos_embed_rescale=2.0)
+    hidden_states, grid = pack(_images([(2, 3), (2, 2)]), 16)
+    with torch.no_grad():
+        a = model(hidden_states, grid, rope_generator=torch.Generator().manual_seed(3)).last_hidden_state
+        torch.rand(7)  # the global RNG moving must not matter
+        b = model(hidden_states, grid, rope_generator=torch.Generator().manual_seed(3)).last_hidden_state
+        c = model(hidden_states, grid, rope_generator=torch.Generator().manual_seed(4)).last_hidden_state
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 100 * 1e-5 * a.abs().max()
+
+
+def test_gradient_checkpointing_gives_equal_gradients():
+    """transformers' per-block checkpointing (our blocks subclass GradientCheckpointingLayer): gradients
+    equal HF's, and the blocks really were recomputed (forward hooks fire twice)."""
+    model, ref = _models(SWIGLU_NO_REG)
+    model.activation_checkpointing_enable()
+    calls = []
+    model.model.layer[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+    images = _images(MIXED, seed=9)
+    coefs = _coefficients(images, model.num_prefix_tokens, model.config.hidden_size)
+    _, row_grad = _packed_backward(model, images, coefs)
+    _, ref_row_grad = _reference_backward(ref, images, coefs)
+    assert len(calls) == 2
+    assert_close(row_grad, ref_row_grad)
+    _assert_grads_equal(model, ref)
+
+
+def peak_cpu_bytes(fn) -> int:
+    """Peak of live CPU allocator bytes while `fn` runs, from the profiler's allocation events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def test_gradient_checkpointing_saves_activation_memory():
+    """Peak memory of forward + backward with and without checkpointing, on a config where activations
+    dominate (6 blocks, 500 tokens, width 64): checkpointing keeps one block's activations instead of
+    six, so the peak must drop by more than half. Prints the measured numbers."""
+    config_kw = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 256, "num_hidden_layers": 6}
+    images = _images([(12, 12), (8, 16), (16, 8), (4, 6)], seed=1)
+    hidden_states, grid = pack(images, 16)
+
+    def step(model):
+        def run():
+            model.zero_grad(set_to_none=True)
+            model(hidden_states, grid).last_hidden_state.pow(2).sum().backward()
+
+        return run
+
+    plain, _ = _models(GELU, **config_kw)
+    ckpt, _ = _models(GELU, **config_kw)
+    ckpt.activation_checkpointing_enable()
+    step(plain)()  # warm-up (RoPE angle cache, allocator)
+    step(ckpt)()
+    peak_plain, peak_ckpt = peak_cpu_bytes(step(plain)), peak_cpu_bytes(step(ckpt))
+    print(f"\npeak CPU memory fwd+bwd: {peak_plain / 2**20:.1f} MiB plain, {peak_ckpt / 2**20:.1f} MiB checkpointed")
+    assert peak_ckpt < 0.5 * peak_plain
