@@ -81,12 +81,14 @@ def grad_check(arch: str, n_images: int) -> dict:
     proj = torch.randn(m32.config.hidden_size, generator=g).to(dev)
     grads = {}
     for name, m in (("fp32", m32), ("bf16", m16)):
-        x = hs.to(m.dtype).requires_grad_()
+        x = hs.detach().to(m.dtype, copy=True).requires_grad_()
         torch.manual_seed(0)  # same RoPE augmentation draws for both
         o = m(x, grid)
         loss = (o.last_hidden_state.float() @ proj).square().mean() + (o.pooler_output.float() @ proj).square().mean()
         loss.backward()
-        grads[name] = torch.cat([p.grad.float().flatten() for p in m.parameters()] + [x.grad.float().flatten()])
+        grads[name] = torch.cat(
+            [p.grad.float().flatten() for p in m.parameters() if p.grad is not None] + [x.grad.float().flatten()]
+        )
     cos = float(F.cosine_similarity(grads["fp32"], grads["bf16"], dim=0))
     return {"arch": arch, "images": n_images, "grad_cosine_bf16_varlen_vs_fp32": cos}
 
