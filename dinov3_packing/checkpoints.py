@@ -6,6 +6,7 @@
     <folder>               a `save_pretrained` folder (config.json + safetensors)
     <file>.safetensors     a single weights file; config.json beside it, or the architecture is recognised
                            from the tensor shapes
+    <file>.pth / .pt       a Meta original or timm state dict, converted by `convert.py` (tensors only)
 The seed document's names (facebook/dinov3-base, ...) are aliases of the real Hub ids.
 """
 
@@ -65,7 +66,11 @@ def load_packing_model(
         model = random_packing_model(config, seed=int(m["seed"] or 0), attn_backend=attn_backend)
     else:
         path = Path(ckpt).expanduser()
-        if path.is_file():
+        if path.is_file() and path.suffix in (".pth", ".pt"):
+            from .convert import model_from_pth  # Meta original / timm layouts, read with weights_only=True
+
+            model = model_from_pth(path, attn_backend=attn_backend)
+        elif path.is_file():
             model = _from_safetensors_file(path, attn_backend)
         elif path.is_dir():
             model = _from_pretrained(str(path), attn_backend)
