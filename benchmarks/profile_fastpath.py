@@ -1,0 +1,122 @@
+"""Profile the packed fast path on mixed-64 (ViT-L/16 bf16): variants of compilation, top kernels.
+
+    PYTHONPATH=. python benchmarks/profile_fastpath.py --out $OUT/profile.txt
+
+Prints images/s per variant and, for the eager and the best compiled variant, the CUDA kernels that
+take the most time, grouped as GEMM / attention / elementwise+norm / other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from dinov3_packing import load_packing_model, pack
+from dinov3_packing.compile import compile_model
+
+
+def mixed64(p: int, device: str):
+    rng = random.Random(0)
+    sizes = [(16 * rng.randint(14, 48), 16 * rng.randint(14, 48)) for _ in range(64)]
+    g = torch.Generator().manual_seed(0)
+    hs, grid = pack([torch.randn(3, h, w, generator=g) for h, w in sizes], p)
+    return hs.to(device, torch.bfloat16), grid
+
+
+def timed(fn, reps: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def kernel_table(fn, label: str, lines: list[str]) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    groups: dict[str, float] = {}
+    rows = []
+    for e in prof.key_averages():
+        t = e.device_time_total / 1e3
+        if t <= 0:
+            continue
+        name = e.key
+        low = name.lower()
+        if "gemm" in low or "matmul" in low or "sm90_xmma" in low or "cutlass" in low or "nvjet" in low:
+            kind = "gemm"
+        elif "flash" in low or "fmha" in low or "attention" in low:
+            kind = "attention"
+        else:
+            kind = "elementwise/norm/other"
+        groups[kind] = groups.get(kind, 0.0) + t
+        rows.append((t, e.count, kind, name[:110]))
+    rows.sort(reverse=True)
+    lines.append(f"## {label}: total {sum(groups.values()):.1f} ms of kernels")
+    lines += [f"  {k:<24} {v:8.2f} ms" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])]
+    lines += [f"  {t:8.2f} ms x{c:<4} {k:<10} {n}" for t, c, k, n in rows[:25]]
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="profile.txt")
+    parser.add_argument("--arch", default="vitl16")
+    parser.add_argument("--variants", default="all,tokens", help="comma list of all, tokens, autotune")
+    parser.add_argument("--no-eager", action="store_true")
+    args = parser.parse_args()
+    lines: list[str] = [f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}"]
+    model = load_packing_model(f"random:{args.arch}", "cuda", torch.bfloat16)
+    hs, grid = mixed64(model.patch_size, "cuda")
+
+    def run():
+        return model(hs, grid)
+
+    if not args.no_eager:
+        t = timed(run)
+        lines.append(f"eager: {64 / t:.1f} images/s ({t * 1e3:.1f} ms)")
+        print(lines[-1], flush=True)
+        kernel_table(run, "eager", lines)
+
+    known = {
+        "all": ("compile dynamic=all", {"dynamic": "all"}),
+        "tokens": ("compile dynamic=tokens", {"dynamic": "tokens"}),
+        "autotune": ("compile tokens max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}),
+    }
+    for variant, kwargs in (known[v] for v in args.variants.split(",")):
+        torch._dynamo.reset()
+        model = load_packing_model(f"random:{args.arch}", "cuda", torch.bfloat16)
+        compile_model(model, **kwargs)
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        warm = time.perf_counter() - start
+        t = timed(run)
+        lines.append(f"{variant}: {64 / t:.1f} images/s ({t * 1e3:.1f} ms), first call {warm:.1f} s")
+        print(lines[-1], flush=True)
+        kernel_table(run, variant, lines)
+        other = model(hs[: int(grid[:40].prod(1).sum())], grid[:40])  # another pack: must not recompile
+        del other
+        stats = dict(torch._dynamo.utils.counters["stats"])
+        lines.append(f"{variant}: dynamo stats after a second pack {stats}")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
