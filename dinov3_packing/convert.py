@@ -280,7 +280,8 @@ def config_for_state(
         proj_bias=f"{attn}.o_proj.bias" in state,
         mlp_bias="model.layer.0.mlp.up_proj.bias" in state,
     )
-    return DINOv3ViTConfig(**{k: v for k, v in kw.items() if k not in ("model_type", "transformers_version")})
+    derived = ("model_type", "transformers_version", "stage_names", "out_features", "out_indices")
+    return DINOv3ViTConfig(**{k: v for k, v in kw.items() if k not in derived})
 
 
 def model_from_state_dict(
