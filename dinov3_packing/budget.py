@@ -5,8 +5,9 @@ A pack is one forward of the packed model, so its cost is its token count *inclu
 `t * (num_prefix + h * w)` tokens.
 
 The packer holds back up to `lookahead` packs' worth of tokens from the stream and fills packs
-first-fit-decreasing from them. Every pack whose fill reaches `target_fill` is emitted; the items of emptier packs go back into
-the queue to meet later images, so that the stream's end is the only place a pack may be left part full.
+first-fit-decreasing from them. Every pack whose fill reaches `target_fill` is emitted; the items of
+emptier packs go back into the queue to meet later images, so that the stream's end is the only place a
+pack may be left part full.
 Emitting at least the fullest pack on every round bounds what is held back (and the memory it takes).
 
 Determinism: the packs depend only on the sequence of (tokens) in the stream and the parameters; ties are

@@ -212,9 +212,7 @@ class Preprocessor:
         return cls(patch_size=patch_size, mean=mean, std=std, **kwargs)
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
-        return target_size(
-            height, width, self.patch_size, self.policy, self.size, self.min_tokens, self.max_tokens
-        )
+        return target_size(height, width, self.patch_size, self.policy, self.size, self.min_tokens, self.max_tokens)
 
     def resized(self, image: ImageLike, name: str = "image") -> tuple[torch.Tensor, tuple[int, int]]:
         """`(pixels [3, H, W] in [0, 1] at the target size, original (height, width))`, not normalized."""
@@ -266,4 +264,3 @@ def preprocess(
     kwargs = dict(patch_size=patch_size, policy=policy, size=size, min_tokens=min_tokens, max_tokens=max_tokens)
     pre = Preprocessor.for_checkpoint(ckpt, **kwargs) if ckpt is not None else Preprocessor(**kwargs)
     return pre(images)
-

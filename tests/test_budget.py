@@ -14,7 +14,7 @@ NUM_PREFIX = 5  # CLS + 4 registers, as in every released DINOv3
 
 def photo_grids(n: int, seed: int) -> list[tuple[int, int]]:
     """A realistic mix: sides 16 * randint(14, 48) pixels, i.e. 196 to 2304 patches per image."""
-    r = random.Random(seed)
+    r = random.Random(seed)  # noqa: S311 - test data, not cryptography
     return [(r.randint(14, 48), r.randint(14, 48)) for _ in range(n)]
 
 
