@@ -1,0 +1,61 @@
+"""`pca` (`pca.py`): the principal-component picture of mixed-size images from one packed forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinov3_packing.checkpoints import load_packing_model
+from dinov3_packing.cli import main
+from dinov3_packing.pca import GAP, pca_picture, principal_components
+from dinov3_packing.preprocess import Preprocessor
+
+DATA = Path(__file__).parent / "data"
+IMAGES = [DATA / "astronaut_rgb.jpg", DATA / "coffee_rgba.png", DATA / "more" / "hubble_wide.jpg"]
+
+
+def test_cli_writes_png_of_expected_size(tmp_path):
+    out = tmp_path / "pca.png"
+    assert main(["pca", *map(str, IMAGES), "--out", str(out), "--max-tokens", "64"]) == 0
+    sizes = [Preprocessor(max_tokens=64).target_size(*Image.open(p).size[::-1]) for p in IMAGES]
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        assert im.size == (max(2 * w + GAP for _, w in sizes), sum(h for h, _ in sizes) + GAP * (len(IMAGES) - 1))
+        # left panel of the first row is the resized input, not a blank
+        h, w = sizes[0]
+        assert np.asarray(im.crop((0, 0, w, h)), dtype=np.float32).std() > 10
+
+
+def test_components_are_the_top_principal_directions():
+    g = torch.Generator().manual_seed(0)
+    # three dominant directions with decreasing variance, plus small noise
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=g))[0][:, :3]
+    coords = torch.randn(500, 3, generator=g) * torch.tensor([10.0, 5.0, 2.0])
+    x = coords @ basis.T + 0.01 * torch.randn(500, 16, generator=g)
+    rgb = principal_components(x)
+    assert rgb.shape == (500, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    for k in range(3):  # each channel is (a monotone rescaling of) the k-th coordinate
+        corr = torch.corrcoef(torch.stack([rgb[:, k], coords[:, k]]))[0, 1].abs()
+        assert corr > 0.95
+
+
+def test_one_forward_for_all_sizes():
+    model = load_packing_model("random:vits16")
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append(args[1].clone()))
+    picture = pca_picture(IMAGES, model=model, max_tokens=48)
+    assert len(calls) == 1 and calls[0].shape == (3, 3)  # three images of different grids, one call
+    assert len({tuple(r) for r in calls[0].tolist()}) >= 2  # mixed sizes
+    assert picture.mode == "RGB"
+
+
+def test_bad_input_named(tmp_path):
+    with pytest.raises(TypeError, match="images"):
+        pca_picture([])
+    with pytest.raises(TypeError, match="images"):
+        pca_picture(str(IMAGES[0]))
+    assert main(["pca", str(IMAGES[0]), "--out", str(tmp_path / "x.jpg")]) == 2
