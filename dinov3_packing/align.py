@@ -55,6 +55,7 @@ def random_tests(batch_size: int, image_size: int, p: int, seed: int = 0) -> dic
     """Random-tensor packs: uniform, non-square, mixed sizes (a 1x1 grid among them) and a 2-frame clip."""
     g = torch.Generator().manual_seed(seed)
     side = max(p, image_size // p * p)
+    half = max(p, side // 2 // p * p)  # side // 2 itself need not be a patch multiple (48 -> 24)
 
     def img(h: int, w: int, t: int = 0) -> torch.Tensor:
         shape = (3, h, w) if t == 0 else (t, 3, h, w)
@@ -62,9 +63,9 @@ def random_tests(batch_size: int, image_size: int, p: int, seed: int = 0) -> dic
 
     return {
         f"uniform {batch_size}x{side}": [img(side, side) for _ in range(batch_size)],
-        "non-square": [img(side, side + 2 * p), img(side // 2 + p, side)],
-        "mixed sizes": [img(side, side), img(p, p), img(3 * p, 5 * p), img(side + p, side // 2 + p), img(2 * p, p)],
-        "clip t=2 + image": [img(side // 2 + p, side, t=2), img(side, 2 * p)],
+        "non-square": [img(side, side + 2 * p), img(half + p, side)],
+        "mixed sizes": [img(side, side), img(p, p), img(3 * p, 5 * p), img(side + p, half + p), img(2 * p, p)],
+        "clip t=2 + image": [img(half + p, side, t=2), img(side, 2 * p)],
     }
 
 
