@@ -14,6 +14,7 @@ Backends:
 from __future__ import annotations
 
 import importlib.util
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -111,11 +112,34 @@ def _sdpa_varlen_setup(ctx, inputs, output):
 
 def _sdpa_varlen_backward(ctx, grad):
     q, k, v, cu_seqlens = ctx.saved_tensors
-    with torch.enable_grad():
-        qkv = [x.detach().requires_grad_() for x in (q, k, v)]
-        out = _sdpa_per_segment(*qkv, cu_seqlens.diff().tolist(), 0.0)
-        dq, dk, dv = torch.autograd.grad(out, qkv, grad)
+    dq, dk, dv = sdpa_varlen_grad(grad, q, k, v, cu_seqlens)
     return dq, dk, dv, None
+
+
+# The backward is an opaque op too: compiled backward graphs must not trace the per-segment loop.
+@torch.library.custom_op("dinov3_packing::sdpa_varlen_grad", mutates_args=())
+def sdpa_varlen_grad(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `sdpa_varlen` with respect to q, k and v, per segment from the softmax identities
+    (autograd is not available inside a custom op): with P = softmax(s Q K^T) and O = P V,
+    dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = s dS K, dK = s dS^T Q."""
+    scale = q.shape[-1] ** -0.5
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for start, end in itertools.pairwise(cu_seqlens.tolist()):
+        qs, ks, vs, gs = (x[start:end].transpose(0, 1).float() for x in (q, k, v, grad))  # [H, L, D]
+        p = torch.softmax(qs @ ks.transpose(1, 2) * scale, dim=-1)
+        o = p @ vs
+        ds = p * (gs @ vs.transpose(1, 2) - (gs * o).sum(-1, keepdim=True))
+        dq[start:end] = (ds @ ks * scale).transpose(0, 1).to(q.dtype)
+        dk[start:end] = (ds.transpose(1, 2) @ qs * scale).transpose(0, 1).to(k.dtype)
+        dv[start:end] = (p.transpose(1, 2) @ gs).transpose(0, 1).to(v.dtype)
+    return dq, dk, dv
+
+
+@sdpa_varlen_grad.register_fake
+def _(grad, q, k, v, cu_seqlens):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 sdpa_varlen.register_autograd(_sdpa_varlen_backward, setup_context=_sdpa_varlen_setup)
