@@ -231,9 +231,7 @@ def time_calls(fn: Callable[[], object], n: int, device: torch.device) -> list[f
 
 def measure(fn: Callable[[], object], device: torch.device, timing: Timing, compiled: bool = False) -> dict:
     """Warm `fn` up, then time repeats of it; returns the timings and the forward's peak memory."""
-    t0 = time.perf_counter()
     first = time_calls(fn, 1, device)[0]  # includes compilation for compiled systems
-    warmup_s = time.perf_counter() - t0
     estimate = first
     if compiled or first < timing.target_s:
         estimate = time_calls(fn, 1, device)[0]
@@ -249,7 +247,6 @@ def measure(fn: Callable[[], object], device: torch.device, timing: Timing, comp
         "repeats": repeats,
         "times_s": times,
         "first_call_s": first,
-        "compile_s": warmup_s if compiled else None,
         "peak_alloc_gib": None,
         "fwd_mem_gib": None,
     }
@@ -344,6 +341,7 @@ class ArchSystems:
 
     def __init__(self, arch: str, base: DINOv3ViTPackingModel, device: torch.device, dtype: torch.dtype):
         self.arch, self.base, self.device, self.dtype = arch, base, device, dtype
+        self.failed: set[str] = set()
 
     @cached_property
     def packed(self) -> DINOv3ViTPackingModel:
@@ -525,7 +523,10 @@ class Run:
         if self.device.type == "cuda":
             torch.backends.cudnn.allow_tf32 = False  # the fp32 reference's patch-embedding conv
             torch.backends.cuda.matmul.allow_tf32 = False
-            torch._dynamo.config.cache_size_limit = 64  # several archs and shapes compile in one process
+            # Several architectures and shapes compile in one process; the default limit (8) would fall back to eager.
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, 64)
         with torch.no_grad():
             if "peak" in sections:
                 n = 8192 if self.device.type == "cuda" else 256
@@ -537,11 +538,19 @@ class Run:
                     self.guarded(f"correctness {arch}", lambda a=arch: self.correctness(a))
                     self.save()
             for arch in self.opts.archs:
+                if not {"mixed", "uniform", "scaling"} & set(sections):
+                    break
+                # One set of models per architecture, shared by its sections (each compiles once).
+                systems = ArchSystems(arch, self.base(arch), self.device, self.dtype)
                 for section in ("mixed", "uniform", "scaling"):
                     if section in sections:
-                        self.timed_section(arch, section)
+                        self.timed_section(section, systems)
                         self.save()
+                del systems
+                self.free()
             self.bases.clear()
+            if self.opts.compile:
+                torch._dynamo.reset()  # the sweep builds new models: drop every graph that holds the old ones
             self.free()
             if "archs" in sections:
                 self.arch_sweep()
@@ -605,17 +614,13 @@ class Run:
             return False
         return not (system == "timm-naflex" and not (self.opts.timm and has_timm()))
 
-    def timed_section(self, arch: str, section: str) -> None:
-        base = self.base(arch)
-        systems = ArchSystems(arch, base, self.device, self.dtype)
+    def timed_section(self, section: str, systems: ArchSystems) -> None:
         if not self.opts.compile:
             self.note(f"{section}: compiled systems skipped ({'--smoke' if self.opts.smoke else '--no-compile'})")
         if self.opts.timm and not has_timm():
             self.note(f"{section}: timm is not installed: timm-naflex skipped")
-        for wl in workloads(base.config, self.opts.smoke)[section]:
-            self.run_workload(section, arch, systems, wl)
-        del systems
-        self.free()
+        for wl in workloads(systems.base.config, self.opts.smoke)[section]:
+            self.run_workload(section, systems.arch, systems, wl)
 
     def run_workload(self, section: str, arch: str, systems: ArchSystems, wl: Workload) -> None:
         config = systems.base.config
@@ -624,6 +629,9 @@ class Run:
         rows = []
         for system in self.systems_for(section):
             if system == "hf-loop" and section == "scaling" and desc["tokens"] > HF_LOOP_MAX_TOKENS:
+                continue
+            if system in systems.failed:
+                self.note(f"{arch} {system}: skipped on {wl.name} after its earlier error")
                 continue
             first_compile = system.endswith("compiled") and system.replace("-", "_") not in vars(systems)
             if not self.budget.allows(45 if first_compile else 0):
@@ -655,6 +663,9 @@ class Run:
             return None  # not applicable to this workload
         if err is not None:
             row["error"] = err
+            # A compile failure would cost its compile time again on every later workload; an OOM recurs on
+            # the larger packs that follow. Either way, stop trying this system for this architecture.
+            systems.failed.add(system)
         else:
             self._rates(row)
             if compiled:
