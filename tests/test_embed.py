@@ -134,7 +134,7 @@ def test_resume_after_sigkill(tmp_path, tiny_ckpt):
     """A real kill: the CLI in a subprocess, SIGKILLed once its first shards are committed, then resumed."""
     src = tmp_path / "src"
     src.mkdir()
-    n = 100
+    n = 40
     for i in range(n):
         shutil.copy(
             DATA / ("astronaut_rgb.jpg" if i % 2 else "camera_gray.png"), src / f"{i:03d}{'.jpg' if i % 2 else '.png'}"
