@@ -7,6 +7,7 @@ Parity with Hugging Face uses `conftest.assert_close` (rel 1e-5, cosine 0.99999;
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -16,6 +17,7 @@ from conftest import assert_close, random_images, reference_per_image, tiny_conf
 from safetensors.torch import save_file
 from transformers import DINOv3ViTModel
 
+import dinov3_packing.checkpoints as checkpoints
 from dinov3_packing import (
     DINOv3ViTPackingModel,
     arch_config,
@@ -35,6 +37,12 @@ def _state_equal(a: dict, b: dict) -> None:
 def _forward(model, images):
     with torch.no_grad():
         return model(*pack(images, model.patch_size)).last_hidden_state
+
+
+@functools.cache
+def _released(arch: str) -> DINOv3ViTPackingModel:
+    """random:<arch>@3, built once per module (read only: tests must not modify it)."""
+    return load_packing_model(f"random:{arch}@3")
 
 
 def _keys_456(state: dict) -> dict:
@@ -106,7 +114,7 @@ def test_safetensors_with_config_both_key_layouts(tiny_model, images, tmp_path, 
 @pytest.mark.parametrize("arch", ["vits16", "vits16plus"])
 @pytest.mark.parametrize("layout", ["5.x", "4.56"])
 def test_single_file_without_config_recognises_released_arch(tmp_path, arch, layout):
-    source = load_packing_model(f"random:{arch}@2")
+    source = _released(arch)
     state = {k: v.contiguous() for k, v in source.state_dict().items()}
     if layout == "4.56":
         state = _keys_456(state)
@@ -148,7 +156,7 @@ def test_arch_config_matches_released_model(arch):
 
 @pytest.mark.parametrize("arch", ["vits16", "vits16plus"])
 def test_random_arch_instantiates_that_architecture(arch):
-    model = load_packing_model(f"random:{arch}@3")
+    model = _released(arch)
     assert not model.training and model.dtype == torch.float32
     assert model.config.to_dict() == arch_config(arch).to_dict()
     state = model.state_dict()
@@ -162,18 +170,30 @@ def test_random_arch_instantiates_that_architecture(arch):
 
 
 def test_random_seed_determinism():
-    a = load_packing_model("random:vits16@3").state_dict()
+    a = _released("vits16").state_dict()
     _state_equal(load_packing_model("random:vits16@3").state_dict(), a)
     c = load_packing_model("random:vits16@4").state_dict()
     differing = [k for k in a if not torch.equal(a[k], c[k])]
     assert len(differing) == len(a), f"same under both seeds: {sorted(set(a) - set(differing))}"
-    _state_equal(load_packing_model("random:vits16").state_dict(), load_packing_model("random:vits16@0").state_dict())
+
+
+def test_random_default_seed_is_zero(monkeypatch):
+    seeds = []
+
+    def record(config, seed=0, attn_backend="auto"):
+        seeds.append(seed)
+        return random_packing_model(tiny_config(), seed=seed, attn_backend=attn_backend)
+
+    monkeypatch.setattr(checkpoints, "random_packing_model", record)
+    for ckpt in ("random:vits16", "random:vits16@0", "random:vits16@17"):
+        load_packing_model(ckpt)
+    assert seeds == [0, 0, 17]
 
 
 @pytest.mark.parametrize("arch", ["vits16", "vits16plus"])
 def test_random_arch_parity_vs_hf(arch):
     """random:<arch> vs HF DINOv3ViTModel with its weights, per image (conftest tolerance)."""
-    model = load_packing_model(f"random:{arch}@5")
+    model = _released(arch)
     ref = reference_model(model)
     images = random_images([(3, 2), (1, 1), (2, 2, 2)], 16, seed=7)
     with torch.no_grad():
