@@ -468,6 +468,9 @@ class Run:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": str(self.device),
             "card": torch.cuda.get_device_name() if self.device.type == "cuda" else platform.processor() or "cpu",
+            "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30
+            if self.device.type == "cuda"
+            else None,
             "dtype": str(self.dtype).removeprefix("torch."),
             "smoke": self.opts.smoke,
             "smoke_layers": SMOKE_LAYERS if self.opts.smoke else None,
@@ -620,7 +623,7 @@ class Run:
         if self.opts.timm and not has_timm():
             self.note(f"{section}: timm is not installed: timm-naflex skipped")
         for wl in workloads(systems.base.config, self.opts.smoke)[section]:
-            self.run_workload(section, systems.arch, systems, wl)
+            self.guarded(f"{systems.arch} {wl.name}", lambda w=wl: self.run_workload(section, systems.arch, systems, w))
 
     def run_workload(self, section: str, arch: str, systems: ArchSystems, wl: Workload) -> None:
         config = systems.base.config
