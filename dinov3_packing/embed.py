@@ -193,6 +193,8 @@ def embed(
             "save": list(save),
             "patch_dtype": str(patch_dtype).removeprefix("torch.") if "patches" in save else None,
         }
+        _check_out(out, settings, overwrite)  # on every rank, so that a refusal stops all of them
+        _barrier(world)
         if rank == 0:
             _prepare_out(out, settings, overwrite)
         _barrier(world)
@@ -398,16 +400,16 @@ def read_manifest(out: str | os.PathLike) -> dict[str, dict]:
     return records
 
 
-def _prepare_out(out: Path, settings: dict, overwrite: bool) -> None:
-    """Rank 0, before anyone reads: start over, or check the settings and clear what a kill left behind."""
-    out.mkdir(parents=True, exist_ok=True)
+def _our_files(out: Path) -> list[Path]:
+    return [*out.glob("shard-*.safetensors"), *out.glob(".shard-*.tmp"), *out.glob("manifest-*.jsonl")]
+
+
+def _check_out(out: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse to mix results of different settings in one folder (read only)."""
+    if overwrite or not out.exists():
+        return
     run_file = out / "run.json"
-    ours = [*out.glob("shard-*.safetensors"), *out.glob(".shard-*.tmp"), *out.glob("manifest-*.jsonl")]
-    if overwrite:
-        for p in ours:
-            p.unlink()
-        run_file.unlink(missing_ok=True)
-    elif run_file.exists():
+    if run_file.exists():
         previous = json.loads(run_file.read_text())
         if previous != settings:
             diff = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
@@ -415,8 +417,18 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool) -> None:
                 f"out: {str(out)!r} holds results of a run with other settings ({diff}); pass --overwrite "
                 "to start over, or another --out"
             )
-    elif ours:
+    elif _our_files(out):
         raise ValueError(f"out: {str(out)!r} holds shards or manifests but no run.json; pass --overwrite")
+
+
+def _prepare_out(out: Path, settings: dict, overwrite: bool) -> None:
+    """Rank 0, before anyone reads: start over, or clear what a kill left behind."""
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / "run.json"
+    if overwrite:
+        for p in _our_files(out):
+            p.unlink()
+        run_file.unlink(missing_ok=True)
     run_file.write_text(json.dumps(settings, indent=1) + "\n")
     for tmp in out.glob(".shard-*.tmp"):
         tmp.unlink()

@@ -172,6 +172,9 @@ def test_torchrun_two_processes_equal_one(tmp_path, single_run):
         for kind in ("cls", "mean", "patches"):
             assert torch.equal(one.get(path, kind), two.get(path, kind)), (path, kind)
     assert_complete(out, list_images(DATA))
+    # a refusal (other settings) stops every rank: non-zero exit, no rank left waiting at a barrier
+    refused = subprocess.run([*cmd, "--save", "cls"], capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode != 0 and "other settings" in refused.stderr
 
 
 def test_list_images_sources(tmp_path):
