@@ -117,6 +117,9 @@ def test_select_layer_equals_hidden_states_entry():
     for layer in range(-n, n):
         out, _ = _run(model, images, select_layer=layer)
         torch.testing.assert_close(out.last_hidden_state, full.hidden_states[layer], rtol=0, atol=0)
+        both, _ = _run(model, images, select_layer=layer, output_hidden_states=True)
+        torch.testing.assert_close(both.last_hidden_state, full.hidden_states[layer], rtol=0, atol=0)
+        assert len(both.hidden_states) == n
     # The last hidden state is the final output before the norm: normed, it is last_hidden_state.
     torch.testing.assert_close(model.norm(full.hidden_states[-1]), full.last_hidden_state, rtol=0, atol=0)
 
