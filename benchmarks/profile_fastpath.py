@@ -39,6 +39,18 @@ def timed(fn, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def host_ms(fn, reps: int = 5) -> float:
+    """CPU time to issue one forward (no synchronize): when it nears the wall time, the host is the bound."""
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2] * 1e3
+
+
 def kernel_table(fn, label: str, lines: list[str]) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -86,7 +98,7 @@ def main() -> None:
 
     if not args.no_eager:
         t = timed(run)
-        lines.append(f"eager: {64 / t:.1f} images/s ({t * 1e3:.1f} ms)")
+        lines.append(f"eager: {64 / t:.1f} images/s ({t * 1e3:.1f} ms), host issue time {host_ms(run):.1f} ms")
         print(lines[-1], flush=True)
         kernel_table(run, "eager", lines)
 
@@ -104,7 +116,10 @@ def main() -> None:
         torch.cuda.synchronize()
         warm = time.perf_counter() - start
         t = timed(run)
-        lines.append(f"{variant}: {64 / t:.1f} images/s ({t * 1e3:.1f} ms), first call {warm:.1f} s")
+        lines.append(
+            f"{variant}: {64 / t:.1f} images/s ({t * 1e3:.1f} ms), first call {warm:.1f} s, "
+            f"host issue time {host_ms(run):.1f} ms"
+        )
         print(lines[-1], flush=True)
         kernel_table(run, variant, lines)
         other = model(hs[: int(grid[:40].prod(1).sum())], grid[:40])  # another pack: must not recompile
