@@ -103,9 +103,10 @@ def main() -> None:
         kernel_table(run, "eager", lines)
 
     known = {
-        "all": ("compile dynamic=all", {"dynamic": "all"}),
-        "tokens": ("compile dynamic=tokens", {"dynamic": "tokens"}),
-        "autotune": ("compile tokens max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}),
+        "all": ("compile dynamic=all scope=block", {"dynamic": "all", "scope": "block"}),
+        "tokens": ("compile dynamic=tokens scope=block", {"dynamic": "tokens", "scope": "block"}),
+        "stack": ("compile dynamic=tokens scope=stack", {"dynamic": "tokens", "scope": "stack"}),
+        "autotune": ("compile stack max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}),
     }
     for variant, kwargs in (known[v] for v in args.variants.split(",")):
         torch._dynamo.reset()

@@ -1,10 +1,13 @@
-"""torch.compile applied from outside the model, one block at a time.
+"""torch.compile applied from outside the model.
 
-Each `DINOv3ViTPackedLayer` is compiled once for any pack: the token dimension of its inputs and the
-length of `cu_seqlens` are marked dynamic before every call, while widths stay static so that norms and
-GEMM epilogues get kernels specialised for the model's width. Attention is an opaque op taking
-`cu_seqlens`, so the mix of image sizes never enters the graph; only `max_seqlen` (an int) is specialised
-on the first pack and made symbolic by the first pack with another longest image.
+`scope="stack"` (default) compiles the whole block stack as one graph: one guard check and one launch
+sequence per forward, and fusions across block boundaries (a block's last residual add with the next
+block's LayerNorm). `scope="block"` compiles each block on its own (faster to compile, one guard check per
+block). Either way the token dimension of the inputs and the length of `cu_seqlens` are marked dynamic
+before every call while widths stay static, so norms and GEMM epilogues get kernels specialised for the
+model's width. Attention is an opaque op taking `cu_seqlens`, so the mix of image sizes never enters the
+graph; only `max_seqlen` (an int) is specialised on the first pack and made symbolic by the first pack with
+another longest image: after those two warm-up packs nothing recompiles.
 """
 
 from __future__ import annotations
@@ -21,25 +24,33 @@ def _mark_token_dims_dynamic(module, args):
 
 
 def compile_model(
-    model: DINOv3ViTPackingModel, mode: str | None = None, fullgraph: bool = True, dynamic: str = "tokens"
+    model: DINOv3ViTPackingModel,
+    mode: str | None = None,
+    fullgraph: bool = True,
+    dynamic: str = "tokens",
+    scope: str = "stack",
 ) -> DINOv3ViTPackingModel:
-    """Compile every block of `model` in place and return the model.
+    """Compile `model`'s blocks in place and return the model.
 
     Args:
         model: a `DINOv3ViTPackingModel`.
         mode: passed to `torch.compile` (e.g. "max-autotune-no-cudagraphs").
-        fullgraph: require each block to compile without graph breaks.
+        fullgraph: require the compiled region to have no graph breaks.
         dynamic: "tokens" (token counts symbolic, widths static; default) or "all" (`dynamic=True`).
+        scope: "stack" (all blocks in one graph; default) or "block" (one graph per block).
     """
     if not isinstance(model, DINOv3ViTPackingModel):
         raise TypeError(f"model: expected a DINOv3ViTPackingModel, got {type(model).__name__}")
     if dynamic not in ("tokens", "all"):
         raise ValueError(f"dynamic: expected 'tokens' or 'all', got {dynamic!r}")
-    for layer in model.model.layer:
+    if scope not in ("stack", "block"):
+        raise ValueError(f"scope: expected 'stack' or 'block', got {scope!r}")
+    modules = [model.model] if scope == "stack" else list(model.model.layer)
+    for module in modules:
         if dynamic == "tokens":
-            layer.register_forward_pre_hook(_mark_token_dims_dynamic)
-        layer.forward = torch.compile(
-            layer.forward, mode=mode, fullgraph=fullgraph, dynamic=True if dynamic == "all" else None
+            module.register_forward_pre_hook(_mark_token_dims_dynamic)
+        module.forward = torch.compile(
+            module.forward, mode=mode, fullgraph=fullgraph, dynamic=True if dynamic == "all" else None
         )
     return model
 

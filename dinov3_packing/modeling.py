@@ -218,9 +218,29 @@ class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
 
 
 class DINOv3ViTPackedEncoder(nn.Module):
+    """The block stack. One call runs the first `num_layers` blocks (all by default)."""
+
     def __init__(self, config: DINOv3ViTConfig):
         super().__init__()
         self.layer = nn.ModuleList([DINOv3ViTPackedLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layout: PackedLayout,
+        backend: str,
+        num_layers: int | None = None,
+        keep_states: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Returns the last block's output and, with `keep_states`, the input and every block's output."""
+        states = [x] if keep_states else None
+        for layer in self.layer[:num_layers]:
+            x = layer(x, cos, sin, layout, backend)
+            if keep_states:
+                states.append(x)
+        return x, states
 
 
 class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
@@ -304,20 +324,19 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
 
         x = self.embeddings(hidden_states.to(device), layout, bool_masked_pos)
         cos, sin = self.rope_embeddings(layout, dtype, rope_generator)
-        stop = num_layers if select_layer is None else select_layer % (num_layers + 1)
-        if output_hidden_states:
-            stop = num_layers
-        states = [x]
-        for layer in self.model.layer[:stop]:
-            x = layer(x, cos, sin, layout, backend)
-            states.append(x)
-        # states may stop early, so index it by the absolute layer number, never by a negative index.
-        out = self.norm(x) if select_layer is None else states[select_layer % (num_layers + 1)]
+        # Blocks after the selected hidden state are skipped unless every hidden state is asked for.
+        selected = None if select_layer is None else select_layer % (num_layers + 1)
+        stop = num_layers if selected is None or output_hidden_states else selected
+        x, states = self.model(x, cos, sin, layout, backend, stop, output_hidden_states)
+        if selected is None:
+            out = self.norm(x)
+        else:
+            out = states[selected] if output_hidden_states else x
 
         return PackedModelOutput(
             last_hidden_state=out[layout.patch_index],
             pooler_output=out[layout.prefix_index[:, 0]],
             register_tokens=out[layout.prefix_index[:, 1:]],
-            hidden_states=tuple(s[layout.patch_index] for s in states) if output_hidden_states else None,
+            hidden_states=tuple(s[layout.patch_index] for s in states) if states is not None else None,
             layout=layout,
         )

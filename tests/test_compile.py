@@ -29,11 +29,12 @@ def _pack(sizes, seed):
     return pack([torch.randn(3, h, w, generator=g) for h, w in sizes], 16)
 
 
-def test_compiled_equals_eager_and_never_recompiles_after_warmup():
+@pytest.mark.parametrize("scope", ["stack", "block"])
+def test_compiled_equals_eager_and_never_recompiles_after_warmup(scope):
     torch._dynamo.reset()
     cfg = tiny_config(num_hidden_layers=3)
     eager = random_packing_model(cfg, seed=0).eval()
-    compiled = compile_model(random_packing_model(cfg, seed=0).eval())
+    compiled = compile_model(random_packing_model(cfg, seed=0).eval(), scope=scope)
     graphs = []
     with torch.no_grad():
         for i, sizes in enumerate(PACKS):
@@ -68,3 +69,5 @@ def test_compile_model_rejects_other_modules():
         compile_model(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="dynamic"):
         compile_model(random_packing_model(tiny_config(), seed=0), dynamic="some")
+    with pytest.raises(ValueError, match="scope"):
+        compile_model(random_packing_model(tiny_config(), seed=0), scope="layer")
