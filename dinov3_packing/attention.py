@@ -88,12 +88,13 @@ def packed_attention(
     if backend == "sdpa":
         if dropout_p > 0.0:
             return _sdpa_per_segment(q, k, v, layout.seq_lens, dropout_p)
-        return sdpa_varlen(q, k, v, layout.cu_seqlens)
+        return sdpa_varlen(q, k, v, layout.cu_seqlens_host)
     raise ValueError(f"backend: expected a concrete backend ('varlen', 'flash_attn', 'sdpa'), got {backend!r}")
 
 
 # The exact path as a custom op: torch.compile sees one opaque call taking cu_seqlens, so packs with other
-# segment lengths reuse the same graph instead of guarding on (and recompiling for) the Python list.
+# segment lengths reuse the same graph instead of guarding on (and recompiling for) a Python list. It takes
+# the host copy of cu_seqlens: the per-segment loop reads it without waiting for the device.
 @torch.library.custom_op("dinov3_packing::sdpa_varlen", mutates_args=())
 def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Attention per segment `[cu_seqlens[i], cu_seqlens[i+1])` with SDPA; `[tokens, heads, head_dim]`."""

@@ -19,7 +19,7 @@ from .modeling import DINOv3ViTPackingModel
 
 def _mark_token_dims_dynamic(module, args):
     x, cos, sin, layout = args[:4]
-    for t in (x, cos, sin, layout.cu_seqlens):
+    for t in (x, cos, sin, layout.cu_seqlens, layout.cu_seqlens_host):
         torch._dynamo.mark_dynamic(t, 0)
 
 

@@ -155,6 +155,8 @@ class PackedLayout:
         segment_hw: (h, w) of every segment (one per frame).
         seq_lens: tokens per segment (prefix + h*w), host-side, for kernels that loop over segments.
         cu_seqlens: int32 `[num_segments + 1]` cumulative token offsets, on the model's device.
+        cu_seqlens_host: the same offsets on the CPU, for kernels that loop over segments on the host
+            (reading them never waits for the device).
         max_seqlen: longest segment in tokens.
         patch_index: long `[total_patches]`: token position of each input row.
         prefix_index: long `[num_segments, 1 + R]`: token positions of CLS and the registers.
@@ -166,6 +168,7 @@ class PackedLayout:
     segment_hw: list[tuple[int, int]]
     seq_lens: list[int]
     cu_seqlens: torch.Tensor
+    cu_seqlens_host: torch.Tensor
     max_seqlen: int
     patch_index: torch.Tensor
     prefix_index: torch.Tensor
@@ -202,6 +205,7 @@ class PackedLayout:
             segment_hw=segment_hw,
             seq_lens=seq_lens,
             cu_seqlens=torch.tensor(offsets, dtype=torch.int32, device=device),
+            cu_seqlens_host=torch.tensor(offsets, dtype=torch.int32),
             max_seqlen=max(seq_lens),
             patch_index=patch_index.to(device),
             prefix_index=prefix_index.to(device),
