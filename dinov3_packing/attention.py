@@ -78,6 +78,12 @@ def packed_attention(
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 
+        if dropout_p > 0.0:
+            raise ValueError(
+                f"attn_backend: 'varlen' has no attention dropout (config.attention_dropout={dropout_p} in "
+                "training); use 'flash_attn' or 'sdpa', or set attention_dropout to 0"
+            )
+
         cu, n = layout.cu_seqlens, layout.max_seqlen
         return varlen_attn(q, k, v, cu, cu, n, n)
     if backend == "flash_attn":
