@@ -32,15 +32,16 @@ def has_varlen_attn() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Pick the concrete kernel for `backend` on this device and dtype; fail early if it cannot run."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dropout: float = 0.0) -> str:
+    """Pick the concrete kernel for `backend` on this device and dtype (and attention dropout, which
+    `varlen` lacks); fail before any compute if it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"attn_backend: expected one of {BACKENDS}, got {backend!r}")
     flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     if backend == "auto":
         if flash_ok and has_flash_attn():
             return "flash_attn"
-        if flash_ok and has_varlen_attn():
+        if flash_ok and has_varlen_attn() and dropout == 0.0:
             return "varlen"
         return "sdpa"
     if backend in ("varlen", "flash_attn"):
@@ -53,6 +54,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
             raise ValueError("attn_backend: 'flash_attn' needs the flash-attn package, which is not installed")
         if backend == "varlen" and not has_varlen_attn():
             raise ValueError("attn_backend: 'varlen' needs torch.nn.attention.varlen (PyTorch >= 2.10)")
+        if backend == "varlen" and dropout > 0.0:
+            raise ValueError(
+                f"attn_backend: 'varlen' has no attention dropout (config.attention_dropout={dropout} in "
+                "training); use 'flash_attn' or 'sdpa', or set attention_dropout to 0"
+            )
     return backend
 
 
@@ -70,19 +76,13 @@ def packed_attention(
         q, k, v: `[num_tokens, heads, head_dim]`.
         layout: the batch's `PackedLayout` (cu_seqlens, max_seqlen, seq_lens).
         backend: a concrete backend from `resolve_backend` (not "auto").
-        dropout_p: attention dropout (training only; only the "sdpa" backend supports it).
+        dropout_p: attention dropout (training only; "sdpa" and "flash_attn" support it).
 
     Returns:
         `[num_tokens, heads, head_dim]`.
     """
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
-
-        if dropout_p > 0.0:
-            raise ValueError(
-                f"attn_backend: 'varlen' has no attention dropout (config.attention_dropout={dropout_p} in "
-                "training); use 'flash_attn' or 'sdpa', or set attention_dropout to 0"
-            )
 
         cu, n = layout.cu_seqlens, layout.max_seqlen
         return varlen_attn(q, k, v, cu, cu, n, n)

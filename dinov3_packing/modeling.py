@@ -74,7 +74,8 @@ class DINOv3ViTPackedEmbeddings(DINOv3ViTEmbeddings):
 
 
 class DINOv3ViTPackedRopeEmbedding(DINOv3ViTRopePositionEmbedding):
-    """RoPE cos/sin for every token of a packed batch, `[num_tokens, head_dim]`.
+    """RoPE tables for every token of a packed batch: `(cos, sin_signed)`, each `[num_tokens, head_dim]`,
+    where `sin_signed` carries rotate_half's sign (see `swap_halves`).
 
     Coordinates are normalised by each segment's own (h, w). Prefix tokens get cos = 1, sin = 0, which
     leaves them unrotated without a gather or scatter inside the layers. Angles are cached per (h, w).
@@ -137,12 +138,16 @@ class DINOv3ViTPackedRopeEmbedding(DINOv3ViTRopePositionEmbedding):
         else:
             segments = [self.segment_angles(h, w) for h, w in layout.segment_hw]
         angles = torch.cat(segments)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        # rotate_half(x) * sin == swap_halves(x) * sin_signed, with sin_signed = cat(-sin_1, sin_2): the
+        # sign moves into the table (exactly: negation is exact), and the layers avoid a cat and a neg.
+        sin = angles.sin()
+        sin_signed = torch.cat([-sin[:, : sin.shape[1] // 2], sin[:, sin.shape[1] // 2 :]], dim=1)
+        return angles.cos().to(dtype), sin_signed.to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """`[x1, x2] -> [x2, x1]` along the last dim (rotate_half without its sign, which RoPE's table carries)."""
+    return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
 
 
 class DINOv3ViTPackedAttention(nn.Module):
@@ -173,7 +178,7 @@ class DINOv3ViTPackedAttention(nn.Module):
     ) -> torch.Tensor:
         qkv = F.linear(x, *self.qkv_weight_bias()).unflatten(-1, (3, self.num_heads, self.head_dim))
         qk, v = qkv[:, :2], qkv[:, 2]
-        qk = qk * cos[:, None, None, :] + rotate_half(qk) * sin[:, None, None, :]
+        qk = qk * cos[:, None, None, :] + swap_halves(qk) * sin[:, None, None, :]
         out = packed_attention(qk[:, 0], qk[:, 1], v, layout, backend, self.dropout if self.training else 0.0)
         return self.o_proj(out.flatten(1))
 
@@ -189,10 +194,11 @@ class DINOv3ViTPackedDropPath(nn.Module):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep_prob = 1.0 - self.drop_prob
-        keep = torch.floor(torch.rand(layout.num_segments, dtype=x.dtype, device=x.device) + keep_prob)
-        lengths = layout.cu_seqlens.diff()
-        per_token = torch.repeat_interleave(keep, lengths, output_size=layout.num_tokens)
-        return x.div(keep_prob) * per_token[:, None]
+        # One draw per segment in segment order, as Hugging Face draws one per image. The count comes from
+        # a tensor size, not a Python int, so a compiled block keeps it symbolic.
+        num_segments = layout.cu_seqlens.shape[0] - 1
+        keep = torch.floor(torch.rand(num_segments, dtype=x.dtype, device=x.device) + keep_prob)
+        return x.div(keep_prob) * keep[layout.token_segment][:, None]
 
 
 class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
@@ -311,17 +317,24 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
                     f"select_layer: expected an index into {num_layers + 1} hidden states "
                     f"(-{num_layers + 1}..{num_layers}), got {select_layer}"
                 )
-        if bool_masked_pos is not None and (
-            not isinstance(bool_masked_pos, torch.Tensor)
-            or bool_masked_pos.dtype != torch.bool
-            or bool_masked_pos.shape != (hidden_states.shape[0],)
-        ):
-            raise ValueError(f"bool_masked_pos: expected a bool tensor of shape [{hidden_states.shape[0]}]")
+        if bool_masked_pos is not None:
+            rows = hidden_states.shape[0]
+            if not isinstance(bool_masked_pos, torch.Tensor) or bool_masked_pos.dtype != torch.bool:
+                got = bool_masked_pos.dtype if isinstance(bool_masked_pos, torch.Tensor) else type(bool_masked_pos)
+                raise TypeError(f"bool_masked_pos: expected a bool tensor of shape [{rows}], got {got}")
+            if bool_masked_pos.shape != (rows,):
+                raise ValueError(
+                    f"bool_masked_pos: expected shape [{rows}] (one flag per input row), "
+                    f"got {tuple(bool_masked_pos.shape)}"
+                )
 
         device, dtype = self.norm.weight.device, self.norm.weight.dtype
-        backend = resolve_backend(self.attn_backend, device, dtype)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        backend = resolve_backend(self.attn_backend, device, dtype, dropout)
         layout = PackedLayout.build(grid, self.num_prefix_tokens, device)
 
+        if bool_masked_pos is not None:
+            bool_masked_pos = bool_masked_pos.to(device)
         x = self.embeddings(hidden_states.to(device), layout, bool_masked_pos)
         cos, sin = self.rope_embeddings(layout, dtype, rope_generator)
         # Blocks after the selected hidden state are skipped unless every hidden state is asked for.

@@ -162,7 +162,10 @@ class PackedLayout:
         prefix_index: long `[num_segments, 1 + R]`: token positions of CLS and the registers.
         token_source: long `[num_tokens]`: for each token, its row in `cat([prefix rows of all segments
             (segment-major), patch rows])`, so the whole sequence is assembled by one gather.
+        token_segment: long `[num_tokens]`: the segment of each token (for per-image drop path).
         num_tokens: total tokens including prefix tokens.
+
+    The device-side indices arrive in one copy from pinned memory that does not block the host.
     """
 
     segment_hw: list[tuple[int, int]]
@@ -173,6 +176,7 @@ class PackedLayout:
     patch_index: torch.Tensor
     prefix_index: torch.Tensor
     token_source: torch.Tensor
+    token_segment: torch.Tensor
     num_tokens: int
 
     @property
@@ -201,14 +205,24 @@ class PackedLayout:
         token_source = torch.empty(offsets[-1], dtype=torch.long)
         token_source[prefix_index.flatten()] = torch.arange(prefix_index.numel())
         token_source[patch_index] = prefix_index.numel() + row
+        token_segment = torch.repeat_interleave(torch.arange(len(segment_hw)), torch.tensor(seq_lens))
+        cu_seqlens_host = torch.tensor(offsets, dtype=torch.int32)
+        parts = [cu_seqlens_host.long(), patch_index, prefix_index.flatten(), token_source, token_segment]
+        packed, device = torch.cat(parts), torch.device(device)
+        if device.type == "cuda":
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        elif device.type != "cpu":
+            packed = packed.to(device)
+        cu, patch_index, prefix_flat, token_source, token_segment = packed.split([p.numel() for p in parts])
         return cls(
             segment_hw=segment_hw,
             seq_lens=seq_lens,
-            cu_seqlens=torch.tensor(offsets, dtype=torch.int32, device=device),
-            cu_seqlens_host=torch.tensor(offsets, dtype=torch.int32),
+            cu_seqlens=cu.int(),
+            cu_seqlens_host=cu_seqlens_host,
             max_seqlen=max(seq_lens),
-            patch_index=patch_index.to(device),
-            prefix_index=prefix_index.to(device),
-            token_source=token_source.to(device),
+            patch_index=patch_index,
+            prefix_index=prefix_flat.view(len(segment_hw), num_prefix),
+            token_source=token_source,
+            token_segment=token_segment,
             num_tokens=offsets[-1],
         )

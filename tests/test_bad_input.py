@@ -121,18 +121,18 @@ def test_select_layer_out_of_range(model, layer, exc):
 
 
 @pytest.mark.parametrize(
-    "mask",
+    ("mask", "exc"),
     [
-        torch.zeros(3, dtype=torch.bool),
-        torch.zeros(1, 4, dtype=torch.bool),
-        torch.zeros(4, dtype=torch.long),
-        torch.zeros(4),
-        [False] * 4,
+        (torch.zeros(3, dtype=torch.bool), ValueError),
+        (torch.zeros(1, 4, dtype=torch.bool), ValueError),
+        (torch.zeros(4, dtype=torch.long), TypeError),
+        (torch.zeros(4), TypeError),
+        ([False] * 4, TypeError),
     ],
     ids=["short", "2-D", "int64", "float", "list"],
 )
-def test_bad_bool_masked_pos(model, mask):
-    _rejects(model, ValueError, "bool_masked_pos", torch.randn(4, PATCH_DIM), torch.tensor([[1, 2, 2]]), mask)
+def test_bad_bool_masked_pos(model, mask, exc):
+    _rejects(model, exc, "bool_masked_pos", torch.randn(4, PATCH_DIM), torch.tensor([[1, 2, 2]]), mask)
 
 
 def test_attn_backend_unknown():

@@ -1,0 +1,53 @@
+"""Backend selection and the exact SDPA path (attention.py).
+
+Reference for the kernel: PyTorch's `scaled_dot_product_attention` run on each segment alone, fp32;
+tolerance 1e-6 relative (the same kernel on the same rows; only the batching of equal-length runs differs).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+
+from dinov3_packing.attention import packed_attention, resolve_backend
+from dinov3_packing.packing import PackedLayout
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+def test_auto_picks_by_device_dtype_and_dropout():
+    assert resolve_backend("auto", CPU, torch.float32) == "sdpa"
+    assert resolve_backend("auto", CPU, torch.bfloat16) == "sdpa"
+    assert resolve_backend("auto", CUDA, torch.float32) == "sdpa"  # the flash kernels are fp16/bf16 only
+    assert resolve_backend("auto", CUDA, torch.bfloat16) in ("varlen", "flash_attn")
+    assert resolve_backend("auto", CUDA, torch.bfloat16, dropout=0.1) in ("sdpa", "flash_attn")
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "dtype", "dropout"),
+    [
+        ("varlen", CPU, torch.bfloat16, 0.0),
+        ("varlen", CUDA, torch.float32, 0.0),
+        ("varlen", CUDA, torch.bfloat16, 0.1),
+        ("flash_attn", CPU, torch.float16, 0.0),
+        ("xformers", CPU, torch.float32, 0.0),
+    ],
+)
+def test_unusable_backend_is_refused_naming_the_argument(backend, device, dtype, dropout):
+    with pytest.raises(ValueError, match="attn_backend"):
+        resolve_backend(backend, device, dtype, dropout)
+
+
+def test_sdpa_path_equals_sdpa_per_segment():
+    g = torch.Generator().manual_seed(0)
+    grid = [(1, 2, 3), (1, 2, 3), (1, 1, 1), (2, 3, 2), (1, 4, 1)]
+    layout = PackedLayout.build(grid, num_prefix=5, device="cpu")
+    q, k, v = (torch.randn(layout.num_tokens, 4, 8, generator=g) for _ in range(3))
+    out = packed_attention(q, k, v, layout, "sdpa")
+    for start, end in itertools.pairwise(layout.cu_seqlens_host.tolist()):
+        ref = F.scaled_dot_product_attention(*(x[start:end].transpose(0, 1) for x in (q, k, v))).transpose(0, 1)
+        assert_close(out[start:end], ref, rel_tol=1e-6)
