@@ -24,12 +24,23 @@ from safetensors.torch import load_file
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from .archs import ARCHS, SEED_ALIASES, arch_config
+from .convert import load_pth, model_from_state_dict
 from .modeling import DINOv3ViTPackingModel
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CKPT = "random:vits16"
 _RANDOM = re.compile(r"^random:(?P<arch>[a-z0-9]+)(?:@(?P<seed>\d+))?$")
+
+
+def parse_device(device: torch.device | str | None) -> torch.device:
+    """A `torch.device` from a name; None means CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from None
 
 
 def resolve_alias(ckpt: str) -> str:
@@ -57,6 +68,7 @@ def load_packing_model(
         raise TypeError(f"ckpt: expected a string (hub id, path or random:<arch>), got {type(ckpt).__name__}")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
+    device = parse_device(device)
     ckpt = resolve_alias(ckpt)
     m = _RANDOM.match(ckpt)
     if ckpt.startswith("random:") and not (m and m["arch"] in ARCHS):
@@ -66,12 +78,8 @@ def load_packing_model(
         model = random_packing_model(config, seed=int(m["seed"] or 0), attn_backend=attn_backend)
     else:
         path = Path(ckpt).expanduser()
-        if path.is_file() and path.suffix in (".pth", ".pt"):
-            from .convert import model_from_pth  # Meta original / timm layouts, read with weights_only=True
-
-            model = model_from_pth(path, attn_backend=attn_backend)
-        elif path.is_file():
-            model = _from_safetensors_file(path, attn_backend)
+        if path.is_file():
+            model = _from_file(path, attn_backend)
         elif path.is_dir():
             model = _from_pretrained(str(path), attn_backend)
         elif ckpt.count("/") == 1 and not ckpt.startswith((".", "/", "~")):
@@ -148,32 +156,18 @@ def _quiet_hub():
             lg.setLevel(level)
 
 
-def _from_safetensors_file(path: Path, attn_backend: str) -> DINOv3ViTPackingModel:
-    if path.suffix != ".safetensors":
-        raise ValueError(f"ckpt: expected a .safetensors file or a folder, got {str(path)!r}")
-    state = load_file(str(path))
-    state = {re.sub(r"^(?:model\.)?layer\.", "model.layer.", k): v for k, v in state.items()}
-    config_file = path.with_name("config.json")
-    if config_file.exists():
-        config = DINOv3ViTConfig(**json.loads(config_file.read_text()))
+def _from_file(path: Path, attn_backend: str) -> DINOv3ViTPackingModel:
+    """One weights file in any supported layout (`convert.py`); config.json beside it wins over shapes."""
+    if path.suffix in (".pth", ".pt"):
+        state = load_pth(path)  # weights_only: never runs pickled code
+    elif path.suffix == ".safetensors":
+        state = load_file(str(path))
     else:
-        config = arch_config(_arch_from_state(state, path))
-    model = DINOv3ViTPackingModel(config, attn_backend=attn_backend)
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-def _arch_from_state(state: dict[str, torch.Tensor], path: Path) -> str:
-    """Recognise a released architecture from tensor shapes (width, depth, gated MLP)."""
-    if "embeddings.cls_token" not in state:
-        raise ValueError(f"ckpt: {str(path)!r} has no embeddings.cls_token; it is not a DINOv3 ViT state dict")
-    width = state["embeddings.cls_token"].shape[-1]
-    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.layer."))
-    gated = any(".mlp.gate_proj." in k for k in state)
-    for name, a in ARCHS.items():
-        if (a.hidden_size, a.num_hidden_layers, a.use_gated_mlp) == (width, depth, gated):
-            return name
-    raise ValueError(
-        f"ckpt: {str(path)!r} (width {width}, {depth} layers) matches no released DINOv3 architecture; "
-        "put its config.json beside it"
-    )
+        raise ValueError(f"ckpt: expected a .safetensors, .pth or .pt file or a folder, got {str(path)!r}")
+    config_file = path.with_name("config.json")
+    config = DINOv3ViTConfig(**json.loads(config_file.read_text())) if config_file.exists() else None
+    try:
+        return model_from_state_dict(state, config=config, attn_backend=attn_backend)
+    except ValueError as e:
+        hint = " (or put its config.json beside it)" if str(e).startswith("config:") else ""
+        raise ValueError(f"ckpt: {str(path)!r}: {e}{hint}") from None

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .budget import OVERSIZE, TokenBudgetPacker, segment_tokens
-from .checkpoints import DEFAULT_CKPT, load_packing_model, resolve_alias
+from .checkpoints import DEFAULT_CKPT, load_packing_model, parse_device, resolve_alias
 from .images import list_images
 from .preprocess import POLICIES, Preprocessor
 from .wrappers import default_dtype
@@ -446,9 +446,7 @@ def _init_distributed(device: torch.device | str | None) -> tuple[int, int, bool
     """(rank, world size, whether we created the process group, this rank's device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = parse_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
     if world <= 1:

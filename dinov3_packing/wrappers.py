@@ -6,21 +6,12 @@ import torch
 from torch import nn
 
 from .archs import normalization_for
-from .checkpoints import DEFAULT_CKPT, load_packing_model, reference_model, resolve_alias
+from .checkpoints import DEFAULT_CKPT, load_packing_model, parse_device, reference_model, resolve_alias
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA, fp32 elsewhere (the seed's defaults)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def _device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from None
 
 
 class DINOv3ViTPacking(nn.Module):
@@ -46,7 +37,7 @@ class DINOv3ViTPacking(nn.Module):
         attn_backend: str = "auto",
     ):
         super().__init__()
-        device = _device(device)
+        device = parse_device(device)
         self.model = load_packing_model(ckpt, device, dtype or default_dtype(device), attn_backend)
         self.patch_size = self.model.patch_size
         self.image_mean, self.image_std = normalization_for(resolve_alias(ckpt))
@@ -75,7 +66,7 @@ class Dinov3(nn.Module):
         self, ckpt: str = DEFAULT_CKPT, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ):
         super().__init__()
-        device = _device(device)
+        device = parse_device(device)
         packed = load_packing_model(ckpt, "cpu", torch.float32, "sdpa")
         self.model = reference_model(packed).to(device=device, dtype=dtype or default_dtype(device))
         self.patch_size = packed.patch_size

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from dinov3_packing import DINOv3ViTPackingModel, load_packing_model, pack, patchify, random_packing_model
 from dinov3_packing.align import align
+from dinov3_packing.images import sample_image_paths
 from dinov3_packing.wrappers import DINOv3ViTPacking
 
 PATCH_DIM = 16 * 16 * 3
@@ -181,7 +182,7 @@ def test_file_that_is_not_a_dinov3_checkpoint(tmp_path):
         load_packing_model(str(other))
     foreign = tmp_path / "foreign.safetensors"
     save_file({"fc.weight": torch.zeros(2, 2)}, str(foreign))
-    with pytest.raises(ValueError, match=r"ckpt.*cls_token"):
+    with pytest.raises(ValueError, match=r"ckpt.*not a DINOv3 ViT state dict"):
         load_packing_model(str(foreign))
     unknown = tmp_path / "unknown.safetensors"
     state = {k: v.contiguous() for k, v in random_packing_model(tiny_config(), seed=0).state_dict().items()}
@@ -200,6 +201,16 @@ def test_ckpt_and_dtype_types():
 def test_wrapper_bad_device():
     with pytest.raises(ValueError, match="device"):
         DINOv3ViTPacking("random:vits16", device="gpu0")
+    with pytest.raises(ValueError, match="device"):
+        load_packing_model("random:vits16", device="gpu0")
+
+
+def test_cli_bad_device_is_one_line_not_a_traceback(capsys):
+    from dinov3_packing.cli import main
+
+    assert main(["pca", str(sample_image_paths()[0]), "--device", "gpu0", "--out", "unused.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: device:") and "Traceback" not in err
 
 
 def test_pack_and_patchify_bad_input():
