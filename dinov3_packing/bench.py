@@ -12,7 +12,8 @@ One run measures, on one GPU and in this order (a time budget skips the tail, wi
 
 Systems, each given inputs already on the device (pixel tensors, packed rows; the packed model's host-side
 `grid_thw` stays on the CPU, where the model reads it without a device sync):
-    packed           `DINOv3ViTPackingModel`, eager, attention backend "auto" (varlen on CUDA bf16)
+    packed           `DINOv3ViTPackingModel`, eager, attention backend "auto" (on CUDA bf16: flash_attn when
+                     installed, else varlen)
     packed-compiled  the same through `compile.compile_model` (compilation happens in the warm-up)
     hf-loop          Hugging Face `DINOv3ViTModel` (sdpa), one image per call (mixed sizes)
     hf-batched       Hugging Face, one `[B, 3, H, W]` call (uniform sizes)
@@ -769,8 +770,9 @@ def _git_commit() -> str | None:
             text=True,
             timeout=5,
             cwd=Path(__file__).parent,
+            check=False,
         )
-        return out.stdout.strip() or None
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         return None
 

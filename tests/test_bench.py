@@ -72,8 +72,10 @@ def test_smoke_meta_and_peak(smoke):
 def test_smoke_correctness(smoke):
     """fp32 packed against fp32 Hugging Face (both on CPU): within the parity tests' 1e-5 relative bound."""
     (row,) = smoke[1]["correctness"]
-    assert row["pass"] and row["packed_min_cos"] >= row["threshold"] == 0.999
-    assert row["fp32_max_rel"] < 1e-5 and row["packed_cls_min_cos"] > 0.9999
+    assert row["pass"] and row["threshold"] == 0.999  # the suite's bar, for bf16 on the GPU
+    # Here the "packed" run is fp32 too, so the fp32 parity bar applies to it.
+    assert row["packed_min_cos"] >= 0.99999 and row["packed_cls_min_cos"] >= 0.99999
+    assert row["fp32_max_rel"] < 1e-5
 
 
 def test_smoke_results_cover_every_section_and_system(smoke):
@@ -107,7 +109,6 @@ def test_smoke_markdown_table_and_plot(smoke):
     assert "| arch | workload | images | tokens | system | ms | img/s | tok/s | TFLOP/s | MFU | fwd mem GiB |" in table
     for section in ("Correctness", "## mixed", "## uniform", "## scaling", "## archs"):
         assert section in table
-    pytest.importorskip("matplotlib")
     plot = runpy.run_path(str(ROOT / "benchmarks" / "plot.py"))
     png = plot["plot"](out)
     assert png.name == "throughput_vs_tokens.png" and png.stat().st_size > 10_000
