@@ -72,6 +72,8 @@ def test_timm_released_arch_is_recognised():
     state = timm_to_hf(timm.create_model("vit_small_plus_patch16_dinov3_qkvb", pretrained=False).state_dict())
     model = model_from_state_dict(state)
     assert set(state) == set(model.state_dict())
+    for key, value in model.state_dict().items():  # the values landed where their names say
+        assert torch.equal(value, state[key]), key
     assert (model.config.num_attention_heads, model.config.num_hidden_layers, model.config.use_gated_mlp) == (
         6,
         12,
@@ -102,9 +104,11 @@ def test_meta_layout_round_trip_and_parity(overrides):
     hidden_states, grid = pack(images, 16)
     ref = reference_model(src)
     with torch.no_grad():
-        got = model(hidden_states, grid).pooler_output
-        want = torch.cat([ref(img[None]).pooler_output for img in images])
-    assert_close(got, want)
+        got = model(hidden_states, grid)
+        want = [ref(img[None]) for img in images]
+    assert_close(got.pooler_output, torch.cat([w.pooler_output for w in want]))
+    prefix = src.num_prefix_tokens
+    assert_close(got.last_hidden_state, torch.cat([w.last_hidden_state[0, prefix:] for w in want]))
 
 
 def test_meta_swiglu_w1_is_gate():
