@@ -281,13 +281,13 @@ class _PackRunner:
         if "cls" in self.save:
             features["cls"] = out.pooler_output.float()
         if "mean" in self.save:
-            segment = torch.repeat_interleave(
-                torch.arange(len(records), device=self.device), torch.tensor(counts, device=self.device)
-            )
+            # Each record is one single-frame image, so its segment id is its index; the layout already
+            # holds it per token on the device (no size to sync on).
+            segment = out.layout.token_segment[out.layout.patch_index]
             sums = torch.zeros(len(records), patches.shape[1], device=self.device).index_add_(
                 0, segment, patches.float()
             )
-            features["mean"] = sums / torch.tensor(counts, device=self.device, dtype=torch.float32)[:, None]
+            features["mean"] = sums / sums.new_tensor(counts)[:, None]
         if "patches" in self.save:
             features["patches"] = patches.to(self.writer.patch_dtype)
         nonblocking = self.device.type == "cuda"
