@@ -129,17 +129,7 @@ def meta_to_hf(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
                 "state_dict: this checkpoint has a separate CLS norm (untie_cls_and_patch_norms), which the "
                 "Hugging Face DINOv3 architecture does not have"
             )
-        elif (m := _BLOCK.match(key)) is not None:
-            i, rest = m.groups()
-            if rest.startswith("attn.qkv."):
-                _split_qkv(out, f"model.layer.{i}.attention", rest.removeprefix("attn.qkv."), value, state, key)
-            elif (hf := _rename_block(rest, _META_BLOCK)) is not None:
-                out[f"model.layer.{i}.{hf}"] = value
-            else:
-                unknown.append(key)
-        elif (hf := _rename_prefix(key)) is not None:
-            out[hf] = value
-        else:
+        elif not _convert_shared_key(key, value, state, _META_BLOCK, out):
             unknown.append(key)
     _raise_unknown(unknown, "Meta")
     _fill_defaults(out)
@@ -201,17 +191,7 @@ def timm_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out["embeddings.mask_token"] = value.reshape(1, 1, -1)
         elif key.startswith("head.") or key.startswith("rope."):
             continue  # classifier (not part of the backbone); RoPE buffers are recomputed
-        elif (m := _BLOCK.match(key)) is not None:
-            i, rest = m.groups()
-            if rest.startswith("attn.qkv."):
-                _split_qkv(out, f"model.layer.{i}.attention", rest.removeprefix("attn.qkv."), value, state, key)
-            elif (hf := _rename_block(rest, _TIMM_BLOCK)) is not None:
-                out[f"model.layer.{i}.{hf}"] = value
-            else:
-                unknown.append(key)
-        elif (hf := _rename_prefix(key)) is not None:
-            out[hf] = value
-        else:
+        elif not _convert_shared_key(key, value, state, _TIMM_BLOCK, out):
             unknown.append(key)
     _raise_unknown(unknown, "timm")
     _fill_defaults(out)
@@ -301,6 +281,26 @@ def model_from_pth(
 ) -> DINOv3ViTPackingModel:
     """`model_from_state_dict(load_pth(path))`: a Meta original or timm `.pth` file, read safely."""
     return model_from_state_dict(load_pth(path), config=config, attn_backend=attn_backend)
+
+
+def _convert_shared_key(
+    key: str, value: torch.Tensor, state: Mapping[str, torch.Tensor], block_table: dict[str, str], out: dict
+) -> bool:
+    """The keys Meta's and timm's layouts name alike (blocks.N..., cls_token, patch_embed, norm): put the
+    Hugging Face name into `out`; False when the key is none of them."""
+    if (m := _BLOCK.match(key)) is not None:
+        i, rest = m.groups()
+        if rest.startswith("attn.qkv."):
+            _split_qkv(out, f"model.layer.{i}.attention", rest.removeprefix("attn.qkv."), value, state, key)
+        elif (hf := _rename_block(rest, block_table)) is not None:
+            out[f"model.layer.{i}.{hf}"] = value
+        else:
+            return False
+        return True
+    if (hf := _rename_prefix(key)) is not None:
+        out[hf] = value
+        return True
+    return False
 
 
 def _split_qkv(out: dict, prefix: str, leaf: str, value: torch.Tensor, state: Mapping, key: str) -> None:
