@@ -6,9 +6,14 @@ never across segments. The model calls only this function; adding a kernel touch
 Backends:
     "varlen":     PyTorch's `torch.nn.attention.varlen.varlen_attn` (FlashAttention-2 varlen; CUDA, fp16/bf16).
     "flash_attn": `flash_attn.flash_attn_varlen_func` from the flash-attn package, when installed.
+    "triton":     this package's Triton varlen forward (`kernels/varlen_attention.py`; CUDA, fp16/bf16,
+                  head_dim a power of two). Forward only: inference under `torch.no_grad()` /
+                  `torch.inference_mode()`.
     "sdpa":       exact reference path: `scaled_dot_product_attention` per run of equal-length segments.
                   Any device and dtype; what CPU and fp32 use.
-    "auto":       the fastest of the above that supports the inputs.
+    "auto":       the fastest of the above that supports the inputs: for inference on CUDA in fp16/bf16
+                  `AUTO_INFERENCE` (measured on the H100, see benchmarks/results), when training
+                  `flash_attn` if installed, else `varlen`; otherwise `sdpa`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import torch.nn.functional as F
 
 from .packing import PackedLayout
 
-BACKENDS = ("auto", "varlen", "flash_attn", "sdpa")
+BACKENDS = ("auto", "varlen", "flash_attn", "triton", "sdpa")
+
+# What "auto" runs for inference (no autograd) on CUDA in fp16/bf16, when its kernel supports the head size.
+AUTO_INFERENCE = "triton"
 
 
 def has_flash_attn() -> bool:
@@ -32,19 +40,37 @@ def has_varlen_attn() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dropout: float = 0.0) -> str:
-    """Pick the concrete kernel for `backend` on this device and dtype (and attention dropout, which
-    `varlen` lacks); fail before any compute if it cannot run."""
+def has_triton_kernel(head_dim: int | None = None) -> bool:
+    from .kernels import varlen_attention
+
+    d = 64 if head_dim is None else head_dim
+    return varlen_attention.triton_available() and 16 <= d <= 256 and d & (d - 1) == 0
+
+
+def resolve_backend(
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    dropout: float = 0.0,
+    *,
+    inference: bool = False,
+    head_dim: int | None = None,
+) -> str:
+    """Pick the concrete kernel for `backend` on this device and dtype, given the attention dropout
+    (`varlen` and `triton` have none), whether autograd is off (`inference`: `triton` is forward-only)
+    and the head size; fail before any compute if it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"attn_backend: expected one of {BACKENDS}, got {backend!r}")
     flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     if backend == "auto":
+        if flash_ok and inference and dropout == 0.0 and AUTO_INFERENCE == "triton" and has_triton_kernel(head_dim):
+            return "triton"
         if flash_ok and has_flash_attn():
             return "flash_attn"
         if flash_ok and has_varlen_attn() and dropout == 0.0:
             return "varlen"
         return "sdpa"
-    if backend in ("varlen", "flash_attn"):
+    if backend in ("varlen", "flash_attn", "triton"):
         if not flash_ok:
             raise ValueError(
                 f"attn_backend: {backend!r} needs a CUDA device and fp16/bf16, got {device.type} and {dtype}; "
@@ -54,10 +80,20 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, drop
             raise ValueError("attn_backend: 'flash_attn' needs the flash-attn package, which is not installed")
         if backend == "varlen" and not has_varlen_attn():
             raise ValueError("attn_backend: 'varlen' needs torch.nn.attention.varlen (PyTorch >= 2.10)")
-        if backend == "varlen" and dropout > 0.0:
+        if backend in ("varlen", "triton") and dropout > 0.0:
             raise ValueError(
-                f"attn_backend: 'varlen' has no attention dropout (config.attention_dropout={dropout} in "
+                f"attn_backend: {backend!r} has no attention dropout (config.attention_dropout={dropout} in "
                 "training); use 'flash_attn' or 'sdpa', or set attention_dropout to 0"
+            )
+        if backend == "triton" and not inference:
+            raise ValueError(
+                "attn_backend: 'triton' is forward-only; run the model under torch.no_grad() or "
+                "torch.inference_mode(), or use 'varlen' (or 'auto') when gradients are needed"
+            )
+        if backend == "triton" and not has_triton_kernel(head_dim):
+            raise ValueError(
+                f"attn_backend: 'triton' needs triton and a head_dim that is a power of two in 16..256, "
+                f"got head_dim={head_dim}; use 'varlen'"
             )
     return backend
 
@@ -91,11 +127,17 @@ def packed_attention(
 
         cu, n = layout.cu_seqlens, layout.max_seqlen
         return flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=dropout_p)
+    if backend == "triton":
+        from .kernels.varlen_attention import triton_varlen_attention
+
+        return triton_varlen_attention(q, k, v, layout.cu_seqlens)
     if backend == "sdpa":
         if dropout_p > 0.0:
             return _sdpa_per_segment(q, k, v, layout.seq_lens, dropout_p)
         return sdpa_varlen(q, k, v, layout.cu_seqlens_host)
-    raise ValueError(f"backend: expected a concrete backend ('varlen', 'flash_attn', 'sdpa'), got {backend!r}")
+    raise ValueError(
+        f"backend: expected a concrete backend ('varlen', 'flash_attn', 'triton', 'sdpa'), got {backend!r}"
+    )
 
 
 # The exact path as a custom op: torch.compile sees one opaque call taking cu_seqlens, so packs with other

@@ -12,8 +12,8 @@ One run measures, on one GPU and in this order (a time budget skips the tail, wi
 
 Systems, each given inputs already on the device (pixel tensors, packed rows; the packed model's host-side
 `grid_thw` stays on the CPU, where the model reads it without a device sync):
-    packed           `DINOv3ViTPackingModel`, eager, attention backend "auto" (on CUDA bf16: flash_attn when
-                     installed, else varlen)
+    packed           `DINOv3ViTPackingModel`, eager, attention backend "auto" (on CUDA bf16 inference: the
+                     Triton varlen kernel, see attention.AUTO_INFERENCE)
     packed-compiled  the same through `compile.compile_model` (compilation happens in the warm-up)
     hf-loop          Hugging Face `DINOv3ViTModel` (sdpa), one image per call (mixed sizes)
     hf-batched       Hugging Face, one `[B, 3, H, W]` call (uniform sizes)
@@ -60,7 +60,6 @@ import torch.nn.functional as F
 from transformers import DINOv3ViTConfig
 
 from .archs import ARCHS, arch_config
-from .attention import resolve_backend
 from .checkpoints import load_packing_model, random_packing_model, reference_model
 from .modeling import DINOv3ViTPackingModel
 from .packing import patchify
@@ -375,7 +374,7 @@ class ArchSystems:
         """`(call, details)` running `system` on `x`, or None where the system does not apply."""
         if system in ("packed", "packed-compiled"):
             model = self.packed if system == "packed" else self.packed_compiled
-            backend = resolve_backend(model.attn_backend, self.device, self.dtype)
+            backend = model.resolved_attn_backend(inference=True)
             return (lambda: model(x.hidden_states, x.grid_thw)), {"attn_backend": backend}
         if system == "hf-loop":
             if x.batch is not None:
@@ -591,7 +590,7 @@ class Run:
         for label, dtype in (("fp32", torch.float32), ("packed", self.dtype)):
             model = copy.deepcopy(base).to(self.device, dtype)
             out = model(x.hidden_states.to(dtype), x.grid_thw)
-            row[f"{label}_backend"] = resolve_backend(model.attn_backend, self.device, dtype)
+            row[f"{label}_backend"] = model.resolved_attn_backend(inference=True)
             row[f"{label}_dtype"] = str(dtype).removeprefix("torch.")
             row |= {f"{label}_{k}": v for k, v in compare(out.last_hidden_state, ref_patches).items()}
             row[f"{label}_cls_min_cos"] = compare(out.pooler_output, ref_cls)["min_cos"]

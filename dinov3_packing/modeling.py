@@ -254,7 +254,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
 
     Args:
         config: a `DINOv3ViTConfig` (see `archs.arch_config` for the released ones).
-        attn_backend: "auto" (default), "varlen", "flash_attn" or "sdpa"; see `attention.py`.
+        attn_backend: "auto" (default), "varlen", "flash_attn", "triton" or "sdpa"; see `attention.py`.
     """
 
     main_input_name = "hidden_states"
@@ -270,6 +270,19 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         self.model = DINOv3ViTPackedEncoder(config)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
+
+    def resolved_attn_backend(self, inference: bool = True) -> str:
+        """The attention kernel `attn_backend` runs on this model's device and dtype; `inference`: no
+        autograd (under `torch.no_grad()` / `torch.inference_mode()`, or no tensor requiring grad)."""
+        dropout = self.config.attention_dropout if self.training else 0.0
+        return resolve_backend(
+            self.attn_backend,
+            self.norm.weight.device,
+            self.norm.weight.dtype,
+            dropout,
+            inference=inference,
+            head_dim=self.config.hidden_size // self.config.num_attention_heads,
+        )
 
     @property
     def patch_size(self) -> int:
@@ -329,8 +342,8 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
                 )
 
         device, dtype = self.norm.weight.device, self.norm.weight.dtype
-        dropout = self.config.attention_dropout if self.training else 0.0
-        backend = resolve_backend(self.attn_backend, device, dtype, dropout)
+        needs_grad = self.training or hidden_states.requires_grad or self.norm.weight.requires_grad
+        backend = self.resolved_attn_backend(inference=not (torch.is_grad_enabled() and needs_grad))
         layout = PackedLayout.build(grid, self.num_prefix_tokens, device)
 
         if bool_masked_pos is not None:

@@ -1,0 +1,1 @@
+"""Triton kernels for the CUDA inference fast path (each with a PyTorch fallback)."""

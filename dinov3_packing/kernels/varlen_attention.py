@@ -1,0 +1,198 @@
+"""Variable-length (packed) softmax attention forward in Triton, for inference on CUDA.
+
+`triton_varlen_attention(q, k, v, cu_seqlens)` computes, for each segment `[cu[i], cu[i+1])` and head,
+`softmax(q k^T / sqrt(d)) v` within the segment: the same contract as FlashAttention's varlen forward.
+It is the online-softmax (FlashAttention) algorithm with fp32 accumulation, written for the segment mix
+of packed images (hundreds to a few thousand tokens each, head_dim 64 or 128).
+
+Work is split into blocks of `BLOCK_M` query rows. Segment `i` owns the virtual block ids
+`[cu[i] // BLOCK_M + i, cu[i+1] // BLOCK_M + i + 1)`, which is at least `ceil(len_i / BLOCK_M)` of them and
+at most two more; a program finds its segment from its id with one vector load of `cu_seqlens` and a
+count, so no per-layout block table is built and the grid follows from shapes alone (no host sync).
+Programs past their segment's last block exit at once.
+
+Forward only: training goes through PyTorch's `varlen_attn` (which has a backward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+
+# The query-block height every config uses; the virtual block numbering depends on it.
+BLOCK_M = 128
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def supports(q: torch.Tensor) -> bool:
+    """Whether the kernel handles these inputs (CUDA, fp16/bf16, head_dim a power of two in 16..256)."""
+    d = q.shape[-1]
+    return (
+        triton is not None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and d >= 16
+        and d <= 256
+        and d & (d - 1) == 0
+    )
+
+
+if triton is not None:
+
+    def _configs():
+        return [
+            triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn, w, s in [(64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (128, 8, 2), (32, 4, 3)]
+        ]
+
+    @triton.jit
+    def _varlen_fwd_kernel(
+        Q,
+        K,
+        V,
+        Out,
+        CU,
+        num_segments,
+        qk_scale,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_ot,
+        stride_oh,
+        HEAD_DIM: tl.constexpr,
+        SEG_P2: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        head = tl.program_id(1)
+        # Find the segment owning virtual block `pid`: the last i with cu[i] // BLOCK_M + i <= pid.
+        idx = tl.arange(0, SEG_P2)
+        cu = tl.load(CU + idx, mask=idx < num_segments, other=2147483647 - BLOCK_M * SEG_P2)
+        first = cu // BLOCK_M + idx
+        seg = tl.sum((first <= pid).to(tl.int32), axis=0) - 1
+        start = tl.load(CU + seg)
+        length = tl.load(CU + seg + 1) - start
+        row0 = (pid - (start // BLOCK_M + seg)) * BLOCK_M
+        if row0 >= length:
+            return
+
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_ptrs = Q + (start + offs_m)[:, None].to(tl.int64) * stride_qt + head * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < length, other=0.0)
+        k_base = K + start.to(tl.int64) * stride_kt + head * stride_kh
+        v_base = V + start.to(tl.int64) * stride_vt + head * stride_vh
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        # Full key blocks: no masks.
+        full = (length // BLOCK_N) * BLOCK_N
+        for n0 in range(0, full, BLOCK_N):
+            rows = n0 + offs_n
+            k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :])
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :])
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+        # The last, partial key block.
+        if full < length:
+            rows = full + offs_n
+            valid = rows < length
+            k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :], mask=valid[:, None], other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+
+        out = acc / l_i[:, None]
+        o_ptrs = Out + (start + offs_m)[:, None].to(tl.int64) * stride_ot + head * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < length)
+
+    _varlen_fwd_tuned = triton.autotune(configs=_configs(), key=["HEAD_DIM", "SEG_P2"])(_varlen_fwd_kernel)
+
+
+def launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Run the kernel. `config` (`BLOCK_N`, `num_warps`, `num_stages`) skips autotuning; tests use it
+    under the Triton interpreter."""
+    total, heads, d = q.shape
+    num_segments = cu_seqlens.shape[0] - 1
+    if out is None:
+        out = torch.empty(total, heads, d, device=q.device, dtype=q.dtype)
+    grid = (total // BLOCK_M + num_segments, heads)
+    args = (
+        q,
+        k,
+        v,
+        out,
+        cu_seqlens,
+        num_segments,
+        d**-0.5 * 1.4426950408889634,  # softmax scale folded into exp2
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+    )
+    seg_p2 = triton.next_power_of_2(num_segments)
+    if config is None:
+        _varlen_fwd_tuned[grid](*args, HEAD_DIM=d, SEG_P2=seg_p2, BLOCK_M=BLOCK_M)
+    else:
+        _varlen_fwd_kernel[grid](
+            *args,
+            HEAD_DIM=d,
+            SEG_P2=seg_p2,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=config["BLOCK_N"],
+            num_warps=config.get("num_warps", 4),
+            num_stages=config.get("num_stages", 2),
+        )
+    return out
+
+
+# Opaque to torch.compile: the graph holds one call taking cu_seqlens, whatever the mix of segment lengths.
+@torch.library.custom_op("dinov3_packing::triton_varlen_attention", mutates_args=())
+def triton_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor
+) -> torch.Tensor:
+    """Softmax attention within each segment of `cu_seqlens` (int32, on q's device); q, k, v
+    `[tokens, heads, head_dim]` with unit stride in head_dim. Forward only."""
+    return launch(q, k, v, cu_seqlens)
+
+
+@triton_varlen_attention.register_fake
+def _(q, k, v, cu_seqlens):
+    return q.new_empty(q.shape)
