@@ -60,7 +60,7 @@ def forward_checks(arch: str, n_images: int) -> dict:
         "tokens": int(out32.layout.num_tokens),
         "fp32_sdpa_vs_hf_max_rel": max(rel),
     }
-    backends = ["varlen", "sdpa"] + (["flash_attn"] if has_flash_attn() else [])
+    backends = ["varlen", "triton", "sdpa"] + (["flash_attn"] if has_flash_attn() else [])
     for backend in backends:
         m16 = load_packing_model(f"random:{arch}", dev, torch.bfloat16, attn_backend=backend)
         o = m16(hs, grid)

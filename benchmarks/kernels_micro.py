@@ -2,19 +2,88 @@
 
     PYTHONPATH=. python benchmarks/kernels_micro.py --out $OUT/kernels.txt
 
-Attention candidates on the same q/k/v (60,038 tokens, 16 heads x 64, 64 segments of 201..2309 tokens):
-FlashAttention-2 varlen (`varlen_attn`), cuDNN varlen (`aten._cudnn_attention_forward` with cumulative
-sequence lengths), checked against FA2 for agreement. MLP: up GEMM + erf GELU as two kernels vs variants.
+Attention candidates on the same q/k/v (16 heads x 64; mixed-64: 60,038 tokens in 64 segments of
+201..2309 tokens; uniform 64 x 201 and 32 x 1029): FlashAttention-2 varlen (`varlen_attn`), this
+package's Triton varlen kernel (autotuned and fixed configs), FlexAttention with a document mask
+(mixed-64), dense SDPA (uniform, what HF runs); each checked against fp32 SDPA per segment.
+MLP: up GEMM + erf GELU as two kernels vs variants.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
+
+HEADS, HEAD_DIM = 16, 64
+
+
+def attention_candidates(name: str, lens: list[int], log) -> None:
+    """Time each varlen attention kernel on segments of `lens` tokens (ViT-L heads), with its error
+    against fp32 SDPA per segment."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    from dinov3_packing.kernels import varlen_attention as tva
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda")
+    total, mx = sum(lens), max(lens)
+    flops = sum(4 * n * n * HEADS * HEAD_DIM for n in lens)
+    # q, k, v as strided views of one [T, 3, H, D] tensor, as the model passes them.
+    q, k, v = torch.randn(total, 3, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g).unbind(1)
+    log(f"attention {name}: {total} tokens, {len(lens)} segments, max {mx}, {flops / 1e12:.3f} TFLOP")
+    bounds = list(itertools.pairwise(cu.tolist()))
+    ref32 = torch.cat(
+        [
+            F.scaled_dot_product_attention(*(x[s:e].transpose(0, 1).float() for x in (q, k, v))).transpose(0, 1)
+            for s, e in bounds
+        ]
+    )
+
+    def bench(label, fn):
+        try:
+            out = fn()
+            rel = float((out.float() - ref32).abs().max() / ref32.abs().max())
+            ms = do_bench(fn, return_mode="median")
+            log(f"  {label}: {ms:.3f} ms  {flops / ms / 1e9:.0f} TFLOP/s  rel err vs fp32 {rel:.2e}")
+        except Exception as e:  # report and go on: one failing candidate must not end the run
+            log(f"  {label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+    bench("FA2 varlen_attn", lambda: varlen_attn(q, k, v, cu, cu, mx, mx))
+    bench("Triton varlen (autotuned)", lambda: tva.launch(q, k, v, cu))
+    log(f"    autotuned config: {getattr(tva._varlen_fwd_tuned, 'best_config', None)}")
+    for cfg in ({"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}):
+        bench(f"Triton varlen {cfg}", lambda cfg=cfg: tva.launch(q, k, v, cu, config=cfg))
+    if len(set(lens)) == 1:
+        b, n = len(lens), lens[0]
+
+        def dense():
+            qs, ks, vs = (x.reshape(b, n, HEADS, HEAD_DIM).transpose(1, 2) for x in (q, k, v))
+            return F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(total, HEADS, HEAD_DIM)
+
+        bench("dense SDPA [B,H,N,D] (what HF runs)", dense)
+        return
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        doc = torch.repeat_interleave(torch.arange(len(lens), device="cuda"), torch.tensor(lens, device="cuda"))
+
+        def same_doc(b, h, qi, ki):
+            return doc[qi] == doc[ki]
+
+        block_mask = create_block_mask(same_doc, None, None, total, total, device="cuda")
+        flex = torch.compile(flex_attention, dynamic=False)
+
+        def flex_call():
+            return flex(*(x.transpose(0, 1)[None] for x in (q, k, v)), block_mask=block_mask)[0].transpose(0, 1)
+
+        bench("FlexAttention document mask (compiled)", flex_call)
+    except Exception as e:
+        log(f"  FlexAttention: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 
 def main() -> None:
@@ -28,32 +97,16 @@ def main() -> None:
         print(s, flush=True)
 
     rng = random.Random(0)
-    lens = [5 + rng.randint(14, 48) * rng.randint(14, 48) for _ in range(64)]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    total, mx, heads, dh = sum(lens), max(lens), 16, 64
-    flops = sum(4 * n * n * heads * dh for n in lens)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(total, heads, dh, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-    log(f"attention: {total} tokens, {len(lens)} segments, max {mx}, {flops / 1e12:.2f} TFLOP")
+    workloads = {
+        "mixed-64": [5 + rng.randint(14, 48) * rng.randint(14, 48) for _ in range(64)],
+        "uniform 64x224": [5 + 14 * 14] * 64,
+        "uniform 32x512": [5 + 32 * 32] * 32,
+    }
+    for name, lens in workloads.items():
+        attention_candidates(name, lens, log)
 
-    from torch.nn.attention.varlen import varlen_attn
-
-    ref = varlen_attn(q, k, v, cu, cu, mx, mx)
-    ms = do_bench(lambda: varlen_attn(q, k, v, cu, cu, mx, mx), return_mode="median")
-    log(f"  FA2 varlen_attn: {ms:.2f} ms  {flops / ms / 1e9:.0f} TFLOP/s")
-
-    def cudnn():
-        return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, mx, mx, False, 0.0, False, False)[0]
-
-    try:
-        out = cudnn()
-        err = float((out.float() - ref.float()).abs().max())
-        ms = do_bench(cudnn, return_mode="median")
-        log(f"  cuDNN varlen: {ms:.2f} ms  {flops / ms / 1e9:.0f} TFLOP/s  max|diff| vs FA2 {err:.2e}")
-    except Exception as e:
-        log(f"  cuDNN varlen: unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-
-    # MLP up-projection + GELU at ViT-L widths.
+    total = sum(workloads["mixed-64"])
+    g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(total, 1024, device="cuda", dtype=torch.bfloat16, generator=g)
     w = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
     b = torch.randn(4096, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02

@@ -17,13 +17,19 @@ import torch
 from dinov3_packing import load_packing_model, pack
 from dinov3_packing.compile import compile_model
 
+WORKLOADS = {
+    "mixed-64": lambda rng: [(16 * rng.randint(14, 48), 16 * rng.randint(14, 48)) for _ in range(64)],
+    "uniform-64x224": lambda rng: [(224, 224)] * 64,
+    "uniform-32x512": lambda rng: [(512, 512)] * 32,
+}
 
-def mixed64(p: int, device: str):
-    rng = random.Random(0)
-    sizes = [(16 * rng.randint(14, 48), 16 * rng.randint(14, 48)) for _ in range(64)]
+
+def make_inputs(workload: str, p: int, device: str):
+    sizes = WORKLOADS[workload](random.Random(0))
     g = torch.Generator().manual_seed(0)
-    hs, grid = pack([torch.randn(3, h, w, generator=g) for h, w in sizes], p)
-    return hs.to(device, torch.bfloat16), grid
+    images = [torch.randn(3, h, w, generator=g) for h, w in sizes]
+    hs, grid = pack(images, p)
+    return hs.to(device, torch.bfloat16), grid, images
 
 
 def timed(fn, reps: int = 10) -> float:
@@ -88,17 +94,21 @@ def main() -> None:
     parser.add_argument("--arch", default="vitl16")
     parser.add_argument("--variants", default="all,tokens", help="comma list of all, tokens, autotune")
     parser.add_argument("--no-eager", action="store_true")
+    parser.add_argument("--backends", default="auto", help="comma list of attention backends to compile with")
+    parser.add_argument("--workload", default="mixed-64", choices=sorted(WORKLOADS))
+    parser.add_argument("--hf-compiled", action="store_true", help="also profile HF under torch.compile (uniform)")
     args = parser.parse_args()
-    lines: list[str] = [f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}"]
+    lines: list[str] = [f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  workload {args.workload}"]
     model = load_packing_model(f"random:{args.arch}", "cuda", torch.bfloat16)
-    hs, grid = mixed64(model.patch_size, "cuda")
+    hs, grid, images = make_inputs(args.workload, model.patch_size, "cuda")
+    n_images = len(images)
 
     def run():
         return model(hs, grid)
 
     if not args.no_eager:
         t = timed(run)
-        lines.append(f"eager: {64 / t:.1f} images/s ({t * 1e3:.1f} ms), host issue time {host_ms(run):.1f} ms")
+        lines.append(f"eager: {n_images / t:.1f} images/s ({t * 1e3:.1f} ms), host issue time {host_ms(run):.1f} ms")
         print(lines[-1], flush=True)
         kernel_table(run, "eager", lines)
 
@@ -108,9 +118,11 @@ def main() -> None:
         "stack": ("compile dynamic=tokens scope=stack", {"dynamic": "tokens", "scope": "stack"}),
         "autotune": ("compile stack max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}),
     }
-    for variant, kwargs in (known[v] for v in args.variants.split(",")):
+    runs = [(v, b) for v in args.variants.split(",") for b in args.backends.split(",")]
+    for (variant, kwargs), backend in ((known[v], b) for v, b in runs):
+        variant = f"{variant} attn={backend}"
         torch._dynamo.reset()
-        model = load_packing_model(f"random:{args.arch}", "cuda", torch.bfloat16)
+        model = load_packing_model(f"random:{args.arch}", "cuda", torch.bfloat16, attn_backend=backend)
         compile_model(model, **kwargs)
         start = time.perf_counter()
         run()
@@ -118,16 +130,35 @@ def main() -> None:
         warm = time.perf_counter() - start
         t = timed(run)
         lines.append(
-            f"{variant}: {64 / t:.1f} images/s ({t * 1e3:.1f} ms), first call {warm:.1f} s, "
+            f"{variant} ({model.resolved_attn_backend()}): {n_images / t:.1f} images/s ({t * 1e3:.1f} ms), "
+            f"first call {warm:.1f} s, "
             f"host issue time {host_ms(run):.1f} ms"
         )
         print(lines[-1], flush=True)
         kernel_table(run, variant, lines)
-        other = model(hs[: int(grid[:40].prod(1).sum())], grid[:40])  # another pack: must not recompile
+        other = model(hs[: int(grid[:10].prod(1).sum())], grid[:10])  # another pack: must not recompile
         del other
         stats = dict(torch._dynamo.utils.counters["stats"])
         lines.append(f"{variant}: dynamo stats after a second pack {stats}")
         print(lines[-1], flush=True)
+    if args.hf_compiled:
+        from dinov3_packing.checkpoints import reference_model
+
+        torch._dynamo.reset()
+        hf = reference_model(load_packing_model(f"random:{args.arch}", "cuda", torch.bfloat16)).to("cuda").eval()
+        batch = torch.stack(images).to("cuda", torch.bfloat16)
+        hf_fwd = torch.compile(hf)
+
+        def hf_run():
+            return hf_fwd(pixel_values=batch)
+
+        hf_run()
+        t = timed(hf_run)
+        lines.append(
+            f"HF compiled: {n_images / t:.1f} images/s ({t * 1e3:.1f} ms), host issue {host_ms(hf_run):.1f} ms"
+        )
+        print(lines[-1], flush=True)
+        kernel_table(hf_run, "HF compiled", lines)
     text = "\n".join(lines)
     print(text)
     with open(args.out, "w") as f:
