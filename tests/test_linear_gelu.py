@@ -1,0 +1,253 @@
+"""The fused linear + exact-GELU kernels (kernels/linear_gelu.py) on CPU.
+
+The Triton kernels run under Triton's CPU interpreter, which reads ``TRITON_INTERPRET=1`` when Triton is
+imported, so those cases run in one subprocess with that variable set. Reference: ``F.gelu(F.linear(...))`` in
+fp64 on the same (rounded) inputs. Tolerances: fp32 inputs, 1e-5 of max |ref| (measured ~1e-7: the interpreter's
+fp32 matmul plus the erf polynomial's < 1e-7); fp16 inputs, each element within one fp16 rounding of the output
+(2**-11 of |ref|, floor 2**-24) plus 1e-5 of max |ref| for fp32 accumulation order. bf16 is not run under the
+interpreter: its ``tl.dot`` multiplies bf16's uint16 storage as integers (Triton 3.8), so bf16 is checked on a
+GPU only. The erf polynomial itself is checked elementwise against fp64 over [-14, 14].
+
+The torch fallback (CPU, fp32, autograd) must equal ``F.gelu(F.linear(...))`` exactly, and the custom op must be
+registered with a fake implementation that ``torch.compile`` can trace through.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinov3_packing.kernels import linear_gelu as lg
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("triton")
+
+# (name, dtype, M, K, N, bias, x layout, kernel, config, erf): tails in M, N and K, grouped order with a partial
+# last group, a persistent grid of 4 programs looping over many tiles, a row view of a wider tensor
+# (stride(0) != K), a transposed x (stride(1) != 1), both epilogue forms, and the production configs.
+_SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+_SMALL_TMA = dict(**_SMALL, EPI_SUBTILE=True)
+INTERPRETER_CASES = [
+    ("ptr_fp32_tails", "float32", 130, 72, 100, True, "contiguous", "ptr", _SMALL, "poly"),
+    ("ptr_fp32_even", "float32", 130, 128, 192, True, "contiguous", "ptr", dict(_SMALL, BLOCK_K=64), "poly"),
+    ("ptr_fp32_nobias", "float32", 37, 64, 128, False, "contiguous", "ptr", _SMALL, "poly"),
+    ("ptr_fp32_rowview", "float32", 37, 64, 128, True, "rowview", "ptr", _SMALL, "poly"),
+    ("ptr_fp32_transposed", "float32", 37, 96, 64, True, "transposed", "ptr", _SMALL, "poly"),
+    ("ptr_fp32_libdevice", "float32", 37, 72, 100, True, "contiguous", "ptr", _SMALL, "libdevice"),
+    ("ptr_fp16_tails", "float16", 130, 72, 100, True, "contiguous", "ptr", _SMALL, "poly"),
+    ("ptr_fp16_prod", "float16", 130, 128, 256, True, "rowview", "ptr", lg.PTR_CONFIGS[1], "poly"),
+    ("tma_fp32_tails", "float32", 130, 72, 200, True, "contiguous", "tma", _SMALL_TMA, "poly"),
+    ("tma_fp32_nosub", "float32", 130, 72, 200, True, "contiguous", "tma", dict(_SMALL, EPI_SUBTILE=False), "poly"),
+    ("tma_fp32_nobias", "float32", 37, 64, 128, False, "contiguous", "tma", _SMALL_TMA, "poly"),
+    ("tma_fp32_rowview", "float32", 37, 64, 128, True, "rowview", "tma", _SMALL_TMA, "poly"),
+    ("tma_fp32_transposed", "float32", 37, 96, 64, True, "transposed", "tma", _SMALL_TMA, "poly"),
+    ("tma_fp32_libdevice", "float32", 37, 72, 200, True, "contiguous", "tma", _SMALL_TMA, "libdevice"),
+    ("tma_fp16_tails", "float16", 130, 72, 200, True, "contiguous", "tma", _SMALL_TMA, "poly"),
+    ("tma_fp16_prod0", "float16", 130, 128, 256, True, "rowview", "tma", lg.CONFIGS[0], "poly"),
+    ("tma_fp16_prod2", "float16", 300, 128, 320, False, "contiguous", "tma", lg.CONFIGS[2], "poly"),
+]
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    import torch
+    import torch.nn.functional as F
+    import triton
+    import triton.language as tl
+
+    # The module file alone: importing the dinov3_packing package would add seconds of transformers import.
+    spec = importlib.util.spec_from_file_location("linear_gelu_interpreted", sys.argv[2])
+    lg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lg)
+
+    cases = json.loads(sys.argv[1])
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for name, dtype, M, K, N, has_bias, layout, kernel, cfg, erf in cases:
+        dt = getattr(torch, dtype)
+        if layout == "rowview":
+            x = torch.randn(M, K + 24, generator=gen)[:, 8 : 8 + K].to(dt)
+        elif layout == "transposed":
+            x = torch.randn(K, M, generator=gen).to(dt).t()
+        else:
+            x = torch.randn(M, K, generator=gen).to(dt)
+        w = (torch.randn(N, K, generator=gen) / K**0.5).to(dt)
+        b = torch.randn(N, generator=gen).to(dt) if has_bias else None
+        y = lg.launch_linear_gelu(x, w, b, cfg, kernel=kernel, erf=erf)
+        ref = F.gelu(F.linear(x.double(), w.double(), None if b is None else b.double()))
+        diff = (y.double() - ref).abs()
+        out[name] = dict(
+            shape=list(y.shape),
+            dtype=str(y.dtype),
+            rel=(diff.max() / ref.abs().max()).item(),
+            # worst excess over one fp16 rounding of the output, in units of max |ref|
+            excess=((diff - (ref.abs() * 2.0**-11).clamp_min(2.0**-24)).max() / ref.abs().max()).item(),
+            supported=lg.linear_gelu_supported(x, w, b),
+        )
+
+    @triton.jit
+    def gelu_kernel(x_ptr, y_ptr, e_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+        tl.store(y_ptr + offs, lg._gelu_f32(v, True), mask=offs < n)
+        tl.store(e_ptr + offs, lg._erf_poly(v), mask=offs < n)
+
+    v = torch.linspace(-14, 14, 200001, dtype=torch.float32)
+    y, e = torch.empty_like(v), torch.empty_like(v)
+    gelu_kernel[(triton.cdiv(v.numel(), 4096),)](v, y, e, v.numel(), BLOCK=4096)
+    vd = v.double()
+    gelu_true = vd * 0.5 * torch.special.erfc(-vd * 0.5**0.5)
+    out["_gelu"] = dict(
+        erf_abs=(e.double() - torch.special.erf(vd)).abs().max().item(),
+        gelu_abs=(y.double() - gelu_true).abs().max().item(),
+        torch_gelu_abs=(F.gelu(v).double() - gelu_true).abs().max().item(),
+    )
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(INTERPRETER_CASES), lg.__file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT") :])
+
+
+@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=[c[0] for c in INTERPRETER_CASES])
+def test_kernel_matches_reference_in_interpreter(interpreter_results, case):
+    name, dtype, M, _K, N, *_ = case
+    r = interpreter_results[name]
+    assert r["shape"] == [M, N]
+    assert r["dtype"] == f"torch.{dtype}"
+    if dtype == "float32":
+        assert r["rel"] <= 1e-5, r
+    else:
+        assert r["excess"] <= 1e-5, r
+    assert r["supported"] is False  # the interpreter never counts as the kernel path
+
+
+def test_erf_polynomial_accuracy(interpreter_results):
+    """|erf error| < 1e-7 as fitted; the GELU built on it is as close to fp64 truth as torch's fp32 F.gelu."""
+    r = interpreter_results["_gelu"]
+    assert r["erf_abs"] < 1e-7, r
+    assert r["gelu_abs"] <= max(5e-7, 1.2 * r["torch_gelu_abs"]), r
+
+
+def test_tma_alignment_rule():
+    x = torch.empty(8, 72, dtype=torch.float16)
+    assert lg._tma_compatible(x, x[:, 8:], x[2:])  # 16-byte aligned bases and row strides
+    assert not lg._tma_compatible(x[:, 1:])  # base off by 2 bytes
+    assert not lg._tma_compatible(torch.empty(8, 36, dtype=torch.float16))  # 72-byte rows
+    assert not lg._tma_compatible(x.t())  # inner stride != 1
+
+
+def _inputs(dtype=torch.float32, M=37, K=64, N=96, bias=True, requires_grad=False):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(M, K, generator=g).to(dtype).requires_grad_(requires_grad)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype).requires_grad_(requires_grad)
+    b = torch.randn(N, generator=g).to(dtype).requires_grad_(requires_grad) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_fallback_is_exact(dtype, bias):
+    x, w, b = _inputs(dtype, bias=bias)
+    assert not lg.linear_gelu_supported(x, w, b)
+    ref = F.gelu(F.linear(x, w, b))
+    assert torch.equal(lg.linear_gelu(x, w, b), ref)
+    assert torch.equal(torch.ops.dinov3_packing.linear_gelu(x, w, b), ref)
+
+
+def test_fallback_keeps_autograd():
+    x, w, b = _inputs(requires_grad=True)
+    y = lg.linear_gelu(x, w, b)
+    y.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    F.gelu(F.linear(x, w, b)).square().sum().backward()
+    for got, t in zip(grads, (x, w, b), strict=True):
+        assert torch.equal(got, t.grad)
+
+
+def test_dispatch_between_kernel_and_fallback(monkeypatch):
+    """With the kernel path forced on, inference goes through the custom op and launcher; autograd does not."""
+    calls = []
+
+    def fake_launch(x, w, b, config=None):
+        calls.append(tuple(x.shape))
+        return F.gelu(F.linear(x, w, b))
+
+    monkeypatch.setattr(lg, "linear_gelu_supported", lambda *a, **k: True)
+    monkeypatch.setattr(lg, "launch_linear_gelu", fake_launch)
+    x, w, b = _inputs(M=6, K=64, N=32)
+    x3 = x.reshape(2, 3, 64)
+    with torch.inference_mode():
+        y = lg.linear_gelu(x3, w, b)
+    assert calls == [(6, 64)]  # leading dims flattened for the 2-D launcher
+    assert y.shape == (2, 3, 32)
+    assert torch.equal(y, F.gelu(F.linear(x3, w, b)))
+
+    calls.clear()
+    xg, wg, bg = _inputs(M=6, K=64, N=32, requires_grad=True)
+    yg = lg.linear_gelu(xg, wg, bg)
+    assert calls == [] and yg.grad_fn is not None
+    with torch.no_grad():
+        lg.linear_gelu(xg, wg, bg)
+    assert calls == [(6, 64)]
+
+
+def test_supported_rules():
+    x, w, b = _inputs(torch.bfloat16)
+    assert not lg.linear_gelu_supported(x, w, b)  # CPU
+    meta = torch.device("meta")
+    assert not lg.linear_gelu_supported(x.to(meta), w.to(meta), b.to(meta))  # not CUDA either
+
+
+def test_custom_op_registered_with_fake():
+    op = torch.ops.dinov3_packing.linear_gelu.default
+    assert str(op._schema) == "dinov3_packing::linear_gelu(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
+    x, w, b = _inputs(M=5, K=64, N=48)
+    torch.library.opcheck(torch.ops.dinov3_packing.linear_gelu, (x, w, b))
+    torch.library.opcheck(torch.ops.dinov3_packing.linear_gelu, (x.reshape(5, 1, 64), w, None))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        xf, wf = torch.empty(7, 3, 64, dtype=torch.bfloat16), torch.empty(48, 64, dtype=torch.bfloat16)
+        y = torch.ops.dinov3_packing.linear_gelu(xf, wf, None)
+    assert y.shape == (7, 3, 48) and y.dtype == torch.bfloat16
+
+
+def test_compile_keeps_op_opaque():
+    x, w, b = _inputs(M=9, K=64, N=48)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    fn = torch.compile(lambda x, w, b: torch.ops.dinov3_packing.linear_gelu(x, w, b) * 2, backend=backend)
+    y = fn(x, w, b)
+    assert torch.equal(y, F.gelu(F.linear(x, w, b)) * 2)
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.dinov3_packing.linear_gelu.default in targets or torch.ops.dinov3_packing.linear_gelu in targets
