@@ -122,6 +122,13 @@ def main() -> None:
     except Exception as e:
         log(f"  cublasLt GELU epilogue unavailable: {e}")
 
+    try:
+        from dinov3_packing.kernels.linear_gelu import benchmark_linear_gelu
+
+        log(f"  Triton up GEMM + erf GELU epilogue (linear_gelu): {benchmark_linear_gelu(M=total)}")
+    except Exception as e:
+        log(f"  linear_gelu: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -57,6 +57,20 @@ def host_ms(fn, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
+def kernel_kind(name: str) -> str:
+    """GEMM / attention / elementwise for a CUDA kernel name. Inductor's generated kernels (`triton_*`)
+    are elementwise or norms even where an attention op's name is fused into theirs; attention kernels
+    are checked before GEMMs because FlashAttention's names mention cutlass."""
+    low = name.lower()
+    if low.startswith("triton_"):
+        return "elementwise/norm/other"
+    if any(k in low for k in ("flash", "fmha", "_varlen_fwd", "sdpa", "attention")):
+        return "attention"
+    if any(k in low for k in ("gemm", "matmul", "sm90_xmma", "cutlass", "nvjet", "linear_gelu")):
+        return "gemm"
+    return "elementwise/norm/other"
+
+
 def kernel_table(fn, label: str, lines: list[str]) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -72,13 +86,7 @@ def kernel_table(fn, label: str, lines: list[str]) -> None:
         if t <= 0:
             continue
         name = e.key
-        low = name.lower()
-        if "gemm" in low or "matmul" in low or "sm90_xmma" in low or "cutlass" in low or "nvjet" in low:
-            kind = "gemm"
-        elif "flash" in low or "fmha" in low or "attention" in low:
-            kind = "attention"
-        else:
-            kind = "elementwise/norm/other"
+        kind = kernel_kind(name)
         groups[kind] = groups.get(kind, 0.0) + t
         rows.append((t, e.count, kind, name[:110]))
     rows.sort(reverse=True)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -418,6 +419,7 @@ class Options:
     compile: bool = True
     timm: bool = True
     seed: int = 0
+    fused_mlp: bool = False
 
 
 class Budget:
@@ -480,6 +482,7 @@ class Run:
             "timm": _version("timm"),
             "python": platform.python_version(),
             "git_commit": _git_commit(),
+            "source_sha256": source_digest(),
             "options": asdict(self.opts),
             "timing": asdict(self.timing),
         }
@@ -510,6 +513,10 @@ class Run:
                 self.bases[arch] = random_packing_model(self.config(arch)).eval()
             else:
                 self.bases[arch] = load_packing_model(f"random:{arch}", "cpu", torch.float32)
+            config = self.bases[arch].config
+            # The fused kernel applies to plain GELU MLPs (ViT-S/B/L); gated ones keep their MLP.
+            plain_gelu = not config.use_gated_mlp and config.hidden_act == "gelu"
+            self.bases[arch].fused_mlp = self.opts.fused_mlp and plain_gelu
             print(f"built random:{arch} on the CPU in {time.perf_counter() - t0:.1f} s", flush=True)
         return self.bases[arch]
 
@@ -761,6 +768,16 @@ def _version(package: str) -> str | None:
         return None
 
 
+def source_digest() -> str:
+    """sha256 over the package's Python sources (path and bytes, sorted by path): identifies the code
+    measured even where the checkout's git metadata is stale or the tree has uncommitted changes."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -807,7 +824,8 @@ def format_report(report: dict) -> str:
         "",
         f"- command: `{m['command']}`",
         f"- date {m['date']}, {m['dtype']}, torch {m['torch']} (CUDA {m['cuda']}), transformers "
-        f"{m['transformers']}, timm {m['timm']}, commit {m['git_commit']}, {m.get('elapsed_s', '?')} s",
+        f"{m['transformers']}, timm {m['timm']}, commit {m['git_commit']}, package sources sha256 "
+        f"{str(m.get('source_sha256'))[:12]}, {m.get('elapsed_s', '?')} s",
     ]
     if report["peak"]:
         p = report["peak"]
@@ -893,6 +911,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile systems")
     parser.add_argument("--no-timm", action="store_true", help="skip timm NaFlexViT")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the random pixels")
+    parser.add_argument(
+        "--fused-mlp", action="store_true", help="packed models run the fused up-projection + GELU Triton kernel"
+    )
     parser.set_defaults(func=_run)
 
 
@@ -912,6 +933,7 @@ def _run(args: argparse.Namespace) -> int:
         compile=not args.no_compile,
         timm=not args.no_timm,
         seed=args.seed,
+        fused_mlp=args.fused_mlp,
     )
     run_benchmark(opts)
     return 0
