@@ -172,7 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"max |diff| / max |ref| (default {FP32_RTOL} in float32, off otherwise)",
     )
-    parser.add_argument("--attn_backend", default="auto", help="auto, varlen, flash_attn or sdpa")
+    parser.add_argument("--attn_backend", default="auto", help="auto, triton, varlen, flash_attn or sdpa")
     parser.set_defaults(func=_run)
 
 

@@ -544,7 +544,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--oversize", choices=OVERSIZE, default="own", help="an image above --batch-tokens")
     parser.add_argument("--device", default=None, help="default cuda:LOCAL_RANK when available, else cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bfloat16 on CUDA, else float32")
-    parser.add_argument("--attn-backend", default="auto", help="auto, varlen, flash_attn or sdpa")
+    parser.add_argument("--attn-backend", default="auto", help="auto, triton, varlen, flash_attn or sdpa")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     parser.add_argument("--limit", type=int, default=None, help="embed at most N of the images still to do")

@@ -21,7 +21,7 @@ class DINOv3ViTPacking(nn.Module):
         ckpt: checkpoint (see `checkpoints.py`); default an offline random ViT-S/16.
         device: default CUDA when available, else CPU.
         dtype: default bf16 on CUDA, fp32 on CPU.
-        attn_backend: "auto", "varlen", "flash_attn" or "sdpa".
+        attn_backend: "auto", "triton", "varlen", "flash_attn" or "sdpa".
 
     Attributes:
         model: the underlying `DINOv3ViTPackingModel`.
