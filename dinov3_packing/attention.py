@@ -12,7 +12,7 @@ Backends:
     "sdpa":       exact reference path: `scaled_dot_product_attention` per run of equal-length segments.
                   Any device and dtype; what CPU and fp32 use.
     "auto":       the fastest of the above that supports the inputs: for inference on CUDA in fp16/bf16
-                  `AUTO_INFERENCE` (measured on the H100, see benchmarks/results), when training
+                  `triton` (`AUTO_TRITON_INFERENCE`; measured on the H100, see benchmarks/results), when training
                   `flash_attn` if installed, else `varlen`; otherwise `sdpa`.
 """
 
@@ -28,8 +28,10 @@ from .packing import PackedLayout
 
 BACKENDS = ("auto", "varlen", "flash_attn", "triton", "sdpa")
 
-# What "auto" runs for inference (no autograd) on CUDA in fp16/bf16, when its kernel supports the head size.
-AUTO_INFERENCE = "triton"
+# Whether "auto" runs the Triton kernel for inference (no autograd) on CUDA in fp16/bf16 when it supports the
+# head size: 1.36x FlashAttention-2 on mixed-64 and 1.11x compiled HF end to end on the H100
+# (benchmarks/results/RESULTS.md). False falls back to flash_attn / varlen.
+AUTO_TRITON_INFERENCE = True
 
 
 def has_flash_attn() -> bool:
@@ -40,11 +42,13 @@ def has_varlen_attn() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
-def has_triton_kernel(head_dim: int | None = None) -> bool:
+def has_triton_kernel(head_dim: int | None) -> bool:
+    """Whether the Triton varlen kernel can run heads of `head_dim` (None: unknown, so no)."""
     from .kernels import varlen_attention
 
-    d = 64 if head_dim is None else head_dim
-    return varlen_attention.triton_available() and 16 <= d <= 256 and d & (d - 1) == 0
+    if head_dim is None or not varlen_attention.triton_available():
+        return False
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
 
 def resolve_backend(
@@ -63,7 +67,7 @@ def resolve_backend(
         raise ValueError(f"attn_backend: expected one of {BACKENDS}, got {backend!r}")
     flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     if backend == "auto":
-        if flash_ok and inference and dropout == 0.0 and AUTO_INFERENCE == "triton" and has_triton_kernel(head_dim):
+        if flash_ok and inference and dropout == 0.0 and AUTO_TRITON_INFERENCE and has_triton_kernel(head_dim):
             return "triton"
         if flash_ok and has_flash_attn():
             return "flash_attn"

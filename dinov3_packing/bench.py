@@ -13,7 +13,7 @@ One run measures, on one GPU and in this order (a time budget skips the tail, wi
 Systems, each given inputs already on the device (pixel tensors, packed rows; the packed model's host-side
 `grid_thw` stays on the CPU, where the model reads it without a device sync):
     packed           `DINOv3ViTPackingModel`, eager, attention backend "auto" (on CUDA bf16 inference: the
-                     Triton varlen kernel, see attention.AUTO_INFERENCE)
+                     Triton varlen kernel, see attention.AUTO_TRITON_INFERENCE)
     packed-compiled  the same through `compile.compile_model` (compilation happens in the warm-up)
     hf-loop          Hugging Face `DINOv3ViTModel` (sdpa), one image per call (mixed sizes)
     hf-batched       Hugging Face, one `[B, 3, H, W]` call (uniform sizes)
@@ -376,7 +376,7 @@ class ArchSystems:
         if system in ("packed", "packed-compiled"):
             model = self.packed if system == "packed" else self.packed_compiled
             backend = model.resolved_attn_backend(inference=True)
-            return (lambda: model(x.hidden_states, x.grid_thw)), {"attn_backend": backend}
+            return (lambda: model(x.hidden_states, x.grid_thw)), {"attn_backend": backend, "fused_mlp": model.fused_mlp}
         if system == "hf-loop":
             if x.batch is not None:
                 return None
@@ -505,6 +505,11 @@ class Run:
             config.num_hidden_layers = SMOKE_LAYERS
         return config
 
+    def apply_fused_mlp(self, model: DINOv3ViTPackingModel) -> None:
+        """`--fused-mlp` applies to plain GELU MLPs (ViT-S/B/L); gated ones (H+, 7B) keep their MLP."""
+        config = model.config
+        model.fused_mlp = self.opts.fused_mlp and not config.use_gated_mlp and config.hidden_act == "gelu"
+
     def base(self, arch: str) -> DINOv3ViTPackingModel:
         """fp32 CPU model with `random:<arch>` weights, built once and shared by correctness and timing."""
         if arch not in self.bases:
@@ -513,10 +518,7 @@ class Run:
                 self.bases[arch] = random_packing_model(self.config(arch)).eval()
             else:
                 self.bases[arch] = load_packing_model(f"random:{arch}", "cpu", torch.float32)
-            config = self.bases[arch].config
-            # The fused kernel applies to plain GELU MLPs (ViT-S/B/L); gated ones keep their MLP.
-            plain_gelu = not config.use_gated_mlp and config.hidden_act == "gelu"
-            self.bases[arch].fused_mlp = self.opts.fused_mlp and plain_gelu
+            self.apply_fused_mlp(self.bases[arch])
             print(f"built random:{arch} on the CPU in {time.perf_counter() - t0:.1f} s", flush=True)
         return self.bases[arch]
 
@@ -723,6 +725,7 @@ class Run:
     def sweep_one(self, arch: str, wl: Workload) -> None:
         t0 = time.perf_counter()
         model = build_on_device(self.config(arch), self.device, self.dtype)
+        self.apply_fused_mlp(model)
         build_s = time.perf_counter() - t0
         print(f"archs: built {arch} on {self.device} in {build_s:.1f} s", flush=True)
         systems = ArchSystems(arch, model, self.device, self.dtype)

@@ -272,7 +272,8 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             (`kernels/linear_gelu.py`) when the model runs on CUDA in fp16/bf16 without autograd; elsewhere
             the plain ops run. Off by default: the kernel beats cuBLAS + GELU on the H100 (0.93 vs 1.07 ms
             at ViT-L mixed-64 widths) but the end-to-end forward with it is not measured yet. Plain GELU MLPs
-            only (ViT-S/B/L); a gated (SwiGLU) MLP raises. Settable after construction.
+            only (ViT-S/B/L): a gated (SwiGLU) MLP or another activation raises ValueError. Settable after
+            construction (validated the same way).
     """
 
     main_input_name = "hidden_states"
@@ -283,12 +284,32 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         if attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend: expected one of {BACKENDS}, got {attn_backend!r}")
         self.attn_backend = attn_backend
-        self.fused_mlp = fused_mlp
+        self.fused_mlp = fused_mlp  # validated by the property below
         self.embeddings = DINOv3ViTPackedEmbeddings(config)
         self.rope_embeddings = DINOv3ViTPackedRopeEmbedding(config)
         self.model = DINOv3ViTPackedEncoder(config)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
+
+    @property
+    def fused_mlp(self) -> bool:
+        """Run the MLP up-projection + bias + exact GELU as one Triton GEMM where it applies."""
+        return self._fused_mlp
+
+    @fused_mlp.setter
+    def fused_mlp(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"fused_mlp: expected a bool, got {type(value).__name__}")
+        if value and self.config.use_gated_mlp:
+            raise ValueError(
+                "fused_mlp: the fused up-projection + GELU kernel needs a plain GELU MLP; this config has a "
+                "gated (SwiGLU) MLP"
+            )
+        if value and self.config.hidden_act != "gelu":
+            raise ValueError(
+                f"fused_mlp: the kernel computes the exact GELU; config.hidden_act is {self.config.hidden_act!r}"
+            )
+        self._fused_mlp = value
 
     def resolved_attn_backend(self, inference: bool = True) -> str:
         """The attention kernel `attn_backend` runs on this model's device and dtype; `inference`: no
@@ -361,19 +382,13 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
                 )
 
         device, dtype = self.norm.weight.device, self.norm.weight.dtype
-        needs_grad = self.training or hidden_states.requires_grad or self.norm.weight.requires_grad
-        inference = not (torch.is_grad_enabled() and needs_grad)
+        # Inference (forward-only kernels allowed) unless autograd will record this call: grad mode on and
+        # training, or the input or any parameter requiring grad.
+        inference = not (
+            torch.is_grad_enabled()
+            and (self.training or hidden_states.requires_grad or any(p.requires_grad for p in self.parameters()))
+        )
         backend = self.resolved_attn_backend(inference=inference)
-        if self.fused_mlp and self.config.use_gated_mlp:
-            raise ValueError(
-                "fused_mlp: the fused up-projection + GELU kernel needs a plain GELU MLP; this "
-                "config has a gated (SwiGLU) MLP; set fused_mlp=False"
-            )
-        if self.fused_mlp and self.config.hidden_act != "gelu":
-            raise ValueError(
-                f"fused_mlp: the kernel computes the exact GELU; config.hidden_act is "
-                f"{self.config.hidden_act!r}; set fused_mlp=False"
-            )
         backend_inference_ok = inference and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
         layout = PackedLayout.build(grid, self.num_prefix_tokens, device)
 

@@ -55,6 +55,14 @@ def test_model_runs_with_fused_mlp_set_on_cpu(tiny):
 
 @pytest.mark.parametrize(("overrides", "match"), [({"use_gated_mlp": True}, "gated"), ({"hidden_act": "silu"}, "silu")])
 def test_fused_mlp_refuses_other_mlps(tiny, overrides, match):
-    model = DINOv3ViTPackingModel(tiny(**overrides), fused_mlp=True).eval()
     with pytest.raises(ValueError, match=f"fused_mlp: .*{match}"):
-        model(torch.randn(4, model.patch_dim), torch.tensor([[1, 2, 2]]))
+        DINOv3ViTPackingModel(tiny(**overrides), fused_mlp=True)
+    model = DINOv3ViTPackingModel(tiny(**overrides))
+    with pytest.raises(ValueError, match=f"fused_mlp: .*{match}"):
+        model.fused_mlp = True
+    assert model.fused_mlp is False
+
+
+def test_fused_mlp_must_be_a_bool(tiny):
+    with pytest.raises(TypeError, match="fused_mlp: expected a bool"):
+        DINOv3ViTPackingModel(tiny(), fused_mlp="no")

@@ -7,11 +7,16 @@ of packed images (hundreds to a few thousand tokens each, head_dim 64 or 128).
 
 Work is split into blocks of `BLOCK_M` query rows. Segment `i` owns the virtual block ids
 `[cu[i] // BLOCK_M + i, cu[i+1] // BLOCK_M + i + 1)`, which is at least `ceil(len_i / BLOCK_M)` of them and
-at most two more; a program finds its segment from its id with one vector load of `cu_seqlens` and a
+at most one more; a program finds its segment from its id with one vector load of `cu_seqlens` and a
 count, so no per-layout block table is built and the grid follows from shapes alone (no host sync).
 Programs past their segment's last block exit at once.
 
-Forward only: training goes through PyTorch's `varlen_attn` (which has a backward).
+The kernel is specialised on the segment count rounded up to a power of two (one compile per power
+of two). Inputs: `cu_seqlens` must start at 0, end at the token count and never decrease; that is what
+`PackedLayout` builds, and it is not re-checked here (checking values would need a device sync).
+
+Forward only: training goes through PyTorch's `varlen_attn` (which has a backward); the custom op's
+backward raises.
 """
 
 from __future__ import annotations
@@ -30,19 +35,6 @@ BLOCK_M = 128
 
 def triton_available() -> bool:
     return triton is not None
-
-
-def supports(q: torch.Tensor) -> bool:
-    """Whether the kernel handles these inputs (CUDA, fp16/bf16, head_dim a power of two in 16..256)."""
-    d = q.shape[-1]
-    return (
-        triton is not None
-        and q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and d >= 16
-        and d <= 256
-        and d & (d - 1) == 0
-    )
 
 
 if triton is not None:
@@ -93,8 +85,10 @@ if triton is not None:
         offs_d = tl.arange(0, HEAD_DIM)
         q_ptrs = Q + (start + offs_m)[:, None].to(tl.int64) * stride_qt + head * stride_qh + offs_d[None, :]
         q = tl.load(q_ptrs, mask=offs_m[:, None] < length, other=0.0)
-        k_base = K + start.to(tl.int64) * stride_kt + head * stride_kh
-        v_base = V + start.to(tl.int64) * stride_vt + head * stride_vh
+        # Key/value tile pointers start at the segment (int64 offset) and advance by whole blocks: pointer
+        # arithmetic is 64-bit, so no row * stride product can overflow int32 in long segments.
+        k_ptrs = K + start.to(tl.int64) * stride_kt + head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = V + start.to(tl.int64) * stride_vt + head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -102,29 +96,29 @@ if triton is not None:
 
         # Full key blocks: no masks.
         full = (length // BLOCK_N) * BLOCK_N
-        for n0 in range(0, full, BLOCK_N):
-            rows = n0 + offs_n
-            k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :])
+        for _ in range(0, full, BLOCK_N):
+            k = tl.load(k_ptrs)
             s = tl.dot(q, tl.trans(k)) * qk_scale
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :])
+            v = tl.load(v_ptrs)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
+            k_ptrs += BLOCK_N * stride_kt
+            v_ptrs += BLOCK_N * stride_vt
         # The last, partial key block.
         if full < length:
-            rows = full + offs_n
-            valid = rows < length
-            k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :], mask=valid[:, None], other=0.0)
+            valid = full + offs_n < length
+            k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
 
@@ -132,8 +126,37 @@ if triton is not None:
         o_ptrs = Out + (start + offs_m)[:, None].to(tl.int64) * stride_ot + head * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < length)
 
-    # Tuned once per head size: the best config was the same for mixed and uniform packs (H100, kernels_h100.txt).
+    # Tuned once per head size: the config tuned on mixed-64 also beat the fixed alternatives on uniform
+    # packs (H100, kernels_h100.txt).
     _varlen_fwd_tuned = triton.autotune(configs=_configs(), key=["HEAD_DIM"])(_varlen_fwd_kernel)
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    """Shapes, dtypes, strides and devices (no values: that would sync); raises naming the argument."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if q.ndim != 3:
+        raise ValueError(f"q: expected [tokens, heads, head_dim], got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(
+                f"{name}: expected shape {tuple(q.shape)}, dtype {q.dtype} and device {q.device} like q, "
+                f"got {tuple(t.shape)}, {t.dtype}, {t.device}"
+            )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected unit stride in head_dim, got strides {t.stride()}")
+    d = q.shape[-1]
+    if not (16 <= d <= 256 and d & (d - 1) == 0):
+        raise ValueError(f"q: head_dim must be a power of two in 16..256, got {d}")
+    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"cu_seqlens: expected a 1-D int32/int64 tensor of segment boundaries [0, ..., tokens] "
+            f"(at least 2 entries), got shape {tuple(cu_seqlens.shape)} and dtype {cu_seqlens.dtype}"
+        )
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens: expected device {q.device} like q, got {cu_seqlens.device}")
 
 
 def launch(
@@ -146,6 +169,7 @@ def launch(
 ) -> torch.Tensor:
     """Run the kernel. `config` (`BLOCK_N`, `num_warps`, `num_stages`) skips autotuning; tests use it
     under the Triton interpreter."""
+    check_inputs(q, k, v, cu_seqlens)
     total, heads, d = q.shape
     num_segments = cu_seqlens.shape[0] - 1
     if out is None:
@@ -197,3 +221,13 @@ def triton_varlen_attention(
 @triton_varlen_attention.register_fake
 def _(q, k, v, cu_seqlens):
     return q.new_empty(q.shape)
+
+
+def _no_backward(ctx, grad):
+    raise RuntimeError(
+        "dinov3_packing::triton_varlen_attention is forward-only; use attn_backend 'varlen' or 'auto' when "
+        "gradients are needed"
+    )
+
+
+triton_varlen_attention.register_autograd(_no_backward)
