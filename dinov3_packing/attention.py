@@ -33,6 +33,12 @@ BACKENDS = ("auto", "varlen", "flash_attn", "triton", "sdpa")
 # (benchmarks/results/RESULTS.md). False falls back to flash_attn / varlen.
 AUTO_TRITON_INFERENCE = True
 
+# How much of RoPE the "triton" backend applies inside its kernel (`rotary_packed_attention`): "qk" rotates
+# q and k as the kernel loads them (no RoPE pass over memory at all), "q" only q (k is rotated by one
+# elementwise pass before the kernel), "none" both before it. Other backends always rotate before.
+TRITON_ROPE_MODES = ("none", "q", "qk")
+TRITON_ROPE = "qk"
+
 
 def has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
@@ -100,6 +106,52 @@ def resolve_backend(
                 f"got head_dim={head_dim}; use 'varlen'"
             )
     return backend
+
+
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """`[x1, x2] -> [x2, x1]` along the last dim (rotate_half without its sign, which RoPE's table carries)."""
+    return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`x * cos + rotate_half(x) * sin` for `x [tokens, ..., head_dim]` and tables `[tokens, head_dim]`,
+    `sin` carrying rotate_half's sign (`cat(-sin_1, sin_2)`)."""
+    shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
+    return x * cos.view(shape) + swap_halves(x) * sin.view(shape)
+
+
+def rotary_packed_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    layout: PackedLayout,
+    backend: str,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """RoPE on q and k, then `packed_attention`.
+
+    Args:
+        qkv: `[num_tokens, 3, heads, head_dim]` (the fused projection's output).
+        cos, sin: `[num_tokens, head_dim]` RoPE tables whose halves repeat (`cat(c, c)`), `sin` carrying
+            rotate_half's sign (`cat(-s, s)`); rows that stay unrotated have cos = 1, sin = 0.
+        layout, backend, dropout_p: as in `packed_attention`.
+
+    The "triton" backend rotates inside its kernel as `TRITON_ROPE` says, from the tables' halves
+    (`cos[:, :d/2]`, `sin[:, d/2:]`); every other backend rotates here, then attends.
+    """
+    if backend == "triton" and TRITON_ROPE != "none":
+        if TRITON_ROPE not in TRITON_ROPE_MODES:
+            raise ValueError(f"TRITON_ROPE: expected one of {TRITON_ROPE_MODES}, got {TRITON_ROPE!r}")
+        from .kernels.varlen_attention import triton_varlen_attention
+
+        q, k, v = qkv.unbind(1)
+        half = qkv.shape[-1] // 2
+        rope_k = TRITON_ROPE == "qk"
+        if not rope_k:
+            k = apply_rope(k, cos, sin)
+        return triton_varlen_attention(q, k, v, layout.cu_seqlens, cos[:, :half], sin[:, half:], rope_k)
+    qk = apply_rope(qkv[:, :2], cos, sin)
+    return packed_attention(qk[:, 0], qk[:, 1], qkv[:, 2], layout, backend, dropout_p)
 
 
 def packed_attention(

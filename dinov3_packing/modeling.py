@@ -4,7 +4,7 @@ Parameter names are those of `transformers.DINOv3ViTModel`, so any Hugging Face 
 as is and `DINOv3ViTModel(config).load_state_dict(model.state_dict())` is exact. The forward takes
 `hidden_states [total_patches, p*p*C]` and `grid_thw [num_images, 3]` (see `packing.py`) and runs every
 image in one sequence: one matmul embeds all patches, every layer runs once over all tokens, and
-attention stays inside each image through `attention.packed_attention`.
+attention stays inside each image through `attention.rotary_packed_attention`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     get_patches_center_coordinates,
 )
 
-from .attention import BACKENDS, packed_attention, resolve_backend
+from .attention import BACKENDS, resolve_backend, rotary_packed_attention
 from .kernels.linear_gelu import linear_gelu
 from .packing import PackedLayout, validate_packed_input
 
@@ -76,7 +76,7 @@ class DINOv3ViTPackedEmbeddings(DINOv3ViTEmbeddings):
 
 class DINOv3ViTPackedRopeEmbedding(DINOv3ViTRopePositionEmbedding):
     """RoPE tables for every token of a packed batch: `(cos, sin_signed)`, each `[num_tokens, head_dim]`,
-    where `sin_signed` carries rotate_half's sign (see `swap_halves`).
+    where `sin_signed` carries rotate_half's sign (see `attention.swap_halves`).
 
     Coordinates are normalised by each segment's own (h, w). Prefix tokens get cos = 1, sin = 0, which
     leaves them unrotated without a gather or scatter inside the layers. Angles are cached per (h, w).
@@ -146,11 +146,6 @@ class DINOv3ViTPackedRopeEmbedding(DINOv3ViTRopePositionEmbedding):
         return angles.cos().to(dtype), sin_signed.to(dtype)
 
 
-def swap_halves(x: torch.Tensor) -> torch.Tensor:
-    """`[x1, x2] -> [x2, x1]` along the last dim (rotate_half without its sign, which RoPE's table carries)."""
-    return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
-
-
 class DINOv3ViTPackedAttention(nn.Module):
     """Self-attention over packed tokens. q/k/v stay separate parameters (Hugging Face names) and run as
     one GEMM on their concatenated weights."""
@@ -178,9 +173,7 @@ class DINOv3ViTPackedAttention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout, backend: str
     ) -> torch.Tensor:
         qkv = F.linear(x, *self.qkv_weight_bias()).unflatten(-1, (3, self.num_heads, self.head_dim))
-        qk, v = qkv[:, :2], qkv[:, 2]
-        qk = qk * cos[:, None, None, :] + swap_halves(qk) * sin[:, None, None, :]
-        out = packed_attention(qk[:, 0], qk[:, 1], v, layout, backend, self.dropout if self.training else 0.0)
+        out = rotary_packed_attention(qkv, cos, sin, layout, backend, self.dropout if self.training else 0.0)
         return self.o_proj(out.flatten(1))
 
 
