@@ -2,41 +2,28 @@
 
     PYTHONPATH=. python benchmarks/fastpath_variants.py --out $OUT/variants.jsonl
 
-Two parts, each row appended to `--out` as one JSON line the moment it is measured (a cut-off run keeps
-what it measured):
-
-1. Kernels (ViT-L heads, 16 x 64, bf16; mixed-64 and uniform segment lengths): the Triton varlen kernel
-   with RoPE applied before it (`rope=none`, plus the elementwise RoPE pass on q and k that it needs),
-   with q rotated inside it (`rope=q`, plus the pass on k alone) and with q and k rotated inside it
-   (`rope=qk`, no pass); each checked against fp32 SDPA per segment on the same inputs rotated in fp32.
-2. End to end (`random:<arch>`, bf16, `compile_model`): each variant `rope/fused_mlp/compile-mode`
-   on mixed-64, uniform 64 x 224 and 32 x 512, with HF `DINOv3ViTModel` under torch.compile on the
-   uniform batches as the baseline, the min token cosine of each variant's mixed-64 output against the
-   fp32 packed model (sdpa), and the number of graphs each variant compiled.
+Each row is appended to `--out` as one JSON line the moment it is measured (a cut-off run keeps what it
+measured). End to end (`random:<arch>`, bf16, `compile_model`): each variant
+`fused_mlp/compile-mode/attention-kernel` (fused_mlp 0 or 1; a torch.compile mode such as `default` or
+`reduce-overhead`, which adds CUDA graphs; `ptr` or `tma`, how the Triton attention kernel loads keys and
+values) on mixed-64, uniform 64 x 224 and 32 x 512, with HF `DINOv3ViTModel` under torch.compile on the
+uniform batches and HF looped per image on mixed-64 as the baselines, the min token cosine of each
+variant's mixed-64 output against the fp32 packed model (sdpa), and the number of graphs each variant
+compiled. (The first run of this script, `results/fastpath_variants_h100.jsonl`, also timed RoPE inside
+the attention kernel, at commit 831f009; that code was removed because it was slower.)
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import random
 import time
 
 import torch
 import torch.nn.functional as F
 
 HEADS, HEAD_DIM = 16, 64
-DEFAULT_VARIANTS = [
-    "none/0/default",
-    "qk/0/default",
-    "qk/1/default",
-    "q/1/default",
-    "qk/1/reduce-overhead",
-    "none/1/default",
-    "q/0/default",
-    "none/0/reduce-overhead",
-]
+DEFAULT_VARIANTS = ["0/default/ptr", "1/default/ptr", "1/default/tma", "0/default/tma"]
 
 
 def emit(out, row: dict) -> None:
@@ -46,71 +33,28 @@ def emit(out, row: dict) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def rope_tables(total: int, cu: list[int], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model-style tables `[T, D]` (halves repeat; sin carries rotate_half's sign), prefix rows unrotated."""
-    ang = torch.rand(total, HEAD_DIM // 2, device="cuda", generator=g) * 6.28
-    for s in cu[:-1]:
-        ang[s : s + 5] = 0
-    ang = ang.tile(2)
-    sin = ang.sin()
-    sin = torch.cat([-sin[:, : HEAD_DIM // 2], sin[:, HEAD_DIM // 2 :]], 1)
-    return ang.cos().bfloat16(), sin.bfloat16()
+def host_ms(fn, reps: int = 7) -> float:
+    """Median host time to issue one call, the GPU idle before it (synchronize, time the call, synchronize)."""
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2] * 1e3
 
 
-def kernels(name: str, lens: list[int], out) -> None:
-    from triton.testing import do_bench
-
-    from dinov3_packing.attention import apply_rope
-    from dinov3_packing.kernels import varlen_attention as tva
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    cu_list = [0, *itertools.accumulate(lens)]
-    cu = torch.tensor(cu_list, dtype=torch.int32, device="cuda")
-    total = cu_list[-1]
-    flops = sum(4 * n * n * HEADS * HEAD_DIM for n in lens)
-    qkv = torch.randn(total, 3, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-    cos, sin = rope_tables(total, cu_list, g)
-    half = HEAD_DIM // 2
-    ch, sh = cos[:, :half], sin[:, half:]
-    rope_qk = torch.compile(lambda x: apply_rope(x[:, :2], cos, sin), dynamic=False)
-    rope_k = torch.compile(lambda x: apply_rope(x[:, 1], cos, sin), dynamic=False)
-    # fp32 reference: rotate the bf16 inputs in fp32, then SDPA per segment.
-    qkv32 = qkv.float()
-    qk32 = apply_rope(qkv32[:, :2], cos.float(), sin.float())
-    ref = torch.cat(
-        [
-            F.scaled_dot_product_attention(*(x[s:e].transpose(0, 1) for x in (qk32[:, 0], qk32[:, 1], qkv32[:, 2])))
-            .transpose(0, 1)
-            for s, e in itertools.pairwise(cu_list)
-        ]
-    )
-    qk_rot = rope_qk(qkv)
-    k_rot = rope_k(qkv)
-    q, k, v = qkv.unbind(1)
-    cases = {
-        "rope pass q,k (elementwise)": (lambda: rope_qk(qkv), False),
-        "rope pass k (elementwise)": (lambda: rope_k(qkv), False),
-        "kernel rope=none": (lambda: tva.launch(qk_rot[:, 0], qk_rot[:, 1], v, cu), True),
-        "kernel rope=q": (lambda: tva.launch(q, k_rot, v, cu, cos=ch, sin=sh), True),
-        "kernel rope=qk": (lambda: tva.launch(q, k, v, cu, cos=ch, sin=sh, rope_k=True), True),
-    }
-    for label, (fn, check) in cases.items():
-        row = {"part": "kernel", "workload": name, "tokens": total, "segments": len(lens), "case": label}
-        try:
-            res = fn()
-            ms = do_bench(fn, return_mode="median")
-            row["ms"] = ms
-            if check:
-                row["tflops"] = flops / ms / 1e9
-                row["rel_err_vs_fp32"] = float((res.float() - ref).abs().max() / ref.abs().max())
-                row["config"] = str(getattr(tva._varlen_fwd_tuned, "best_config", None))
-        except Exception as e:  # one failing case must not end the run
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        emit(out, row)
-
-
-def end_to_end(arch: str, variants: list[str], out, hf_baseline: bool, deadline: float, smoke: bool = False) -> None:
-    from dinov3_packing import attention
+def end_to_end(
+    arch: str,
+    variants: list[str],
+    out,
+    hf_modes: list[str],
+    deadline: float,
+    smoke: bool = False,
+) -> None:
     from dinov3_packing.archs import arch_config
     from dinov3_packing.bench import (
         ArchSystems,
@@ -124,6 +68,7 @@ def end_to_end(arch: str, variants: list[str], out, hf_baseline: bool, deadline:
         peak_matmul_tflops,
     )
     from dinov3_packing.compile import compile_model, compile_stats
+    from dinov3_packing.kernels import varlen_attention
 
     dev, dt = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
     config = arch_config(arch)
@@ -158,17 +103,24 @@ def end_to_end(arch: str, variants: list[str], out, hf_baseline: bool, deadline:
                 "mfu": flops[wl.name] / m["median_s"] / 1e12 / peak["tflops"],
                 "first_call_s": m["first_call_s"],
                 "repeats": m["repeats"],
+                "times_ms": [round(t * 1e3, 3) for t in m["times_s"]],
             }
         )
 
-    if hf_baseline:
+    if hf_modes:
         systems = ArchSystems(arch, base.cpu(), dev, dt)
-        for wl in wls[1:]:
-            fn, _ = systems.runner("hf-compiled", inputs[wl.name])
-            row = {"part": "e2e", "arch": arch, "workload": wl.name, "variant": "hf-compiled"}
-            with torch.no_grad():
-                rate_row(row, wl, measure(fn, dev, timing, compiled=True))
-            emit(out, row)
+        for mode in hf_modes:
+            # Static shapes (each uniform batch its own graph), HF's best case; with "reduce-overhead" CUDA graphs.
+            hf_c = torch.compile(systems.hf, dynamic=False, mode=None if mode == "default" else mode)
+            for wl in wls[1:]:
+                x = inputs[wl.name]
+                row = {"part": "e2e", "arch": arch, "workload": wl.name, "variant": f"hf-compiled/{mode}"}
+                with torch.no_grad():
+                    rate_row(row, wl, measure(lambda x=x, f=hf_c: f(pixel_values=x.batch), dev, timing, compiled=True))
+                    row["host_ms"] = host_ms(lambda x=x, f=hf_c: f(pixel_values=x.batch))
+                emit(out, row)
+            del hf_c
+            torch.compiler.reset()
         fn, _ = systems.runner("hf-loop", mixed)
         row = {"part": "e2e", "arch": arch, "workload": "mixed-64", "variant": "hf-loop"}
         with torch.no_grad():
@@ -181,8 +133,8 @@ def end_to_end(arch: str, variants: list[str], out, hf_baseline: bool, deadline:
         if time.time() > deadline:
             emit(out, {"part": "e2e", "variant": variant, "skipped": "time budget"})
             continue
-        rope, fused, mode = variant.split("/")
-        attention.TRITON_ROPE = rope
+        fused, mode, kernel = variant.split("/")
+        varlen_attention.USE_TMA = kernel == "tma"
         model = build_on_device(config, dev, dt)
         model.load_state_dict(base.state_dict())
         model.fused_mlp = fused == "1"
@@ -194,8 +146,9 @@ def end_to_end(arch: str, variants: list[str], out, hf_baseline: bool, deadline:
             x = inputs[wl.name]
             try:
                 with torch.no_grad():
-                    m = measure(lambda x=x: model(x.hidden_states, x.grid_thw), dev, timing, compiled=True)
+                    m = measure(lambda x=x, f=model: f(x.hidden_states, x.grid_thw), dev, timing, compiled=True)
                     rate_row(row, wl, m)
+                    row["host_ms"] = host_ms(lambda x=x, f=model: f(x.hidden_states, x.grid_thw))
                     if wl.name == "mixed-64":
                         got = model(x.hidden_states, x.grid_thw).last_hidden_state.float()
                         row["min_cos_vs_fp32"] = float(F.cosine_similarity(got, ref, dim=-1).min())
@@ -213,9 +166,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON lines, appended")
     ap.add_argument("--arch", default="vitl16")
-    ap.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, help="rope/fused_mlp/compile-mode")
-    ap.add_argument("--no-kernels", action="store_true")
-    ap.add_argument("--no-hf", action="store_true", help="skip the HF baselines")
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=DEFAULT_VARIANTS,
+        help="fused_mlp (0/1) / compile mode / attention kernel (ptr/tma)",
+    )
+    ap.add_argument(
+        "--hf-modes", nargs="*", default=["default"], help="torch.compile modes of the HF baseline (none: skip HF)"
+    )
     ap.add_argument("--budget", type=float, default=540, help="seconds; later variants are skipped past it")
     ap.add_argument("--smoke", action="store_true", help="CPU, fp32, two layers, tiny images: checks the code paths")
     args = ap.parse_args()
@@ -230,12 +189,7 @@ def main() -> None:
             "variants": args.variants,
         },
     )
-    if not args.no_kernels and not args.smoke:
-        rng = random.Random(0)
-        mixed = [5 + rng.randint(14, 48) * rng.randint(14, 48) for _ in range(64)]
-        for name, lens in [("mixed-64", mixed), ("uniform-64x201", [201] * 64), ("uniform-32x1029", [1029] * 32)]:
-            kernels(name, lens, args.out)
-    end_to_end(args.arch, args.variants, args.out, not args.no_hf, deadline, args.smoke)
+    end_to_end(args.arch, args.variants, args.out, args.hf_modes, deadline, args.smoke)
 
 
 if __name__ == "__main__":

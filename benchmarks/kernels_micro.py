@@ -22,7 +22,7 @@ from triton.testing import do_bench
 HEADS, HEAD_DIM = 16, 64
 
 
-def attention_candidates(name: str, lens: list[int], log) -> None:
+def attention_candidates(name: str, lens: list[int], log, attention_only: bool = False) -> None:
     """Time each varlen attention kernel on segments of `lens` tokens (ViT-L heads), with its error
     against fp32 SDPA per segment."""
     from torch.nn.attention.varlen import varlen_attn
@@ -58,6 +58,11 @@ def attention_candidates(name: str, lens: list[int], log) -> None:
     log(f"    autotuned config: {getattr(tva._varlen_fwd_tuned, 'best_config', None)}")
     for cfg in ({"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}):
         bench(f"Triton varlen {cfg}", lambda cfg=cfg: tva.launch(q, k, v, cu, config=cfg))
+    if hasattr(tva, "launch_tma"):
+        bench("Triton varlen TMA (autotuned)", lambda: tva.launch_tma(q, k, v, cu))
+        log(f"    autotuned config: {getattr(tva._varlen_fwd_tma_tuned, 'best_config', None)}")
+    if attention_only:
+        return
     if len(set(lens)) == 1:
         b, n = len(lens), lens[0]
 
@@ -89,6 +94,9 @@ def attention_candidates(name: str, lens: list[int], log) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="kernels.txt")
+    parser.add_argument(
+        "--attention-only", action="store_true", help="only the Triton kernels and FlashAttention-2, no MLP"
+    )
     args = parser.parse_args()
     lines = [f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  cudnn {torch.backends.cudnn.version()}"]
 
@@ -103,7 +111,11 @@ def main() -> None:
         "uniform 32x512": [5 + 32 * 32] * 32,
     }
     for name, lens in workloads.items():
-        attention_candidates(name, lens, log)
+        attention_candidates(name, lens, log, args.attention_only)
+    if args.attention_only:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return
 
     total = sum(workloads["mixed-64"])
     g = torch.Generator(device="cuda").manual_seed(1)

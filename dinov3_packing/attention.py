@@ -33,12 +33,6 @@ BACKENDS = ("auto", "varlen", "flash_attn", "triton", "sdpa")
 # (benchmarks/results/RESULTS.md). False falls back to flash_attn / varlen.
 AUTO_TRITON_INFERENCE = True
 
-# How much of RoPE the "triton" backend applies inside its kernel (`rotary_packed_attention`): "qk" rotates
-# q and k as the kernel loads them (no RoPE pass over memory at all), "q" only q (k is rotated by one
-# elementwise pass before the kernel), "none" both before it. Other backends always rotate before.
-TRITON_ROPE_MODES = ("none", "q", "qk")
-TRITON_ROPE = "qk"
-
 
 def has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
@@ -132,24 +126,13 @@ def rotary_packed_attention(
 
     Args:
         qkv: `[num_tokens, 3, heads, head_dim]` (the fused projection's output).
-        cos, sin: `[num_tokens, head_dim]` RoPE tables whose halves repeat (`cat(c, c)`), `sin` carrying
-            rotate_half's sign (`cat(-s, s)`); rows that stay unrotated have cos = 1, sin = 0.
+        cos, sin: `[num_tokens, head_dim]` RoPE tables, `sin` carrying rotate_half's sign
+            (`cat(-sin_1, sin_2)`); rows that stay unrotated have cos = 1, sin = 0.
         layout, backend, dropout_p: as in `packed_attention`.
 
-    The "triton" backend rotates inside its kernel as `TRITON_ROPE` says, from the tables' halves
-    (`cos[:, :d/2]`, `sin[:, d/2:]`); every other backend rotates here, then attends.
+    RoPE is one elementwise pass over q and k (fused by torch.compile). Rotating inside the Triton
+    attention kernel instead was measured slower on the H100 (benchmarks/results/RESULTS.md).
     """
-    if backend == "triton" and TRITON_ROPE != "none":
-        if TRITON_ROPE not in TRITON_ROPE_MODES:
-            raise ValueError(f"TRITON_ROPE: expected one of {TRITON_ROPE_MODES}, got {TRITON_ROPE!r}")
-        from .kernels.varlen_attention import triton_varlen_attention
-
-        q, k, v = qkv.unbind(1)
-        half = qkv.shape[-1] // 2
-        rope_k = TRITON_ROPE == "qk"
-        if not rope_k:
-            k = apply_rope(k, cos, sin)
-        return triton_varlen_attention(q, k, v, layout.cu_seqlens, cos[:, :half], sin[:, half:], rope_k)
     qk = apply_rope(qkv[:, :2], cos, sin)
     return packed_attention(qk[:, 0], qk[:, 1], qkv[:, 2], layout, backend, dropout_p)
 
