@@ -3,14 +3,14 @@
     PYTHONPATH=. python benchmarks/fastpath_variants.py --out $OUT/variants.jsonl
 
 Each row is appended to `--out` as one JSON line the moment it is measured (a cut-off run keeps what it
-measured). End to end (`random:<arch>`, bf16, `compile_model`): each variant
-`fused_mlp/compile-mode/attention-kernel` (fused_mlp 0 or 1; a torch.compile mode such as `default` or
-`reduce-overhead`, which adds CUDA graphs; `ptr` or `tma`, how the Triton attention kernel loads keys and
-values) on mixed-64, uniform 64 x 224 and 32 x 512, with HF `DINOv3ViTModel` under torch.compile on the
+measured). End to end (`random:<arch>`, bf16, `compile_model`): each variant `fused_mlp/compile-mode`
+(fused_mlp 0 or 1; a torch.compile mode such as `default` or `reduce-overhead`, which adds CUDA graphs) on
+mixed-64, uniform 64 x 224 and 32 x 512, with HF `DINOv3ViTModel` under torch.compile on the
 uniform batches and HF looped per image on mixed-64 as the baselines, the min token cosine of each
 variant's mixed-64 output against the fp32 packed model (sdpa), and the number of graphs each variant
 compiled. (The first run of this script, `results/fastpath_variants_h100.jsonl`, also timed RoPE inside
-the attention kernel, at commit 831f009; that code was removed because it was slower.)
+the attention kernel, at commit 831f009; the second, `fastpath_variants_h100_run2.jsonl`, a TMA variant of
+the kernel, at 2bcf614. Both were removed because they were slower.)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 HEADS, HEAD_DIM = 16, 64
-DEFAULT_VARIANTS = ["0/default/ptr", "1/default/ptr", "1/default/tma", "0/default/tma"]
+DEFAULT_VARIANTS = ["0/default", "1/default", "1/reduce-overhead", "0/reduce-overhead"]
 
 
 def emit(out, row: dict) -> None:
@@ -68,7 +68,6 @@ def end_to_end(
         peak_matmul_tflops,
     )
     from dinov3_packing.compile import compile_model, compile_stats
-    from dinov3_packing.kernels import varlen_attention
 
     dev, dt = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
     config = arch_config(arch)
@@ -133,8 +132,7 @@ def end_to_end(
         if time.time() > deadline:
             emit(out, {"part": "e2e", "variant": variant, "skipped": "time budget"})
             continue
-        fused, mode, kernel = variant.split("/")
-        varlen_attention.USE_TMA = kernel == "tma"
+        fused, mode = variant.split("/")
         model = build_on_device(config, dev, dt)
         model.load_state_dict(base.state_dict())
         model.fused_mlp = fused == "1"
@@ -155,6 +153,10 @@ def end_to_end(
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             row["graphs_compiled"] = compile_stats()["unique_graphs"] - graphs0
+            if model.fused_mlp:
+                from dinov3_packing.kernels import linear_gelu
+
+                row["linear_gelu_config"] = str(getattr(linear_gelu._tma_autotuned, "best_config", None))
             row["variant_wall_s"] = time.time() - t0
             emit(out, row)
         del model
@@ -170,7 +172,7 @@ def main() -> None:
         "--variants",
         nargs="*",
         default=DEFAULT_VARIANTS,
-        help="fused_mlp (0/1) / compile mode / attention kernel (ptr/tma)",
+        help="fused_mlp (0/1) / torch.compile mode",
     )
     ap.add_argument(
         "--hf-modes", nargs="*", default=["default"], help="torch.compile modes of the HF baseline (none: skip HF)"

@@ -419,7 +419,7 @@ class Options:
     compile: bool = True
     timm: bool = True
     seed: int = 0
-    fused_mlp: bool = False
+    fused_mlp: bool = True
 
 
 class Budget:
@@ -506,9 +506,9 @@ class Run:
         return config
 
     def apply_fused_mlp(self, model: DINOv3ViTPackingModel) -> None:
-        """`--fused-mlp` applies to plain GELU MLPs (ViT-S/B/L); gated ones (H+, 7B) keep their MLP."""
-        config = model.config
-        model.fused_mlp = self.opts.fused_mlp and not config.use_gated_mlp and config.hidden_act == "gelu"
+        """The fused up-projection + GELU runs where it applies (plain GELU MLPs: ViT-S/B/L; the model's
+        default); `--no-fused-mlp` turns it off everywhere."""
+        model.fused_mlp = None if self.opts.fused_mlp else False
 
     def base(self, arch: str) -> DINOv3ViTPackingModel:
         """fp32 CPU model with `random:<arch>` weights, built once and shared by correctness and timing."""
@@ -915,7 +915,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-timm", action="store_true", help="skip timm NaFlexViT")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the random pixels")
     parser.add_argument(
-        "--fused-mlp", action="store_true", help="packed models run the fused up-projection + GELU Triton kernel"
+        "--no-fused-mlp",
+        action="store_true",
+        help="packed models run the MLP as cuBLAS GEMM + GELU instead of the fused Triton kernel (the default "
+        "for GELU MLPs)",
     )
     parser.set_defaults(func=_run)
 
@@ -936,7 +939,7 @@ def _run(args: argparse.Namespace) -> int:
         compile=not args.no_compile,
         timm=not args.no_timm,
         seed=args.seed,
-        fused_mlp=args.fused_mlp,
+        fused_mlp=not args.no_fused_mlp,
     )
     run_benchmark(opts)
     return 0

@@ -263,16 +263,16 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         attn_backend: "auto" (default), "varlen", "flash_attn", "triton" or "sdpa"; see `attention.py`.
         fused_mlp: run each MLP's up-projection, bias and exact (erf) GELU as one Triton GEMM
             (`kernels/linear_gelu.py`) when the model runs on CUDA in fp16/bf16 without autograd; elsewhere
-            the plain ops run. Off by default: the kernel beats cuBLAS + GELU on the H100 (0.93 vs 1.07 ms
-            at ViT-L mixed-64 widths) but the end-to-end forward with it is not measured yet. Plain GELU MLPs
-            only (ViT-S/B/L): a gated (SwiGLU) MLP or another activation raises ValueError. Settable after
-            construction (validated the same way).
+            the plain ops run. None (default) turns it on wherever it applies: plain GELU MLPs (ViT-S/B/L),
+            not the gated (SwiGLU) MLPs of ViT-H+ and 7B. On the H100 it made the compiled ViT-L forward 3-4%
+            faster (benchmarks/results/RESULTS.md). True on a gated MLP or another activation raises
+            ValueError. Settable after construction (validated the same way).
     """
 
     main_input_name = "hidden_states"
     _can_record_outputs: dict = {}  # noqa: RUF012 - overrides the parent's output-capturing hooks with none
 
-    def __init__(self, config: DINOv3ViTConfig, attn_backend: str = "auto", fused_mlp: bool = False):
+    def __init__(self, config: DINOv3ViTConfig, attn_backend: str = "auto", fused_mlp: bool | None = None):
         super().__init__(config)
         if attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend: expected one of {BACKENDS}, got {attn_backend!r}")
@@ -290,9 +290,11 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         return self._fused_mlp
 
     @fused_mlp.setter
-    def fused_mlp(self, value: bool) -> None:
+    def fused_mlp(self, value: bool | None) -> None:
+        if value is None:  # auto: wherever the kernel applies
+            value = not self.config.use_gated_mlp and self.config.hidden_act == "gelu"
         if not isinstance(value, bool):
-            raise TypeError(f"fused_mlp: expected a bool, got {type(value).__name__}")
+            raise TypeError(f"fused_mlp: expected a bool or None (auto), got {type(value).__name__}")
         if value and self.config.use_gated_mlp:
             raise ValueError(
                 "fused_mlp: the fused up-projection + GELU kernel needs a plain GELU MLP; this config has a "

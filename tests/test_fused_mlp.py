@@ -64,5 +64,18 @@ def test_fused_mlp_refuses_other_mlps(tiny, overrides, match):
 
 
 def test_fused_mlp_must_be_a_bool(tiny):
-    with pytest.raises(TypeError, match="fused_mlp: expected a bool"):
+    with pytest.raises(TypeError, match="fused_mlp: expected a bool or None"):
         DINOv3ViTPackingModel(tiny(), fused_mlp="no")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [({}, True), ({"use_gated_mlp": True}, False), ({"hidden_act": "silu"}, False)],
+)
+def test_fused_mlp_defaults_to_where_the_kernel_applies(tiny, overrides, expected):
+    model = DINOv3ViTPackingModel(tiny(**overrides))
+    assert model.fused_mlp is expected
+    model.fused_mlp = False
+    assert model.fused_mlp is False
+    model.fused_mlp = None  # back to auto
+    assert model.fused_mlp is expected

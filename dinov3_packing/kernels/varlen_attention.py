@@ -31,8 +31,6 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 
 # The query-block height every config uses; the virtual block numbering depends on it.
 BLOCK_M = 128
-# Whether the custom op fetches keys and values through TMA descriptors (`launch_tma`) instead of pointers.
-USE_TMA = False
 
 
 def triton_available() -> bool:
@@ -128,91 +126,6 @@ if triton is not None:
         o_ptrs = Out + (start + offs_m)[:, None].to(tl.int64) * stride_ot + head * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < length)
 
-    @triton.jit
-    def _varlen_fwd_tma_kernel(
-        Q,
-        K_desc,
-        V_desc,
-        Out,
-        CU,
-        num_segments,
-        qk_scale,
-        stride_qt,
-        stride_qh,
-        stride_ot,
-        stride_oh,
-        HEAD_DIM: tl.constexpr,
-        SEG_P2: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        """The same algorithm with key/value tiles fetched by TMA (`K_desc`/`V_desc`: 2-D descriptors over
-        `[tokens, heads * head_dim]`) and the softmax scale folded into one multiply-add per score."""
-        pid = tl.program_id(0)
-        head = tl.program_id(1)
-        idx = tl.arange(0, SEG_P2)
-        cu = tl.load(CU + idx, mask=idx < num_segments, other=2147483647 - BLOCK_M * SEG_P2)
-        first = cu // BLOCK_M + idx
-        seg = tl.sum((first <= pid).to(tl.int32), axis=0) - 1
-        start = tl.load(CU + seg)
-        length = tl.load(CU + seg + 1) - start
-        row0 = (pid - (start // BLOCK_M + seg)) * BLOCK_M
-        if row0 >= length:
-            return
-
-        offs_m = row0 + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
-        q_ptrs = Q + (start + offs_m)[:, None].to(tl.int64) * stride_qt + head * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < length, other=0.0)
-        col = head * HEAD_DIM
-
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-
-        full = (length // BLOCK_N) * BLOCK_N
-        for j in range(0, full, BLOCK_N):
-            k = K_desc.load([start + j, col])
-            s = tl.dot(q, k.T)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-            p = tl.math.exp2(s * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = V_desc.load([start + j, col])
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
-        if full < length:
-            # Rows past the segment (the next segment's, or TMA's zero fill past the tensor) get -inf scores,
-            # so their finite values are multiplied by p = 0.
-            valid = full + offs_n < length
-            k = K_desc.load([start + full, col])
-            s = tl.where(valid[None, :], tl.dot(q, k.T) * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = V_desc.load([start + full, col])
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
-
-        out = acc / l_i[:, None]
-        o_ptrs = Out + (start + offs_m)[:, None].to(tl.int64) * stride_ot + head * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < length)
-
-    def _tma_block_shapes(nargs):
-        shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
-        nargs["K_desc"].block_shape = shape
-        nargs["V_desc"].block_shape = shape
-
-    _varlen_fwd_tma_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_tma_block_shapes)
-            for bn, w, s in [(64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (128, 8, 2), (64, 8, 4), (128, 4, 3)]
-        ],
-        key=["HEAD_DIM"],
-    )(_varlen_fwd_tma_kernel)
-
     # Tuned once per head size: the config tuned on mixed-64 also beat the fixed alternatives on uniform
     # packs (H100, kernels_h100.txt).
     _varlen_fwd_tuned = triton.autotune(configs=_configs(), key=["HEAD_DIM"])(_varlen_fwd_kernel)
@@ -295,53 +208,6 @@ def launch(
     return out
 
 
-def _kv_descriptor(x: torch.Tensor, block_n: int):
-    """A TMA descriptor over `x [tokens, heads, head_dim]` seen as `[tokens, heads * head_dim]`, or None when
-    its layout does not allow one (heads not adjacent, or rows/base not 16-byte aligned)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    t, h, d = x.shape
-    if x.stride(1) != d or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
-        return None
-    return TensorDescriptor(x, [t, h * d], [x.stride(0), 1], [block_n, d])
-
-
-def launch_tma(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    out: torch.Tensor | None = None,
-    config: dict | None = None,
-) -> torch.Tensor:
-    """The TMA variant of `launch` (same contract); falls back to `launch` where a descriptor cannot be
-    made."""
-    check_inputs(q, k, v, cu_seqlens)
-    block_n = 64 if config is None else config["BLOCK_N"]
-    kd, vd = _kv_descriptor(k, block_n), _kv_descriptor(v, block_n)
-    if kd is None or vd is None:
-        return launch(q, k, v, cu_seqlens, out, config)
-    total, heads, d = q.shape
-    num_segments = cu_seqlens.shape[0] - 1
-    if out is None:
-        out = torch.empty(total, heads, d, device=q.device, dtype=q.dtype)
-    grid = (total // BLOCK_M + num_segments, heads)
-    args = (q, kd, vd, out, cu_seqlens, num_segments, d**-0.5 * 1.4426950408889634)
-    args += (q.stride(0), q.stride(1), out.stride(0), out.stride(1))
-    flags = {"HEAD_DIM": d, "SEG_P2": triton.next_power_of_2(num_segments), "BLOCK_M": BLOCK_M}
-    if config is None:
-        _varlen_fwd_tma_tuned[grid](*args, **flags)
-    else:
-        _varlen_fwd_tma_kernel[grid](
-            *args,
-            **flags,
-            BLOCK_N=block_n,
-            num_warps=config.get("num_warps", 4),
-            num_stages=config.get("num_stages", 2),
-        )
-    return out
-
-
 # Opaque to torch.compile: the graph holds one call taking cu_seqlens, whatever the mix of segment lengths.
 @torch.library.custom_op("dinov3_packing::triton_varlen_attention", mutates_args=())
 def triton_varlen_attention(
@@ -349,7 +215,7 @@ def triton_varlen_attention(
 ) -> torch.Tensor:
     """Softmax attention within each segment of `cu_seqlens` (int32, on q's device); q, k, v
     `[tokens, heads, head_dim]` with unit stride in head_dim. Forward only."""
-    return launch_tma(q, k, v, cu_seqlens) if USE_TMA else launch(q, k, v, cu_seqlens)
+    return launch(q, k, v, cu_seqlens)
 
 
 @triton_varlen_attention.register_fake
