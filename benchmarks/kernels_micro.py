@@ -58,9 +58,6 @@ def attention_candidates(name: str, lens: list[int], log, attention_only: bool =
     log(f"    autotuned config: {getattr(tva._varlen_fwd_tuned, 'best_config', None)}")
     for cfg in ({"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}):
         bench(f"Triton varlen {cfg}", lambda cfg=cfg: tva.launch(q, k, v, cu, config=cfg))
-    if hasattr(tva, "launch_tma"):
-        bench("Triton varlen TMA (autotuned)", lambda: tva.launch_tma(q, k, v, cu))
-        log(f"    autotuned config: {getattr(tva._varlen_fwd_tma_tuned, 'best_config', None)}")
     if attention_only:
         return
     if len(set(lens)) == 1:

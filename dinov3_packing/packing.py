@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -189,40 +190,40 @@ class PackedLayout:
 
     @classmethod
     def build(cls, grid: Sequence[tuple[int, int, int]], num_prefix: int, device: torch.device | str) -> PackedLayout:
+        # Host-side index arithmetic in numpy: on 60k tokens it takes ~0.2 ms where the same torch CPU ops
+        # took ~6 ms, and it runs before every forward.
         segment_hw = [(h, w) for t, h, w in grid for _ in range(t)]
+        n = len(segment_hw)
         seq_lens = [num_prefix + h * w for h, w in segment_hw]
-        offsets = [0]
-        for n in seq_lens:
-            offsets.append(offsets[-1] + n)
-        starts = torch.tensor(offsets[:-1], dtype=torch.long)
-        patch_counts = torch.tensor([h * w for h, w in segment_hw], dtype=torch.long)
-        # Position of every patch row: its segment's start + prefix + its index within the segment.
-        seg_of_row = torch.repeat_interleave(torch.arange(len(segment_hw)), patch_counts)
-        first_row = torch.cumsum(patch_counts, 0) - patch_counts
-        row = torch.arange(int(patch_counts.sum()))
-        patch_index = starts[seg_of_row] + num_prefix + (row - first_row[seg_of_row])
-        prefix_index = starts[:, None] + torch.arange(num_prefix)[None, :]
-        token_source = torch.empty(offsets[-1], dtype=torch.long)
-        token_source[prefix_index.flatten()] = torch.arange(prefix_index.numel())
-        token_source[patch_index] = prefix_index.numel() + row
-        token_segment = torch.repeat_interleave(torch.arange(len(segment_hw)), torch.tensor(seq_lens))
-        cu_seqlens_host = torch.tensor(offsets, dtype=torch.int32)
-        parts = [cu_seqlens_host.long(), patch_index, prefix_index.flatten(), token_source, token_segment]
-        packed, device = torch.cat(parts), torch.device(device)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(seq_lens, out=offsets[1:])
+        total = int(offsets[-1])
+        # Token order per segment: [CLS, registers, patches]; prefix positions are segment start + 0..P-1.
+        prefix_index = offsets[:-1, None] + np.arange(num_prefix, dtype=np.int64)
+        is_patch = np.ones(total, dtype=bool)
+        is_patch[prefix_index.ravel()] = False
+        patch_index = np.flatnonzero(is_patch)
+        # Gather map for `cat([prefix rows of all segments (segment-major), patch rows])`.
+        token_source = np.empty(total, dtype=np.int64)
+        token_source[prefix_index.ravel()] = np.arange(prefix_index.size, dtype=np.int64)
+        token_source[patch_index] = prefix_index.size + np.arange(patch_index.size, dtype=np.int64)
+        token_segment = np.repeat(np.arange(n, dtype=np.int64), seq_lens)
+        parts = [offsets, patch_index, prefix_index.ravel(), token_source, token_segment]
+        packed, device = torch.from_numpy(np.concatenate(parts)), torch.device(device)
         if device.type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
         elif device.type != "cpu":
             packed = packed.to(device)
-        cu, patch_index, prefix_flat, token_source, token_segment = packed.split([p.numel() for p in parts])
+        cu, patch_index, prefix_flat, token_source, token_segment = packed.split([p.size for p in parts])
         return cls(
             segment_hw=segment_hw,
             seq_lens=seq_lens,
             cu_seqlens=cu.int(),
-            cu_seqlens_host=cu_seqlens_host,
+            cu_seqlens_host=torch.from_numpy(offsets.astype(np.int32)),
             max_seqlen=max(seq_lens),
             patch_index=patch_index,
-            prefix_index=prefix_flat.view(len(segment_hw), num_prefix),
+            prefix_index=prefix_flat.view(n, num_prefix),
             token_source=token_source,
             token_segment=token_segment,
-            num_tokens=offsets[-1],
+            num_tokens=total,
         )

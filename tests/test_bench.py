@@ -126,3 +126,34 @@ def test_run_py_is_the_bench_subcommand(monkeypatch, capsys):
 def test_full_suite_without_cuda_is_one_sentence(capsys):
     assert main(["bench", "--out", "unused.json"]) == 2
     assert "use --smoke" in capsys.readouterr().err
+
+
+def test_smoke_packed_rows_record_the_fused_mlp_default(smoke):
+    """ViT-S has a plain GELU MLP, so the bench's packed models run with `fused_mlp` on (the model default)."""
+    _, report = smoke
+    packed = [r for r in report["results"] if r["system"] == "packed"]
+    assert packed and all(r["fused_mlp"] is True for r in packed)
+    assert report["meta"]["options"]["fused_mlp"] is True
+
+
+def test_fastpath_variants_smoke(tmp_path):
+    """benchmarks/fastpath_variants.py on the CPU: every variant runs the three workload shapes through one
+    compiled graph (no recompilation across token counts) and matches the fp32 eager model."""
+    import subprocess
+
+    out = tmp_path / "variants.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "fastpath_variants.py"), "--smoke", "--arch", "vits16"]
+    cmd += ["--hf-modes", "--variants", "1/default", "0/default", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    e2e = [r for r in rows if r["part"] == "e2e"]
+    assert {(r["variant"], r["workload"]) for r in e2e} == {
+        (v, w) for v in ("1/default", "0/default") for w in ("mixed-64", "uniform-64x224", "uniform-32x512")
+    }
+    for r in e2e:
+        assert "error" not in r, r
+        assert r["graphs_compiled"] == 1, r
+        assert r["median_ms"] > 0 and r["host_ms"] > 0
+        if r["workload"] == "mixed-64":
+            assert r["min_cos_vs_fp32"] > 0.99999
