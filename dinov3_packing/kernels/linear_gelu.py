@@ -292,6 +292,13 @@ def _tma_compatible(*tensors: torch.Tensor) -> bool:
     return True
 
 
+# The config the TMA autotuner chose for each (N, K, dtype, bias, erf, device): later launches pass it to the
+# kernel directly, which skips the autotuner's per-call bookkeeping (25 us of host time per call on the H100's
+# host, benchmarks/results/host_overhead_h100.json). The autotuner keys on N and K (and the argument dtypes),
+# so the choice is the same.
+_TUNED_TMA: dict[tuple, dict] = {}
+
+
 def launch_linear_gelu(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -342,6 +349,9 @@ def launch_linear_gelu(
         use_tma = False
 
     if use_tma:
+        key = (N, K, x.dtype, bias is not None, erf, x.device)
+        if config is None and key in _TUNED_TMA:
+            config = _TUNED_TMA[key]
         c = dict(config or CONFIGS[0])  # block shapes for the descriptors; the autotuner's pre-hook resets them
         bn_store = c["BLOCK_N"] // 2 if c.get("EPI_SUBTILE") else c["BLOCK_N"]
         x_desc = TensorDescriptor.from_tensor(x, [c["BLOCK_M"], c["BLOCK_K"]])
@@ -354,6 +364,8 @@ def launch_linear_gelu(
         args = (x_desc, w_desc, y_desc, b_arg, M, N, K)
         if config is None:
             _tma_autotuned[grid](*args, **flags, NUM_SMS=num_sms)
+            best = _tma_autotuned.best_config
+            _TUNED_TMA[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
         else:
             _linear_gelu_tma_kernel[grid](*args, **flags, NUM_SMS=num_sms, **c)
         return y

@@ -159,6 +159,13 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
         raise ValueError(f"cu_seqlens: expected device {q.device} like q, got {cu_seqlens.device}")
 
 
+# The config the autotuner chose for each (head_dim, dtype, device): later launches pass it to the kernel
+# directly, which skips the autotuner's per-call bookkeeping (21 us of host time per call on the H100's
+# host, benchmarks/results/host_overhead_h100.json). The autotuner keys on head_dim alone, so the choice is
+# the same.
+_TUNED: dict[tuple, dict] = {}
+
+
 def launch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -193,8 +200,13 @@ def launch(
         out.stride(1),
     )
     seg_p2 = triton.next_power_of_2(num_segments)
+    key = (d, q.dtype, q.device)
+    if config is None and key in _TUNED:
+        config = _TUNED[key]
     if config is None:
         _varlen_fwd_tuned[grid](*args, HEAD_DIM=d, SEG_P2=seg_p2, BLOCK_M=BLOCK_M)
+        best = _varlen_fwd_tuned.best_config
+        _TUNED[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
     else:
         _varlen_fwd_kernel[grid](
             *args,

@@ -1,0 +1,129 @@
+"""After the first autotuned launch, the Triton launchers pass the chosen config to the kernel directly
+(`varlen_attention._TUNED`, `linear_gelu._TUNED_TMA`), skipping the autotuner's per-call host work.
+
+No GPU here, so the autotuners are replaced by stand-ins that run the real kernel with one config (under
+Triton's CPU interpreter, in a subprocess) and report it as their choice, as Triton's autotuner does with
+`best_config`. Checked: the autotuner runs once per key, the later launch runs the kernel with the recorded
+config, a new key tunes again, and every output matches its reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(
+    """
+    import itertools, json
+    import torch
+    import torch.nn.functional as F
+    import triton
+    from dinov3_packing.kernels import linear_gelu as lg
+    from dinov3_packing.kernels import varlen_attention as va
+
+    class StandIn:
+        # Runs `kernel` with `config` and reports it as the autotuner's choice; counts its launches.
+        def __init__(self, kernel, config, extra):
+            self.kernel, self.calls, self.extra = kernel, 0, extra
+            meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+            self.best_config = triton.Config(meta, num_warps=config["num_warps"], num_stages=config["num_stages"])
+            self.config = config
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                self.calls += 1
+                return self.kernel[grid](*args, **kwargs, **self.extra(self.config, args))
+            return run
+
+    class Counting:
+        # Wraps the plain kernel to count direct launches and record the config they got.
+        def __init__(self, kernel):
+            self.kernel, self.calls, self.seen = kernel, 0, []
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                self.calls += 1
+                self.seen.append({k: kwargs[k] for k in ("BLOCK_N", "num_warps", "num_stages") if k in kwargs})
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    out = {}
+    g = torch.Generator().manual_seed(0)
+
+    # Attention.
+    cfg = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    va._varlen_fwd_tuned = StandIn(va._varlen_fwd_kernel, cfg, lambda c, a: dict(c))
+    direct = Counting(va._varlen_fwd_kernel)
+    va._varlen_fwd_kernel = direct
+    lens = [3, 70, 129]
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+    worst = 0.0
+    for d in (16, 16, 32):
+        q, k, v = torch.randn(cu[-1].item(), 3, 2, d, generator=g).unbind(1)
+        o = va.launch(q, k, v, cu)
+        for s, e in itertools.pairwise(cu.tolist()):
+            ref = F.scaled_dot_product_attention(*(x[s:e].transpose(0, 1).double() for x in (q, k, v)))
+            worst = max(worst, ((o[s:e].double() - ref.transpose(0, 1)).abs().max() / ref.abs().max()).item())
+    out["attention"] = dict(
+        tuned=va._varlen_fwd_tuned.calls, direct=direct.calls, seen=direct.seen, keys=len(va._TUNED), rel=worst
+    )
+
+    # Fused up-projection + GELU (TMA path; the interpreter reports TMA as available).
+    small = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, EPI_SUBTILE=True, num_warps=4, num_stages=2)
+
+    def block_shapes(c, args):
+        # What the real autotuner's pre-hook does: the descriptors follow the config.
+        x_desc, w_desc, y_desc = args[:3]
+        x_desc.block_shape = [c["BLOCK_M"], c["BLOCK_K"]]
+        w_desc.block_shape = [c["BLOCK_N"], c["BLOCK_K"]]
+        y_desc.block_shape = [c["BLOCK_M"], c["BLOCK_N"] // 2]
+        return dict(c)
+
+    lg._tma_autotuned = StandIn(lg._linear_gelu_tma_kernel, small, block_shapes)
+    direct = Counting(lg._linear_gelu_tma_kernel)
+    lg._linear_gelu_tma_kernel = direct
+    worst = 0.0
+    for m, kk, n in ((40, 64, 96), (7, 64, 96), (40, 32, 64)):
+        x = torch.randn(m, kk, generator=g)
+        w = torch.randn(n, kk, generator=g) / kk**0.5
+        b = torch.randn(n, generator=g)
+        y = lg.launch_linear_gelu(x, w, b)
+        ref = F.gelu(F.linear(x.double(), w.double(), b.double()))
+        worst = max(worst, ((y.double() - ref).abs().max() / ref.abs().max()).item())
+    out["linear_gelu"] = dict(tuned=lg._tma_autotuned.calls, direct=direct.calls, keys=len(lg._TUNED_TMA), rel=worst)
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(s for s in proc.stdout.splitlines() if s.startswith("RESULT"))
+    return json.loads(line.removeprefix("RESULT"))
+
+
+def test_attention_tunes_once_per_head_dim_then_launches_the_tuned_config(results):
+    r = results["attention"]
+    # head_dim 16 twice, then 32: the autotuner runs for 16 and for 32; the second 16 launches directly.
+    assert (r["tuned"], r["direct"], r["keys"]) == (2, 1, 2)
+    assert r["seen"] == [{"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}]
+    assert r["rel"] < 1e-6
+
+
+def test_linear_gelu_tunes_once_per_shape_then_launches_the_tuned_config(results):
+    r = results["linear_gelu"]
+    # (N, K) = (96, 64) for M = 40 and M = 7 (one key), then (64, 32): two tunings, one direct launch.
+    assert (r["tuned"], r["direct"], r["keys"]) == (2, 1, 2)
+    assert r["rel"] < 1e-6
