@@ -29,6 +29,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
 )
 
 from .attention import BACKENDS, resolve_backend, rotary_packed_attention
+from .attention import swap_halves as swap_halves  # re-exported: it lived here before
 from .kernels.linear_gelu import linear_gelu
 from .packing import PackedLayout, validate_packed_input
 
@@ -219,13 +220,27 @@ class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         h = self.attention(self.norm1(x), cos, sin, layout, backend)
         x = self.drop_path(self.layer_scale1(h), layout) + x
-        if fused_mlp:
+        if fused_mlp and self.mlp_is_plain():
             # Up-projection, bias and exact GELU in one Triton GEMM (kernels/linear_gelu.py).
             mlp = self.mlp
             h = mlp.down_proj(linear_gelu(self.norm2(x), mlp.up_proj.weight, mlp.up_proj.bias))
         else:
             h = self.mlp(self.norm2(x))
         return self.drop_path(self.layer_scale2(h), layout) + x
+
+    def mlp_is_plain(self) -> bool:
+        """Whether the fused kernel computes exactly what `self.mlp` would: the Hugging Face GELU MLP with plain
+        `nn.Linear` projections and no hooks on them. A replaced or wrapped projection (LoRA adapters,
+        quantized layers) or a hook keeps the module path, so nothing attached to the MLP is bypassed."""
+        mlp = self.mlp
+        if type(mlp) is not DINOv3ViTMLP or type(mlp.up_proj) is not nn.Linear:
+            return False
+        modules = (mlp, mlp.up_proj, mlp.act_fn)
+        if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+            return False
+        from torch.nn.modules import module as module_globals
+
+        return not (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
 
 
 class DINOv3ViTPackedEncoder(nn.Module):
@@ -264,9 +279,11 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         fused_mlp: run each MLP's up-projection, bias and exact (erf) GELU as one Triton GEMM
             (`kernels/linear_gelu.py`) when the model runs on CUDA in fp16/bf16 without autograd; elsewhere
             the plain ops run. None (default) turns it on wherever it applies: plain GELU MLPs (ViT-S/B/L),
-            not the gated (SwiGLU) MLPs of ViT-H+ and 7B. On the H100 it made the compiled ViT-L forward 3-4%
-            faster (benchmarks/results/RESULTS.md). True on a gated MLP or another activation raises
-            ValueError. Settable after construction (validated the same way).
+            not the gated (SwiGLU) MLPs of ViT-H+ and 7B. On the H100 it made the compiled ViT-L forward 2-4%
+            faster (benchmarks/results/RESULTS.md). A block whose MLP has hooks or a replaced up-projection
+            (e.g. a LoRA adapter) runs its module instead, so nothing attached to it is bypassed. True on a
+            gated MLP or another activation raises ValueError. Settable after construction (validated the
+            same way).
     """
 
     main_input_name = "hidden_states"

@@ -79,3 +79,59 @@ def test_fused_mlp_defaults_to_where_the_kernel_applies(tiny, overrides, expecte
     assert model.fused_mlp is False
     model.fused_mlp = None  # back to auto
     assert model.fused_mlp is expected
+
+
+class _Wrapped(torch.nn.Linear):
+    """Stands for an adapter-wrapped projection (LoRA, quantized): a different module type."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+@pytest.mark.parametrize("attach", ["none", "mlp_hook", "up_pre_hook", "act_hook", "wrapped_up", "global_hook"])
+def test_fused_path_never_bypasses_what_is_attached_to_the_mlp(tiny, monkeypatch, attach):
+    from dinov3_packing import modeling
+
+    calls, fired = [], []
+
+    def counting_linear_gelu(x, weight, bias):
+        calls.append(weight.shape)
+        return linear_gelu(x, weight, bias)
+
+    monkeypatch.setattr(modeling, "linear_gelu", counting_linear_gelu)
+    torch.manual_seed(0)
+    model = DINOv3ViTPackingModel(tiny(num_hidden_layers=2)).eval()
+    mlp = model.model.layer[0].mlp
+    handle = None
+    if attach == "mlp_hook":
+        handle = mlp.register_forward_hook(lambda m, i, o: fired.append(1))
+    elif attach == "up_pre_hook":
+        handle = mlp.up_proj.register_forward_pre_hook(lambda m, i: fired.append(1))
+    elif attach == "act_hook":
+        handle = mlp.act_fn.register_forward_hook(lambda m, i, o: fired.append(1))
+    elif attach == "global_hook":
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: fired.append(1))
+    elif attach == "wrapped_up":
+        wrapped = _Wrapped(mlp.up_proj.in_features, mlp.up_proj.out_features)
+        wrapped.load_state_dict(mlp.up_proj.state_dict())
+        mlp.up_proj = wrapped
+    layout = PackedLayout.build([(1, 2, 3), (1, 3, 1)], model.num_prefix_tokens, "cpu")
+    x = torch.randn(layout.num_tokens, model.config.hidden_size)
+    cos, sin = model.rope_embeddings(layout, torch.float32)
+    try:
+        with torch.no_grad():
+            plain, _ = model.model(x, cos, sin, layout, "sdpa", fused_mlp=False)
+            fired.clear()
+            fused, _ = model.model(x, cos, sin, layout, "sdpa", fused_mlp=True)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if attach == "global_hook":
+        assert calls == [] and fired  # a global hook sees every module: no block fuses
+    elif attach == "none":
+        assert len(calls) == 2 and not fired
+    else:
+        # Block 0 keeps its module (the hook fires, the wrapper runs); block 1 still fuses.
+        assert len(calls) == 1
+        assert bool(fired) == (attach != "wrapped_up")
+    assert torch.equal(fused, plain)

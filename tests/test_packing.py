@@ -140,3 +140,31 @@ def test_embeddings_place_prefix_and_patch_rows():
         assert torch.equal(tokens[start], emb.cls_token[0, 0])
         assert torch.equal(tokens[start + 1 : start + 5], emb.register_tokens[0])
     assert_close(tokens[layout.patch_index], ref_patches)  # Linear vs HF's Conv2d: conftest tolerance
+
+
+@pytest.mark.parametrize("num_prefix", [1, 5])
+def test_packed_layout_equals_the_torch_ops_reference(num_prefix):
+    """`PackedLayout.build` (numpy) against the torch-ops implementation it replaced, kept in
+    benchmarks/layout_build_time.py: same values, dtypes and shapes on random grids (t > 1, single
+    segments, one-patch images)."""
+    import random
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "layout_build_time.py"
+    reference = runpy.run_path(str(script))["build_with_torch_ops"]
+    rng = random.Random(num_prefix)  # noqa: S311 - test grids, not cryptography
+    grids = [[(1, 1, 1)], [(3, 2, 5)], [(1, 48, 48)] * 3]
+    grids += [
+        [(rng.randint(1, 3), rng.randint(1, 9), rng.randint(1, 9)) for _ in range(rng.randint(1, 12))]
+        for _ in range(40)
+    ]
+    for grid in grids:
+        got = PackedLayout.build(grid, num_prefix, "cpu")
+        ref = reference(grid, num_prefix)
+        for name, want in ref.items():
+            have = getattr(got, name)
+            assert have.dtype == want.dtype and torch.equal(have, want), (grid, name)
+        assert torch.equal(got.cu_seqlens, ref["cu_seqlens_host"])
+        assert got.num_tokens == int(ref["cu_seqlens_host"][-1])
+        assert got.max_seqlen == int(ref["cu_seqlens_host"].diff().max())

@@ -51,7 +51,8 @@ SCRIPT = textwrap.dedent(
         def __getitem__(self, grid):
             def run(*args, **kwargs):
                 self.calls += 1
-                self.seen.append({k: kwargs[k] for k in ("BLOCK_N", "num_warps", "num_stages") if k in kwargs})
+                keys = ("BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SUBTILE", "num_warps", "num_stages")
+                self.seen.append({k: kwargs[k] for k in keys if k in kwargs})
                 return self.kernel[grid](*args, **kwargs)
             return run
 
@@ -66,7 +67,9 @@ SCRIPT = textwrap.dedent(
     lens = [3, 70, 129]
     cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
     worst = 0.0
-    for d in (16, 16, 32):
+    # head_dim 16 twice (one key), 32, then 16 with int64 cu_seqlens (the autotuner keys on dtypes too).
+    for d, cu_dtype in ((16, torch.int32), (16, torch.int32), (32, torch.int32), (16, torch.int64)):
+        cu = cu.to(cu_dtype)
         q, k, v = torch.randn(cu[-1].item(), 3, 2, d, generator=g).unbind(1)
         o = va.launch(q, k, v, cu)
         for s, e in itertools.pairwise(cu.tolist()):
@@ -91,14 +94,17 @@ SCRIPT = textwrap.dedent(
     direct = Counting(lg._linear_gelu_tma_kernel)
     lg._linear_gelu_tma_kernel = direct
     worst = 0.0
-    for m, kk, n in ((40, 64, 96), (7, 64, 96), (40, 32, 64)):
+    # (N, K) = (96, 64) at M = 40 and 7 (one key), (64, 32), then (96, 64) without a bias (another key).
+    for m, kk, n, has_bias in ((40, 64, 96, True), (7, 64, 96, True), (40, 32, 64, True), (40, 64, 96, False)):
         x = torch.randn(m, kk, generator=g)
         w = torch.randn(n, kk, generator=g) / kk**0.5
-        b = torch.randn(n, generator=g)
+        b = torch.randn(n, generator=g) if has_bias else None
         y = lg.launch_linear_gelu(x, w, b)
-        ref = F.gelu(F.linear(x.double(), w.double(), b.double()))
+        ref = F.gelu(F.linear(x.double(), w.double(), None if b is None else b.double()))
         worst = max(worst, ((y.double() - ref).abs().max() / ref.abs().max()).item())
-    out["linear_gelu"] = dict(tuned=lg._tma_autotuned.calls, direct=direct.calls, keys=len(lg._TUNED_TMA), rel=worst)
+    out["linear_gelu"] = dict(
+        tuned=lg._tma_autotuned.calls, direct=direct.calls, seen=direct.seen, keys=len(lg._TUNED_TMA), rel=worst
+    )
     print("RESULT" + json.dumps(out))
     """
 )
@@ -116,14 +122,17 @@ def results() -> dict:
 
 def test_attention_tunes_once_per_head_dim_then_launches_the_tuned_config(results):
     r = results["attention"]
-    # head_dim 16 twice, then 32: the autotuner runs for 16 and for 32; the second 16 launches directly.
-    assert (r["tuned"], r["direct"], r["keys"]) == (2, 1, 2)
+    # The second head_dim-16 launch reuses the first one's config; 32 and int64 cu_seqlens are new keys.
+    assert (r["tuned"], r["direct"], r["keys"]) == (3, 1, 3)
     assert r["seen"] == [{"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}]
     assert r["rel"] < 1e-6
 
 
 def test_linear_gelu_tunes_once_per_shape_then_launches_the_tuned_config(results):
     r = results["linear_gelu"]
-    # (N, K) = (96, 64) for M = 40 and M = 7 (one key), then (64, 32): two tunings, one direct launch.
-    assert (r["tuned"], r["direct"], r["keys"]) == (2, 1, 2)
+    # M = 7 reuses the M = 40 config; (64, 32) and the bias-free launch are new keys.
+    assert (r["tuned"], r["direct"], r["keys"]) == (3, 1, 3)
+    assert r["seen"] == [
+        {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "EPI_SUBTILE": True, "num_warps": 4, "num_stages": 2}
+    ]
     assert r["rel"] < 1e-6

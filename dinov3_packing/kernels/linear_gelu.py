@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -292,11 +293,18 @@ def _tma_compatible(*tensors: torch.Tensor) -> bool:
     return True
 
 
-# The config the TMA autotuner chose for each (N, K, dtype, bias, erf, device): later launches pass it to the
-# kernel directly, which skips the autotuner's per-call bookkeeping (25 us of host time per call on the H100's
-# host, benchmarks/results/host_overhead_h100.json). The autotuner keys on N and K (and the argument dtypes),
-# so the choice is the same.
+# The config the TMA autotuner chose for each key of `_tma_key`: later launches pass it to the kernel
+# directly, which skips the autotuner's per-call bookkeeping (25 us of host time per call on the H100's host,
+# benchmarks/results/host_overhead_h100.json). The key holds everything the autotuner keys on (N, K and the
+# dtype of every tensor argument) plus the bias flag, erf form and device, so the choice is the one it would
+# make. The pointer kernel (unaligned or pre-Hopper) keeps the autotuner.
 _TUNED_TMA: dict[tuple, dict] = {}
+_TUNING_LOCK = threading.Lock()
+
+
+def _tma_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, erf: str) -> tuple:
+    bias_dtype = None if bias is None else bias.dtype
+    return (weight.shape[0], x.shape[1], x.dtype, weight.dtype, bias_dtype, erf, x.device)
 
 
 def launch_linear_gelu(
@@ -349,7 +357,7 @@ def launch_linear_gelu(
         use_tma = False
 
     if use_tma:
-        key = (N, K, x.dtype, bias is not None, erf, x.device)
+        key = _tma_key(x, weight, bias, erf)
         if config is None and key in _TUNED_TMA:
             config = _TUNED_TMA[key]
         c = dict(config or CONFIGS[0])  # block shapes for the descriptors; the autotuner's pre-hook resets them
@@ -363,9 +371,10 @@ def launch_linear_gelu(
 
         args = (x_desc, w_desc, y_desc, b_arg, M, N, K)
         if config is None:
-            _tma_autotuned[grid](*args, **flags, NUM_SMS=num_sms)
-            best = _tma_autotuned.best_config
-            _TUNED_TMA[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+            with _TUNING_LOCK:  # `best_config` is the autotuner's last choice: read it before another launch
+                _tma_autotuned[grid](*args, **flags, NUM_SMS=num_sms)
+                best = _tma_autotuned.best_config
+                _TUNED_TMA[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
         else:
             _linear_gelu_tma_kernel[grid](*args, **flags, NUM_SMS=num_sms, **c)
         return y
@@ -458,9 +467,13 @@ def benchmark_linear_gelu(
         out = linear_gelu(x, w, b)  # autotunes once
         torch.cuda.synchronize()
         use_tma = TensorDescriptor is not None and _device_info(dev)[1] and _tma_compatible(x, w, out)
-        tuner = _tma_autotuned if use_tma else _ptr_autotuned
-        best = tuner.best_config
-        best_cfg = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+        if use_tma:
+            # The config this shape launches (the autotuner's `best_config` belongs to whichever shape it
+            # tuned last, and a cached key does not run the autotuner at all).
+            best_cfg = dict(_TUNED_TMA[_tma_key(x, w, b, "poly")])
+        else:
+            best = _ptr_autotuned.best_config
+            best_cfg = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
         h = F.linear(x, w, b)
         ms_linear = do_bench(lambda: F.linear(x, w, b), return_mode="median")
         ms_gelu = do_bench(lambda: F.gelu(h), return_mode="median")

@@ -21,6 +21,8 @@ backward raises.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 try:
@@ -159,11 +161,12 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
         raise ValueError(f"cu_seqlens: expected device {q.device} like q, got {cu_seqlens.device}")
 
 
-# The config the autotuner chose for each (head_dim, dtype, device): later launches pass it to the kernel
-# directly, which skips the autotuner's per-call bookkeeping (21 us of host time per call on the H100's
-# host, benchmarks/results/host_overhead_h100.json). The autotuner keys on head_dim alone, so the choice is
-# the same.
+# The config the autotuner chose for each key: later launches pass it to the kernel directly, which skips
+# the autotuner's per-call bookkeeping (21 us of host time per call on the H100's host,
+# benchmarks/results/host_overhead_h100.json). The key holds everything the autotuner keys on (head_dim and
+# the dtype of every tensor argument) plus the device, so the choice is the one it would make.
 _TUNED: dict[tuple, dict] = {}
+_TUNING_LOCK = threading.Lock()
 
 
 def launch(
@@ -200,13 +203,14 @@ def launch(
         out.stride(1),
     )
     seg_p2 = triton.next_power_of_2(num_segments)
-    key = (d, q.dtype, q.device)
+    key = (d, q.dtype, k.dtype, v.dtype, cu_seqlens.dtype, q.device)
     if config is None and key in _TUNED:
         config = _TUNED[key]
     if config is None:
-        _varlen_fwd_tuned[grid](*args, HEAD_DIM=d, SEG_P2=seg_p2, BLOCK_M=BLOCK_M)
-        best = _varlen_fwd_tuned.best_config
-        _TUNED[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+        with _TUNING_LOCK:  # `best_config` is the autotuner's last choice: read it before another launch
+            _varlen_fwd_tuned[grid](*args, HEAD_DIM=d, SEG_P2=seg_p2, BLOCK_M=BLOCK_M)
+            best = _varlen_fwd_tuned.best_config
+            _TUNED[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
     else:
         _varlen_fwd_kernel[grid](
             *args,
