@@ -51,3 +51,31 @@ def test_sdpa_path_equals_sdpa_per_segment():
     for start, end in itertools.pairwise(layout.cu_seqlens_host.tolist()):
         ref = F.scaled_dot_product_attention(*(x[start:end].transpose(0, 1) for x in (q, k, v))).transpose(0, 1)
         assert_close(out[start:end], ref, rel_tol=1e-6)
+
+
+def test_rotary_packed_attention_is_hf_rope_then_per_segment_attention():
+    """`apply_rope` with the model's signed table equals Hugging Face's `x * cos + rotate_half(x) * sin`, and
+    `rotary_packed_attention` is that rotation of q and k (not v) followed by attention per segment."""
+    from transformers.models.dinov3_vit.modeling_dinov3_vit import rotate_half
+
+    from dinov3_packing.attention import apply_rope, rotary_packed_attention
+
+    g = torch.Generator().manual_seed(0)
+    layout = PackedLayout.build([(1, 2, 3), (1, 1, 4), (1, 3, 3)], 2, "cpu")
+    t, h, d = layout.num_tokens, 2, 8
+    qkv = torch.randn(t, 3, h, d, generator=g)
+    angles = torch.rand(t, d // 2, generator=g).mul(6.3).tile(2)
+    cos, sin = angles.cos(), angles.sin()
+    sin_signed = torch.cat([-sin[:, : d // 2], sin[:, d // 2 :]], 1)
+    q, k, v = qkv.unbind(1)
+    q_hf, k_hf = (x * cos[:, None] + rotate_half(x) * sin[:, None] for x in (q, k))
+    assert_close(apply_rope(q, cos, sin_signed), q_hf, rel_tol=1e-6)
+    out = rotary_packed_attention(qkv, cos, sin_signed, layout, "sdpa")
+    starts = layout.cu_seqlens_host.tolist()
+    ref = torch.cat(
+        [
+            F.scaled_dot_product_attention(*(x[s:e].transpose(0, 1) for x in (q_hf, k_hf, v))).transpose(0, 1)
+            for s, e in itertools.pairwise(starts)
+        ]
+    )
+    assert_close(out, ref, rel_tol=1e-6)
