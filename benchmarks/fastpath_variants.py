@@ -25,7 +25,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-HEADS, HEAD_DIM = 16, 64
 DEFAULT_VARIANTS = ["0/default", "1/default", "1/reduce-overhead", "0/reduce-overhead"]
 
 

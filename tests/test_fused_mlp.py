@@ -15,7 +15,9 @@ from dinov3_packing.modeling import DINOv3ViTPackingModel
 from dinov3_packing.packing import PackedLayout
 
 
-def test_stack_with_fused_mlp_equals_the_module_path(tiny, monkeypatch):
+@pytest.fixture
+def fused_calls(monkeypatch) -> list:
+    """The weight shapes `modeling.linear_gelu` (the fused path) is called with, in order."""
     from dinov3_packing import modeling
 
     calls = []
@@ -25,6 +27,11 @@ def test_stack_with_fused_mlp_equals_the_module_path(tiny, monkeypatch):
         return linear_gelu(x, weight, bias)
 
     monkeypatch.setattr(modeling, "linear_gelu", counting_linear_gelu)
+    return calls
+
+
+def test_stack_with_fused_mlp_equals_the_module_path(tiny, fused_calls):
+    calls = fused_calls
     torch.manual_seed(0)
     model = DINOv3ViTPackingModel(tiny(num_hidden_layers=3)).eval()
     layout = PackedLayout.build([(1, 2, 3), (1, 1, 1), (1, 4, 2)], model.num_prefix_tokens, "cpu")
@@ -89,16 +96,8 @@ class _Wrapped(torch.nn.Linear):
 
 
 @pytest.mark.parametrize("attach", ["none", "mlp_hook", "up_pre_hook", "act_hook", "wrapped_up", "global_hook"])
-def test_fused_path_never_bypasses_what_is_attached_to_the_mlp(tiny, monkeypatch, attach):
-    from dinov3_packing import modeling
-
-    calls, fired = [], []
-
-    def counting_linear_gelu(x, weight, bias):
-        calls.append(weight.shape)
-        return linear_gelu(x, weight, bias)
-
-    monkeypatch.setattr(modeling, "linear_gelu", counting_linear_gelu)
+def test_fused_path_never_bypasses_what_is_attached_to_the_mlp(tiny, fused_calls, attach):
+    calls, fired = fused_calls, []
     torch.manual_seed(0)
     model = DINOv3ViTPackingModel(tiny(num_hidden_layers=2)).eval()
     mlp = model.model.layer[0].mlp
