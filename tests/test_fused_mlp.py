@@ -134,3 +134,19 @@ def test_fused_path_never_bypasses_what_is_attached_to_the_mlp(tiny, fused_calls
         assert len(calls) == 1
         assert bool(fired) == (attach != "wrapped_up")
     assert torch.equal(fused, plain)
+
+
+def test_fused_path_traces_as_one_graph(tiny, fused_calls):
+    """`compile_model` compiles the stack with fullgraph=True: the fused path's checks (module types, hooks)
+    must trace without a graph break, on the CPU as on the GPU."""
+    torch.manual_seed(0)
+    model = DINOv3ViTPackingModel(tiny(num_hidden_layers=2)).eval()
+    layout = PackedLayout.build([(1, 2, 3), (1, 3, 1)], model.num_prefix_tokens, "cpu")
+    x = torch.randn(layout.num_tokens, model.config.hidden_size)
+    cos, sin = model.rope_embeddings(layout, torch.float32)
+    compiled = torch.compile(model.model.forward, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        eager, _ = model.model(x, cos, sin, layout, "sdpa", fused_mlp=True)
+        traced, _ = compiled(x, cos, sin, layout, "sdpa", fused_mlp=True)
+    assert len(fused_calls) >= 3  # two from the eager call, then the traced call took the fused path too
+    assert torch.equal(traced, eager)
