@@ -57,8 +57,12 @@ def load_packing_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     attn_backend: str = "auto",
+    fused_mlp: bool | None = None,
 ) -> DINOv3ViTPackingModel:
     """Build a `DINOv3ViTPackingModel` from any checkpoint spelling above, in eval mode.
+
+    `attn_backend` and `fused_mlp` are the model's (see `DINOv3ViTPackingModel`); `fused_mlp=None` (default)
+    runs the fused up-projection + GELU kernel wherever it applies, False never.
 
     Raises:
         TypeError: ckpt is not a string.
@@ -86,6 +90,7 @@ def load_packing_model(
             model = _from_pretrained(ckpt, attn_backend)
         else:
             raise ValueError(f"ckpt: {ckpt!r} is not a file, a folder, a Hub id or random:<arch>")
+    model.fused_mlp = fused_mlp  # validated by the model
     return model.to(device=device, dtype=dtype).eval()
 
 

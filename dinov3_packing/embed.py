@@ -120,6 +120,7 @@ def embed(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     attn_backend: str = "auto",
+    fused_mlp: bool | None = None,
     workers: int = 4,
     shard_size: int = 1000,
     overwrite: bool = False,
@@ -140,6 +141,8 @@ def embed(
         batch_tokens: token budget of one forward (prefix tokens included), see `budget.py`.
         oversize: "own" or "error" for an image above `batch_tokens`.
         device, dtype: default CUDA (`cuda:LOCAL_RANK`) in bf16 when available, else CPU in fp32.
+        attn_backend, fused_mlp: the model's (`DINOv3ViTPackingModel`); `fused_mlp=False` keeps cuBLAS + GELU
+            in the MLPs instead of the fused Triton kernel.
         workers: DataLoader decoding processes per rank (0: decode in the main process).
         shard_size: images per shard (a shard also closes at 1 GiB of patch maps).
         overwrite: delete earlier results in `out` first instead of resuming.
@@ -171,7 +174,7 @@ def embed(
     rank, world, owns_group, device = _init_distributed(device)
     try:
         dtype = dtype or default_dtype(device)
-        model = load_packing_model(ckpt, device, dtype, attn_backend)
+        model = load_packing_model(ckpt, device, dtype, attn_backend, fused_mlp)
         preprocessor = Preprocessor.for_checkpoint(
             resolve_alias(ckpt),
             patch_size=model.patch_size,
@@ -545,6 +548,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default cuda:LOCAL_RANK when available, else cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bfloat16 on CUDA, else float32")
     parser.add_argument("--attn-backend", default="auto", help="auto, triton, varlen, flash_attn or sdpa")
+    parser.add_argument(
+        "--no-fused-mlp", action="store_true", help="MLPs as cuBLAS GEMM + GELU instead of the fused Triton kernel"
+    )
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     parser.add_argument("--limit", type=int, default=None, help="embed at most N of the images still to do")
@@ -570,6 +576,7 @@ def run_cli(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         attn_backend=args.attn_backend,
+        fused_mlp=False if args.no_fused_mlp else None,
         workers=args.workers,
         shard_size=args.shard_size,
         overwrite=args.overwrite,

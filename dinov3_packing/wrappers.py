@@ -22,6 +22,8 @@ class DINOv3ViTPacking(nn.Module):
         device: default CUDA when available, else CPU.
         dtype: default bf16 on CUDA, fp32 on CPU.
         attn_backend: "auto", "triton", "varlen", "flash_attn" or "sdpa".
+        fused_mlp: as in `DINOv3ViTPackingModel`: None (default) runs the fused up-projection + GELU kernel
+            wherever it applies, False never.
 
     Attributes:
         model: the underlying `DINOv3ViTPackingModel`.
@@ -35,10 +37,11 @@ class DINOv3ViTPacking(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         attn_backend: str = "auto",
+        fused_mlp: bool | None = None,
     ):
         super().__init__()
         device = parse_device(device)
-        self.model = load_packing_model(ckpt, device, dtype or default_dtype(device), attn_backend)
+        self.model = load_packing_model(ckpt, device, dtype or default_dtype(device), attn_backend, fused_mlp)
         self.patch_size = self.model.patch_size
         self.image_mean, self.image_std = normalization_for(resolve_alias(ckpt))
 

@@ -257,3 +257,16 @@ def test_online_hub_failure_is_one_sentence(monkeypatch):
     msg = str(err.value)
     assert "\n" not in msg and "couldn't connect" in msg and "random:" in msg
     assert logging.getLogger("huggingface_hub").level != logging.CRITICAL  # the silencing is undone
+
+
+@pytest.mark.parametrize(
+    ("arch", "fused_mlp", "expected"), [("vits16", None, True), ("vits16", False, False), ("vits16plus", None, False)]
+)
+def test_load_packing_model_sets_fused_mlp(arch, fused_mlp, expected):
+    """None (default) turns the fused MLP kernel on where it applies (ViT-S: GELU; ViT-S+: SwiGLU, no)."""
+    assert load_packing_model(f"random:{arch}", fused_mlp=fused_mlp).fused_mlp is expected
+
+
+def test_load_packing_model_refuses_fused_mlp_on_a_gated_mlp():
+    with pytest.raises(ValueError, match=r"fused_mlp: .*gated"):
+        load_packing_model("random:vits16plus", fused_mlp=True)

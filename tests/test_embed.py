@@ -202,3 +202,23 @@ def test_list_images_sources(tmp_path):
 def test_bad_arguments_named(tmp_path, kwargs, error, arg):
     with pytest.raises(error, match=arg):
         embed(DATA, tmp_path, **{"device": "cpu", "progress": False, **kwargs})
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-fused-mlp"], False)])
+def test_cli_fused_mlp_switch_reaches_the_model(tmp_path, tiny_ckpt, monkeypatch, flag, expected):
+    from dinov3_packing import embed as embed_module
+
+    built = []
+
+    def recording_load(*args, **kwargs):
+        model = load_packing_model(*args, **kwargs)
+        built.append(model.fused_mlp)
+        return model
+
+    monkeypatch.setattr(embed_module, "load_packing_model", recording_load)
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(DATA / "camera_gray.png", src / "a.png")
+    options = ["--ckpt", tiny_ckpt, "--workers", "0", "--no-progress", *flag]
+    assert main(["embed", str(src), "--out", str(tmp_path / "out"), *options]) == 0
+    assert built == [expected]
