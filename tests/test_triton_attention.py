@@ -41,21 +41,27 @@ KERNEL_CHECK = textwrap.dedent(
     ones = [1] * 40
     rand = [int(n) for n in torch.randint(1, 40, (300,), generator=g)]
     results = []
-    for lens, dtype, heads, d, block_n, cu_dtype in [
-        (lens, torch.float32, 3, 32, 32, torch.int32),
-        (lens, torch.float32, 2, 64, 64, torch.int32),
-        (lens, torch.float32, 1, 16, 128, torch.int64),
-        (lens, torch.float16, 2, 32, 64, torch.int32),
-        (aligned, torch.float32, 1, 16, 64, torch.int32),
-        (empty, torch.float32, 1, 16, 32, torch.int64),
-        (ones, torch.float32, 2, 16, 32, torch.int32),
-        (rand, torch.float32, 1, 16, 32, torch.int32),
+    # The last field: other config keys (a 64-row query block; the scale applied to every score before the
+    # row max, the form before the scale moved into exp2's FMA).
+    for lens, dtype, heads, d, block_n, cu_dtype, extra in [
+        (lens, torch.float32, 3, 32, 32, torch.int32, {}),
+        (lens, torch.float32, 2, 64, 64, torch.int32, {}),
+        (lens, torch.float32, 1, 16, 128, torch.int64, {}),
+        (lens, torch.float16, 2, 32, 64, torch.int32, {}),
+        (aligned, torch.float32, 1, 16, 64, torch.int32, {}),
+        (empty, torch.float32, 1, 16, 32, torch.int64, {}),
+        (ones, torch.float32, 2, 16, 32, torch.int32, {}),
+        (rand, torch.float32, 1, 16, 32, torch.int32, {}),
+        (lens, torch.float32, 2, 64, 64, torch.int32, {"FOLD_SCALE": False}),
+        (lens, torch.float16, 2, 32, 64, torch.int32, {"FOLD_SCALE": False}),
+        (lens, torch.float32, 2, 32, 32, torch.int32, {"BLOCK_M": 64}),
+        (aligned, torch.float32, 1, 16, 64, torch.int64, {"BLOCK_M": 64}),
     ]:
         cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=cu_dtype)
         # q, k, v as strided views of one [T, 3, H, D] tensor, as the model passes them.
         qkv = torch.randn(cu[-1].item(), 3, heads, d, generator=g).to(dtype)
         q, k, v = qkv.unbind(1)
-        out = launch(q, k, v, cu, config={"BLOCK_N": block_n})
+        out = launch(q, k, v, cu, config={"BLOCK_N": block_n, **extra})
         worst = 0.0
         for (s, e) in itertools.pairwise(cu.tolist()):
             if e == s:
@@ -79,7 +85,7 @@ def test_kernel_matches_sdpa_per_segment_under_the_interpreter():
     import json
 
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 8
+    assert len(results) == 12
     for r in results:
         tol = 1e-6 if r["dtype"] == "torch.float32" else 1e-3
         assert r["finite"], r

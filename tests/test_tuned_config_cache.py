@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent(
         def __getitem__(self, grid):
             def run(*args, **kwargs):
                 self.calls += 1
-                keys = ("BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SUBTILE", "num_warps", "num_stages")
+                keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SUBTILE", "num_warps", "num_stages")
                 self.seen.append({k: kwargs[k] for k in keys if k in kwargs})
                 return self.kernel[grid](*args, **kwargs)
             return run
@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent(
     g = torch.Generator().manual_seed(0)
 
     # Attention.
-    cfg = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     va._varlen_fwd_tuned = StandIn(va._varlen_fwd_kernel, cfg, lambda c, a: dict(c))
     direct = Counting(va._varlen_fwd_kernel)
     va._varlen_fwd_kernel = direct
@@ -83,12 +83,13 @@ SCRIPT = textwrap.dedent(
     small = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, EPI_SUBTILE=True, num_warps=4, num_stages=2)
 
     def block_shapes(c, args):
-        # What the real autotuner's pre-hook does: the descriptors follow the config.
+        # What the real autotuner's pre-hook and heuristic do: the descriptors follow the config, EVEN_N the
+        # config's BLOCK_N.
         x_desc, w_desc, y_desc = args[:3]
         x_desc.block_shape = [c["BLOCK_M"], c["BLOCK_K"]]
         w_desc.block_shape = [c["BLOCK_N"], c["BLOCK_K"]]
         y_desc.block_shape = [c["BLOCK_M"], c["BLOCK_N"] // 2]
-        return dict(c)
+        return dict(c, EVEN_N=args[5] % c["BLOCK_N"] == 0)
 
     lg._tma_autotuned = StandIn(lg._linear_gelu_tma_kernel, small, block_shapes)
     direct = Counting(lg._linear_gelu_tma_kernel)
@@ -124,7 +125,7 @@ def test_attention_tunes_once_per_head_dim_then_launches_the_tuned_config(result
     r = results["attention"]
     # The second head_dim-16 launch reuses the first one's config; 32 and int64 cu_seqlens are new keys.
     assert (r["tuned"], r["direct"], r["keys"]) == (3, 1, 3)
-    assert r["seen"] == [{"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}]
+    assert r["seen"] == [{"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}]
     assert r["rel"] < 1e-6
 
 
@@ -133,6 +134,14 @@ def test_linear_gelu_tunes_once_per_shape_then_launches_the_tuned_config(results
     # M = 7 reuses the M = 40 config; (64, 32) and the bias-free launch are new keys.
     assert (r["tuned"], r["direct"], r["keys"]) == (3, 1, 3)
     assert r["seen"] == [
-        {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "EPI_SUBTILE": True, "num_warps": 4, "num_stages": 2}
+        {
+            "BLOCK_M": 16,
+            "BLOCK_N": 32,
+            "BLOCK_K": 32,
+            "GROUP_M": 4,
+            "EPI_SUBTILE": True,
+            "num_warps": 4,
+            "num_stages": 2,
+        }
     ]
     assert r["rel"] < 1e-6

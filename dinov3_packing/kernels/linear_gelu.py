@@ -21,6 +21,16 @@ resulting GELU is within 5e-7 absolute of the fp64 truth, as is torch's fp32 ``F
 M=60038, K=1024, N=4096 bf16 shape, nearly all of the gain over cuBLAS + ``F.gelu`` (0.135 ms); ``erf="libdevice"`` in
 :func:`launch_linear_gelu` still selects it.
 
+The default (``erf="fold"``) folds the 1/sqrt(2) and the 1/2 into the same polynomial's coefficients and
+exponent: ``gelu(v) = relu(v) - |v| * 2**-(t' * Q'(t') + 1)``, ``t' = min(|v|, 4 * sqrt(2))``. Per element that is
+10 FMAs, 2 min/max and one ex2 with no compare, select or extra multiplies (13 fp32 instructions and one ex2
+against 18 and one for ``erf="poly"``, read from the sm_90 SASS), and it lands closer to the fp64 truth (2.4e-7
+against 4.5e-7 absolute over [-14, 14]). On the H100 it took the fused kernel from 0.191 to 0.177 ms at ViT-S's
+shape and from 0.555 to 0.536 ms at ViT-B's; at ViT-L's the two forms were within that run's spread (0.86-0.95 ms
+across configs), and end to end it took the compiled ViT-L mixed-64 forward from 92.05 to 90.63 ms, medians of 40
+interleaved calls (``benchmarks/results/kernel_variants_h100.jsonl``). Bias loads are unmasked when ``N`` is a
+multiple of the block width.
+
 Measured with :func:`benchmark_linear_gelu` (one H100 80GB HBM3, torch 2.11, Triton 3.6, bf16, medians in ms;
 cuBLAS alone varied 0.65-0.78 ms across runs on the first shape):
 
@@ -85,13 +95,17 @@ __all__ = [
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 # TMA persistent kernel, measured on H100 (bf16, M=60038): 128x256x64 with a split epilogue leads for K=1024
-# (0.89 ms, 4 stages) and K=384 (0.20 ms); 128x128x64 is the alternative for narrow N. Keyed on (N, K) only: the
-# token count M varies per batch and must not trigger a re-tune. 128x256x64 at 4 stages = 192 KB shared memory.
+# (0.86-0.93 ms, 4 stages; GROUP_M 4 or 16 and 3 stages within the run-to-run spread) and K=384 (0.18 ms);
+# 128x128x64 is the alternative for narrow N (benchmarks/results/kernel_variants_h100.jsonl). Keyed on (N, K)
+# only: the token count M varies per batch and must not trigger a re-tune. 128x256x64 at 4 stages = 192 KB of
+# shared memory.
 CONFIGS: list[dict] = [
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=True, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=True, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=False, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=True, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=4, EPI_SUBTILE=True, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=16, EPI_SUBTILE=True, num_warps=8, num_stages=4),
 ]
 # Pointer kernel (unaligned shapes, pre-Hopper GPUs).
 PTR_CONFIGS: list[dict] = [
@@ -125,21 +139,49 @@ if triton is not None:
         return tl.where(u < 0, -r, r)
 
     @triton.jit
-    def _gelu_f32(v, ERF_POLY: tl.constexpr):
-        """Exact GELU 0.5 * v * (1 + erf(v / sqrt(2))) of an fp32 tensor."""
+    def _gelu_folded(v):
+        """Exact GELU of an fp32 tensor with the erf polynomial folded in (``erf="fold"``).
+
+        With E = 2**(-t * Q(t)) (the polynomial of :func:`_erf_poly`, 1 - |erf|), GELU is v - v * E / 2 for
+        v >= 0 and v * E / 2 below, i.e. ``relu(v) - |v| * 2**(-(t' * Q'(t') + 1))`` with ``t' = min(|v|, 4 * sqrt(2))``
+        and ``Q'_k = Q_k * 2**(-(k + 1) / 2)`` (the 1/sqrt(2) and the 1/2 moved into the polynomial and the
+        exponent): 8 FMAs, one more FMA, one ex2, one max and one FMA per element, no compare or select.
+        """
+        t = tl.minimum(tl.abs(v), 5.656854249492381)
+        q = -5.128408924816711e-07
+        q = q * t + 9.55991799855837e-06
+        q = q * t - 7.497192748298707e-05
+        q = q * t + 0.00028434165869839473
+        q = q * t - 1.4980165308372113e-05
+        q = q * t - 0.006931130308657882
+        q = q * t + 0.05243477306021378
+        q = q * t + 0.459221452474594
+        q = q * t + 1.151104274111107
+        e = tl.exp2(-(q * t + 1.0))
+        return tl.maximum(v, 0.0) - tl.abs(v) * e
+
+    @triton.jit
+    def _gelu_f32(v, GELU: tl.constexpr):
+        """Exact GELU 0.5 * v * (1 + erf(v / sqrt(2))) of an fp32 tensor; GELU: 0 libdevice erf, 1 erf
+        polynomial, 2 the folded form."""
+        if GELU == 2:
+            return _gelu_folded(v)
         u = v * 0.7071067811865476
-        if ERF_POLY:
+        if GELU == 1:
             e = _erf_poly(u)
         else:
             e = tl.math.erf(u)
         return 0.5 * v * (1.0 + e)
 
     @triton.jit
-    def _bias_gelu(acc, b_ptr, offs_n, N, HAS_BIAS: tl.constexpr, ERF_POLY: tl.constexpr):
+    def _bias_gelu(acc, b_ptr, offs_n, N, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, EVEN_N: tl.constexpr):
         if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            if EVEN_N:  # no column tail: unmasked loads (no per-element compare and predicate)
+                bias = tl.load(b_ptr + offs_n).to(tl.float32)
+            else:
+                bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
             acc = acc + bias[None, :]
-        return _gelu_f32(acc, ERF_POLY)
+        return _gelu_f32(acc, GELU)
 
     @triton.jit
     def _tile_pid(tile_id, num_pid_in_group, num_pid_m, GROUP_M: tl.constexpr):
@@ -161,7 +203,8 @@ if triton is not None:
         N,
         K,
         HAS_BIAS: tl.constexpr,
-        ERF_POLY: tl.constexpr,
+        GELU: tl.constexpr,
+        EVEN_N: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -197,12 +240,12 @@ if triton is not None:
                 halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
                 acc0, acc1 = tl.split(halves)
                 offs0 = off_n + tl.arange(0, BLOCK_N // 2)
-                y0 = _bias_gelu(acc0, b_ptr, offs0, N, HAS_BIAS, ERF_POLY)
+                y0 = _bias_gelu(acc0, b_ptr, offs0, N, HAS_BIAS, GELU, EVEN_N)
                 y_desc.store([off_m, off_n], y0.to(y_desc.dtype))
-                y1 = _bias_gelu(acc1, b_ptr, offs0 + BLOCK_N // 2, N, HAS_BIAS, ERF_POLY)
+                y1 = _bias_gelu(acc1, b_ptr, offs0 + BLOCK_N // 2, N, HAS_BIAS, GELU, EVEN_N)
                 y_desc.store([off_m, off_n + BLOCK_N // 2], y1.to(y_desc.dtype))
             else:
-                y = _bias_gelu(acc, b_ptr, off_n + tl.arange(0, BLOCK_N), N, HAS_BIAS, ERF_POLY)
+                y = _bias_gelu(acc, b_ptr, off_n + tl.arange(0, BLOCK_N), N, HAS_BIAS, GELU, EVEN_N)
                 y_desc.store([off_m, off_n], y.to(y_desc.dtype))
 
     @triton.jit
@@ -218,7 +261,7 @@ if triton is not None:
         stride_wn,
         stride_ym,
         HAS_BIAS: tl.constexpr,
-        ERF_POLY: tl.constexpr,
+        GELU: tl.constexpr,
         EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -251,7 +294,7 @@ if triton is not None:
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
 
-        acc = _bias_gelu(acc, b_ptr, offs_n, N, HAS_BIAS, ERF_POLY)
+        acc = _bias_gelu(acc, b_ptr, offs_n, N, HAS_BIAS, GELU, False)
         y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -268,7 +311,7 @@ if triton is not None:
         return triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=pre_hook)
 
     _tma_autotuned = triton.autotune(configs=[_triton_config(c, _set_desc_blocks) for c in CONFIGS], key=["N", "K"])(
-        _linear_gelu_tma_kernel
+        triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})(_linear_gelu_tma_kernel)
     )
     _ptr_autotuned = triton.autotune(configs=[_triton_config(c) for c in PTR_CONFIGS], key=["N", "K"])(
         triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_linear_gelu_ptr_kernel)
@@ -302,6 +345,11 @@ _TUNED_TMA: dict[tuple, dict] = {}
 _TUNING_LOCK = threading.Lock()
 
 
+# The `erf` argument of the launcher: the kernel's GELU constexpr.
+_GELU_FORMS = {"libdevice": 0, "poly": 1, "fold": 2}
+DEFAULT_ERF = "fold"
+
+
 def _tma_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, erf: str) -> tuple:
     bias_dtype = None if bias is None else bias.dtype
     return (weight.shape[0], x.shape[1], x.dtype, weight.dtype, bias_dtype, erf, x.device)
@@ -314,22 +362,23 @@ def launch_linear_gelu(
     config: dict | None = None,
     *,
     kernel: str = "auto",
-    erf: str = "poly",
+    erf: str | None = None,
 ) -> torch.Tensor:
     """Run the Triton kernel on a 2-D ``x [M, K]``, ``weight [N, K]``, ``bias [N]`` or None; returns ``[M, N]``.
 
     ``kernel``: "tma" (persistent TMA kernel), "ptr" (pointer kernel) or "auto" (TMA when the device has it and
     the tensors are 16-byte aligned, else pointer). ``config``: one entry of :data:`CONFIGS` (TMA) or
     :data:`PTR_CONFIGS` (pointer; BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, optional num_warps / num_stages) runs that
-    configuration; None autotunes over the list (keyed on N and K). ``erf``: "poly" (default, see the module
-    docstring) or "libdevice" (``tl.math.erf``). No dtype / device policy here: callers go through
+    configuration; None autotunes over the list (keyed on N and K). ``erf``: "fold" (the default,
+    :data:`DEFAULT_ERF`), "poly" or "libdevice" (``tl.math.erf``); see the module docstring. No dtype / device policy here: callers go through
     :func:`linear_gelu` or the custom op. Under ``TRITON_INTERPRET=1`` this runs on CPU tensors (pass ``config``).
     """
     if triton is None:
         raise RuntimeError("linear_gelu kernel needs Triton, which is not installed")
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_gelu: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match")
-    if kernel not in ("auto", "tma", "ptr") or erf not in ("poly", "libdevice"):
+    erf = DEFAULT_ERF if erf is None else erf
+    if kernel not in ("auto", "tma", "ptr") or erf not in _GELU_FORMS:
         raise ValueError(f"linear_gelu: kernel={kernel!r}, erf={erf!r}")
     M, K = x.shape
     N = weight.shape[0]
@@ -347,7 +396,7 @@ def launch_linear_gelu(
     if K == 0:
         return y.copy_(linear_gelu_reference(x, weight, bias))
     b_arg = bias if bias is not None else y  # never read when HAS_BIAS is False
-    flags = dict(HAS_BIAS=bias is not None, ERF_POLY=erf == "poly")
+    flags = dict(HAS_BIAS=bias is not None, GELU=_GELU_FORMS[erf])
 
     num_sms, has_tma = _device_info(x.device)
     use_tma = TensorDescriptor is not None and has_tma and _tma_compatible(x, weight, y)
@@ -376,7 +425,7 @@ def launch_linear_gelu(
                 best = _tma_autotuned.best_config
                 _TUNED_TMA[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
         else:
-            _linear_gelu_tma_kernel[grid](*args, **flags, NUM_SMS=num_sms, **c)
+            _linear_gelu_tma_kernel[grid](*args, **flags, EVEN_N=N % c["BLOCK_N"] == 0, NUM_SMS=num_sms, **c)
         return y
 
     def grid(meta):
@@ -470,7 +519,7 @@ def benchmark_linear_gelu(
         if use_tma:
             # The config this shape launches (the autotuner's `best_config` belongs to whichever shape it
             # tuned last, and a cached key does not run the autotuner at all).
-            best_cfg = dict(_TUNED_TMA[_tma_key(x, w, b, "poly")])
+            best_cfg = dict(_TUNED_TMA[_tma_key(x, w, b, DEFAULT_ERF)])
         else:
             best = _ptr_autotuned.best_config
             best_cfg = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}

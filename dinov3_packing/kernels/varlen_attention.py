@@ -31,8 +31,13 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
-# The query-block height every config uses; the virtual block numbering depends on it.
+# The query-block height of an explicit `config` without "BLOCK_M"; the virtual block numbering (and so the
+# grid) depends on it. The tuned configs carry their own.
 BLOCK_M = 128
+# The softmax scale enters as one FMA per score inside exp2's argument (the row max is taken over the raw
+# scores); False scales every score first, the form before 2026-11-25, kept for A/B runs
+# (benchmarks/kernel_variants.py).
+FOLD_SCALE = True
 
 
 def triton_available() -> bool:
@@ -42,9 +47,20 @@ def triton_available() -> bool:
 if triton is not None:
 
     def _configs():
+        # (BLOCK_M, BLOCK_N, warps, stages). On the H100 (benchmarks/results/kernel_variants_h100.jsonl) the
+        # 64-row block with 4 warps ties the 128-row one with 8 on mixed-64 (0.770 vs 0.771 ms) and leads on
+        # uniform packs (0.075 vs 0.080 ms at 64 x 224, 0.392 vs 0.406 ms at 32 x 512).
         return [
-            triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in [(64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (128, 8, 2), (32, 4, 3)]
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [
+                (128, 64, 4, 3),
+                (128, 64, 8, 3),
+                (128, 128, 8, 3),
+                (128, 64, 4, 4),
+                (128, 128, 8, 2),
+                (128, 32, 4, 3),
+                (64, 64, 4, 3),
+            ]
         ]
 
     @triton.jit
@@ -68,6 +84,7 @@ if triton is not None:
         SEG_P2: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        FOLD_SCALE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         head = tl.program_id(1)
@@ -100,9 +117,16 @@ if triton is not None:
         full = (length // BLOCK_N) * BLOCK_N
         for _ in range(0, full, BLOCK_N):
             k = tl.load(k_ptrs)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.math.exp2(s - m_new[:, None])
+            if FOLD_SCALE:
+                # The row max of the raw scores times the (positive) scale is the max of the scaled ones, so
+                # the scale enters only through one FMA per score inside exp2's argument.
+                s = tl.dot(q, tl.trans(k))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+                p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            else:
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptrs)
@@ -114,10 +138,9 @@ if triton is not None:
         if full < length:
             valid = full + offs_n < length
             k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.math.exp2(s - m_new[:, None])
+            s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
@@ -177,14 +200,13 @@ def launch(
     out: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """Run the kernel. `config` (`BLOCK_N`, `num_warps`, `num_stages`) skips autotuning; tests use it
-    under the Triton interpreter."""
+    """Run the kernel. `config` (`BLOCK_N`, `num_warps`, `num_stages`, optional `BLOCK_M`, `FOLD_SCALE`) skips
+    autotuning; tests use it under the Triton interpreter."""
     check_inputs(q, k, v, cu_seqlens)
     total, heads, d = q.shape
     num_segments = cu_seqlens.shape[0] - 1
     if out is None:
         out = torch.empty(total, heads, d, device=q.device, dtype=q.dtype)
-    grid = (total // BLOCK_M + num_segments, heads)
     args = (
         q,
         k,
@@ -207,17 +229,24 @@ def launch(
     if config is None and key in _TUNED:
         config = _TUNED[key]
     if config is None:
+
+        def grid(meta):  # the block height is part of each config
+            return (total // meta["BLOCK_M"] + num_segments, heads)
+
         with _TUNING_LOCK:  # `best_config` is the autotuner's last choice: read it before another launch
-            _varlen_fwd_tuned[grid](*args, HEAD_DIM=d, SEG_P2=seg_p2, BLOCK_M=BLOCK_M)
+            _varlen_fwd_tuned[grid](*args, HEAD_DIM=d, SEG_P2=seg_p2, FOLD_SCALE=FOLD_SCALE)
             best = _varlen_fwd_tuned.best_config
             _TUNED[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
     else:
+        bm = config.get("BLOCK_M", BLOCK_M)
+        grid = (total // bm + num_segments, heads)
         _varlen_fwd_kernel[grid](
             *args,
             HEAD_DIM=d,
             SEG_P2=seg_p2,
-            BLOCK_M=BLOCK_M,
+            BLOCK_M=bm,
             BLOCK_N=config["BLOCK_N"],
+            FOLD_SCALE=config.get("FOLD_SCALE", FOLD_SCALE),
             num_warps=config.get("num_warps", 4),
             num_stages=config.get("num_stages", 2),
         )
