@@ -29,8 +29,8 @@ from .packing import PackedLayout
 BACKENDS = ("auto", "varlen", "flash_attn", "triton", "sdpa")
 
 # Whether "auto" runs the Triton kernel for inference (no autograd) on CUDA in fp16/bf16 when it supports the
-# head size: 1.33x FlashAttention-2 on the mixed-64 lengths (0.841 vs 1.121 ms per layer on the H100,
-# benchmarks/results/kernels_h100_tma.txt). False falls back to flash_attn / varlen.
+# head size: 1.45x FlashAttention-2 on the mixed-64 lengths (0.771 vs 1.115 ms per layer on the H100, same
+# run, benchmarks/results/kernel_variants_h100.jsonl). False falls back to flash_attn / varlen.
 AUTO_TRITON_INFERENCE = True
 
 
