@@ -371,7 +371,8 @@ def launch_linear_gelu(
     :data:`PTR_CONFIGS` (pointer; BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, optional num_warps / num_stages) runs that
     configuration; None autotunes over the list (keyed on N and K). ``erf``: "fold" (the default,
     :data:`DEFAULT_ERF`), "poly" or "libdevice" (``tl.math.erf``); see the module docstring. No dtype / device
-    policy here: callers go through :func:`linear_gelu` or the custom op. Under ``TRITON_INTERPRET=1`` this runs on CPU tensors (pass ``config``).
+    policy here: callers go through :func:`linear_gelu` or the custom op. Under ``TRITON_INTERPRET=1`` this runs on
+    CPU tensors (pass ``config``).
     """
     if triton is None:
         raise RuntimeError("linear_gelu kernel needs Triton, which is not installed")
