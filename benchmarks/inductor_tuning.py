@@ -1,0 +1,86 @@
+"""Does Inductor's coordinate-descent tuning of its own kernels (norms, residuals, RoPE) pay off end to end?
+
+    PYTHONPATH=. python benchmarks/inductor_tuning.py --out $OUT/inductor_tuning.jsonl
+
+The ViT-L packed model (`random:vitl16`, bf16, the shipped defaults) compiled twice with `compile_model`:
+once as shipped, once with `torch._inductor.config.coordinate_descent_tuning = True` while it compiles
+(Inductor then searches block sizes and warp counts for each generated kernel on its first call). Both
+run mixed-64 and uniform 64 x 224 interleaved over several rounds; reported: median and min per forward,
+the first-call (compile + tune) time, and the max difference between the two outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def emit(out, row: dict) -> None:
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    from dinov3_packing.archs import arch_config
+    from dinov3_packing.bench import Workload, forward_flops, make_inputs, mixed_sizes, time_calls
+    from dinov3_packing.checkpoints import random_packing_model
+    from dinov3_packing.compile import compile_model
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=8)
+    args = parser.parse_args()
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    config = arch_config("vitl16")
+    emit(args.out, {"part": "meta", "device": torch.cuda.get_device_name(), "torch": torch.__version__})
+    wls = [Workload("mixed-64", tuple(mixed_sizes(64, 14, 48))), Workload("uniform-64x224", ((224, 224),) * 64)]
+    inputs = {wl.name: make_inputs(wl, config.patch_size, dev, dt) for wl in wls}
+    models, first, outs = {}, {}, {}
+    for name, tune in (("shipped", False), ("coordinate-descent", True)):
+        torch._inductor.config.coordinate_descent_tuning = tune
+        models[name] = compile_model(random_packing_model(config).to(dev, dt).eval())
+        for wl in wls:
+            x = inputs[wl.name]
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                y = models[name](x.hidden_states, x.grid_thw).last_hidden_state
+                torch.cuda.synchronize()
+                first[name, wl.name] = time.perf_counter() - t0
+                outs[name, wl.name] = y.float()
+    torch._inductor.config.coordinate_descent_tuning = False
+    for wl in wls:
+        x = inputs[wl.name]
+        flops = forward_flops(config, wl.segments(config.patch_size))
+        times = {name: [] for name in models}
+        with torch.no_grad():
+            for _ in range(args.rounds):
+                for name, m in models.items():
+                    times[name] += time_calls(lambda m=m, x=x: m(x.hidden_states, x.grid_thw), args.calls, dev)
+        diff = (outs["shipped", wl.name] - outs["coordinate-descent", wl.name]).abs().max().item()
+        for name, t in times.items():
+            med = statistics.median(t)
+            emit(
+                args.out,
+                {
+                    "workload": wl.name,
+                    "compile": name,
+                    "median_ms": med * 1e3,
+                    "min_ms": min(t) * 1e3,
+                    "img_s": len(wl.sizes) / med,
+                    "tflops": flops / med / 1e12,
+                    "first_call_s": first[name, wl.name],
+                    "max_abs_diff_between_outputs": diff,
+                    "n": len(t),
+                },
+            )
+
+
+if __name__ == "__main__":
+    main()
