@@ -6,11 +6,13 @@ Variants (both forms of each stay in the code, selected by a module switch):
 
 - the fused up-projection's GELU epilogue, `linear_gelu.DEFAULT_ERF`: "poly" (erf polynomial, then
   0.5 * v * (1 + erf)) against "fold" (the same polynomial with 1/sqrt(2) and 1/2 folded into its
-  coefficients and exponent: relu(v) - |v| * 2**-(t*Q(t) + 1), no compare or select);
+  coefficients and exponent: relu(v) - t * 2**-(t*Q(t) + 1) with t = min(|v|, 4*sqrt(2)), no compare or
+  select; the timed code multiplied by |v| instead of t, which is equal up to 4*sqrt(2) and compiles to the
+  same instructions, and was changed after the run for the far negative tail);
 - the attention kernel's softmax scale, `varlen_attention.FOLD_SCALE`: every score multiplied by the scale
   before the row max (False) against the scale entering through one FMA inside exp2 (True).
 
-Parts: `gemm` times each epilogue form and each TMA config on the MLP shapes of ViT-S/B/L/H+ at the
+Parts: `gemm` times each epilogue form and each TMA config on the MLP shapes of ViT-S/B/L (H+ and 7B have SwiGLU MLPs) at the
 mixed-64 token count, next to cuBLAS F.linear and F.linear + F.gelu, with the errors against fp32;
 `attention` times both scale forms and several block configs on the mixed-64 and uniform segment lengths
 (ViT-L heads), next to FlashAttention-2 varlen, with the errors against fp32 SDPA per segment; `e2e` runs

@@ -51,7 +51,17 @@ SCRIPT = textwrap.dedent(
         def __getitem__(self, grid):
             def run(*args, **kwargs):
                 self.calls += 1
-                keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SUBTILE", "num_warps", "num_stages")
+                keys = (
+                    "BLOCK_M",
+                    "BLOCK_N",
+                    "BLOCK_K",
+                    "GROUP_M",
+                    "EPI_SUBTILE",
+                    "EVEN_N",
+                    "FOLD_SCALE",
+                    "num_warps",
+                    "num_stages",
+                )
                 self.seen.append({k: kwargs[k] for k in keys if k in kwargs})
                 return self.kernel[grid](*args, **kwargs)
             return run
@@ -67,11 +77,19 @@ SCRIPT = textwrap.dedent(
     lens = [3, 70, 129]
     cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
     worst = 0.0
-    # head_dim 16 twice (one key), 32, then 16 with int64 cu_seqlens (the autotuner keys on dtypes too).
-    for d, cu_dtype in ((16, torch.int32), (16, torch.int32), (32, torch.int32), (16, torch.int64)):
+    # head_dim 16 twice (one key), 32, then 16 with int64 cu_seqlens (the autotuner keys on dtypes too), then
+    # an explicit config with its own block height and the unfolded scale.
+    explicit = {"BLOCK_M": 64, "BLOCK_N": 32, "FOLD_SCALE": False}
+    for d, cu_dtype, config in (
+        (16, torch.int32, None),
+        (16, torch.int32, None),
+        (32, torch.int32, None),
+        (16, torch.int64, None),
+        (16, torch.int32, explicit),
+    ):
         cu = cu.to(cu_dtype)
         q, k, v = torch.randn(cu[-1].item(), 3, 2, d, generator=g).unbind(1)
-        o = va.launch(q, k, v, cu)
+        o = va.launch(q, k, v, cu, config=config)
         for s, e in itertools.pairwise(cu.tolist()):
             ref = F.scaled_dot_product_attention(*(x[s:e].transpose(0, 1).double() for x in (q, k, v)))
             worst = max(worst, ((o[s:e].double() - ref.transpose(0, 1)).abs().max() / ref.abs().max()).item())
@@ -95,8 +113,9 @@ SCRIPT = textwrap.dedent(
     direct = Counting(lg._linear_gelu_tma_kernel)
     lg._linear_gelu_tma_kernel = direct
     worst = 0.0
-    # (N, K) = (96, 64) at M = 40 and 7 (one key), (64, 32), then (96, 64) without a bias (another key).
-    for m, kk, n, has_bias in ((40, 64, 96, True), (7, 64, 96, True), (40, 32, 64, True), (40, 64, 96, False)):
+    # (N, K) = (100, 64) at M = 40 and 7 (one key; N not a multiple of BLOCK_N, so the direct launch must
+    # keep the bias mask), (64, 32), then (100, 64) without a bias (another key).
+    for m, kk, n, has_bias in ((40, 64, 100, True), (7, 64, 100, True), (40, 32, 64, True), (40, 64, 100, False)):
         x = torch.randn(m, kk, generator=g)
         w = torch.randn(n, kk, generator=g) / kk**0.5
         b = torch.randn(n, generator=g) if has_bias else None
@@ -123,15 +142,20 @@ def results() -> dict:
 
 def test_attention_tunes_once_per_head_dim_then_launches_the_tuned_config(results):
     r = results["attention"]
-    # The second head_dim-16 launch reuses the first one's config; 32 and int64 cu_seqlens are new keys.
-    assert (r["tuned"], r["direct"], r["keys"]) == (3, 1, 3)
-    assert r["seen"] == [{"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}]
+    # The second head_dim-16 launch reuses the first one's config (with the module's FOLD_SCALE); 32 and
+    # int64 cu_seqlens are new keys; the explicit config launches as given.
+    assert (r["tuned"], r["direct"], r["keys"]) == (3, 2, 3)
+    assert r["seen"] == [
+        {"BLOCK_M": 32, "BLOCK_N": 32, "FOLD_SCALE": True, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "FOLD_SCALE": False, "num_warps": 4, "num_stages": 2},
+    ]
     assert r["rel"] < 1e-6
 
 
 def test_linear_gelu_tunes_once_per_shape_then_launches_the_tuned_config(results):
     r = results["linear_gelu"]
-    # M = 7 reuses the M = 40 config; (64, 32) and the bias-free launch are new keys.
+    # M = 7 reuses the M = 40 config, keeping the bias mask (N = 100); (64, 32) and the bias-free launch are
+    # new keys.
     assert (r["tuned"], r["direct"], r["keys"]) == (3, 1, 3)
     assert r["seen"] == [
         {
@@ -140,6 +164,7 @@ def test_linear_gelu_tunes_once_per_shape_then_launches_the_tuned_config(results
             "BLOCK_K": 32,
             "GROUP_M": 4,
             "EPI_SUBTILE": True,
+            "EVEN_N": False,
             "num_warps": 4,
             "num_stages": 2,
         }

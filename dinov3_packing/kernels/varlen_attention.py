@@ -138,9 +138,15 @@ if triton is not None:
         if full < length:
             valid = full + offs_n < length
             k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
-            s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            if FOLD_SCALE:
+                s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+                p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            else:
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+                s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
