@@ -12,8 +12,8 @@ Variants (both forms of each stay in the code, selected by a module switch):
 - the attention kernel's softmax scale, `varlen_attention.FOLD_SCALE`: every score multiplied by the scale
   before the row max (False) against the scale entering through one FMA inside exp2 (True).
 
-Parts: `gemm` times each epilogue form and each TMA config on the MLP shapes of ViT-S/B/L (H+ and 7B have SwiGLU MLPs) at the
-mixed-64 token count, next to cuBLAS F.linear and F.linear + F.gelu, with the errors against fp32;
+Parts: `gemm` times each epilogue form and each TMA config on the MLP shapes of ViT-S/B/L (H+ and 7B have
+SwiGLU MLPs) at the mixed-64 token count, next to cuBLAS F.linear and F.linear + F.gelu, with the errors against fp32;
 `attention` times both scale forms and several block configs on the mixed-64 and uniform segment lengths
 (ViT-L heads), next to FlashAttention-2 varlen, with the errors against fp32 SDPA per segment; `e2e` runs
 the compiled ViT-L packed model (`random:vitl16`, bf16) on mixed-64 and uniform 64 x 224 with each

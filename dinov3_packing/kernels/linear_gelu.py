@@ -25,9 +25,9 @@ The default (``erf="fold"``) folds the 1/sqrt(2) and the 1/2 into the same polyn
 exponent: ``gelu(v) = relu(v) - t' * 2**-(t' * Q'(t') + 1)``, ``t' = min(|v|, 4 * sqrt(2))``. Per element that is
 10 FMAs, 2 min/max and one ex2 with no compare, select or extra multiplies (13 fp32 instructions and one ex2
 against 18 and one for ``erf="poly"``, read from the sm_90 SASS), and it lands closer to the fp64 truth (2.4e-7
-against 4.5e-7 absolute over [-14, 14] and out to +-1e4). On the H100 it took the fused kernel from 0.191 to 0.177 ms at ViT-S's
-shape and from 0.555 to 0.536 ms at ViT-B's; at ViT-L's the two forms were within that run's spread (0.86-0.95 ms
-across configs), and end to end it took the compiled ViT-L mixed-64 forward from 92.05 to 90.63 ms, medians of 40
+against 4.5e-7 absolute over [-14, 14] and out to +-1e4). On the H100 it took the fused kernel from 0.191 to
+0.177 ms at ViT-S's shape and from 0.555 to 0.536 ms at ViT-B's; at ViT-L's the two forms were within that run's
+spread (0.86-0.95 ms across configs), and end to end it took the compiled ViT-L mixed-64 forward from 92.05 to 90.63 ms, medians of 40
 interleaved calls (``benchmarks/results/kernel_variants_h100.jsonl``). Bias loads are unmasked when ``N`` is a
 multiple of the block width.
 
