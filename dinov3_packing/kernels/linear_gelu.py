@@ -27,9 +27,10 @@ exponent: ``gelu(v) = relu(v) - t' * 2**-(t' * Q'(t') + 1)``, ``t' = min(|v|, 4 
 against 18 and one for ``erf="poly"``, read from the sm_90 SASS), and it lands closer to the fp64 truth (2.4e-7
 against 4.5e-7 absolute over [-14, 14] and out to +-1e4). On the H100 it took the fused kernel from 0.191 to
 0.177 ms at ViT-S's shape and from 0.555 to 0.536 ms at ViT-B's; at ViT-L's the two forms were within that run's
-spread (0.86-0.95 ms across configs), and end to end it took the compiled ViT-L mixed-64 forward from 92.05 to 90.63 ms, medians of 40
-interleaved calls (``benchmarks/results/kernel_variants_h100.jsonl``). Bias loads are unmasked when ``N`` is a
-multiple of the block width.
+spread (0.86-0.95 ms across configs), and end to end it took the compiled ViT-L mixed-64 forward from 92.05 to
+90.63 ms, medians of 40 interleaved calls (``benchmarks/results/kernel_variants_h100.jsonl``; timed with ``|v|``
+as the last factor, which compiles to the same instructions). Bias loads are unmasked when ``N`` is a multiple of
+the block width.
 
 Measured with :func:`benchmark_linear_gelu` (one H100 80GB HBM3, torch 2.11, Triton 3.6, bf16, medians in ms;
 cuBLAS alone varied 0.65-0.78 ms across runs on the first shape):
