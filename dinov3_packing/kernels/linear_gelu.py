@@ -29,8 +29,9 @@ against 4.5e-7 absolute over [-14, 14] and out to +-1e4). On the H100 it took th
 0.177 ms at ViT-S's shape and from 0.555 to 0.536 ms at ViT-B's; at ViT-L's the two forms were within that run's
 spread (0.86-0.95 ms across configs), and end to end it took the compiled ViT-L mixed-64 forward from 92.05 to
 90.63 ms, medians of 40 interleaved calls (``benchmarks/results/kernel_variants_h100.jsonl``; timed with ``|v|``
-as the last factor, which compiles to the same instructions). Bias loads are unmasked when ``N`` is a multiple of
-the block width.
+as the last factor, which compiles to the same instructions). A rerun of the committed form on another H100
+(``kernel_variants_h100_gemm_0399248.jsonl``) had it ahead at ViT-L's shape in all three configs, by 3-9%. Bias
+loads are unmasked when ``N`` is a multiple of the block width.
 
 Measured with :func:`benchmark_linear_gelu` (one H100 80GB HBM3, torch 2.11, Triton 3.6, bf16, medians in ms;
 cuBLAS alone varied 0.65-0.78 ms across runs on the first shape):
