@@ -28,11 +28,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dinov3_packing.budget import pack_by_budget, segment_tokens
-from dinov3_packing.checkpoints import load_packing_model
-from dinov3_packing.embed import DTYPES, ImageFiles, _as_list, embed
-from dinov3_packing.images import list_images, sample_image_paths
-from dinov3_packing.preprocess import Preprocessor
+from dinov3_packing.apps.embed import DTYPES, ImageFiles, _as_list, embed
+from dinov3_packing.data.budget import pack_by_budget, segment_tokens
+from dinov3_packing.data.files import list_images, sample_image_paths
+from dinov3_packing.data.preprocess import Preprocessor
+from dinov3_packing.weights.load import load_packing_model
 
 
 def make_photo(job: tuple[int, str, int, int, int]) -> None:

@@ -57,8 +57,7 @@ def end_to_end(
     deadline: float,
     smoke: bool = False,
 ) -> None:
-    from dinov3_packing.archs import arch_config
-    from dinov3_packing.bench import (
+    from dinov3_packing.apps.bench.suite import (
         ArchSystems,
         Timing,
         Workload,
@@ -69,8 +68,9 @@ def end_to_end(
         mixed_sizes,
         peak_matmul_tflops,
     )
-    from dinov3_packing.checkpoints import random_packing_model
-    from dinov3_packing.compile import compile_model, compile_stats
+    from dinov3_packing.model.archs import arch_config
+    from dinov3_packing.parallel.compile import compile_model, compile_stats
+    from dinov3_packing.weights.load import random_packing_model
 
     dev, dt = (torch.device("cpu"), torch.float32) if smoke else (torch.device("cuda"), torch.bfloat16)
     config = arch_config(arch)
@@ -156,7 +156,7 @@ def end_to_end(
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             row["graphs_compiled"] = compile_stats()["unique_graphs"] - graphs0
             if model.fused_mlp:
-                from dinov3_packing.kernels import linear_gelu
+                from dinov3_packing.ops.triton import linear_gelu
 
                 row["linear_gelu_config"] = str(getattr(linear_gelu._tma_autotuned, "best_config", None))
             row["variant_wall_s"] = time.time() - t0

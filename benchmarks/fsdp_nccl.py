@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dinov3_packing import load_packing_model, pack
-from dinov3_packing.parallel import apply_fsdp
+from dinov3_packing.parallel.fsdp import apply_fsdp
 
 
 def batch(n: int):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dinov3_packing import load_packing_model, reference_model, split
-from dinov3_packing.attention import has_flash_attn
+from dinov3_packing.ops.attention import has_flash_attn
 
 
 def mixed_sizes(n: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -95,7 +95,7 @@ def grad_check(arch: str, n_images: int) -> dict:
 
 @torch.no_grad()
 def quick_speed(arch: str) -> dict:
-    from dinov3_packing.compile import compile_model
+    from dinov3_packing.parallel.compile import compile_model
 
     dev = "cuda"
     m = load_packing_model(f"random:{arch}", dev, torch.bfloat16)

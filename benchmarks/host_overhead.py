@@ -41,8 +41,8 @@ def main() -> None:
 
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from dinov3_packing.kernels import linear_gelu as lg
-    from dinov3_packing.kernels import varlen_attention as va
+    from dinov3_packing.ops.triton import linear_gelu as lg
+    from dinov3_packing.ops.triton import varlen_attention as va
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)

@@ -18,8 +18,8 @@ import time
 import torch
 
 from dinov3_packing import load_packing_model, pack
-from dinov3_packing.compile import compile_model
 from dinov3_packing.packing import PackedLayout
+from dinov3_packing.parallel.compile import compile_model
 
 
 def host_ms(fn, reps: int = 5) -> float:

@@ -27,10 +27,10 @@ def emit(out, row: dict) -> None:
 
 
 def main() -> None:
-    from dinov3_packing.archs import arch_config
-    from dinov3_packing.bench import Workload, forward_flops, make_inputs, mixed_sizes, time_calls
-    from dinov3_packing.checkpoints import random_packing_model
-    from dinov3_packing.compile import compile_model
+    from dinov3_packing.apps.bench.suite import Workload, forward_flops, make_inputs, mixed_sizes, time_calls
+    from dinov3_packing.model.archs import arch_config
+    from dinov3_packing.parallel.compile import compile_model
+    from dinov3_packing.weights.load import random_packing_model
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)

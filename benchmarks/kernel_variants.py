@@ -42,7 +42,7 @@ def emit(out, row: dict) -> None:
 
 
 def gemm_part(out, tokens: int) -> None:
-    from dinov3_packing.kernels import linear_gelu as lg
+    from dinov3_packing.ops.triton import linear_gelu as lg
 
     extra = [
         dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=16, EPI_SUBTILE=True, num_warps=8, num_stages=4),
@@ -61,7 +61,7 @@ def gemm_part(out, tokens: int) -> None:
 def gemm_shape(out, g, arch: str, tokens: int, k: int, n: int, configs: list[dict]) -> None:
     from triton.testing import do_bench
 
-    from dinov3_packing.kernels import linear_gelu as lg
+    from dinov3_packing.ops.triton import linear_gelu as lg
 
     x = torch.randn(tokens, k, device="cuda", generator=g).to(torch.bfloat16)
     w = ((torch.rand(n, k, device="cuda", generator=g) * 2 - 1) / k**0.5).to(torch.bfloat16)
@@ -119,7 +119,7 @@ def attention_workload(out, g, name: str, lens: list[int], configs: list[dict], 
     from torch.nn.attention.varlen import varlen_attn
     from triton.testing import do_bench
 
-    from dinov3_packing.kernels import varlen_attention as va
+    from dinov3_packing.ops.triton import varlen_attention as va
 
     cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda")
     total, mx = sum(lens), max(lens)
@@ -154,12 +154,19 @@ def attention_workload(out, g, name: str, lens: list[int], configs: list[dict], 
 
 
 def e2e_part(out, rounds: int, calls: int) -> None:
-    from dinov3_packing.archs import arch_config
-    from dinov3_packing.bench import Workload, forward_flops, make_inputs, mixed_sizes, peak_matmul_tflops, time_calls
-    from dinov3_packing.checkpoints import random_packing_model
-    from dinov3_packing.compile import compile_model
-    from dinov3_packing.kernels import linear_gelu as lg
-    from dinov3_packing.kernels import varlen_attention as va
+    from dinov3_packing.apps.bench.suite import (
+        Workload,
+        forward_flops,
+        make_inputs,
+        mixed_sizes,
+        peak_matmul_tflops,
+        time_calls,
+    )
+    from dinov3_packing.model.archs import arch_config
+    from dinov3_packing.ops.triton import linear_gelu as lg
+    from dinov3_packing.ops.triton import varlen_attention as va
+    from dinov3_packing.parallel.compile import compile_model
+    from dinov3_packing.weights.load import random_packing_model
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     config = arch_config("vitl16")

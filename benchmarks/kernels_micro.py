@@ -27,7 +27,7 @@ def attention_candidates(name: str, lens: list[int], log, attention_only: bool =
     against fp32 SDPA per segment."""
     from torch.nn.attention.varlen import varlen_attn
 
-    from dinov3_packing.kernels import varlen_attention as tva
+    from dinov3_packing.ops.triton import varlen_attention as tva
 
     g = torch.Generator(device="cuda").manual_seed(0)
     cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda")
@@ -132,7 +132,7 @@ def main() -> None:
         log(f"  cublasLt GELU epilogue unavailable: {e}")
 
     try:
-        from dinov3_packing.kernels.linear_gelu import benchmark_linear_gelu
+        from dinov3_packing.ops.triton.linear_gelu import benchmark_linear_gelu
 
         log(f"  Triton up GEMM + erf GELU epilogue (linear_gelu): {benchmark_linear_gelu(M=total)}")
     except Exception as e:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dinov3_packing.bench import mixed_sizes
+from dinov3_packing.apps.bench.suite import mixed_sizes
 from dinov3_packing.packing import PackedLayout
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from dinov3_packing.kernels import linear_gelu as lg
+from dinov3_packing.ops.triton import linear_gelu as lg
 
 print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
 g = torch.Generator(device="cuda").manual_seed(0)

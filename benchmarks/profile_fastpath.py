@@ -15,7 +15,7 @@ import time
 import torch
 
 from dinov3_packing import load_packing_model, pack
-from dinov3_packing.compile import compile_model
+from dinov3_packing.parallel.compile import compile_model
 
 WORKLOADS = {
     "mixed-64": lambda rng: [(16 * rng.randint(14, 48), 16 * rng.randint(14, 48)) for _ in range(64)],
@@ -150,7 +150,7 @@ def main() -> None:
         lines.append(f"{variant}: dynamo stats after a second pack {stats}")
         print(lines[-1], flush=True)
     if args.hf_compiled:
-        from dinov3_packing.checkpoints import reference_model
+        from dinov3_packing.weights.load import reference_model
 
         torch._dynamo.reset()
         hf = reference_model(load_packing_model(f"random:{args.arch}", "cuda", torch.bfloat16)).to("cuda").eval()

@@ -19,7 +19,7 @@ import time
 import torch
 
 from dinov3_packing import load_packing_model, pack, reference_model
-from dinov3_packing.compile import compile_model
+from dinov3_packing.parallel.compile import compile_model
 
 
 def matmul_peak() -> float:

@@ -1,23 +1,50 @@
-"""DINOv3 vision transformers on packed, mixed-resolution input."""
+"""DINOv3 vision transformers on packed, mixed-resolution input.
 
-from .archs import ARCHS, arch_config
-from .checkpoints import load_packing_model, random_packing_model, reference_model
-from .modeling import DINOv3ViTPackingModel, PackedModelOutput
-from .packing import PackedLayout, pack, patchify, split, unpatchify
-from .wrappers import DINOv3ViTPacking
+The names below load on first use, so `import dinov3_packing` (and the CLI's argument parsing) does not pay
+for torch and transformers until a model or tensor is needed.
+"""
 
-__all__ = [
-    "ARCHS",
-    "DINOv3ViTPacking",
-    "DINOv3ViTPackingModel",
-    "PackedLayout",
-    "PackedModelOutput",
-    "arch_config",
-    "load_packing_model",
-    "pack",
-    "patchify",
-    "random_packing_model",
-    "reference_model",
-    "split",
-    "unpatchify",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ARCHS": "model.archs",
+    "arch_config": "model.archs",
+    "normalization_for": "model.archs",
+    "DINOv3ViTPackingModel": "model.modeling",
+    "PackedModelOutput": "model.modeling",
+    "PackedBatch": "packing",
+    "PackedLayout": "packing",
+    "pack": "packing",
+    "patchify": "packing",
+    "split": "packing",
+    "unpatchify": "packing",
+    "load_packing_model": "weights.load",
+    "random_packing_model": "weights.load",
+    "reference_model": "weights.load",
+    "model_from_pth": "weights.convert",
+    "Preprocessor": "data.preprocess",
+    "EmbedReader": "apps.embed",
+    "embed": "apps.embed",
+    "DINOv3VisionTower": "apps.tower",
+    "pca_picture": "apps.pca",
+    "compile_model": "parallel.compile",
+    "apply_fsdp": "parallel.fsdp",
+    "DINOv3ViTPacking": "compat.seed",
+    "Dinov3": "compat.seed",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dinov3_packing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

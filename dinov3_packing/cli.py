@@ -1,20 +1,255 @@
-"""`dinov3-packing` command line: each subcommand is a thin shell over a library function."""
+"""`dinov3-packing` command line: every argparse of the package, each subcommand a thin shell over a library
+function that the tests call too.
+
+Arguments are parsed and checked before torch or transformers are imported (only the torch-free modules
+`model.archs`, `ops.attention`, `data.budget` and `apps.bench.options` are read here), so `--help` and a bad
+flag answer at once. Errors are one line, `error: ...`, exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from . import align, bench, embed, pca
+from .apps.bench.options import SECTIONS, Options
+from .data.budget import OVERSIZE
+from .model.archs import DEFAULT_CKPT
+from .ops.attention import ATTENTION_BACKENDS
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# `data.preprocess.POLICIES`; that module imports torch (tests/test_cli.py checks the two agree).
+POLICIES = ("native", "fixed")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _attn_backend(parser: argparse.ArgumentParser, *flags: str) -> None:
+    parser.add_argument(
+        *flags,
+        dest="attn_backend",
+        default="auto",
+        choices=ATTENTION_BACKENDS,
+        help="attention kernel (default auto: the fastest that runs here)",
+    )
+
+
+def _ckpt(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint (default {DEFAULT_CKPT}, offline)")
+
+
+def add_align(parser: argparse.ArgumentParser) -> None:
+    _ckpt(parser)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--batch_size", type=_positive_int, default=2, help="images in the uniform test (default 2)")
+    parser.add_argument("--image_size", type=_positive_int, default=224, help="side of the random test images")
+    parser.add_argument("--threshold", type=float, default=0.99, help="minimum cosine similarity (default 0.99)")
+    parser.add_argument("--use_real_images", action="store_true", help="also test photographs")
+    parser.add_argument("--image_dir", default=None, help="folder of photographs (default: the bundled samples)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="packed model dtype")
+    parser.add_argument(
+        "--rtol", type=float, default=None, help="max |diff| / max |ref| (default 1e-5 in float32, off otherwise)"
+    )
+    # The seed's spelling stays accepted here.
+    _attn_backend(parser, "--attn-backend", "--attn_backend")
+    parser.set_defaults(func=run_align)
+
+
+def run_align(args: argparse.Namespace) -> int:
+    from .apps.align import align
+
+    ok = align(
+        ckpt=args.ckpt,
+        device=args.device,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        threshold=args.threshold,
+        use_real_images=args.use_real_images,
+        image_dir=args.image_dir,
+        dtype=args.dtype,
+        rtol=args.rtol,
+        attn_backend=args.attn_backend,
+    )
+    return 0 if ok else 1
+
+
+def add_embed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="folder (searched recursively), list file (.txt, one path a line) or glob")
+    _ckpt(parser)
+    parser.add_argument("--out", required=True, help="output folder (shards, manifests, run.json)")
+    parser.add_argument("--save", default="cls,mean", help="comma list of cls, mean, patches (default cls,mean)")
+    parser.add_argument("--patch-dtype", choices=DTYPE_NAMES, default="float16", help="storage of patch maps")
+    parser.add_argument("--policy", choices=POLICIES, default="native", help="resize policy (default native)")
+    parser.add_argument("--size", type=_positive_int, default=224, help="square side of the fixed policy")
+    parser.add_argument("--min-tokens", type=_positive_int, default=None, help="native policy: scale up below this")
+    parser.add_argument("--max-tokens", type=_positive_int, default=1024, help="native policy: scale down above this")
+    parser.add_argument("--batch-tokens", type=_positive_int, default=16384, help="tokens per forward, prefix included")
+    parser.add_argument("--oversize", choices=OVERSIZE, default="own", help="an image above --batch-tokens")
+    parser.add_argument("--device", default=None, help="default cuda:LOCAL_RANK when available, else cpu")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default bfloat16 on CUDA, else float32")
+    _attn_backend(parser, "--attn-backend")
+    parser.add_argument(
+        "--no-fused-mlp", action="store_true", help="MLPs as cuBLAS GEMM + GELU instead of the fused Triton kernel"
+    )
+    parser.add_argument(
+        "--workers", type=_non_negative_int, default=min(8, os.cpu_count() or 1), help="decoding processes"
+    )
+    parser.add_argument("--shard-size", type=_positive_int, default=1000, help="images per shard")
+    parser.add_argument("--limit", type=_non_negative_int, default=None, help="embed at most N of the images to do")
+    parser.add_argument("--overwrite", action="store_true", help="delete earlier results in --out first")
+    parser.add_argument("--allow-skipped", action="store_true", help="exit 0 even if some files were unreadable")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_embed)
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    import torch
+
+    from .apps.embed import embed
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    summary = embed(
+        args.src,
+        args.out,
+        args.ckpt,
+        save=args.save,
+        patch_dtype=dtypes[args.patch_dtype],
+        policy=args.policy,
+        size=args.size,
+        min_tokens=args.min_tokens,
+        max_tokens=args.max_tokens,
+        batch_tokens=args.batch_tokens,
+        oversize=args.oversize,
+        device=args.device,
+        dtype=dtypes[args.dtype] if args.dtype else None,
+        attn_backend=args.attn_backend,
+        fused_mlp=False if args.no_fused_mlp else None,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:
+        print(summary.line(), file=sys.stderr)
+        for path, reason in list(summary.skipped.items())[:20]:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        if len(summary.skipped) > 20:
+            print(f"... and {len(summary.skipped) - 20} more (status 'error' in the manifests)", file=sys.stderr)
+    if summary.skipped and not args.allow_skipped:
+        if rank0:
+            print(f"error: {len(summary.skipped)} files skipped; pass --allow-skipped to accept", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_pca(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", help="image files, any sizes")
+    _ckpt(parser)
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--device", default="cpu", help="default cpu")
+    parser.add_argument(
+        "--min-tokens", type=_positive_int, default=None, help="scale an image up below this many patches"
+    )
+    parser.add_argument(
+        "--max-tokens", type=_positive_int, default=1024, help="scale an image down above this many patches"
+    )
+    parser.set_defaults(func=run_pca)
+
+
+def run_pca(args: argparse.Namespace) -> int:
+    if not args.out.lower().endswith(".png"):
+        raise ValueError(f"--out: expected a .png file name, got {args.out!r}")
+    from .apps.pca import pca_picture
+
+    picture = pca_picture(
+        args.images, args.ckpt, device=args.device, min_tokens=args.min_tokens, max_tokens=args.max_tokens
+    )
+    picture.save(args.out)
+    print(f"wrote {args.out} ({picture.width}x{picture.height})")
+    return 0
+
+
+def add_bench(parser: argparse.ArgumentParser) -> None:
+    d = Options()
+    parser.add_argument("--arch", nargs="+", default=d.archs, help="architectures for the workload sections")
+    parser.add_argument("--correctness-archs", nargs="+", default=d.correctness_archs)
+    parser.add_argument("--sweep-archs", nargs="+", default=d.sweep_archs, help="architectures of --archs-sweep")
+    parser.add_argument(
+        "--sections", nargs="+", default=d.sections, choices=SECTIONS, help="sections to run, in the fixed order"
+    )
+    parser.add_argument("--archs-sweep", action="store_true", help="also run the per-architecture sweep")
+    parser.add_argument("--out", default=None, help="JSON results (default: see `apps/bench/options.py`)")
+    parser.add_argument(
+        "--time-budget", type=float, default=d.time_budget, help="seconds; later parts are skipped past it"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run of every code path (tests)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile systems")
+    parser.add_argument("--no-timm", action="store_true", help="skip timm NaFlexViT")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the random pixels")
+    parser.add_argument(
+        "--no-fused-mlp",
+        action="store_true",
+        help="packed models run the MLP as cuBLAS GEMM + GELU instead of the fused Triton kernel",
+    )
+    parser.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .apps.bench.suite import run_benchmark
+
+    sections = list(args.sections)
+    if args.archs_sweep and "archs" not in sections:
+        sections.append("archs")
+    smoke = args.smoke
+    opts = Options(
+        archs=["vits16"] if smoke else args.arch,
+        correctness_archs=["vits16"] if smoke else args.correctness_archs,
+        sweep_archs=["vits16"] if smoke else args.sweep_archs,
+        sections=sections,
+        out=args.out,
+        time_budget=args.time_budget,
+        smoke=smoke,
+        compile=not args.no_compile,
+        timm=not args.no_timm,
+        seed=args.seed,
+        fused_mlp=not args.no_fused_mlp,
+    )
+    run_benchmark(opts)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dinov3-packing", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    align.add_arguments(sub.add_parser("align", help="compare the packed model with Hugging Face, image by image"))
-    embed.add_arguments(sub.add_parser("embed", help="image files -> features in safetensors shards, resumable"))
-    pca.add_arguments(sub.add_parser("pca", help="first three principal components of the patch features as RGB"))
-    bench.add_arguments(sub.add_parser("bench", help="throughput, MFU, memory and bf16 parity against the baselines"))
+    parser = _Parser(prog="dinov3-packing", description="DINOv3 on packed, mixed-resolution input.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_align(sub.add_parser("align", help="compare the packed model with Hugging Face, image by image"))
+    add_embed(sub.add_parser("embed", help="image files -> features in safetensors shards, resumable"))
+    add_pca(sub.add_parser("pca", help="first three principal components of the patch features as RGB"))
+    add_bench(sub.add_parser("bench", help="throughput, MFU, memory and bf16 parity against the baselines"))
     return parser
 
 

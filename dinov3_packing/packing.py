@@ -156,8 +156,10 @@ class PackedLayout:
         segment_hw: (h, w) of every segment (one per frame).
         seq_lens: tokens per segment (prefix + h*w), host-side, for kernels that loop over segments.
         cu_seqlens: int32 `[num_segments + 1]` cumulative token offsets, on the model's device.
-        cu_seqlens_host: the same offsets on the CPU, for kernels that loop over segments on the host
-            (reading them never waits for the device).
+        cu_seqlens_host: the same offsets on the CPU (reading them never waits for the device).
+        equal_runs_host: int64 `[3 * num_runs]` on the CPU: (first token, segment count, segment length) of
+            each run of consecutive equal-length segments, flattened (so that its size is never 0 or 1, which
+            torch.compile would specialise on), for kernels that loop over segments on the host.
         max_seqlen: longest segment in tokens.
         patch_index: long `[total_patches]`: token position of each input row.
         prefix_index: long `[num_segments, 1 + R]`: token positions of CLS and the registers.
@@ -173,6 +175,7 @@ class PackedLayout:
     seq_lens: list[int]
     cu_seqlens: torch.Tensor
     cu_seqlens_host: torch.Tensor
+    equal_runs_host: torch.Tensor
     max_seqlen: int
     patch_index: torch.Tensor
     prefix_index: torch.Tensor
@@ -208,6 +211,9 @@ class PackedLayout:
         token_source[prefix_index.ravel()] = np.arange(prefix_index.size, dtype=np.int64)
         token_source[patch_index] = prefix_index.size + np.arange(patch_index.size, dtype=np.int64)
         token_segment = np.repeat(np.arange(n, dtype=np.int64), seq_lens)
+        lens = np.asarray(seq_lens, dtype=np.int64)
+        run_first = np.flatnonzero(np.r_[True, lens[1:] != lens[:-1]])
+        runs = np.stack([offsets[run_first], np.diff(np.r_[run_first, n]), lens[run_first]], axis=1)
         parts = [offsets, patch_index, prefix_index.ravel(), token_source, token_segment]
         packed, device = torch.from_numpy(np.concatenate(parts)), torch.device(device)
         if device.type == "cuda":
@@ -220,6 +226,7 @@ class PackedLayout:
             seq_lens=seq_lens,
             cu_seqlens=cu.int(),
             cu_seqlens_host=torch.from_numpy(offsets.astype(np.int32)),
+            equal_runs_host=torch.from_numpy(runs.ravel()),
             max_seqlen=max(seq_lens),
             patch_index=patch_index,
             prefix_index=prefix_flat.view(n, num_prefix),
@@ -227,3 +234,26 @@ class PackedLayout:
             token_segment=token_segment,
             num_tokens=total,
         )
+
+
+@dataclass
+class PackedBatch:
+    """Everything the blocks need besides their input, built once per forward and handed to every layer.
+
+    Attributes:
+        layout: the `PackedLayout` (token positions, cu_seqlens).
+        cos, sin: RoPE tables `[num_tokens, head_dim]` in the compute dtype, `sin` carrying rotate_half's
+            sign; prefix rows have cos = 1, sin = 0.
+        attention: the concrete attention kernel (`ops.resolve_attention`).
+        fused_mlp: whether the MLPs run the fused up-projection + GELU kernel (`ops.fused_mlp_runs`).
+        dropout: attention dropout for this forward (0 outside training).
+        inference: autograd does not record this forward (blocks may use cached fused weights).
+    """
+
+    layout: PackedLayout
+    cos: torch.Tensor
+    sin: torch.Tensor
+    attention: str
+    fused_mlp: bool = False
+    dropout: float = 0.0
+    inference: bool = True

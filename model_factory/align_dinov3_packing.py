@@ -1,16 +1,9 @@
-"""Seed alignment script: `python align_dinov3_packing.py --ckpt ... --device ...` (same flags as the seed)."""
+"""Seed alignment script: `python align_dinov3_packing.py --ckpt ... --device ...` (same flags as the seed;
+the seed's `--attn_backend` spelling included). It is `dinov3-packing align`."""
 
-import argparse
 import sys
 
-from dinov3_packing.align import add_arguments
+from dinov3_packing.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args()
-    try:
-        sys.exit(args.func(args))
-    except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main(["align", *sys.argv[1:]]))

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dinov3_packing import pack, random_packing_model
-from dinov3_packing.parallel import apply_fsdp
+from dinov3_packing.parallel.fsdp import apply_fsdp
 
 # Shared with test_fsdp.py, which runs the same step on one process.
 SIZES = [(2, 3), (1, 1), (3, 2), (2, 2), (2, 1, 2)]

@@ -1,4 +1,4 @@
-"""Backend selection and the exact SDPA path (attention.py).
+"""The attention registry (`ops/attention.py`): backend selection, the exact SDPA path, `attend`.
 
 Reference for the kernel: PyTorch's `scaled_dot_product_attention` run on each segment alone, fp32;
 tolerance 1e-6 relative (the same kernel on the same rows; only the batching of equal-length runs differs).
@@ -13,18 +13,56 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_close
 
-from dinov3_packing.attention import packed_attention, resolve_backend
-from dinov3_packing.packing import PackedLayout
+from dinov3_packing.ops import attention
+from dinov3_packing.ops.attention import ATTENTION_BACKENDS, packed_attention, resolve_attention
+from dinov3_packing.packing import PackedBatch, PackedLayout
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
 
 def test_auto_picks_by_device_dtype_and_dropout():
-    assert resolve_backend("auto", CPU, torch.float32) == "sdpa"
-    assert resolve_backend("auto", CPU, torch.bfloat16) == "sdpa"
-    assert resolve_backend("auto", CUDA, torch.float32) == "sdpa"  # the flash kernels are fp16/bf16 only
-    assert resolve_backend("auto", CUDA, torch.bfloat16) in ("varlen", "flash_attn")
-    assert resolve_backend("auto", CUDA, torch.bfloat16, dropout=0.1) in ("sdpa", "flash_attn")
+    assert resolve_attention("auto", CPU, torch.float32) == "sdpa"
+    assert resolve_attention("auto", CPU, torch.bfloat16) == "sdpa"
+    assert resolve_attention("auto", CUDA, torch.float32) == "sdpa"  # the flash kernels are fp16/bf16 only
+    assert resolve_attention("auto", CUDA, torch.bfloat16) in ("varlen", "flash_attn")
+    assert resolve_attention("auto", CUDA, torch.bfloat16, dropout=0.1) in ("sdpa", "flash_attn")
+    # Inference on CUDA in bf16 takes the Triton kernel where triton is installed and the head size fits.
+    expected = "triton" if attention._triton_missing() is None else "varlen"
+    assert resolve_attention("auto", CUDA, torch.bfloat16, inference=True, head_dim=64) == expected
+    assert resolve_attention("auto", CUDA, torch.bfloat16, inference=True, head_dim=48) in ("varlen", "flash_attn")
+    assert resolve_attention("auto", CUDA, torch.bfloat16, inference=True, head_dim=None) != "triton"
+
+
+def test_backend_names_are_the_registry():
+    """The names the model and the CLI accept are the registry's, plus "auto"."""
+    assert ATTENTION_BACKENDS == ("auto", *attention._REGISTRY)
+    assert set(attention._AUTO_ORDER) <= set(attention._REGISTRY)
+
+
+def test_auto_skips_a_backend_whose_package_is_missing(monkeypatch):
+    """A kernel whose package is absent is never chosen by "auto", and asking for it by name says which
+    package is missing."""
+    varlen = attention._REGISTRY["varlen"]
+    monkeypatch.setitem(
+        attention._REGISTRY, "varlen", attention.Backend(**{**varlen.__dict__, "missing": lambda: "needs X"})
+    )
+    monkeypatch.setitem(
+        attention._REGISTRY,
+        "flash_attn",
+        attention.Backend(**{**attention._REGISTRY["flash_attn"].__dict__, "missing": lambda: "needs Y"}),
+    )
+    assert resolve_attention("auto", CUDA, torch.bfloat16) == "sdpa"
+    with pytest.raises(ValueError, match=r"attn_backend: 'varlen' needs X"):
+        resolve_attention("varlen", CUDA, torch.bfloat16)
+
+
+def test_triton_is_refused_when_gradients_are_needed():
+    if attention._triton_missing() is not None:
+        pytest.skip("triton is not installed")
+    with pytest.raises(ValueError, match=r"attn_backend: 'triton' is forward-only"):
+        resolve_attention("triton", CUDA, torch.bfloat16, inference=False, head_dim=64)
+    with pytest.raises(ValueError, match=r"attn_backend: 'triton' needs a head_dim that is a power of two"):
+        resolve_attention("triton", CUDA, torch.bfloat16, inference=True, head_dim=48)
 
 
 @pytest.mark.parametrize(
@@ -39,7 +77,7 @@ def test_auto_picks_by_device_dtype_and_dropout():
 )
 def test_unusable_backend_is_refused_naming_the_argument(backend, device, dtype, dropout):
     with pytest.raises(ValueError, match="attn_backend"):
-        resolve_backend(backend, device, dtype, dropout)
+        resolve_attention(backend, device, dtype, dropout)
 
 
 def test_sdpa_path_equals_sdpa_per_segment():
@@ -53,12 +91,12 @@ def test_sdpa_path_equals_sdpa_per_segment():
         assert_close(out[start:end], ref, rel_tol=1e-6)
 
 
-def test_rotary_packed_attention_is_hf_rope_then_per_segment_attention():
+def test_attend_is_hf_rope_then_per_segment_attention():
     """`apply_rope` with the model's signed table equals Hugging Face's `x * cos + rotate_half(x) * sin`, and
-    `rotary_packed_attention` is that rotation of q and k (not v) followed by attention per segment."""
+    `attend` is that rotation of q and k (not v) followed by attention per segment, heads flattened."""
     from transformers.models.dinov3_vit.modeling_dinov3_vit import rotate_half
 
-    from dinov3_packing.attention import apply_rope, rotary_packed_attention
+    from dinov3_packing.ops.attention import apply_rope, attend
 
     g = torch.Generator().manual_seed(0)
     layout = PackedLayout.build([(1, 2, 3), (1, 1, 4), (1, 3, 3)], 2, "cpu")
@@ -70,7 +108,7 @@ def test_rotary_packed_attention_is_hf_rope_then_per_segment_attention():
     q, k, v = qkv.unbind(1)
     q_hf, k_hf = (x * cos[:, None] + rotate_half(x) * sin[:, None] for x in (q, k))
     assert_close(apply_rope(q, cos, sin_signed), q_hf, rel_tol=1e-6)
-    out = rotary_packed_attention(qkv, cos, sin_signed, layout, "sdpa")
+    out = attend(qkv, PackedBatch(layout, cos, sin_signed, attention="sdpa")).unflatten(1, (h, d))
     starts = layout.cu_seqlens_host.tolist()
     ref = torch.cat(
         [

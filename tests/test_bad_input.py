@@ -12,9 +12,9 @@ from conftest import tiny_config
 from safetensors.torch import save_file
 
 from dinov3_packing import DINOv3ViTPackingModel, load_packing_model, pack, patchify, random_packing_model
-from dinov3_packing.align import align
-from dinov3_packing.images import sample_image_paths
-from dinov3_packing.wrappers import DINOv3ViTPacking
+from dinov3_packing.apps.align import align
+from dinov3_packing.compat.seed import DINOv3ViTPacking
+from dinov3_packing.data.files import sample_image_paths
 
 PATCH_DIM = 16 * 16 * 3
 

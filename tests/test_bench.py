@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from dinov3_packing.archs import arch_config
-from dinov3_packing.bench import Workload, matmul_params, mixed_sizes, pack_of_tokens
+from dinov3_packing.apps.bench.suite import Workload, matmul_params, mixed_sizes, pack_of_tokens
 from dinov3_packing.cli import main
-from dinov3_packing.modeling import DINOv3ViTPackingModel
+from dinov3_packing.model.archs import arch_config
+from dinov3_packing.model.modeling import DINOv3ViTPackingModel
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIELDS = {"images_per_s", "tokens_per_s", "tflops", "mfu", "median_s", "repeats", "tflop", "tokens", "ratios"}

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from dinov3_packing.budget import TokenBudgetPacker, pack_by_budget, segment_tokens
+from dinov3_packing.data.budget import TokenBudgetPacker, pack_by_budget, segment_tokens
 
 NUM_PREFIX = 5  # CLS + 4 registers, as in every released DINOv3
 

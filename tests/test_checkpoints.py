@@ -17,7 +17,7 @@ from conftest import assert_close, random_images, reference_per_image, tiny_conf
 from safetensors.torch import save_file
 from transformers import DINOv3ViTModel
 
-import dinov3_packing.checkpoints as checkpoints
+import dinov3_packing.weights.load as checkpoints
 from dinov3_packing import (
     DINOv3ViTPackingModel,
     arch_config,

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_close, tiny_config
 
 from dinov3_packing import pack, random_packing_model
-from dinov3_packing.compile import compile_model, compile_stats
+from dinov3_packing.parallel.compile import compile_model, compile_stats
 
 # Packs of different sizes, numbers of images and longest image; the first two are the warm-up.
 PACKS = [

@@ -17,7 +17,14 @@ import torch
 from conftest import assert_close, tiny_config
 
 from dinov3_packing import load_packing_model, pack, random_packing_model, reference_model
-from dinov3_packing.convert import hf_to_meta, load_pth, meta_to_hf, model_from_pth, model_from_state_dict, timm_to_hf
+from dinov3_packing.weights.convert import (
+    hf_to_meta,
+    load_pth,
+    meta_to_hf,
+    model_from_pth,
+    model_from_state_dict,
+    timm_to_hf,
+)
 
 
 def _images(sizes, seed=0):

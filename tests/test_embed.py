@@ -15,11 +15,11 @@ import pytest
 import torch
 from conftest import assert_close, tiny_config
 
-from dinov3_packing.checkpoints import load_packing_model, random_packing_model, reference_model
+from dinov3_packing.apps.embed import EmbedReader, embed, read_manifest
 from dinov3_packing.cli import main
-from dinov3_packing.embed import EmbedReader, embed, read_manifest
-from dinov3_packing.images import list_images
-from dinov3_packing.preprocess import Preprocessor
+from dinov3_packing.data.files import list_images
+from dinov3_packing.data.preprocess import Preprocessor
+from dinov3_packing.weights.load import load_packing_model, random_packing_model, reference_model
 
 DATA = Path(__file__).parent / "data"
 CKPT = "random:vits16"
@@ -206,7 +206,7 @@ def test_bad_arguments_named(tmp_path, kwargs, error, arg):
 
 @pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-fused-mlp"], False)])
 def test_cli_fused_mlp_switch_reaches_the_model(tmp_path, tiny_ckpt, monkeypatch, flag, expected):
-    from dinov3_packing import embed as embed_module
+    from dinov3_packing.apps import embed as embed_module
 
     built = []
 

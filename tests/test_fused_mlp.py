@@ -1,4 +1,4 @@
-"""`fused_mlp`: the block stack through `kernels.linear_gelu` instead of the HF MLP module.
+"""`fused_mlp`: the block stack through `ops.triton.linear_gelu` instead of the HF MLP module.
 
 On the CPU `linear_gelu` runs its fallback, `F.gelu(F.linear(...))`: the same ops as the HF MLP, so the
 stack must give bit-identical output; that checks the wiring (which weights, which input, where the down
@@ -7,18 +7,25 @@ projection goes). The kernel itself is checked in test_linear_gelu.py and on the
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from dinov3_packing.kernels.linear_gelu import linear_gelu
-from dinov3_packing.modeling import DINOv3ViTPackingModel
+from dinov3_packing.model.modeling import DINOv3ViTPackingModel
+from dinov3_packing.ops.triton.linear_gelu import linear_gelu
 from dinov3_packing.packing import PackedLayout
+
+
+def _batch(model, layout, fused_mlp: bool):
+    """The model's batch for `layout` with the fused MLP forced on or off (the CPU gate would say off)."""
+    return dataclasses.replace(model.packed_batch(layout), fused_mlp=fused_mlp)
 
 
 @pytest.fixture
 def fused_calls(monkeypatch) -> list:
-    """The weight shapes `modeling.linear_gelu` (the fused path) is called with, in order."""
-    from dinov3_packing import modeling
+    """The weight shapes `ops.mlp.linear_gelu` (the fused path) is called with, in order."""
+    from dinov3_packing.ops import mlp as modeling
 
     calls = []
 
@@ -36,11 +43,10 @@ def test_stack_with_fused_mlp_equals_the_module_path(tiny, fused_calls):
     model = DINOv3ViTPackingModel(tiny(num_hidden_layers=3)).eval()
     layout = PackedLayout.build([(1, 2, 3), (1, 1, 1), (1, 4, 2)], model.num_prefix_tokens, "cpu")
     x = torch.randn(layout.num_tokens, model.config.hidden_size)
-    cos, sin = model.rope_embeddings(layout, torch.float32)
     with torch.no_grad():
-        plain, _ = model.model(x, cos, sin, layout, "sdpa", fused_mlp=False)
+        plain, _ = model.model(x, _batch(model, layout, False))
         assert calls == []
-        fused, _ = model.model(x, cos, sin, layout, "sdpa", fused_mlp=True)
+        fused, _ = model.model(x, _batch(model, layout, True))
     # One fused call per block, on the up-projection's weight.
     up = (model.config.intermediate_size, model.config.hidden_size)
     assert calls == [up] * 3
@@ -116,12 +122,11 @@ def test_fused_path_never_bypasses_what_is_attached_to_the_mlp(tiny, fused_calls
         mlp.up_proj = wrapped
     layout = PackedLayout.build([(1, 2, 3), (1, 3, 1)], model.num_prefix_tokens, "cpu")
     x = torch.randn(layout.num_tokens, model.config.hidden_size)
-    cos, sin = model.rope_embeddings(layout, torch.float32)
     try:
         with torch.no_grad():
-            plain, _ = model.model(x, cos, sin, layout, "sdpa", fused_mlp=False)
+            plain, _ = model.model(x, _batch(model, layout, False))
             fired.clear()
-            fused, _ = model.model(x, cos, sin, layout, "sdpa", fused_mlp=True)
+            fused, _ = model.model(x, _batch(model, layout, True))
     finally:
         if handle is not None:
             handle.remove()
@@ -143,10 +148,9 @@ def test_fused_path_traces_as_one_graph(tiny, fused_calls):
     model = DINOv3ViTPackingModel(tiny(num_hidden_layers=2)).eval()
     layout = PackedLayout.build([(1, 2, 3), (1, 3, 1)], model.num_prefix_tokens, "cpu")
     x = torch.randn(layout.num_tokens, model.config.hidden_size)
-    cos, sin = model.rope_embeddings(layout, torch.float32)
     compiled = torch.compile(model.model.forward, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        eager, _ = model.model(x, cos, sin, layout, "sdpa", fused_mlp=True)
-        traced, _ = compiled(x, cos, sin, layout, "sdpa", fused_mlp=True)
+        eager, _ = model.model(x, _batch(model, layout, True))
+        traced, _ = compiled(x, _batch(model, layout, True))
     assert len(fused_calls) >= 3  # two from the eager call, then the traced call took the fused path too
     assert torch.equal(traced, eager)

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinov3_packing.kernels import linear_gelu as lg
+from dinov3_packing.ops.triton import linear_gelu as lg
 
 REPO = Path(__file__).resolve().parents[1]
 

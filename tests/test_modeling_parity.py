@@ -13,7 +13,7 @@ import torch
 from conftest import assert_close, random_images, reference_per_image, tiny_config
 
 from dinov3_packing import load_packing_model, pack, random_packing_model, reference_model, split
-from dinov3_packing.images import load_at_patch_multiple, sample_image_paths
+from dinov3_packing.data.files import load_at_patch_multiple, sample_image_paths
 
 # Each config changes one thing from the tiny default (width 32, 4 heads of 8, 4 registers, GELU, patch 16).
 CONFIGS = {

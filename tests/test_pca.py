@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dinov3_packing.checkpoints import load_packing_model
+from dinov3_packing.apps.pca import GAP, pca_picture, principal_components
 from dinov3_packing.cli import main
-from dinov3_packing.pca import GAP, pca_picture, principal_components
-from dinov3_packing.preprocess import Preprocessor
+from dinov3_packing.data.preprocess import Preprocessor
+from dinov3_packing.weights.load import load_packing_model
 
 DATA = Path(__file__).parent / "data"
 IMAGES = [DATA / "astronaut_rgb.jpg", DATA / "coffee_rgba.png", DATA / "more" / "hubble_wide.jpg"]

@@ -11,9 +11,9 @@ from PIL import Image, ImageOps
 from transformers.image_utils import PILImageResampling
 from transformers.models.dinov3_vit.image_processing_dinov3_vit import DINOv3ViTImageProcessor
 
-from dinov3_packing.archs import IMAGENET_MEAN, IMAGENET_STD, SAT493M_MEAN, SAT493M_STD
+from dinov3_packing.data.preprocess import Preprocessor, preprocess, target_size, to_rgb
+from dinov3_packing.model.archs import IMAGENET_MEAN, IMAGENET_STD, SAT493M_MEAN, SAT493M_STD
 from dinov3_packing.packing import patchify
-from dinov3_packing.preprocess import Preprocessor, preprocess, target_size, to_rgb
 
 DATA = Path(__file__).parent / "data"
 PHOTOS = sorted(p for p in DATA.rglob("*") if p.suffix in (".jpg", ".png") and p.name != "corrupt.jpg")

@@ -18,10 +18,10 @@ import torch
 from conftest import assert_close, random_images, reference_per_image
 
 import dinov3_packing
-import dinov3_packing.attention as attention
 from dinov3_packing import pack, reference_model
-from dinov3_packing.align import align, random_tests
-from dinov3_packing.images import sample_image_paths
+from dinov3_packing.apps.align import align, random_tests
+from dinov3_packing.data.files import sample_image_paths
+from dinov3_packing.ops import sdpa
 
 MODEL_FACTORY = Path(__file__).resolve().parents[1] / "model_factory"
 SUMMARY = ("Max Diff:", "Mean Diff:", "Min Cosine Sim:", "Mean Cosine Sim:", "Max Cosine Sim:")
@@ -117,10 +117,10 @@ def test_align_detects_a_real_bug(monkeypatch, capsys):
     """With attention leaking across images (a real packing bug), the seed's default bars report FAIL."""
     import torch.nn.functional as F
 
-    def leaky(q, k, v, seq_lens, dropout_p):
+    def leaky(q, k, v, runs, dropout_p):
         return F.scaled_dot_product_attention(*(x.transpose(0, 1)[None] for x in (q, k, v)))[0].transpose(0, 1)
 
-    monkeypatch.setattr(attention, "_sdpa_per_segment", leaky)
+    monkeypatch.setattr(sdpa, "sdpa_runs", leaky)
     assert align(ckpt="random:vits16", device="cpu", image_size=16, attn_backend="sdpa") is False
     assert "FAIL: " in capsys.readouterr().out
 

@@ -12,7 +12,7 @@ import torch
 from conftest import assert_close, tiny_config
 
 from dinov3_packing import pack, random_packing_model, reference_model
-from dinov3_packing.tower import DINOv3VisionTower
+from dinov3_packing.apps.tower import DINOv3VisionTower
 
 
 def _images(sizes, seed=0):

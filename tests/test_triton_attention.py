@@ -19,7 +19,7 @@ import textwrap
 import pytest
 import torch
 
-from dinov3_packing.attention import BACKENDS, resolve_backend
+from dinov3_packing.ops.attention import ATTENTION_BACKENDS, resolve_attention
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
@@ -28,7 +28,7 @@ KERNEL_CHECK = textwrap.dedent(
     import itertools, json
     import torch
     import torch.nn.functional as F
-    from dinov3_packing.kernels.varlen_attention import BLOCK_M, launch
+    from dinov3_packing.ops.triton.varlen_attention import BLOCK_M, launch
 
     g = torch.Generator().manual_seed(0)
     # Lengths around the block sizes: 1 token, exact multiples of BLOCK_N and BLOCK_M, one over, a short
@@ -94,20 +94,20 @@ def test_kernel_matches_sdpa_per_segment_under_the_interpreter():
 
 def test_triton_backend_selection():
     pytest.importorskip("triton")
-    assert "triton" in BACKENDS
+    assert "triton" in ATTENTION_BACKENDS
     # Inference on CUDA in bf16 with a supported head size: auto takes the Triton kernel.
-    assert resolve_backend("auto", CUDA, torch.bfloat16, inference=True, head_dim=64) == "triton"
+    assert resolve_attention("auto", CUDA, torch.bfloat16, inference=True, head_dim=64) == "triton"
     # With autograd, attention dropout, fp32, an unsupported head size or on CPU, it does not.
-    assert resolve_backend("auto", CUDA, torch.bfloat16, inference=False, head_dim=64) in ("varlen", "flash_attn")
-    assert resolve_backend("auto", CUDA, torch.bfloat16, 0.1, inference=True, head_dim=64) in ("sdpa", "flash_attn")
-    assert resolve_backend("auto", CUDA, torch.float32, inference=True, head_dim=64) == "sdpa"
-    assert resolve_backend("auto", CUDA, torch.bfloat16, inference=True, head_dim=48) in ("varlen", "flash_attn")
-    assert resolve_backend("auto", CPU, torch.bfloat16, inference=True, head_dim=64) == "sdpa"
-    assert resolve_backend("triton", CUDA, torch.float16, inference=True, head_dim=128) == "triton"
+    assert resolve_attention("auto", CUDA, torch.bfloat16, inference=False, head_dim=64) in ("varlen", "flash_attn")
+    assert resolve_attention("auto", CUDA, torch.bfloat16, 0.1, inference=True, head_dim=64) in ("sdpa", "flash_attn")
+    assert resolve_attention("auto", CUDA, torch.float32, inference=True, head_dim=64) == "sdpa"
+    assert resolve_attention("auto", CUDA, torch.bfloat16, inference=True, head_dim=48) in ("varlen", "flash_attn")
+    assert resolve_attention("auto", CPU, torch.bfloat16, inference=True, head_dim=64) == "sdpa"
+    assert resolve_attention("triton", CUDA, torch.float16, inference=True, head_dim=128) == "triton"
     # Without a head size the kernel is never assumed to fit.
-    assert resolve_backend("auto", CUDA, torch.bfloat16, inference=True) in ("varlen", "flash_attn")
+    assert resolve_attention("auto", CUDA, torch.bfloat16, inference=True) in ("varlen", "flash_attn")
     with pytest.raises(ValueError, match="head_dim=None"):
-        resolve_backend("triton", CUDA, torch.bfloat16, inference=True)
+        resolve_attention("triton", CUDA, torch.bfloat16, inference=True)
 
 
 @pytest.mark.parametrize(
@@ -122,11 +122,11 @@ def test_triton_backend_selection():
 )
 def test_triton_backend_refused_with_the_reason(device, dtype, dropout, inference, head_dim, match):
     with pytest.raises(ValueError, match=match):
-        resolve_backend("triton", device, dtype, dropout, inference=inference, head_dim=head_dim)
+        resolve_attention("triton", device, dtype, dropout, inference=inference, head_dim=head_dim)
 
 
 def test_explicit_triton_backend_on_cpu_is_refused(tiny):
-    from dinov3_packing.modeling import DINOv3ViTPackingModel
+    from dinov3_packing.model.modeling import DINOv3ViTPackingModel
 
     model = DINOv3ViTPackingModel(tiny(), attn_backend="triton")
     with pytest.raises(ValueError, match="attn_backend: 'triton' needs a CUDA device"):
@@ -156,7 +156,7 @@ def _forward_decision(model, hs, grid, **ctx) -> bool:
 
 
 def test_forward_is_inference_only_when_autograd_records_nothing(tiny):
-    from dinov3_packing.modeling import DINOv3ViTPackingModel
+    from dinov3_packing.model.modeling import DINOv3ViTPackingModel
 
     model = DINOv3ViTPackingModel(tiny()).eval()
     grid = torch.tensor([[1, 2, 2]])
@@ -190,7 +190,7 @@ INPUT_CHECKS = [
 @pytest.mark.parametrize(("make", "match"), INPUT_CHECKS)
 def test_kernel_inputs_are_checked_before_launch(make, match):
     pytest.importorskip("triton")
-    from dinov3_packing.kernels.varlen_attention import launch
+    from dinov3_packing.ops.triton.varlen_attention import launch
 
     q = torch.randn(10, 2, 32)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)

@@ -26,8 +26,8 @@ SCRIPT = textwrap.dedent(
     import torch
     import torch.nn.functional as F
     import triton
-    from dinov3_packing.kernels import linear_gelu as lg
-    from dinov3_packing.kernels import varlen_attention as va
+    from dinov3_packing.ops.triton import linear_gelu as lg
+    from dinov3_packing.ops.triton import varlen_attention as va
 
     class StandIn:
         # Runs `kernel` with `config` and reports it as the autotuner's choice; counts its launches.

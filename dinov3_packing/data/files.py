@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .preprocess import Preprocessor
+from ..data.preprocess import Preprocessor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 LIST_SUFFIXES = (".txt", ".lst", ".list")

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .modeling import DINOv3ViTPackingModel
-from .packing import pack, validate_packed_input
+from ..model.modeling import DINOv3ViTPackingModel
+from ..packing import pack, validate_packed_input
 
 
 class DINOv3VisionTower(nn.Module):
@@ -57,7 +57,7 @@ class DINOv3VisionTower(nn.Module):
     ):
         super().__init__()
         if isinstance(model, str):
-            from .checkpoints import load_packing_model
+            from ..weights.load import load_packing_model
 
             model = load_packing_model(model)
         if not isinstance(model, DINOv3ViTPackingModel):

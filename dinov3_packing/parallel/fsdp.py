@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from .modeling import DINOv3ViTPackingModel
+from ..model.modeling import DINOv3ViTPackingModel
 
 
 def apply_fsdp(

@@ -24,10 +24,8 @@ reader merges them. CUDA ranks use NCCL on `cuda:LOCAL_RANK`, CPU ranks gloo.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,11 +38,11 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .budget import OVERSIZE, TokenBudgetPacker, segment_tokens
-from .checkpoints import DEFAULT_CKPT, load_packing_model, parse_device, resolve_alias
-from .images import list_images
-from .preprocess import POLICIES, Preprocessor
-from .wrappers import default_dtype
+from ..compat.seed import default_dtype
+from ..data.budget import OVERSIZE, TokenBudgetPacker, segment_tokens
+from ..data.files import list_images
+from ..data.preprocess import POLICIES, Preprocessor
+from ..weights.load import DEFAULT_CKPT, load_packing_model, parse_device, resolve_alias
 
 FORMAT = "dinov3-packing-embed/1"
 SAVE_CHOICES = ("cls", "mean", "patches")
@@ -531,66 +529,3 @@ class EmbedReader:
         if shard not in self._files:
             self._files[shard] = safe_open(str(self.out / shard), framework="pt")
         return self._files[shard]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="folder (searched recursively), list file (.txt, one path a line) or glob")
-    parser.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint (default {DEFAULT_CKPT}, offline)")
-    parser.add_argument("--out", required=True, help="output folder (shards, manifests, run.json)")
-    parser.add_argument("--save", default="cls,mean", help="comma list of cls, mean, patches (default cls,mean)")
-    parser.add_argument("--patch-dtype", choices=list(DTYPES), default="float16", help="storage of patch maps")
-    parser.add_argument("--policy", choices=POLICIES, default="native", help="resize policy (default native)")
-    parser.add_argument("--size", type=int, default=224, help="square side of the fixed policy")
-    parser.add_argument("--min-tokens", type=int, default=None, help="native policy: scale up below this")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="native policy: scale down above this")
-    parser.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward, prefix included")
-    parser.add_argument("--oversize", choices=OVERSIZE, default="own", help="an image above --batch-tokens")
-    parser.add_argument("--device", default=None, help="default cuda:LOCAL_RANK when available, else cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bfloat16 on CUDA, else float32")
-    parser.add_argument("--attn-backend", default="auto", help="auto, triton, varlen, flash_attn or sdpa")
-    parser.add_argument(
-        "--no-fused-mlp", action="store_true", help="MLPs as cuBLAS GEMM + GELU instead of the fused Triton kernel"
-    )
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
-    parser.add_argument("--shard-size", type=int, default=1000, help="images per shard")
-    parser.add_argument("--limit", type=int, default=None, help="embed at most N of the images still to do")
-    parser.add_argument("--overwrite", action="store_true", help="delete earlier results in --out first")
-    parser.add_argument("--allow-skipped", action="store_true", help="exit 0 even if some files were unreadable")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    summary = embed(
-        args.src,
-        args.out,
-        args.ckpt,
-        save=args.save,
-        patch_dtype=DTYPES[args.patch_dtype],
-        policy=args.policy,
-        size=args.size,
-        min_tokens=args.min_tokens,
-        max_tokens=args.max_tokens,
-        batch_tokens=args.batch_tokens,
-        oversize=args.oversize,
-        device=args.device,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
-        attn_backend=args.attn_backend,
-        fused_mlp=False if args.no_fused_mlp else None,
-        workers=args.workers,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-        limit=args.limit,
-        progress=not args.no_progress,
-    )
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(summary.line(), file=sys.stderr)
-        for path, reason in list(summary.skipped.items())[:20]:
-            print(f"skipped {path}: {reason}", file=sys.stderr)
-        if len(summary.skipped) > 20:
-            print(f"... and {len(summary.skipped) - 20} more (status 'error' in the manifests)", file=sys.stderr)
-    if summary.skipped and not args.allow_skipped:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {len(summary.skipped)} files skipped; pass --allow-skipped to accept", file=sys.stderr)
-        return 1
-    return 0

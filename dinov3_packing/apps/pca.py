@@ -7,7 +7,6 @@ resized input and, beside it, its component map upscaled (nearest) to the same s
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 
@@ -15,10 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoints import DEFAULT_CKPT, load_packing_model, resolve_alias
-from .modeling import DINOv3ViTPackingModel
-from .packing import pack, split
-from .preprocess import ImageLike, Preprocessor
+from ..data.preprocess import ImageLike, Preprocessor
+from ..model.modeling import DINOv3ViTPackingModel
+from ..packing import pack, split
+from ..weights.load import DEFAULT_CKPT, load_packing_model, resolve_alias
 
 GAP = 4  # white pixels between panels
 
@@ -97,24 +96,3 @@ def pca_picture(
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", help="image files, any sizes")
-    parser.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint (default {DEFAULT_CKPT}, offline)")
-    parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--device", default="cpu", help="default cpu")
-    parser.add_argument("--min-tokens", type=int, default=None, help="scale an image up below this many patches")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="scale an image down above this many patches")
-    parser.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    if not args.out.lower().endswith(".png"):
-        raise ValueError(f"out: expected a .png file name, got {args.out!r}")
-    picture = pca_picture(
-        args.images, args.ckpt, device=args.device, min_tokens=args.min_tokens, max_tokens=args.max_tokens
-    )
-    picture.save(args.out)
-    print(f"wrote {args.out} ({picture.width}x{picture.height})")
-    return 0

@@ -23,13 +23,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-from .archs import ARCHS, SEED_ALIASES, arch_config
-from .convert import load_pth, model_from_state_dict
-from .modeling import DINOv3ViTPackingModel
+from ..model.archs import ARCHS, DEFAULT_CKPT, SEED_ALIASES, arch_config
+from ..model.modeling import DINOv3ViTPackingModel
+from ..weights.convert import load_pth, model_from_state_dict
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CKPT = "random:vits16"
 _RANDOM = re.compile(r"^random:(?P<arch>[a-z0-9]+)(?:@(?P<seed>\d+))?$")
 
 

@@ -7,8 +7,13 @@ configuration is spelled out here rather than inherited from the defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import DINOv3ViTConfig
+if TYPE_CHECKING:  # imported in `arch_config`: this module loads without transformers (the CLI reads it)
+    from transformers import DINOv3ViTConfig
+
+# The offline default checkpoint of every entry point: seeded random weights of the released ViT-S/16.
+DEFAULT_CKPT = "random:vits16"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +55,8 @@ def arch_config(name: str) -> DINOv3ViTConfig:
     """The `DINOv3ViTConfig` of a released architecture (`vits16`, `vitl16`, ...)."""
     if name not in ARCHS:
         raise ValueError(f"arch: unknown DINOv3 architecture {name!r}; expected one of {sorted(ARCHS)}")
+    from transformers import DINOv3ViTConfig
+
     a = ARCHS[name]
     return DINOv3ViTConfig(
         patch_size=16,

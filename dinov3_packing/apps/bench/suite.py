@@ -34,7 +34,6 @@ run it so the suite never rots.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import hashlib
@@ -51,7 +50,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
@@ -60,17 +59,14 @@ import torch
 import torch.nn.functional as F
 from transformers import DINOv3ViTConfig
 
-from .archs import ARCHS, arch_config
-from .checkpoints import load_packing_model, random_packing_model, reference_model
-from .modeling import DINOv3ViTPackingModel
-from .packing import patchify
+from ...model.archs import ARCHS, arch_config
+from ...model.modeling import DINOv3ViTPackingModel
+from ...packing import patchify
+from ...weights.load import load_packing_model, random_packing_model, reference_model
+from .options import DEFAULT_OUT, SECTIONS, SMOKE_OUT, Options
 
-DEFAULT_OUT = "benchmarks/results/h100.json"
-SMOKE_OUT = "benchmarks/results/smoke.json"
-SECTIONS = ("peak", "correctness", "mixed", "uniform", "scaling", "archs")
 BASELINES = ("hf-loop", "hf-batched", "hf-compiled", "timm-naflex")
 SMOKE_LAYERS = 2  # --smoke runs vits16 with this many blocks
-SWEEP_ARCHS = ("vits16", "vitb16", "vitl16", "vith16plus", "vit7b16")
 SCALING_TOKENS = (4096, 8192, 16384, 32768, 65536, 131072)
 # The HF loop costs the same per image at any pack size, and it is the slowest system by far: measure it
 # on the smaller packs only.
@@ -351,7 +347,7 @@ class ArchSystems:
 
     @cached_property
     def packed_compiled(self) -> DINOv3ViTPackingModel:
-        from .compile import compile_model
+        from ...parallel.compile import compile_model
 
         return compile_model(copy.deepcopy(self.base).to(self.device, self.dtype).eval())
 
@@ -406,21 +402,6 @@ class ArchSystems:
 
 # ---------------------------------------------------------------------------------------------------------
 # The run
-
-
-@dataclass
-class Options:
-    archs: list[str] = field(default_factory=lambda: ["vitl16"])
-    correctness_archs: list[str] = field(default_factory=lambda: ["vits16", "vitl16"])
-    sweep_archs: list[str] = field(default_factory=lambda: list(SWEEP_ARCHS))
-    sections: list[str] = field(default_factory=lambda: [s for s in SECTIONS if s != "archs"])
-    out: str | None = None
-    time_budget: float = 420.0
-    smoke: bool = False
-    compile: bool = True
-    timm: bool = True
-    seed: int = 0
-    fused_mlp: bool = True
 
 
 class Budget:
@@ -735,7 +716,7 @@ class Run:
         desc = wl.describe(model.config) | {"build_s": build_s}
         rows = [self.measure_system("archs", arch, systems, "packed", x, wl, desc)]
         if self.opts.compile:
-            from .compile import compile_model
+            from ...parallel.compile import compile_model
 
             systems.packed_compiled = compile_model(model)  # in place: eager is done
             rows.append(self.measure_system("archs", arch, systems, "packed-compiled", x, wl, desc))
@@ -896,51 +877,3 @@ def run_benchmark(opts: Options) -> dict:
         return Run(opts).run()
     finally:
         torch.set_num_threads(threads)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = Options()
-    parser.add_argument("--arch", nargs="+", default=d.archs, help="architectures for the workload sections")
-    parser.add_argument("--correctness-archs", nargs="+", default=d.correctness_archs)
-    parser.add_argument("--sweep-archs", nargs="+", default=d.sweep_archs, help="architectures of --archs-sweep")
-    parser.add_argument(
-        "--sections", nargs="+", default=d.sections, choices=SECTIONS, help="sections to run, in the fixed order"
-    )
-    parser.add_argument("--archs-sweep", action="store_true", help="also run the per-architecture sweep")
-    parser.add_argument("--out", default=None, help=f"JSON results (default {DEFAULT_OUT}; smoke: {SMOKE_OUT})")
-    parser.add_argument(
-        "--time-budget", type=float, default=d.time_budget, help="seconds; later parts are skipped past it"
-    )
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU run of every code path (tests)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile systems")
-    parser.add_argument("--no-timm", action="store_true", help="skip timm NaFlexViT")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the random pixels")
-    parser.add_argument(
-        "--no-fused-mlp",
-        action="store_true",
-        help="packed models run the MLP as cuBLAS GEMM + GELU instead of the fused Triton kernel (the default "
-        "for GELU MLPs)",
-    )
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    sections = list(args.sections)
-    if args.archs_sweep and "archs" not in sections:
-        sections.append("archs")
-    smoke = args.smoke
-    opts = Options(
-        archs=["vits16"] if smoke else args.arch,
-        correctness_archs=["vits16"] if smoke else args.correctness_archs,
-        sweep_archs=["vits16"] if smoke else args.sweep_archs,
-        sections=sections,
-        out=args.out,
-        time_budget=args.time_budget,
-        smoke=smoke,
-        compile=not args.no_compile,
-        timm=not args.no_timm,
-        seed=args.seed,
-        fused_mlp=not args.no_fused_mlp,
-    )
-    run_benchmark(opts)
-    return 0

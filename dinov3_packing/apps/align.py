@@ -7,16 +7,15 @@ with `--dtype bfloat16` the packed model runs in bf16 against the fp32 reference
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import DEFAULT_CKPT
-from .images import image_paths_in, load_at_patch_multiple, sample_image_paths
-from .packing import pack, split
-from .wrappers import Dinov3, DINOv3ViTPacking
+from ..compat.seed import Dinov3, DINOv3ViTPacking
+from ..data.files import image_paths_in, load_at_patch_multiple, sample_image_paths
+from ..packing import pack, split
+from ..weights.load import DEFAULT_CKPT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP32_RTOL = 1e-5  # fp32 packed vs fp32 reference: only summation order differs (observed ~1e-6)
@@ -155,38 +154,3 @@ def align(
         return False
     print("\nALL TESTS PASSED: Models are aligned")
     return True
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint (default {DEFAULT_CKPT}, offline)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--batch_size", type=int, default=2, help="images in the uniform test (default 2)")
-    parser.add_argument("--image_size", type=int, default=224, help="side of the random test images (default 224)")
-    parser.add_argument("--threshold", type=float, default=0.99, help="minimum cosine similarity (default 0.99)")
-    parser.add_argument("--use_real_images", action="store_true", help="also test photographs")
-    parser.add_argument("--image_dir", default=None, help="folder of photographs (default: the bundled samples)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="packed model dtype")
-    parser.add_argument(
-        "--rtol",
-        type=float,
-        default=None,
-        help=f"max |diff| / max |ref| (default {FP32_RTOL} in float32, off otherwise)",
-    )
-    parser.add_argument("--attn_backend", default="auto", help="auto, triton, varlen, flash_attn or sdpa")
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    ok = align(
-        ckpt=args.ckpt,
-        device=args.device,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        threshold=args.threshold,
-        use_real_images=args.use_real_images,
-        image_dir=args.image_dir,
-        dtype=args.dtype,
-        rtol=args.rtol,
-        attn_backend=args.attn_backend,
-    )
-    return 0 if ok else 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .archs import normalization_for
-from .checkpoints import DEFAULT_CKPT, load_packing_model, parse_device, reference_model, resolve_alias
+from ..model.archs import normalization_for
+from ..weights.load import DEFAULT_CKPT, load_packing_model, parse_device, reference_model, resolve_alias
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from transformers import DINOv3ViTConfig
 
-from .archs import ARCHS, arch_config
-from .modeling import DINOv3ViTPackingModel
+from ..model.archs import ARCHS, arch_config
+from ..model.modeling import DINOv3ViTPackingModel
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 

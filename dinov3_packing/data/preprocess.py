@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .archs import normalization_for
-from .packing import pack, patchify
+from ..model.archs import normalization_for
+from ..packing import pack, patchify
 
 POLICIES = ("native", "fixed")
 ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor

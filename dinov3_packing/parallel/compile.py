@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import torch
 
-from .modeling import DINOv3ViTPackingModel
+from ..model.modeling import DINOv3ViTPackingModel
 
 
 def _mark_token_dims_dynamic(module, args):
-    x, cos, sin, layout = args[:4]
-    for t in (x, cos, sin, layout.token_segment):
+    x, batch = args[:2]
+    layout = batch.layout
+    for t in (x, batch.cos, batch.sin, layout.token_segment):
         torch._dynamo.mark_dynamic(t, 0)
     # The segment count may be specialised: training with drop path draws one number per segment, and a
     # pack of a single segment makes that a size-1 tensor, which compiles its own graph.
-    for t in (layout.cu_seqlens, layout.cu_seqlens_host):
+    for t in (layout.cu_seqlens, layout.cu_seqlens_host, layout.equal_runs_host):
         torch._dynamo.maybe_mark_dynamic(t, 0)
 
 

@@ -1,0 +1,1 @@
+"""What users run: align, embed, pca, the LLaVA tower, the benchmark suite."""

@@ -1,0 +1,1 @@
+"""Images in: file discovery, decoding and preprocessing into packed rows, token-budget packing."""

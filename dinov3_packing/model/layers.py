@@ -1,0 +1,223 @@
+"""The pieces of the packed DINOv3 ViT, one class per concept, with Hugging Face parameter names.
+
+Every block takes `(x, batch)`: `x [num_tokens, D]` and the forward's `PackedBatch` (layout, RoPE tables,
+kernel choices), built once by the model. Kernels are reached only through `ops.attend` and
+`ops.feed_forward`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DINOv3ViTConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.dinov3_vit.modeling_dinov3_vit import (
+    DINOv3ViTEmbeddings,
+    DINOv3ViTGatedMLP,
+    DINOv3ViTLayerScale,
+    DINOv3ViTMLP,
+    DINOv3ViTRopePositionEmbedding,
+    get_patches_center_coordinates,
+)
+
+from ..ops.attention import attend
+from ..ops.mlp import feed_forward
+from ..packing import PackedBatch, PackedLayout
+
+
+class DINOv3ViTPackedEmbeddings(DINOv3ViTEmbeddings):
+    """Patch embedding as one matmul over packed rows, plus CLS and registers per segment.
+
+    Keeps the Conv2d parameter (`patch_embeddings.weight [D, C, p, p]`) for checkpoint compatibility and
+    applies it as a Linear on (p, p, C)-flattened rows.
+    """
+
+    def forward(
+        self, hidden_states: torch.Tensor, layout: PackedLayout, bool_masked_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        conv = self.patch_embeddings
+        weight = conv.weight.permute(0, 2, 3, 1).flatten(1)
+        patches = F.linear(hidden_states.to(weight.dtype), weight, conv.bias)
+        if bool_masked_pos is not None:
+            patches = torch.where(bool_masked_pos[:, None], self.mask_token[0].to(patches.dtype), patches)
+        prefix = torch.cat([self.cls_token[0], self.register_tokens[0]]).to(patches.dtype)
+        prefix_rows = prefix.expand(layout.num_segments, -1, -1).flatten(0, 1)
+        return torch.cat([prefix_rows, patches])[layout.token_source]
+
+
+class DINOv3ViTPackedRopeEmbedding(DINOv3ViTRopePositionEmbedding):
+    """RoPE tables for every token of a packed batch: `(cos, sin_signed)`, each `[num_tokens, head_dim]`,
+    where `sin_signed` carries rotate_half's sign (see `ops.attention.swap_halves`).
+
+    Coordinates are normalised by each segment's own (h, w). Prefix tokens get cos = 1, sin = 0, which
+    leaves them unrotated without a gather or scatter inside the layers. Angles are cached per (h, w).
+    """
+
+    def __init__(self, config: DINOv3ViTConfig):
+        super().__init__(config)
+        self.num_prefix = 1 + config.num_register_tokens
+        self._angle_cache: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def segment_angles(self, h: int, w: int, coords: torch.Tensor | None = None) -> torch.Tensor:
+        """Angles `[num_prefix + h*w, head_dim]` in fp32 for one segment (prefix rows are zero)."""
+        if coords is None:
+            key = (h, w, str(self.inv_freq.device))
+            if key not in self._angle_cache:
+                self._angle_cache[key] = self.segment_angles(h, w, self.patch_coords(h, w))
+            return self._angle_cache[key]
+        angles = 2 * math.pi * coords[:, :, None] * self.inv_freq[None, None, :]
+        angles = angles.flatten(1, 2).tile(2)
+        return torch.cat([angles.new_zeros(self.num_prefix, angles.shape[1]), angles])
+
+    def load_periods(self, periods: torch.Tensor) -> None:
+        """Use a checkpoint's RoPE periods (`inv_freq = 1 / periods`) instead of those from `rope_theta`.
+
+        Meta's original files store the periods rounded to bf16 and the original model uses them as
+        stored; recomputing them moves outputs by ~1e-3 relative. `inv_freq` is not persistent, so a
+        `save_pretrained` copy falls back to `rope_theta` (see `convert.py`).
+        """
+        if periods.shape != self.inv_freq.shape:
+            raise ValueError(f"periods: expected shape {tuple(self.inv_freq.shape)}, got {tuple(periods.shape)}")
+        with torch.no_grad():
+            self.inv_freq.copy_(1 / periods.to(device=self.inv_freq.device, dtype=torch.float32))
+        self._angle_cache.clear()
+
+    def patch_coords(self, h: int, w: int) -> torch.Tensor:
+        return get_patches_center_coordinates(h, w, dtype=torch.float32, device=self.inv_freq.device)
+
+    def augmented_coords(self, h: int, w: int, generator: torch.Generator | None) -> torch.Tensor:
+        """Training-time coordinate augmentation for one segment, drawn as Hugging Face draws it for one
+        image (shift, then jitter, then rescale), from `generator` or the global RNG."""
+        cfg, coords = self.config, self.patch_coords(h, w)
+        draw = {"device": coords.device, "dtype": coords.dtype}
+        if cfg.pos_embed_shift is not None:
+            s = cfg.pos_embed_shift
+            coords = coords + torch.empty(1, 2, **draw).uniform_(-s, s, generator=generator)
+        if cfg.pos_embed_jitter is not None:
+            r = math.log(cfg.pos_embed_jitter)
+            coords = coords * torch.empty(1, 2, **draw).uniform_(-r, r, generator=generator).exp()
+        if cfg.pos_embed_rescale is not None:
+            r = math.log(cfg.pos_embed_rescale)
+            coords = coords * torch.empty(1, **draw).uniform_(-r, r, generator=generator).exp()
+        return coords
+
+    def forward(
+        self, layout: PackedLayout, dtype: torch.dtype, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training:
+            # A fresh draw per segment and forward; never cached.
+            segments = [self.segment_angles(h, w, self.augmented_coords(h, w, generator)) for h, w in layout.segment_hw]
+        else:
+            segments = [self.segment_angles(h, w) for h, w in layout.segment_hw]
+        angles = torch.cat(segments)
+        # rotate_half(x) * sin == swap_halves(x) * sin_signed, with sin_signed = cat(-sin_1, sin_2): the
+        # sign moves into the table (exactly: negation is exact), and the layers avoid a cat and a neg.
+        sin = angles.sin()
+        sin_signed = torch.cat([-sin[:, : sin.shape[1] // 2], sin[:, sin.shape[1] // 2 :]], dim=1)
+        return angles.cos().to(dtype), sin_signed.to(dtype)
+
+
+class DINOv3ViTPackedAttention(nn.Module):
+    """Self-attention over packed tokens. q/k/v stay separate parameters (Hugging Face names) and run as
+    one GEMM on their concatenated weights."""
+
+    def __init__(self, config: DINOv3ViTConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        d = config.hidden_size
+        self.k_proj = nn.Linear(d, d, bias=config.key_bias)
+        self.v_proj = nn.Linear(d, d, bias=config.value_bias)
+        self.q_proj = nn.Linear(d, d, bias=config.query_bias)
+        self.o_proj = nn.Linear(d, d, bias=config.proj_bias)
+        self._fused: tuple[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+    def qkv_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The q, k and v projections as one `[3D, D]` weight and `[3D]` bias (None if none has a bias)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projs])
+        if all(p.bias is None for p in projs):
+            return weight, None
+        bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projs])
+        return weight, bias
+
+    def refresh_fused_qkv(self) -> None:
+        """Keep `qkv_weight_bias()` cached for forwards autograd does not record. The cache is rebuilt when a
+        projection's tensor is replaced (`.to()`, a new Parameter) or changed in place (`load_state_dict`, an
+        optimizer step): each bumps the tensor's version counter. Costs one fused copy (3 D^2 per block)."""
+        tensors = [t for p in (self.q_proj, self.k_proj, self.v_proj) for t in (p.weight, p.bias) if t is not None]
+        if any(type(t.data) is not torch.Tensor for t in tensors):
+            # Sharded (FSDP's DTensor) or otherwise wrapped parameters are whole only inside the block's
+            # forward: concatenate there.
+            self._fused = None
+            return
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        if self._fused is None or self._fused[0] != key:
+            with torch.no_grad():
+                self._fused = (key, self.qkv_weight_bias())
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        # Under autograd the concatenation is part of the graph, so gradients reach q, k and v.
+        weight, bias = self._fused[1] if batch.inference and self._fused is not None else self.qkv_weight_bias()
+        qkv = F.linear(x, weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))
+        return self.o_proj(attend(qkv, batch))
+
+
+class DINOv3ViTPackedDropPath(nn.Module):
+    """Stochastic depth per segment (Hugging Face drops per image)."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        # One draw per segment in segment order, as Hugging Face draws one per image. The count comes from
+        # a tensor size, not a Python int, so a compiled block keeps it symbolic.
+        num_segments = batch.layout.cu_seqlens.shape[0] - 1
+        keep = torch.floor(torch.rand(num_segments, dtype=x.dtype, device=x.device) + keep_prob)
+        return x.div(keep_prob) * keep[batch.layout.token_segment][:, None]
+
+
+class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
+    """Pre-norm block: attention and MLP, each with LayerScale and a residual."""
+
+    def __init__(self, config: DINOv3ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = DINOv3ViTPackedAttention(config)
+        self.layer_scale1 = DINOv3ViTLayerScale(config)
+        self.drop_path = DINOv3ViTPackedDropPath(config.drop_path_rate)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = DINOv3ViTGatedMLP(config) if config.use_gated_mlp else DINOv3ViTMLP(config)
+        self.layer_scale2 = DINOv3ViTLayerScale(config)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        h = self.attention(self.norm1(x), batch)
+        x = self.drop_path(self.layer_scale1(h), batch) + x
+        h = feed_forward(self.mlp, self.norm2(x), batch)
+        return self.drop_path(self.layer_scale2(h), batch) + x
+
+
+class DINOv3ViTPackedEncoder(nn.Module):
+    """The block stack. One call runs the first `num_layers` blocks (all by default)."""
+
+    def __init__(self, config: DINOv3ViTConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([DINOv3ViTPackedLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(
+        self, x: torch.Tensor, batch: PackedBatch, num_layers: int | None = None, keep_states: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Returns the last block's output and, with `keep_states`, the input and every block's output."""
+        states = [x] if keep_states else None
+        for layer in self.layer[:num_layers]:
+            x = layer(x, batch)
+            if keep_states:
+                states.append(x)
+        return x, states

@@ -1,0 +1,206 @@
+"""DINOv3 ViT on packed input.
+
+Parameter names are those of `transformers.DINOv3ViTModel`, so any Hugging Face DINOv3 checkpoint loads
+as is and `DINOv3ViTModel(config).load_state_dict(model.state_dict())` is exact. The forward takes
+`hidden_states [total_patches, p*p*C]` and `grid_thw [num_images, 3]` (see `packing.py`), builds the
+batch's `PackedBatch` once (layout, RoPE tables, kernel choices) and runs every image in one sequence:
+one matmul embeds all patches, every layer runs once over all tokens, attention stays inside each image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DINOv3ViTConfig
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTPreTrainedModel
+
+from ..ops.attention import check_attention_backend, resolve_attention
+from ..ops.mlp import fused_mlp_runs, fused_mlp_setting
+from ..packing import PackedBatch, PackedLayout, validate_packed_input
+from .layers import DINOv3ViTPackedEmbeddings, DINOv3ViTPackedEncoder, DINOv3ViTPackedRopeEmbedding
+
+
+@dataclass
+class PackedModelOutput(ModelOutput):
+    """Output of `DINOv3ViTPackingModel`.
+
+    Attributes:
+        last_hidden_state: `[total_patches, D]` patch tokens, rows aligned with the input rows; after the
+            final LayerNorm, or the raw output of layer `select_layer` when that is given.
+        pooler_output: `[num_segments, D]` CLS token of each segment (frame), normed like `last_hidden_state`.
+        register_tokens: `[num_segments, R, D]`, normed like `last_hidden_state`.
+        hidden_states: with `output_hidden_states=True`, `num_layers + 1` tensors `[total_patches, D]`:
+            the embeddings, then each layer's output (before the final norm), as in Hugging Face.
+        layout: the `PackedLayout` of the batch (token positions, cu_seqlens).
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    register_tokens: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    layout: PackedLayout | None = None
+
+
+class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
+    """DINOv3 ViT that runs natively on packed patches of many images of different sizes.
+
+    Args:
+        config: a `DINOv3ViTConfig` (see `archs.arch_config` for the released ones).
+        attn_backend: "auto" (default) or a kernel of `ops.ATTENTION_BACKENDS`; see `ops/attention.py`.
+        fused_mlp: run each MLP's up-projection, bias and exact (erf) GELU as one Triton GEMM
+            (`ops/triton/linear_gelu.py`) when the model runs on CUDA in fp16/bf16 without autograd; elsewhere
+            the plain ops run. None (default) turns it on wherever it applies: plain GELU MLPs (ViT-S/B/L),
+            not the gated (SwiGLU) MLPs of ViT-H+ and 7B. On the H100 it made the compiled ViT-L forward 2-4%
+            faster (benchmarks/results/RESULTS.md). A block whose MLP has hooks or a replaced up-projection
+            (e.g. a LoRA adapter) runs its module instead, so nothing attached to it is bypassed. True on a
+            gated MLP or another activation raises ValueError. Settable after construction (validated the
+            same way).
+    """
+
+    main_input_name = "hidden_states"
+    _can_record_outputs: dict = {}  # noqa: RUF012 - overrides the parent's output-capturing hooks with none
+
+    def __init__(self, config: DINOv3ViTConfig, attn_backend: str = "auto", fused_mlp: bool | None = None):
+        super().__init__(config)
+        self.attn_backend = check_attention_backend(attn_backend)
+        self.fused_mlp = fused_mlp  # validated by the property below
+        self.embeddings = DINOv3ViTPackedEmbeddings(config)
+        self.rope_embeddings = DINOv3ViTPackedRopeEmbedding(config)
+        self.model = DINOv3ViTPackedEncoder(config)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    @property
+    def fused_mlp(self) -> bool:
+        """Run the MLP up-projection + bias + exact GELU as one Triton GEMM where it applies."""
+        return self._fused_mlp
+
+    @fused_mlp.setter
+    def fused_mlp(self, value: bool | None) -> None:
+        self._fused_mlp = fused_mlp_setting(value, self.config.use_gated_mlp, self.config.hidden_act)
+
+    def resolved_attn_backend(self, inference: bool = True) -> str:
+        """The attention kernel `attn_backend` runs on this model's device and dtype; `inference`: no
+        autograd (under `torch.no_grad()` / `torch.inference_mode()`, or no tensor requiring grad)."""
+        return resolve_attention(
+            self.attn_backend,
+            self.norm.weight.device,
+            self.norm.weight.dtype,
+            self.config.attention_dropout if self.training else 0.0,
+            inference=inference,
+            head_dim=self.config.hidden_size // self.config.num_attention_heads,
+        )
+
+    def packed_batch(
+        self,
+        layout: PackedLayout,
+        inference: bool = True,
+        rope_generator: torch.Generator | None = None,
+    ) -> PackedBatch:
+        """The `PackedBatch` every block of this forward receives: RoPE tables for `layout` (augmented per
+        segment in training mode) and the kernels for this device, dtype and grad mode (`inference`: autograd
+        does not record the forward). Refreshes the blocks' cached fused q/k/v weights for inference."""
+        device, dtype = self.norm.weight.device, self.norm.weight.dtype
+        if inference:
+            for layer in self.model.layer:
+                layer.attention.refresh_fused_qkv()
+        cos, sin = self.rope_embeddings(layout, dtype, rope_generator)
+        return PackedBatch(
+            layout=layout,
+            cos=cos,
+            sin=sin,
+            attention=self.resolved_attn_backend(inference=inference),
+            fused_mlp=fused_mlp_runs(self.fused_mlp, device, dtype, inference),
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            inference=inference,
+        )
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.config.patch_size)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2 * self.config.num_channels
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.config.num_register_tokens
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        grid_thw: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        select_layer: int | None = None,
+        rope_generator: torch.Generator | None = None,
+    ) -> PackedModelOutput:
+        """Run a packed batch.
+
+        Args:
+            hidden_states: `[total_patches, p*p*C]` normalized pixels, rows as `packing.patchify` gives them.
+            grid_thw: integer `[num_images, 3]`, rows (t, h, w) in patches.
+            bool_masked_pos: optional bool `[total_patches]`; True rows are replaced by the mask token.
+            output_hidden_states: also return every layer's patch tokens.
+            select_layer: index into the `num_layers + 1` hidden states (LLaVA towers use -2); the outputs
+                are then that layer's tokens without the final norm, and later layers are skipped.
+            rope_generator: in training mode, the generator for the per-image RoPE coordinate augmentation
+                (shift / jitter / rescale from the config); default the global RNG.
+
+        Returns:
+            `PackedModelOutput`.
+        """
+        grid = validate_packed_input(hidden_states, grid_thw, self.patch_dim)
+        num_layers = self.config.num_hidden_layers
+        if select_layer is not None:
+            if not isinstance(select_layer, int) or isinstance(select_layer, bool):
+                raise TypeError(f"select_layer: expected an int, got {type(select_layer).__name__}")
+            if not -(num_layers + 1) <= select_layer <= num_layers:
+                raise ValueError(
+                    f"select_layer: expected an index into {num_layers + 1} hidden states "
+                    f"(-{num_layers + 1}..{num_layers}), got {select_layer}"
+                )
+        if bool_masked_pos is not None:
+            rows = hidden_states.shape[0]
+            if not isinstance(bool_masked_pos, torch.Tensor) or bool_masked_pos.dtype != torch.bool:
+                got = bool_masked_pos.dtype if isinstance(bool_masked_pos, torch.Tensor) else type(bool_masked_pos)
+                raise TypeError(f"bool_masked_pos: expected a bool tensor of shape [{rows}], got {got}")
+            if bool_masked_pos.shape != (rows,):
+                raise ValueError(
+                    f"bool_masked_pos: expected shape [{rows}] (one flag per input row), "
+                    f"got {tuple(bool_masked_pos.shape)}"
+                )
+
+        device = self.norm.weight.device
+        # Inference (forward-only kernels allowed) unless autograd will record this call: grad mode on and
+        # training, or the input or any parameter requiring grad.
+        inference = not (
+            torch.is_grad_enabled()
+            and (self.training or hidden_states.requires_grad or any(p.requires_grad for p in self.parameters()))
+        )
+        layout = PackedLayout.build(grid, self.num_prefix_tokens, device)
+        batch = self.packed_batch(layout, inference, rope_generator)
+
+        if bool_masked_pos is not None:
+            bool_masked_pos = bool_masked_pos.to(device)
+        x = self.embeddings(hidden_states.to(device), layout, bool_masked_pos)
+        # Blocks after the selected hidden state are skipped unless every hidden state is asked for.
+        selected = None if select_layer is None else select_layer % (num_layers + 1)
+        stop = num_layers if selected is None or output_hidden_states else selected
+        x, states = self.model(x, batch, stop, output_hidden_states)
+        if selected is None:
+            out = self.norm(x)
+        else:
+            out = states[selected] if output_hidden_states else x
+
+        return PackedModelOutput(
+            last_hidden_state=out[layout.patch_index],
+            pooler_output=out[layout.prefix_index[:, 0]],
+            register_tokens=out[layout.prefix_index[:, 1:]],
+            hidden_states=tuple(s[layout.patch_index] for s in states) if states is not None else None,
+            layout=layout,
+        )

@@ -1,0 +1,230 @@
+"""Attention over packed segments: the one place that knows the attention kernels.
+
+`attend(qkv, batch)` applies RoPE to q and k and attends within each segment of the packed sequence, never
+across segments, with the kernel named by `batch.attention`. `resolve_attention` turns a requested backend
+(a name from `ATTENTION_BACKENDS`, "auto" included) into the concrete kernel for a device, dtype and grad
+mode, or raises before any compute. The model calls only these two; adding a kernel is one `Backend` entry
+in `_REGISTRY` below (plus its tests).
+
+Kernels:
+    "triton":     this package's Triton varlen forward (`ops/triton/varlen_attention.py`; CUDA, fp16/bf16,
+                  head_dim a power of two). Forward only: inference under `torch.no_grad()` /
+                  `torch.inference_mode()`.
+    "varlen":     PyTorch's `torch.nn.attention.varlen.varlen_attn` (FlashAttention-2 varlen; CUDA, fp16/bf16).
+    "flash_attn": `flash_attn.flash_attn_varlen_func` from the flash-attn package, when installed.
+    "sdpa":       the exact reference: `scaled_dot_product_attention` per run of equal-length segments; any
+                  device and dtype; what CPU and fp32 use.
+    "auto":       the first kernel in `_AUTO_ORDER` that can run the call (see `resolve_attention`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # this module imports without torch, so the CLI can list the backends in a blink
+    import torch
+
+    from ..packing import PackedBatch, PackedLayout
+
+
+def _missing(module: str, package: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        return None if found else f"needs the {package} package, which is not installed"
+
+    return check
+
+
+def _triton_missing() -> str | None:
+    from .triton import varlen_attention
+
+    return None if varlen_attention.triton_available() else "needs triton, which is not installed"
+
+
+def _power_of_two_16_to_256(head_dim: int | None) -> bool:
+    return head_dim is not None and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+def _run_varlen(q, k, v, layout: PackedLayout, dropout_p: float) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu, n = layout.cu_seqlens, layout.max_seqlen
+    return varlen_attn(q, k, v, cu, cu, n, n)
+
+
+def _run_flash_attn(q, k, v, layout: PackedLayout, dropout_p: float) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    cu, n = layout.cu_seqlens, layout.max_seqlen
+    return flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=dropout_p)
+
+
+def _run_triton(q, k, v, layout: PackedLayout, dropout_p: float) -> torch.Tensor:
+    from .triton.varlen_attention import triton_varlen_attention
+
+    return triton_varlen_attention(q, k, v, layout.cu_seqlens)
+
+
+def _run_sdpa(q, k, v, layout: PackedLayout, dropout_p: float) -> torch.Tensor:
+    from .sdpa import sdpa_runs, sdpa_varlen
+
+    if dropout_p > 0.0:
+        return sdpa_runs(q, k, v, layout.equal_runs_host.view(-1, 3).tolist(), dropout_p)
+    return sdpa_varlen(q, k, v, layout.equal_runs_host)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One attention kernel and what it can run.
+
+    Attributes:
+        name: the `attn_backend=` / `--attn-backend` value.
+        run: `(q, k, v, layout, dropout_p) -> out`, all `[tokens, heads, head_dim]`.
+        cuda_half: needs a CUDA device and fp16/bf16.
+        backward: has a backward (usable when autograd records the call).
+        dropout: supports attention dropout.
+        missing: None when the package it needs is importable, else the reason.
+        head_dim_ok: which head sizes it runs (None: unknown).
+        head_dims: those sizes in words, for the error.
+    """
+
+    name: str
+    run: Callable[..., torch.Tensor]
+    cuda_half: bool
+    backward: bool
+    dropout: bool
+    missing: Callable[[], str | None] = lambda: None
+    head_dim_ok: Callable[[int | None], bool] = lambda d: True
+    head_dims: str = "any head_dim"
+
+
+_REGISTRY: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("varlen", _run_varlen, True, True, False, _missing("torch.nn.attention.varlen", "PyTorch >= 2.10")),
+        Backend("flash_attn", _run_flash_attn, True, True, True, _missing("flash_attn", "flash-attn")),
+        Backend(
+            "triton",
+            _run_triton,
+            True,
+            False,
+            False,
+            _triton_missing,
+            _power_of_two_16_to_256,
+            "a head_dim that is a power of two in 16..256",
+        ),
+        Backend("sdpa", _run_sdpa, False, True, True),
+    )
+}
+# What "auto" tries, first match wins. Triton leads for inference: 1.45x FlashAttention-2 on the mixed-64
+# lengths on the H100 (benchmarks/results/RESULTS.md); it has no backward, so training falls through.
+_AUTO_ORDER = ("triton", "flash_attn", "varlen", "sdpa")
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", *_REGISTRY)
+
+
+def _why_not(
+    b: Backend, device: torch.device, dtype: torch.dtype, dropout: float, inference: bool, head_dim: int | None
+) -> str | None:
+    """Why `b` cannot run this call (None: it can)."""
+    import torch
+
+    if b.cuda_half and not (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)):
+        return f"needs a CUDA device and fp16/bf16, got {device.type} and {dtype}"
+    reason = b.missing()
+    if reason:
+        return reason
+    if dropout > 0.0 and not b.dropout:
+        return (
+            f"has no attention dropout (config.attention_dropout={dropout} in training); use 'flash_attn' or "
+            "'sdpa', or set attention_dropout to 0"
+        )
+    if not inference and not b.backward:
+        return (
+            "is forward-only; run the model under torch.no_grad() or torch.inference_mode(), or use 'varlen' "
+            "(or 'auto') when gradients are needed"
+        )
+    if not b.head_dim_ok(head_dim):
+        return f"needs {b.head_dims}, got head_dim={head_dim}; use 'varlen'"
+    return None
+
+
+def resolve_attention(
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    dropout: float = 0.0,
+    *,
+    inference: bool = False,
+    head_dim: int | None = None,
+) -> str:
+    """The concrete kernel for `backend` on this device and dtype, given the attention dropout, whether
+    autograd is off (`inference`) and the head size; raises ValueError naming `attn_backend` if it cannot
+    run. "auto" takes the first of `_AUTO_ORDER` that can."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attn_backend: expected one of {ATTENTION_BACKENDS}, got {backend!r}")
+    import torch
+
+    device = torch.device(device)
+    if backend == "auto":
+        for name in _AUTO_ORDER:
+            if _why_not(_REGISTRY[name], device, dtype, dropout, inference, head_dim) is None:
+                return name
+        return "sdpa"
+    reason = _why_not(_REGISTRY[backend], device, dtype, dropout, inference, head_dim)
+    if reason:
+        hint = "" if backend == "sdpa" else "; 'sdpa' (exact, any device) or 'auto' always run"
+        raise ValueError(f"attn_backend: {backend!r} {reason}{hint}")
+    return backend
+
+
+def check_attention_backend(backend: object) -> str:
+    """Validate a requested backend name (before any model is built)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attn_backend: expected one of {ATTENTION_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """`[x1, x2] -> [x2, x1]` along the last dim (rotate_half without its sign, which RoPE's table carries)."""
+    return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`x * cos + rotate_half(x) * sin` for `x [tokens, ..., head_dim]` and tables `[tokens, head_dim]`,
+    `sin` carrying rotate_half's sign (`cat(-sin_1, sin_2)`)."""
+    shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
+    return x * cos.view(shape) + swap_halves(x) * sin.view(shape)
+
+
+def attend(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """RoPE on q and k (rows with cos = 1, sin = 0 stay unrotated), then attention per segment.
+
+    Args:
+        qkv: `[num_tokens, 3, heads, head_dim]`, the fused projection's output.
+        batch: the forward's `PackedBatch` (layout, RoPE tables, the kernel and dropout to use).
+
+    Returns:
+        `[num_tokens, heads * head_dim]`.
+
+    RoPE is one elementwise pass over q and k (fused by torch.compile); rotating inside the Triton kernel
+    was measured slower on the H100 (benchmarks/results/RESULTS.md).
+    """
+    qk = apply_rope(qkv[:, :2], batch.cos, batch.sin)
+    out = packed_attention(qk[:, 0], qk[:, 1], qkv[:, 2], batch.layout, batch.attention, batch.dropout)
+    return out.flatten(1)
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, backend: str, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """Softmax attention within each segment of `layout` with a concrete kernel (not "auto");
+    q, k, v and the result `[num_tokens, heads, head_dim]`."""
+    if backend not in _REGISTRY:
+        raise ValueError(f"backend: expected a concrete backend {tuple(_REGISTRY)}, got {backend!r}")
+    return _REGISTRY[backend].run(q, k, v, layout, dropout_p)

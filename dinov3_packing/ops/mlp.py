@@ -1,0 +1,58 @@
+"""The MLP of a block: the one place that knows the fused MLP kernel.
+
+`feed_forward(mlp, x, batch)` runs a block's MLP module, or, when `batch.fused_mlp` is set and the module is
+a plain Hugging Face GELU MLP, its up-projection, bias and exact GELU as one Triton GEMM
+(`ops/triton/linear_gelu.py`) followed by the module's own down-projection. `fused_mlp_setting` validates
+the model's `fused_mlp=` option; `fused_mlp_runs` is the device/dtype/grad gate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module_globals
+from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTMLP
+
+from ..packing import PackedBatch
+from .triton.linear_gelu import linear_gelu
+
+
+def fused_mlp_setting(value: bool | None, use_gated_mlp: bool, hidden_act: str) -> bool:
+    """The model's `fused_mlp` option, validated: None (auto) is on wherever the kernel computes the MLP
+    exactly (a plain GELU MLP: ViT-S/B/L), not for the gated (SwiGLU) MLPs of ViT-H+ and 7B."""
+    if value is None:
+        return not use_gated_mlp and hidden_act == "gelu"
+    if not isinstance(value, bool):
+        raise TypeError(f"fused_mlp: expected a bool or None (auto), got {type(value).__name__}")
+    if value and use_gated_mlp:
+        raise ValueError(
+            "fused_mlp: the fused up-projection + GELU kernel needs a plain GELU MLP; this config has a "
+            "gated (SwiGLU) MLP"
+        )
+    if value and hidden_act != "gelu":
+        raise ValueError(f"fused_mlp: the kernel computes the exact GELU; config.hidden_act is {hidden_act!r}")
+    return value
+
+
+def fused_mlp_runs(enabled: bool, device: torch.device, dtype: torch.dtype, inference: bool) -> bool:
+    """Whether the fused kernel runs for a forward: enabled, CUDA, fp16/bf16, and no autograd (it has no
+    backward)."""
+    return enabled and inference and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
+def _is_plain(mlp: nn.Module) -> bool:
+    """Whether the fused kernel computes exactly what `mlp` would: the Hugging Face GELU MLP with plain
+    `nn.Linear` projections and no hooks. A replaced or wrapped projection (LoRA adapters, quantized layers)
+    or a hook keeps the module path, so nothing attached to the MLP is bypassed."""
+    if type(mlp) is not DINOv3ViTMLP or type(mlp.up_proj) is not nn.Linear:
+        return False
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (mlp, mlp.up_proj, mlp.act_fn)):
+        return False
+    return not (_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks)
+
+
+def feed_forward(mlp: nn.Module, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """`mlp(x)`, with the up-projection + bias + GELU fused where `batch.fused_mlp` allows it."""
+    if batch.fused_mlp and _is_plain(mlp):
+        return mlp.down_proj(linear_gelu(x, mlp.up_proj.weight, mlp.up_proj.bias))
+    return mlp(x)

@@ -1,0 +1,1 @@
+"""Applied from outside the model: torch.compile (`compile`) and FSDP2 (`fsdp`)."""
