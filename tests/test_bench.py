@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from dinov3_packing.apps.bench.suite import Workload, matmul_params, mixed_sizes, pack_of_tokens
+from dinov3_packing.apps.bench.workloads import Workload, matmul_params, mixed_sizes, pack_of_tokens
 from dinov3_packing.cli import main
 from dinov3_packing.model.archs import arch_config
 from dinov3_packing.model.modeling import DINOv3ViTPackingModel
@@ -134,26 +134,3 @@ def test_smoke_packed_rows_record_the_fused_mlp_default(smoke):
     packed = [r for r in report["results"] if r["system"] == "packed"]
     assert packed and all(r["fused_mlp"] is True for r in packed)
     assert report["meta"]["options"]["fused_mlp"] is True
-
-
-def test_fastpath_variants_smoke(tmp_path):
-    """benchmarks/fastpath_variants.py on the CPU: every variant runs the three workload shapes through one
-    compiled graph (no recompilation across token counts) and matches the fp32 eager model."""
-    import subprocess
-
-    out = tmp_path / "variants.jsonl"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "fastpath_variants.py"), "--smoke", "--arch", "vits16"]
-    cmd += ["--hf-modes", "--variants", "1/default", "0/default", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    e2e = [r for r in rows if r["part"] == "e2e"]
-    assert {(r["variant"], r["workload"]) for r in e2e} == {
-        (v, w) for v in ("1/default", "0/default") for w in ("mixed-64", "uniform-64x224", "uniform-32x512")
-    }
-    for r in e2e:
-        assert "error" not in r, r
-        assert r["graphs_compiled"] == 1, r
-        assert r["median_ms"] > 0 and r["host_ms"] > 0
-        if r["workload"] == "mixed-64":
-            assert r["min_cos_vs_fp32"] > 0.99999

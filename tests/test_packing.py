@@ -142,17 +142,41 @@ def test_embeddings_place_prefix_and_patch_rows():
     assert_close(tokens[layout.patch_index], ref_patches)  # Linear vs HF's Conv2d: conftest tolerance
 
 
+def build_with_torch_ops(grid: list[tuple[int, int, int]], num_prefix: int) -> dict[str, torch.Tensor]:
+    """The index tensors of a layout computed with torch CPU ops (the implementation before numpy)."""
+    segment_hw = [(h, w) for t, h, w in grid for _ in range(t)]
+    seq_lens = [num_prefix + h * w for h, w in segment_hw]
+    offsets = [0]
+    for n in seq_lens:
+        offsets.append(offsets[-1] + n)
+    starts = torch.tensor(offsets[:-1], dtype=torch.long)
+    patch_counts = torch.tensor([h * w for h, w in segment_hw], dtype=torch.long)
+    seg_of_row = torch.repeat_interleave(torch.arange(len(segment_hw)), patch_counts)
+    first_row = torch.cumsum(patch_counts, 0) - patch_counts
+    row = torch.arange(int(patch_counts.sum()))
+    patch_index = starts[seg_of_row] + num_prefix + (row - first_row[seg_of_row])
+    prefix_index = starts[:, None] + torch.arange(num_prefix)[None, :]
+    token_source = torch.empty(offsets[-1], dtype=torch.long)
+    token_source[prefix_index.flatten()] = torch.arange(prefix_index.numel())
+    token_source[patch_index] = prefix_index.numel() + row
+    token_segment = torch.repeat_interleave(torch.arange(len(segment_hw)), torch.tensor(seq_lens))
+    return {
+        "cu_seqlens_host": torch.tensor(offsets, dtype=torch.int32),
+        "patch_index": patch_index,
+        "prefix_index": prefix_index,
+        "token_source": token_source,
+        "token_segment": token_segment,
+    }
+
+
 @pytest.mark.parametrize("num_prefix", [1, 5])
 def test_packed_layout_equals_the_torch_ops_reference(num_prefix):
-    """`PackedLayout.build` (numpy) against the torch-ops implementation it replaced, kept in
-    benchmarks/layout_build_time.py: same values, dtypes and shapes on random grids (t > 1, single
+    """`PackedLayout.build` (numpy) against the torch-ops implementation it replaced
+    (`build_with_torch_ops` above): same values, dtypes and shapes on random grids (t > 1, single
     segments, one-patch images)."""
     import random
-    import runpy
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "layout_build_time.py"
-    reference = runpy.run_path(str(script))["build_with_torch_ops"]
+    reference = build_with_torch_ops
     rng = random.Random(num_prefix)  # noqa: S311 - test grids, not cryptography
     grids = [[(1, 1, 1)], [(3, 2, 5)], [(1, 48, 48)] * 3]
     grids += [

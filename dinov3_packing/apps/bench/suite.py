@@ -13,20 +13,17 @@ One run measures, on one GPU and in this order (a time budget skips the tail, wi
 Systems, each given inputs already on the device (pixel tensors, packed rows; the packed model's host-side
 `grid_thw` stays on the CPU, where the model reads it without a device sync):
     packed           `DINOv3ViTPackingModel`, eager, attention backend "auto" (on CUDA bf16 inference: the
-                     Triton varlen kernel, see attention.AUTO_TRITON_INFERENCE)
-    packed-compiled  the same through `compile.compile_model` (compilation happens in the warm-up)
+                     Triton varlen kernel, as `ops.attention` chooses it)
+    packed-compiled  the same through `parallel.compile.compile_model` (compilation happens in the warm-up)
     hf-loop          Hugging Face `DINOv3ViTModel` (sdpa), one image per call (mixed sizes)
     hf-batched       Hugging Face, one `[B, 3, H, W]` call (uniform sizes)
     hf-compiled      Hugging Face under `torch.compile` (static shapes), one call (uniform sizes)
     timm-naflex      timm NaFlexViT built from the DINOv3 Eva config: mixed sizes padded to the longest
                      image with a patch-valid mask; uniform sizes as a plain `[B, 3, H, W]` batch
 
-Timing: a warm-up call (two when fast; compiled systems always get one after compiling), then repeats
-until about `target_s` of timed work (at least 3), each timed with CUDA events recorded around the call
-(no host sync inside the timed region, one synchronize at the end); the median is reported. Peak memory
-is `torch.cuda.max_memory_allocated` after a reset, over the timed repeats; `fwd_mem_gib` is that peak
-minus what was allocated before (the forward's own activations and workspace, other resident models
-excluded).
+Workloads and FLOPs are defined in `workloads`, the systems in `systems`, timing and the run's metadata
+in `timing` (`timing.measure`: warm-up, then repeats timed with CUDA events; the median is reported,
+with the forward's own peak memory). This module runs the sections and writes the report.
 
 `--smoke` runs every code path on the CPU in seconds (tiny workloads, fp32, no compilation); the tests
 run it so the suite never rots.
@@ -36,23 +33,12 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
-import importlib.metadata
-import importlib.util
 import json
-import math
-import platform
-import random
-import shlex
-import statistics
-import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from functools import cached_property
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -61,347 +47,20 @@ from transformers import DINOv3ViTConfig
 
 from ...model.archs import ARCHS, arch_config
 from ...model.modeling import DINOv3ViTPackingModel
-from ...packing import patchify
+from ...parallel.compile import compile_model, compile_stats
 from ...weights.load import load_packing_model, random_packing_model, reference_model
 from .options import DEFAULT_OUT, SECTIONS, SMOKE_OUT, Options
+from .systems import BASELINES, SYSTEMS, ArchSystems, build_on_device, has_timm
+from .timing import Timing, measure, peak_matmul_tflops, run_metadata
+from .workloads import FLOPS_DEFINITION, Workload, make_inputs, mixed_sizes, workloads
 
-BASELINES = ("hf-loop", "hf-batched", "hf-compiled", "timm-naflex")
 SMOKE_LAYERS = 2  # --smoke runs vits16 with this many blocks
-SCALING_TOKENS = (4096, 8192, 16384, 32768, 65536, 131072)
 # The HF loop costs the same per image at any pack size, and it is the slowest system by far: measure it
 # on the smaller packs only.
 HF_LOOP_MAX_TOKENS = 32768
 MIN_COSINE = 0.999  # issue 3: bf16 packed vs fp32 Hugging Face on mixed-64
 # Budget estimates (seconds, H100) for the items that are worth refusing up front rather than overrunning.
 SWEEP_ESTIMATE_S = {"vits16": 40, "vitb16": 40, "vitl16": 60, "vith16plus": 60, "vit7b16": 90}
-TIMM_MODELS = {
-    "vits16": "vit_small_patch16_dinov3_qkvb",
-    "vits16plus": "vit_small_plus_patch16_dinov3_qkvb",
-    "vitb16": "vit_base_patch16_dinov3_qkvb",
-    "vitl16": "vit_large_patch16_dinov3_qkvb",
-    "vith16plus": "vit_huge_plus_patch16_dinov3_qkvb",
-    "vit7b16": "vit_7b_patch16_dinov3",
-}
-
-FLOPS_DEFINITION = (
-    "forward FLOPs = sum over segments of [2 * N_block * n + 2 * N_patch * hw + 4 * n^2 * D * L], "
-    "n = tokens of the segment incl. CLS and registers, hw = its patch tokens, N_block = weights of every "
-    "Linear in the blocks (q, k, v, o, MLP), N_patch = patch-embedding weights (D * p*p*C), D = width, "
-    "L = layers; matmul FLOPs only (norms, biases, RoPE, softmax not counted); padding never counts"
-)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Workloads and FLOPs
-
-
-@dataclass(frozen=True)
-class Workload:
-    """A set of images, as pixel sizes `(H, W)`, run through every system as one batch."""
-
-    name: str
-    sizes: tuple[tuple[int, int], ...]
-
-    @property
-    def uniform(self) -> bool:
-        return len(set(self.sizes)) == 1
-
-    def segments(self, patch_size: int) -> list[tuple[int, int]]:
-        return [(h // patch_size, w // patch_size) for h, w in self.sizes]
-
-    def tokens(self, config: DINOv3ViTConfig) -> int:
-        prefix = 1 + config.num_register_tokens
-        return sum(prefix + h * w for h, w in self.segments(config.patch_size))
-
-    def describe(self, config: DINOv3ViTConfig) -> dict:
-        segments = self.segments(config.patch_size)
-        return {
-            "images": len(self.sizes),
-            "tokens": self.tokens(config),
-            "patches": sum(h * w for h, w in segments),
-            "max_seqlen": 1 + config.num_register_tokens + max(h * w for h, w in segments),
-            "tflop": forward_flops(config, segments) / 1e12,
-        }
-
-
-def mixed_sizes(n: int, lo: int = 14, hi: int = 48, seed: int = 0, patch_size: int = 16) -> list[tuple[int, int]]:
-    """The issue's mixed-size stream: `rng = random.Random(seed)`, then for each image in turn
-    `(16 * rng.randint(lo, hi), 16 * rng.randint(lo, hi))` pixels (height, width)."""
-    rng = random.Random(seed)  # noqa: S311 - a reproducible workload, not cryptography
-    return [(patch_size * rng.randint(lo, hi), patch_size * rng.randint(lo, hi)) for _ in range(n)]
-
-
-def pack_of_tokens(target: int, config: DINOv3ViTConfig, lo: int = 14, hi: int = 48) -> Workload:
-    """The longest prefix of the mixed-size stream whose tokens (prefix included) stay within `target`
-    (at least one image), so every pack is drawn from the mixed-64 distribution."""
-    prefix, p = 1 + config.num_register_tokens, config.patch_size
-    stream = mixed_sizes(4 * target // (prefix + lo * lo) + 1, lo, hi, patch_size=p)
-    sizes, total = [], 0
-    for h, w in stream:
-        n = prefix + (h // p) * (w // p)
-        if sizes and total + n > target:
-            break
-        sizes.append((h, w))
-        total += n
-    return Workload(f"pack-{target // 1024}k" if target >= 1024 else f"pack-{target}", tuple(sizes))
-
-
-def workloads(config: DINOv3ViTConfig, smoke: bool) -> dict[str, list[Workload]]:
-    """The workloads of each section; `smoke` gives tiny ones of the same shapes."""
-    if smoke:
-        return {
-            "mixed": [Workload("mixed-6", tuple(mixed_sizes(6, 1, 4)))],
-            "uniform": [Workload("uniform-4x32", ((32, 32),) * 4), Workload("uniform-2x64", ((64, 64),) * 2)],
-            "scaling": [pack_of_tokens(t, config, 1, 4) for t in (64, 128)],
-        }
-    return {
-        "mixed": [Workload("mixed-64", tuple(mixed_sizes(64)))],
-        "uniform": [Workload("uniform-64x224", ((224, 224),) * 64), Workload("uniform-32x512", ((512, 512),) * 32)],
-        "scaling": [pack_of_tokens(t, config) for t in SCALING_TOKENS],
-    }
-
-
-def matmul_params(config: DINOv3ViTConfig) -> tuple[int, int]:
-    """`(N_block, N_patch)`: weights of all Linear layers in the blocks, and of the patch embedding."""
-    d, i = config.hidden_size, config.intermediate_size
-    mlp = (3 if config.use_gated_mlp else 2) * d * i
-    n_block = config.num_hidden_layers * (4 * d * d + mlp)
-    n_patch = d * config.patch_size**2 * config.num_channels
-    return n_block, n_patch
-
-
-def forward_flops(config: DINOv3ViTConfig, segments: Sequence[tuple[int, int]]) -> float:
-    """Useful forward FLOPs of a packed batch, computed from the config alone (no model needed).
-
-    forward FLOPs = sum over segments of [2 * N_block * n + 2 * N_patch * h*w + 4 * n^2 * D * L], where
-    n = h*w + 1 + registers is the segment's token count, N_block the weights of every Linear in the blocks
-    (q, k, v, o and the MLP's two or three), N_patch = D * p*p*C the patch embedding (applied to patch tokens
-    only), D the width and L the layers; 4 * n^2 * D per layer is q k^T plus attn v. Biases, norms, RoPE
-    and softmax are not counted. Padding is never counted, so a padded system's MFU is its useful MFU.
-    ViT-L/16 on mixed-64 gives 43.31 TFLOP (the issue's 43.3).
-
-    Args:
-        config: the model's `DINOv3ViTConfig`.
-        segments: `(h, w)` in patches of every segment (frame).
-    """
-    n_block, n_patch = matmul_params(config)
-    prefix, d, layers = 1 + config.num_register_tokens, config.hidden_size, config.num_hidden_layers
-    total = 0
-    for h, w in segments:
-        n = prefix + h * w
-        total += 2 * n_block * n + 2 * n_patch * h * w + 4 * n * n * d * layers
-    return float(total)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Timing
-
-
-@dataclass(frozen=True)
-class Timing:
-    target_s: float = 0.5  # timed work per (workload, system)
-    min_repeats: int = 3
-    max_repeats: int = 20
-
-
-def time_calls(fn: Callable[[], object], n: int, device: torch.device) -> list[float]:
-    """Seconds taken by each of `n` back-to-back calls of `fn`.
-
-    On CUDA each call sits between two recorded events and the host synchronizes once, after the last:
-    an interval covers the call's GPU work and any host time that left the GPU idle.
-    """
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) / 1e3 for start, end in events]
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def measure(fn: Callable[[], object], device: torch.device, timing: Timing, compiled: bool = False) -> dict:
-    """Warm `fn` up, then time repeats of it; returns the timings and the forward's peak memory."""
-    first = time_calls(fn, 1, device)[0]  # includes compilation for compiled systems
-    estimate = first
-    if compiled or first < timing.target_s:
-        estimate = time_calls(fn, 1, device)[0]
-    repeats = max(timing.min_repeats, min(timing.max_repeats, math.ceil(timing.target_s / max(estimate, 1e-6))))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    times = time_calls(fn, repeats, device)
-    out = {
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "repeats": repeats,
-        "times_s": times,
-        "first_call_s": first,
-        "peak_alloc_gib": None,
-        "fwd_mem_gib": None,
-    }
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-        out["peak_alloc_gib"] = peak / 2**30
-        out["fwd_mem_gib"] = (peak - before) / 2**30
-    return out
-
-
-def peak_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 20) -> dict:
-    """Measured matmul peak: median over `repeats` `[n, n] @ [n, n]` products of random data, after warm-up."""
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    time_calls(lambda: torch.mm(a, b, out=c), 5, device)
-    times = time_calls(lambda: torch.mm(a, b, out=c), repeats, device)
-    median = statistics.median(times)
-    return {
-        "tflops": 2 * n**3 / median / 1e12,
-        "n": n,
-        "dtype": str(dtype).removeprefix("torch."),
-        "repeats": repeats,
-        "median_s": median,
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Inputs and systems
-
-
-@dataclass
-class Inputs:
-    """One workload's inputs for every system, already on the device."""
-
-    images: list[torch.Tensor]  # [1, C, H, W] each (HF loop)
-    batch: torch.Tensor | None  # [B, C, H, W], uniform workloads only
-    hidden_states: torch.Tensor  # [total_patches, p*p*C] (packed)
-    grid_thw: torch.Tensor  # [B, 3] int64 on the CPU (host-side metadata)
-    naflex: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # padded patches, coords, valid mask
-
-
-def make_inputs(wl: Workload, patch_size: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Inputs:
-    """Random normalized pixels for `wl`, in every layout the systems take, built outside any timing."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    images = [torch.randn(1, 3, h, w, device=device, generator=g).to(dtype) for h, w in wl.sizes]
-    hidden_states = torch.cat([patchify(img[0], patch_size) for img in images])
-    segments = wl.segments(patch_size)
-    grid_thw = torch.tensor([(1, h, w) for h, w in segments], dtype=torch.long)
-    if wl.uniform:
-        return Inputs(images, torch.cat(images), hidden_states, grid_thw, None)
-    # Pad to the longest image with a validity mask, as timm's NaFlex collator does.
-    longest = max(h * w for h, w in segments)
-    patches = hidden_states.new_zeros(len(segments), longest, hidden_states.shape[1])
-    coords = torch.zeros(len(segments), longest, 2, dtype=torch.long, device=device)
-    valid = torch.zeros(len(segments), longest, dtype=torch.bool, device=device)
-    rows = hidden_states.split([h * w for h, w in segments])
-    for i, ((h, w), r) in enumerate(zip(segments, rows, strict=True)):
-        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        patches[i, : h * w] = r
-        coords[i, : h * w] = torch.stack([ys.flatten(), xs.flatten()], -1)
-        valid[i, : h * w] = True
-    return Inputs(images, None, hidden_states, grid_thw, (patches, coords, valid))
-
-
-def has_timm() -> bool:
-    return importlib.util.find_spec("timm") is not None
-
-
-def build_timm_naflex(arch: str, depth: int) -> torch.nn.Module:
-    """timm's NaFlexViT with the DINOv3 architecture `arch` (Eva DINOv3 config, `use_naflex=True`: RoPE
-    'dinov3', 4 registers, layer scale; CLS pooling, no head) and `depth` blocks, random weights, on the CPU."""
-    import timm
-
-    return timm.create_model(
-        TIMM_MODELS[arch], pretrained=False, use_naflex=True, num_classes=0, global_pool="token", depth=depth
-    )
-
-
-def build_on_device(config: DINOv3ViTConfig, device: torch.device, dtype: torch.dtype) -> DINOv3ViTPackingModel:
-    """Random weights of a released architecture, initialised directly on `device` by Hugging Face's own
-    init, then cast: building vit7b16 on the CPU in fp32 would take minutes and 27 GB of host memory.
-    Speed does not depend on the values (ViT-L mixed-64 on one H100: 92.94 ms with this init, 92.86 ms with
-    `random:vitl16`, benchmarks/results/init_speed_h100.jsonl)."""
-    with torch.device(device):
-        model = DINOv3ViTPackingModel(config)
-    return model.to(dtype=dtype).eval()
-
-
-class ArchSystems:
-    """Every system of one architecture, built on first use from one fp32 CPU model (same weights)."""
-
-    def __init__(self, arch: str, base: DINOv3ViTPackingModel, device: torch.device, dtype: torch.dtype):
-        self.arch, self.base, self.device, self.dtype = arch, base, device, dtype
-        self.failed: set[str] = set()
-
-    @cached_property
-    def packed(self) -> DINOv3ViTPackingModel:
-        return copy.deepcopy(self.base).to(self.device, self.dtype).eval()
-
-    @cached_property
-    def packed_compiled(self) -> DINOv3ViTPackingModel:
-        from ...parallel.compile import compile_model
-
-        return compile_model(copy.deepcopy(self.base).to(self.device, self.dtype).eval())
-
-    @cached_property
-    def hf(self) -> torch.nn.Module:
-        ref = reference_model(self.base).to(self.device, self.dtype).eval()
-        if ref.config._attn_implementation != "sdpa":
-            ref.set_attn_implementation("sdpa")
-        return ref
-
-    @cached_property
-    def hf_compiled(self) -> Callable:
-        # Static shapes: each uniform workload gets its own graph, HF's best case.
-        return torch.compile(self.hf, dynamic=False)
-
-    @cached_property
-    def timm(self) -> torch.nn.Module:
-        depth = self.base.config.num_hidden_layers
-        return build_timm_naflex(self.arch, depth).to(self.device, self.dtype).eval()
-
-    def runner(self, system: str, x: Inputs) -> tuple[Callable[[], object], dict] | None:
-        """`(call, details)` running `system` on `x`, or None where the system does not apply."""
-        if system in ("packed", "packed-compiled"):
-            model = self.packed if system == "packed" else self.packed_compiled
-            backend = model.resolved_attn_backend(inference=True)
-            return (lambda: model(x.hidden_states, x.grid_thw)), {"attn_backend": backend, "fused_mlp": model.fused_mlp}
-        if system == "hf-loop":
-            if x.batch is not None:
-                return None
-            hf = self.hf
-
-            def loop():
-                for img in x.images:
-                    hf(pixel_values=img)
-
-            return loop, {"attn": hf.config._attn_implementation}
-        if system in ("hf-batched", "hf-compiled"):
-            if x.batch is None:
-                return None
-            hf = self.hf if system == "hf-batched" else self.hf_compiled
-            return (lambda: hf(pixel_values=x.batch)), {"attn": self.hf.config._attn_implementation}
-        if system == "timm-naflex":
-            m = self.timm
-            details = {"timm_model": TIMM_MODELS[self.arch], "params": sum(p.numel() for p in m.parameters())}
-            if x.naflex is None:
-                return (lambda: m.forward_features(x.batch)), {**details, "input": "[B, 3, H, W] batch, no mask"}
-            patches, coords, valid = x.naflex
-            call = lambda: m.forward_features(patches, patch_coord=coords, patch_valid=valid)  # noqa: E731
-            return call, {**details, "input": f"padded to {patches.shape[1]} patches + mask"}
-        raise ValueError(f"system: unknown {system!r}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The run
 
 
 class Budget:
@@ -447,24 +106,10 @@ class Run:
     # -- bookkeeping -----------------------------------------------------------------------------------------
 
     def _meta(self) -> dict:
-        return {
-            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": str(self.device),
-            "card": torch.cuda.get_device_name() if self.device.type == "cuda" else platform.processor() or "cpu",
-            "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30
-            if self.device.type == "cuda"
-            else None,
+        return run_metadata(self.device) | {
             "dtype": str(self.dtype).removeprefix("torch."),
             "smoke": self.opts.smoke,
             "smoke_layers": SMOKE_LAYERS if self.opts.smoke else None,
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "transformers": _version("transformers"),
-            "timm": _version("timm"),
-            "python": platform.python_version(),
-            "git_commit": _git_commit(),
-            "source_sha256": source_digest(),
             "options": asdict(self.opts),
             "timing": asdict(self.timing),
         }
@@ -597,7 +242,7 @@ class Run:
         )
 
     def systems_for(self, section: str) -> list[str]:
-        systems = ["packed", "packed-compiled", "hf-loop", "hf-batched", "hf-compiled", "timm-naflex"]
+        systems = list(SYSTEMS)
         if section == "scaling":
             systems.remove("hf-batched")
             systems.remove("hf-compiled")
@@ -642,7 +287,7 @@ class Run:
     def measure_system(self, section, arch, systems, system, x, wl, desc) -> dict | None:
         row = {"section": section, "arch": arch, "workload": wl.name, "system": system} | desc
         compiled = system.endswith("compiled")
-        graphs_before = _graph_count() if compiled else 0
+        graphs_before = compile_stats()["unique_graphs"] if compiled else 0
 
         def go():
             got = systems.runner(system, x)
@@ -663,7 +308,7 @@ class Run:
         else:
             self._rates(row)
             if compiled:
-                row["graphs_compiled"] = _graph_count() - graphs_before
+                row["graphs_compiled"] = compile_stats()["unique_graphs"] - graphs_before
         print(progress_line(row), flush=True)
         return row
 
@@ -716,8 +361,6 @@ class Run:
         desc = wl.describe(model.config) | {"build_s": build_s}
         rows = [self.measure_system("archs", arch, systems, "packed", x, wl, desc)]
         if self.opts.compile:
-            from ...parallel.compile import compile_model
-
             systems.packed_compiled = compile_model(model)  # in place: eager is done
             rows.append(self.measure_system("archs", arch, systems, "packed-compiled", x, wl, desc))
         self.report["results"].extend(r for r in rows if r is not None)
@@ -740,42 +383,6 @@ def add_ratios(rows: list[dict]) -> None:
     for r in rows:
         if r.get("images_per_s"):
             r["ratios"] = {b: r["images_per_s"] / v for b, v in base.items()}
-
-
-def _graph_count() -> int:
-    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def source_digest() -> str:
-    """sha256 over the package's Python sources (path and bytes, sorted by path): identifies the code
-    measured even where the checkout's git metadata is stale or the tree has uncommitted changes."""
-    root = Path(__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],  # noqa: S607
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).parent,
-            check=False,
-        )
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------------
