@@ -1,20 +1,31 @@
 """Images of any kind -> the packed batch the model takes.
 
-One pipeline for every input (file path, PIL image, numpy array, tensor):
+Two pixel paths, one result format:
 
-    decode -> upright (EXIF orientation) -> RGB -> [3, h, w] float in [0, 1] (rescale 1/255)
-           -> resize (bilinear, antialiased, on the float pixels) -> normalize -> patchify -> pack
+    fast (default for `native`)   decode.py: header -> pixel limit -> JPEG draft at the smallest scale still
+                                  >= the target -> upright -> RGB -> resize in uint8 (Pillow, antialiased
+                                  bilinear) -> float, rescale 1/255 -> normalize -> patchify -> pack
+    exact (always for `fixed`)    decode at full scale -> upright -> RGB -> [3, h, w] float in [0, 1]
+                                  (rescale 1/255) -> resize the float pixels (bilinear, antialiased) ->
+                                  normalize -> patchify -> pack
 
-The order (rescale, resize, normalize) and the resampling are those of Hugging Face's
-`DINOv3ViTImageProcessor`, so the `fixed` policy reproduces its pixels exactly (tested).
+The exact path's order (rescale, resize, normalize) and resampling are those of Hugging Face's
+`DINOv3ViTImageProcessor`, so the `fixed` policy reproduces its pixels exactly (tested). The fast path uses
+the same filter family on 8-bit pixels; how far that moves the features is measured in docs/preprocess.md.
+Arrays and tensors are pixels already (possibly float or 16-bit): they always take the exact path.
 
-Colour conversions (`to_rgb`):
+Colour conversions (both paths):
     grayscale (L, 1)      replicated to three channels
     palette (P, PA)       expanded through the palette (transparency honoured, see below)
     RGBA / LA / PA        composited on a white background, as Hugging Face's `convert_to_rgb` does;
                           dropping alpha would reveal whatever colour transparent pixels happen to store
     CMYK, YCbCr, LAB      PIL's conversion to RGB
-    16-bit (I;16*, I)     scaled by 1/65535 straight to float, keeping all 16 bits (no 8-bit detour)
+    16-bit (I;16*, I)     scaled by 1/65535 straight to float, keeping all 16 bits (no 8-bit detour; the
+                          fast path resizes these as 32-bit float)
+
+Pixel limit: files and bytes over `max_pixels` (default `decode.DEFAULT_MAX_PIXELS`, 64 MP) raise
+`decode.ImageTooLarge` from their header, before decoding; on the fast path a JPEG that a 1/2..1/8 draft
+brings under the limit is decoded at that scale instead (the exact path never reduces, so it raises).
 
 Resize policies:
     native   keep the aspect ratio, round each side to the nearest multiple of the patch size; then, if
@@ -39,31 +50,27 @@ from PIL import Image, ImageOps
 
 from ..model.archs import normalization_for
 from ..packing import pack, patchify
+from .decode import DEFAULT_MAX_PIXELS, SIXTEEN_BIT_MODES, check_max_pixels, decode, open_upright, rgb8
 
 POLICIES = ("native", "fixed")
-ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
+_ENCODED = (str, os.PathLike, bytes, bytearray, memoryview)
 
 
-def open_upright(path: str | os.PathLike) -> Image.Image:
-    """Open an image file and apply its EXIF orientation; the pixels are decoded (file closed)."""
-    with Image.open(path) as im:
-        im.load()
-        return ImageOps.exif_transpose(im)
-
-
-def to_rgb(image: ImageLike, name: str = "image") -> torch.Tensor:
+def to_rgb(image: ImageLike, name: str = "image", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Any supported image as float32 `[3, H, W]` in [0, 1] (the module docstring lists the conversions).
 
-    Arrays and tensors: `[H, W]`, `[H, W, C]` (numpy) or `[C, H, W]` / `[H, W]` (torch) with C in 1, 3, 4;
-    uint8 (0..255), uint16 (0..65535) or floating point already in [0, 1]. Four channels are RGBA.
+    Files and encoded bytes are decoded at full scale. Arrays and tensors: `[H, W]`, `[H, W, C]` (numpy) or
+    `[C, H, W]` / `[H, W]` (torch) with C in 1, 3, 4; uint8 (0..255), uint16 (0..65535) or floating point
+    already in [0, 1]. Four channels are RGBA.
 
     Raises:
-        TypeError: not a path, PIL image, numpy array or tensor; or an unsupported dtype.
+        TypeError: not a path, bytes, PIL image, numpy array or tensor; or an unsupported dtype.
         ValueError: a shape that is not an image, or an empty image.
+        decode.ImageTooLarge: a file or bytes over `max_pixels` (checked from the header).
     """
-    if isinstance(image, (str, os.PathLike)):
-        return _pil_to_rgb(open_upright(image))
+    if isinstance(image, _ENCODED):
+        return _pil_to_rgb(open_upright(image, _label(image, name), max_pixels))
     if isinstance(image, Image.Image):
         return _pil_to_rgb(ImageOps.exif_transpose(image))
     if isinstance(image, np.ndarray):
@@ -73,23 +80,27 @@ def to_rgb(image: ImageLike, name: str = "image") -> torch.Tensor:
         return _array_to_rgb(torch.from_numpy(image if image.flags.writeable else image.copy()), name)
     if isinstance(image, torch.Tensor):
         return _array_to_rgb(image.detach().cpu(), name)
-    raise TypeError(f"{name}: expected a file path, PIL image, numpy array or tensor, got {type(image).__name__}")
+    raise TypeError(
+        f"{name}: expected a file path, encoded bytes, PIL image, numpy array or tensor, got {type(image).__name__}"
+    )
+
+
+def _label(image: ImageLike, name: str) -> str:
+    """Errors about a file name the file, unless the caller gave a name of its own."""
+    return str(image) if name == "image" and isinstance(image, (str, os.PathLike)) else name
 
 
 def _pil_to_rgb(im: Image.Image) -> torch.Tensor:
-    if im.mode in _SIXTEEN_BIT:
+    if im.mode in SIXTEEN_BIT_MODES:
         gray = np.asarray(im, dtype=np.float32) / 65535.0
         return torch.from_numpy(gray).clamp(0, 1).expand(3, -1, -1).contiguous()
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, rgba)
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    # Same arithmetic as the HF processor's rescale: uint8 tensor times the float 1/255.
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) * (1 / 255)
+    return _from_uint8(np.asarray(rgb8(im)))
+
+
+def _from_uint8(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 `[H, W, 3]` -> float32 `[3, H, W]` in [0, 1], with the HF processor's rescale arithmetic (uint8
+    tensor times the float 1/255)."""
+    return torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1) * (1 / 255)
 
 
 def _array_to_rgb(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -171,6 +182,10 @@ class Preprocessor:
         policy: "native" or "fixed".
         size: square side in pixels for the "fixed" policy (a multiple of `patch_size`).
         min_tokens, max_tokens: patch-count bounds of the "native" policy (None: unbounded).
+        exact: True: the exact path (full-scale decode, float resize); False: the fast path (draft decode,
+            uint8 resize); None (default): fast for "native", exact for "fixed" (Hugging Face's pixels).
+        max_pixels: the pixel limit for files and bytes (`decode.DEFAULT_MAX_PIXELS`, 64 MP); None: only
+            Pillow's own (about 179 MP).
     """
 
     def __init__(
@@ -182,6 +197,8 @@ class Preprocessor:
         size: int = 224,
         min_tokens: int | None = None,
         max_tokens: int | None = None,
+        exact: bool | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ):
         if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
             raise ValueError(f"patch_size: expected a positive int, got {patch_size!r}")
@@ -199,6 +216,11 @@ class Preprocessor:
                 raise ValueError(f"{arg}: expected 3 per-channel values, got {value!r}")
         if min(std) <= 0:
             raise ValueError(f"std: expected positive values, got {std!r}")
+        if exact is not None and not isinstance(exact, bool):
+            raise TypeError(f"exact: expected True, False or None, got {exact!r}")
+        check_max_pixels(max_pixels)
+        self.exact = policy == "fixed" if exact is None else exact
+        self.max_pixels = max_pixels
         self.patch_size, self.policy, self.size = patch_size, policy, size
         self.min_tokens, self.max_tokens = min_tokens, max_tokens
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
@@ -215,8 +237,17 @@ class Preprocessor:
         return target_size(height, width, self.patch_size, self.policy, self.size, self.min_tokens, self.max_tokens)
 
     def resized(self, image: ImageLike, name: str = "image") -> tuple[torch.Tensor, tuple[int, int]]:
-        """`(pixels [3, H, W] in [0, 1] at the target size, original (height, width))`, not normalized."""
-        x = to_rgb(image, name)
+        """`(pixels [3, H, W] in [0, 1] at the target size, original (height, width))`, not normalized.
+
+        `name` is how errors refer to the image; for a path the default names the file.
+        """
+        if not self.exact and isinstance(image, (*_ENCODED, Image.Image)):
+            decoded = decode(image, self.target_size, max_pixels=self.max_pixels, name=_label(image, name))
+            pixels = decoded.pixels
+            if pixels.ndim == 2:  # 16-bit grayscale, resized as float
+                return torch.from_numpy(pixels).expand(3, -1, -1).contiguous(), decoded.original
+            return _from_uint8(pixels), decoded.original
+        x = to_rgb(image, name, self.max_pixels)
         original = (int(x.shape[1]), int(x.shape[2]))
         size = self.target_size(*original)
         if size != original:
@@ -238,13 +269,13 @@ class Preprocessor:
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> PackedImages:
         """Pack one image or a list of them: `PackedImages(hidden_states, grid_thw, original_sizes)`."""
-        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
+        if isinstance(images, (*_ENCODED, Image.Image, np.ndarray, torch.Tensor)):
             images = [images]
         if not isinstance(images, Sequence) or len(images) == 0:
             raise TypeError(f"images: expected an image or a non-empty list of images, got {type(images).__name__}")
         tensors, originals = [], []
         for i, im in enumerate(images):
-            pixels, original = self.resized(im, f"images[{i}]")
+            pixels, original = self.resized(im, str(im) if isinstance(im, (str, os.PathLike)) else f"images[{i}]")
             tensors.append(self.normalize(pixels))
             originals.append(original)
         hidden_states, grid_thw = pack(tensors, self.patch_size)
@@ -259,8 +290,18 @@ def preprocess(
     size: int = 224,
     min_tokens: int | None = None,
     max_tokens: int | None = None,
+    exact: bool | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> PackedImages:
     """Functional form of `Preprocessor`: normalization from `ckpt` (ImageNet when None)."""
-    kwargs = dict(patch_size=patch_size, policy=policy, size=size, min_tokens=min_tokens, max_tokens=max_tokens)
+    kwargs = dict(
+        patch_size=patch_size,
+        policy=policy,
+        size=size,
+        min_tokens=min_tokens,
+        max_tokens=max_tokens,
+        exact=exact,
+        max_pixels=max_pixels,
+    )
     pre = Preprocessor.for_checkpoint(ckpt, **kwargs) if ckpt is not None else Preprocessor(**kwargs)
     return pre(images)
