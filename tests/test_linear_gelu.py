@@ -1,12 +1,12 @@
-"""The fused linear + exact-GELU kernels (kernels/linear_gelu.py) on CPU.
+"""The fused linear + exact-GELU kernels (ops/triton/linear_gelu.py) on CPU.
 
 The Triton kernels run under Triton's CPU interpreter, which reads ``TRITON_INTERPRET=1`` when Triton is
 imported, so those cases run in one subprocess with that variable set. Reference: ``F.gelu(F.linear(...))`` in
-fp64 on the same (rounded) inputs. Tolerances: fp32 inputs, 1e-5 of max |ref| (measured ~1e-7: the interpreter's
-fp32 matmul plus the erf polynomial's < 1e-7); fp16 inputs, each element within one fp16 rounding of the output
+fp64 on the same (rounded) inputs. Tolerances: fp32 inputs, 1e-5 of max |ref| (measured ~2e-7: the interpreter's
+fp32 matmul plus the GELU's < 3e-7 absolute); fp16 inputs, each element within one fp16 rounding of the output
 (2**-11 of |ref|, floor 2**-24) plus 1e-5 of max |ref| for fp32 accumulation order. bf16 is not run under the
 interpreter: its ``tl.dot`` multiplies bf16's uint16 storage as integers (Triton 3.8), so bf16 is checked on a
-GPU only. The erf polynomial itself is checked elementwise against fp64 over [-14, 14].
+GPU only. The epilogue's GELU itself is checked elementwise against fp64 over [-14, 14] and out to +-1e4.
 
 The torch fallback (CPU, fp32, autograd) must equal ``F.gelu(F.linear(...))`` exactly, and the custom op must be
 registered with a fake implementation that ``torch.compile`` can trace through.
@@ -31,37 +31,31 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("triton")
 
-# (name, dtype, M, K, N, bias, x layout, kernel, config, erf): tails in M, N and K, grouped order with a partial
-# last group, a persistent grid of 4 programs looping over many tiles, a row view of a wider tensor
-# (stride(0) != K), a transposed x (stride(1) != 1), both epilogue forms, and the production configs.
+# (name, dtype, M, K, N, bias, x layout, kernel, config): tails in M, N and K, grouped order with a partial last
+# group, a persistent grid of 4 programs looping over many tiles, a row view of a wider tensor (stride(0) != K),
+# a transposed x (stride(1) != 1), both epilogue forms, and the production configs.
 _SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 _SMALL_TMA = dict(**_SMALL, EPI_SUBTILE=True)
+_SMALL_NOSUB = dict(**_SMALL, EPI_SUBTILE=False)
 INTERPRETER_CASES = [
-    ("ptr_fp32_tails", "float32", 130, 72, 100, True, "contiguous", "ptr", _SMALL, "poly"),
-    ("ptr_fp32_even", "float32", 130, 128, 192, True, "contiguous", "ptr", dict(_SMALL, BLOCK_K=64), "poly"),
-    ("ptr_fp32_nobias", "float32", 37, 64, 128, False, "contiguous", "ptr", _SMALL, "poly"),
-    ("ptr_fp32_rowview", "float32", 37, 64, 128, True, "rowview", "ptr", _SMALL, "poly"),
-    ("ptr_fp32_transposed", "float32", 37, 96, 64, True, "transposed", "ptr", _SMALL, "poly"),
-    ("ptr_fp32_libdevice", "float32", 37, 72, 100, True, "contiguous", "ptr", _SMALL, "libdevice"),
-    ("ptr_fp16_tails", "float16", 130, 72, 100, True, "contiguous", "ptr", _SMALL, "poly"),
-    ("ptr_fp16_prod", "float16", 130, 128, 256, True, "rowview", "ptr", lg.PTR_CONFIGS[1], "poly"),
-    ("tma_fp32_tails", "float32", 130, 72, 200, True, "contiguous", "tma", _SMALL_TMA, "poly"),
-    ("tma_fp32_nosub", "float32", 130, 72, 200, True, "contiguous", "tma", dict(_SMALL, EPI_SUBTILE=False), "poly"),
-    ("tma_fp32_nobias", "float32", 37, 64, 128, False, "contiguous", "tma", _SMALL_TMA, "poly"),
-    ("tma_fp32_rowview", "float32", 37, 64, 128, True, "rowview", "tma", _SMALL_TMA, "poly"),
-    ("tma_fp32_transposed", "float32", 37, 96, 64, True, "transposed", "tma", _SMALL_TMA, "poly"),
-    ("tma_fp32_libdevice", "float32", 37, 72, 200, True, "contiguous", "tma", _SMALL_TMA, "libdevice"),
-    ("tma_fp16_tails", "float16", 130, 72, 200, True, "contiguous", "tma", _SMALL_TMA, "poly"),
-    ("tma_fp16_prod0", "float16", 130, 128, 256, True, "rowview", "tma", lg.CONFIGS[0], "poly"),
-    ("tma_fp16_prod2", "float16", 300, 128, 320, False, "contiguous", "tma", lg.CONFIGS[2], "poly"),
-    # The folded GELU form (the default).
-    ("ptr_fp32_fold_tails", "float32", 130, 72, 100, True, "contiguous", "ptr", _SMALL, "fold"),
-    ("ptr_fp16_fold", "float16", 130, 72, 100, True, "rowview", "ptr", _SMALL, "fold"),
-    ("tma_fp32_fold_tails", "float32", 130, 72, 200, True, "contiguous", "tma", _SMALL_TMA, "fold"),
-    ("tma_fp32_fold_even", "float32", 130, 64, 128, True, "contiguous", "tma", _SMALL_TMA, "fold"),
-    ("tma_fp32_fold_nosub", "float32", 37, 64, 96, True, "transposed", "tma", dict(_SMALL, EPI_SUBTILE=False), "fold"),
-    ("tma_fp16_fold_prod0", "float16", 130, 128, 256, True, "rowview", "tma", lg.CONFIGS[0], "fold"),
-    ("tma_fp16_fold_default", "float16", 300, 128, 320, False, "contiguous", "tma", lg.CONFIGS[2], None),
+    ("ptr_fp32_tails", "float32", 130, 72, 100, True, "contiguous", "ptr", _SMALL),
+    ("ptr_fp32_even", "float32", 130, 128, 192, True, "contiguous", "ptr", dict(_SMALL, BLOCK_K=64)),
+    ("ptr_fp32_nobias", "float32", 37, 64, 128, False, "contiguous", "ptr", _SMALL),
+    ("ptr_fp32_rowview", "float32", 37, 64, 128, True, "rowview", "ptr", _SMALL),
+    ("ptr_fp32_transposed", "float32", 37, 96, 64, True, "transposed", "ptr", _SMALL),
+    ("ptr_fp16_tails", "float16", 130, 72, 100, True, "contiguous", "ptr", _SMALL),
+    ("ptr_fp16_rowview", "float16", 130, 72, 100, True, "rowview", "ptr", _SMALL),
+    ("ptr_fp16_prod", "float16", 130, 128, 256, True, "rowview", "ptr", lg.PTR_CONFIGS[1]),
+    ("tma_fp32_tails", "float32", 130, 72, 200, True, "contiguous", "tma", _SMALL_TMA),
+    ("tma_fp32_even", "float32", 130, 64, 128, True, "contiguous", "tma", _SMALL_TMA),
+    ("tma_fp32_nosub", "float32", 130, 72, 200, True, "contiguous", "tma", _SMALL_NOSUB),
+    ("tma_fp32_nosub_transposed", "float32", 37, 64, 96, True, "transposed", "tma", _SMALL_NOSUB),
+    ("tma_fp32_nobias", "float32", 37, 64, 128, False, "contiguous", "tma", _SMALL_TMA),
+    ("tma_fp32_rowview", "float32", 37, 64, 128, True, "rowview", "tma", _SMALL_TMA),
+    ("tma_fp32_transposed", "float32", 37, 96, 64, True, "transposed", "tma", _SMALL_TMA),
+    ("tma_fp16_tails", "float16", 130, 72, 200, True, "contiguous", "tma", _SMALL_TMA),
+    ("tma_fp16_prod0", "float16", 130, 128, 256, True, "rowview", "tma", lg.CONFIGS[0]),
+    ("tma_fp16_prod2", "float16", 300, 128, 320, False, "contiguous", "tma", lg.CONFIGS[2]),
 ]
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
@@ -80,7 +74,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     cases = json.loads(sys.argv[1])
     gen = torch.Generator().manual_seed(0)
     out = {}
-    for name, dtype, M, K, N, has_bias, layout, kernel, cfg, erf in cases:
+    for name, dtype, M, K, N, has_bias, layout, kernel, cfg in cases:
         dt = getattr(torch, dtype)
         if layout == "rowview":
             x = torch.randn(M, K + 24, generator=gen)[:, 8 : 8 + K].to(dt)
@@ -90,7 +84,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             x = torch.randn(M, K, generator=gen).to(dt)
         w = (torch.randn(N, K, generator=gen) / K**0.5).to(dt)
         b = torch.randn(N, generator=gen).to(dt) if has_bias else None
-        y = lg.launch_linear_gelu(x, w, b, cfg, kernel=kernel, erf=erf)
+        y = lg.launch_linear_gelu(x, w, b, cfg, kernel=kernel)
         ref = F.gelu(F.linear(x.double(), w.double(), None if b is None else b.double()))
         diff = (y.double() - ref).abs()
         out[name] = dict(
@@ -103,28 +97,24 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         )
 
     @triton.jit
-    def gelu_kernel(x_ptr, y_ptr, f_ptr, e_ptr, n, BLOCK: tl.constexpr):
+    def gelu_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         v = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
-        tl.store(y_ptr + offs, lg._gelu_f32(v, 1), mask=offs < n)
-        tl.store(f_ptr + offs, lg._gelu_f32(v, 2), mask=offs < n)
-        tl.store(e_ptr + offs, lg._erf_poly(v), mask=offs < n)
+        tl.store(y_ptr + offs, lg._gelu_folded(v), mask=offs < n)
 
-    # [-14, 14] finely, then the far tails up to 1e4 (where the folded form's last factor must stay bounded),
-    # then the infinities.
+    # [-14, 14] finely, then the far tails up to 1e4 (where the last factor must stay bounded), then the
+    # infinities.
     v = torch.cat([torch.linspace(-14, 14, 200001), torch.linspace(-1e4, 1e4, 20001)]).float()
     v = torch.cat([v, torch.tensor([float("inf"), float("-inf")])])
-    y, f, e = torch.empty_like(v), torch.empty_like(v), torch.empty_like(v)
-    gelu_kernel[(triton.cdiv(v.numel(), 4096),)](v, y, f, e, v.numel(), BLOCK=4096)
+    y = torch.empty_like(v)
+    gelu_kernel[(triton.cdiv(v.numel(), 4096),)](v, y, v.numel(), BLOCK=4096)
     fin = v.isfinite()
     vd = v[fin].double()
     gelu_true = vd * 0.5 * torch.special.erfc(-vd * 0.5**0.5)
     out["_gelu"] = dict(
-        erf_abs=(e[fin].double() - torch.special.erf(vd)).abs().max().item(),
         gelu_abs=(y[fin].double() - gelu_true).abs().max().item(),
-        folded_abs=(f[fin].double() - gelu_true).abs().max().item(),
         torch_gelu_abs=(F.gelu(v[fin]).double() - gelu_true).abs().max().item(),
-        folded_at_inf=[f[-2].item(), f[-1].item()],
+        at_inf=[y[-2].item(), y[-1].item()],
     )
     print("RESULT" + json.dumps(out))
     """
@@ -160,15 +150,14 @@ def test_kernel_matches_reference_in_interpreter(interpreter_results, case):
     assert r["supported"] is False  # the interpreter never counts as the kernel path
 
 
-def test_erf_polynomial_accuracy(interpreter_results):
-    """|erf error| < 1e-7 as fitted; both GELU forms built on it are as close to fp64 truth as torch's fp32
-    F.gelu over [-14, 14] and [-1e4, 1e4] (measured: 4.5e-7 erf form, 2.4e-7 folded form, 3.6e-7 torch). The
-    folded form's bound is below the erf form's error, so the test also tells which form the kernel ran."""
+def test_gelu_epilogue_accuracy(interpreter_results):
+    """The epilogue's GELU against the fp64 truth over [-14, 14] and [-1e4, 1e4]: within the documented 3e-7
+    absolute (measured 2.4e-7) and no further off than torch's own fp32 F.gelu (measured 3.6e-7); +inf maps to
+    +inf and -inf to (nearly) 0, where an unbounded last factor would give NaN or a growing tail."""
     r = interpreter_results["_gelu"]
-    assert r["erf_abs"] < 1e-7, r
-    assert r["gelu_abs"] <= max(5e-7, 1.2 * r["torch_gelu_abs"]), r
-    assert r["folded_abs"] <= 3e-7, r
-    pos_inf, neg_inf = r["folded_at_inf"]
+    assert r["gelu_abs"] <= 3e-7, r
+    assert r["gelu_abs"] <= r["torch_gelu_abs"], r
+    pos_inf, neg_inf = r["at_inf"]
     assert pos_inf == float("inf") and abs(neg_inf) < 1e-7, r
 
 

@@ -58,7 +58,6 @@ SCRIPT = textwrap.dedent(
                     "GROUP_M",
                     "EPI_SUBTILE",
                     "EVEN_N",
-                    "FOLD_SCALE",
                     "num_warps",
                     "num_stages",
                 )
@@ -78,8 +77,8 @@ SCRIPT = textwrap.dedent(
     cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
     worst = 0.0
     # head_dim 16 twice (one key), 32, then 16 with int64 cu_seqlens (the autotuner keys on dtypes too), then
-    # an explicit config with its own block height and the unfolded scale.
-    explicit = {"BLOCK_M": 64, "BLOCK_N": 32, "FOLD_SCALE": False}
+    # an explicit config with its own block height.
+    explicit = {"BLOCK_M": 64, "BLOCK_N": 32}
     for d, cu_dtype, config in (
         (16, torch.int32, None),
         (16, torch.int32, None),
@@ -142,12 +141,12 @@ def results() -> dict:
 
 def test_attention_tunes_once_per_head_dim_then_launches_the_tuned_config(results):
     r = results["attention"]
-    # The second head_dim-16 launch reuses the first one's config (with the module's FOLD_SCALE); 32 and
-    # int64 cu_seqlens are new keys; the explicit config launches as given.
+    # The second head_dim-16 launch reuses the first one's config; 32 and int64 cu_seqlens are new keys; the
+    # explicit config launches as given.
     assert (r["tuned"], r["direct"], r["keys"]) == (3, 2, 3)
     assert r["seen"] == [
-        {"BLOCK_M": 32, "BLOCK_N": 32, "FOLD_SCALE": True, "num_warps": 4, "num_stages": 2},
-        {"BLOCK_M": 64, "BLOCK_N": 32, "FOLD_SCALE": False, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
     ]
     assert r["rel"] < 1e-6
 

@@ -1,4 +1,4 @@
-"""Fused ``gelu(x @ weight.T + bias)``: one Triton matmul with bias and exact (erf) GELU in the epilogue.
+"""Fused ``gelu(x @ weight.T + bias)``: one Triton GEMM with the bias and the exact (erf) GELU in its epilogue.
 
 The MLP's first projection (``fc1`` then GELU) is one GEMM followed by an elementwise kernel that reads and
 writes the whole ``[M, 4*D]`` activation once more. Here the GEMM accumulates in fp32 and applies the bias and
@@ -11,41 +11,13 @@ Kernels (both grouped tile order for L2 reuse, fp32 accumulation, fp32 epilogue)
   tiles flattened with the K loop so the next tile's loads are in flight during the epilogue, epilogue split in
   two column halves. Hopper (sm_90) and newer; needs 16-byte aligned rows (K and N multiples of 8 for 2-byte
   dtypes) and base pointers. Tails in M, N and K are handled by the descriptors (zero fill, clipped stores).
+  Bias loads are unmasked when ``N`` is a multiple of the block width.
 - ``_linear_gelu_ptr_kernel``: plain pointer loads with masks; any strides / tails; pre-Hopper GPUs.
 
-The erf is a branch-free polynomial, ``erf(u) = sign(u) * (1 - 2**(-t * Q(t)))``, ``t = min(|u|, 4)``, ``Q`` of
-degree 8 fitted for absolute error: |error| < 1e-7 in exact arithmetic, ~2.5e-7 with the GPU's ``ex2.approx``,
-the size of fp32 ``erff``'s own rounding near 1 (GELU's ``1 + erf`` makes absolute error the one that matters; the
-resulting GELU is within 5e-7 absolute of the fp64 truth, as is torch's fp32 ``F.gelu``). It replaced
-``tl.math.erf`` (libdevice ``erff``, two divergent branches), which measured 0.13 ms slower on the
-M=60038, K=1024, N=4096 bf16 shape, nearly all of the gain over cuBLAS + ``F.gelu`` (0.135 ms); ``erf="libdevice"`` in
-:func:`launch_linear_gelu` still selects it.
-
-The default (``erf="fold"``) folds the 1/sqrt(2) and the 1/2 into the same polynomial's coefficients and
-exponent: ``gelu(v) = relu(v) - t' * 2**-(t' * Q'(t') + 1)``, ``t' = min(|v|, 4 * sqrt(2))``. Per element that is
-10 FMAs, 2 min/max and one ex2 with no compare, select or extra multiplies (13 fp32 instructions and one ex2
-against 18 and one for ``erf="poly"``, read from the sm_90 SASS), and it lands closer to the fp64 truth (2.4e-7
-against 4.5e-7 absolute over [-14, 14] and out to +-1e4). On the H100 it took the fused kernel from 0.191 to
-0.177 ms at ViT-S's shape and from 0.555 to 0.536 ms at ViT-B's; at ViT-L's the two forms were within that run's
-spread (0.86-0.95 ms across configs), and end to end it took the compiled ViT-L mixed-64 forward from 92.05 to
-90.63 ms, medians of 40 interleaved calls (``benchmarks/results/kernel_variants_h100.jsonl``; timed with ``|v|``
-as the last factor, which compiles to the same instructions). A rerun of the committed form on another H100
-(``kernel_variants_h100_gemm_0399248.jsonl``) had it ahead at ViT-L's shape in all three configs, by 3-9%. Bias
-loads are unmasked when ``N`` is a multiple of the block width.
-
-Measured with :func:`benchmark_linear_gelu` (one H100 80GB HBM3, torch 2.11, Triton 3.6, bf16, medians in ms;
-cuBLAS alone varied 0.65-0.78 ms across runs on the first shape):
-
-=====================  ========  ======  ==============  =====  =======
-M, K, N                F.linear  F.gelu  linear + gelu   fused  speedup
-=====================  ========  ======  ==============  =====  =======
-60038, 1024, 4096      0.776     0.348   1.068           0.933  1.14
-60038, 384, 1536       0.127     0.134   0.258           0.243  1.06
-60038, 768, 3072       0.451     0.264   0.691           0.572  1.21
-60038, 1280, 5120      1.151     0.442   1.543           1.530  1.01
-30000, 4096, 16384     5.837     0.691   6.530           5.840  1.12
-10007, 1024, 4096      0.121     0.062   0.180           0.156  1.15
-=====================  ========  ======  ==============  =====  =======
+The GELU is branch-free: ``gelu(v) = relu(v) - t * 2**-(t * Q(t) + 1)``, ``t = min(|v|, 4 * sqrt(2))``, ``Q`` a
+degree-8 polynomial (:func:`_gelu_folded`): within 3e-7 absolute of the fp64 GELU of the fp32 input (tested over
+[-14, 14] and out to +-1e4), ``gelu(+inf) = +inf`` and ``gelu(-inf) = 0``. Why the kernels take this shape, with
+the measurements: ``docs/kernels.md``.
 
 Public API:
 
@@ -55,12 +27,10 @@ Public API:
 - ``torch.ops.dinov3_packing.linear_gelu``: the same as an opaque custom op (no autograd) that ``torch.compile``
   keeps as one call; its fake implementation only allocates the output.
 - :func:`launch_linear_gelu`: the raw launcher (explicit config or autotune; also runs under ``TRITON_INTERPRET=1``).
-- :func:`benchmark_linear_gelu`: cuBLAS + GELU against the fused kernel on a CUDA device, with errors.
 
 Triton versions: only APIs present in both Triton 3.6 and 3.8 (``tl.dot``, ``tl.range(..., flatten=True)``,
 tensor-descriptor ``load`` / ``store`` with host-side ``triton.tools.tensor_descriptor.TensorDescriptor``,
-``tl.exp2``, ``tl.math.erf``, ``triton.autotune`` with ``pre_hook``); no ``libdevice`` import. Measured on an
-H100 with torch 2.11 / Triton 3.6; interpreter-tested with Triton 3.8.
+``tl.exp2``, ``triton.autotune`` with ``pre_hook``); no ``libdevice`` import.
 """
 
 from __future__ import annotations
@@ -87,7 +57,6 @@ except ImportError:  # pragma: no cover - Triton < 3.4: pointer kernel only
 __all__ = [
     "CONFIGS",
     "PTR_CONFIGS",
-    "benchmark_linear_gelu",
     "launch_linear_gelu",
     "linear_gelu",
     "linear_gelu_reference",
@@ -96,11 +65,8 @@ __all__ = [
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
-# TMA persistent kernel, measured on H100 (bf16, M=60038): 128x256x64 with a split epilogue leads for K=1024
-# (0.86-0.93 ms, 4 stages; GROUP_M 4 or 16 and 3 stages within the run-to-run spread) and K=384 (0.18 ms);
-# 128x128x64 is the alternative for narrow N (benchmarks/results/kernel_variants_h100.jsonl). Keyed on (N, K)
-# only: the token count M varies per batch and must not trigger a re-tune. 128x256x64 at 4 stages = 192 KB of
-# shared memory.
+# TMA persistent kernel; docs/kernels.md has the timings that chose this list. Keyed on (N, K) only: the token
+# count M varies per batch and must not trigger a re-tune. 128x256x64 at 4 stages = 192 KB of shared memory.
 CONFIGS: list[dict] = [
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=True, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=True, num_warps=8, num_stages=3),
@@ -125,32 +91,16 @@ def linear_gelu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 if triton is not None:
 
     @triton.jit
-    def _erf_poly(u):
-        """erf(u) = sign(u) * (1 - 2**(-t * Q(t))), t = min(|u|, 4); |error| < 1e-7 (fit for absolute error)."""
-        t = tl.minimum(tl.abs(u), 4.0)
-        q = -1.1604264727793634e-05
-        q = q * t + 0.00015295868797693402
-        q = q * t - 0.0008482105331495404
-        q = q * t + 0.002274733269587159
-        q = q * t - 8.474061178276315e-05
-        q = q * t - 0.02772452123463154
-        q = q * t + 0.1483079344034195
-        q = q * t + 0.9184429049491882
-        q = q * t + 1.6279072761535645
-        r = 1.0 - tl.exp2(-t * q)
-        return tl.where(u < 0, -r, r)
-
-    @triton.jit
     def _gelu_folded(v):
-        """Exact GELU of an fp32 tensor with the erf polynomial folded in (``erf="fold"``).
+        """Exact GELU ``0.5 * v * (1 + erf(v / sqrt(2)))`` of an fp32 tensor, within 3e-7 absolute (module docstring).
 
-        With E = 2**(-t * Q(t)) (the polynomial of :func:`_erf_poly`, 1 - |erf|), GELU is v - v * E / 2 for
-        v >= 0 and v * E / 2 below, i.e. ``relu(v) - t' * 2**(-(t' * Q'(t') + 1))`` with ``t' = min(|v|, 4 * sqrt(2))``
-        and ``Q'_k = Q_k * 2**(-(k + 1) / 2)`` (the 1/sqrt(2) and the 1/2 moved into the polynomial and the
-        exponent): one min, 8 FMAs, one more FMA, one ex2, one max and one FMA per element, no compare or
-        select. The last factor is t', not |v|: equal up to 4 * sqrt(2), and beyond it E has stopped at
-        ~7.9e-9, so |v| * E would grow without bound in the negative tail (-7.9e-5 at v = -1e4, and NaN at
-        v = +inf) while t' * E stays below 4.5e-8.
+        From ``erf(u) = sign(u) * (1 - E)``, ``E = 2**(-t * Q(t))``, ``t = min(|u|, 4)`` with ``Q`` of degree 8 fitted
+        for absolute error (< 1e-7), GELU is v - v * E / 2 for v >= 0 and v * E / 2 below, i.e.
+        ``relu(v) - t' * 2**(-(t' * Q'(t') + 1))`` with ``t' = min(|v|, 4 * sqrt(2))`` and
+        ``Q'_k = Q_k * 2**(-(k + 1) / 2)``: the 1/sqrt(2) and the 1/2 live in the coefficients and the exponent, so
+        there is no compare or select. The last factor is t', not |v|: the two are equal up to 4 * sqrt(2), where
+        E has reached its floor, and t' keeps the negative tail bounded (|v| * E would grow with |v| and give NaN
+        at +inf).
         """
         t = tl.minimum(tl.abs(v), 5.656854249492381)
         q = -5.128408924816711e-07
@@ -166,27 +116,14 @@ if triton is not None:
         return tl.maximum(v, 0.0) - t * e
 
     @triton.jit
-    def _gelu_f32(v, GELU: tl.constexpr):
-        """Exact GELU 0.5 * v * (1 + erf(v / sqrt(2))) of an fp32 tensor; GELU: 0 libdevice erf, 1 erf
-        polynomial, 2 the folded form."""
-        if GELU == 2:
-            return _gelu_folded(v)
-        u = v * 0.7071067811865476
-        if GELU == 1:
-            e = _erf_poly(u)
-        else:
-            e = tl.math.erf(u)
-        return 0.5 * v * (1.0 + e)
-
-    @triton.jit
-    def _bias_gelu(acc, b_ptr, offs_n, N, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, EVEN_N: tl.constexpr):
+    def _bias_gelu(acc, b_ptr, offs_n, N, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr):
         if HAS_BIAS:
             if EVEN_N:  # no column tail: unmasked loads (no per-element compare and predicate)
                 bias = tl.load(b_ptr + offs_n).to(tl.float32)
             else:
                 bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
             acc = acc + bias[None, :]
-        return _gelu_f32(acc, GELU)
+        return _gelu_folded(acc)
 
     @triton.jit
     def _tile_pid(tile_id, num_pid_in_group, num_pid_m, GROUP_M: tl.constexpr):
@@ -208,7 +145,6 @@ if triton is not None:
         N,
         K,
         HAS_BIAS: tl.constexpr,
-        GELU: tl.constexpr,
         EVEN_N: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -245,12 +181,12 @@ if triton is not None:
                 halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
                 acc0, acc1 = tl.split(halves)
                 offs0 = off_n + tl.arange(0, BLOCK_N // 2)
-                y0 = _bias_gelu(acc0, b_ptr, offs0, N, HAS_BIAS, GELU, EVEN_N)
+                y0 = _bias_gelu(acc0, b_ptr, offs0, N, HAS_BIAS, EVEN_N)
                 y_desc.store([off_m, off_n], y0.to(y_desc.dtype))
-                y1 = _bias_gelu(acc1, b_ptr, offs0 + BLOCK_N // 2, N, HAS_BIAS, GELU, EVEN_N)
+                y1 = _bias_gelu(acc1, b_ptr, offs0 + BLOCK_N // 2, N, HAS_BIAS, EVEN_N)
                 y_desc.store([off_m, off_n + BLOCK_N // 2], y1.to(y_desc.dtype))
             else:
-                y = _bias_gelu(acc, b_ptr, off_n + tl.arange(0, BLOCK_N), N, HAS_BIAS, GELU, EVEN_N)
+                y = _bias_gelu(acc, b_ptr, off_n + tl.arange(0, BLOCK_N), N, HAS_BIAS, EVEN_N)
                 y_desc.store([off_m, off_n], y.to(y_desc.dtype))
 
     @triton.jit
@@ -266,7 +202,6 @@ if triton is not None:
         stride_wn,
         stride_ym,
         HAS_BIAS: tl.constexpr,
-        GELU: tl.constexpr,
         EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -299,7 +234,7 @@ if triton is not None:
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
 
-        acc = _bias_gelu(acc, b_ptr, offs_n, N, HAS_BIAS, GELU, False)
+        acc = _bias_gelu(acc, b_ptr, offs_n, N, HAS_BIAS, False)
         y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -342,22 +277,16 @@ def _tma_compatible(*tensors: torch.Tensor) -> bool:
 
 
 # The config the TMA autotuner chose for each key of `_tma_key`: later launches pass it to the kernel
-# directly, which skips the autotuner's per-call bookkeeping (25 us of host time per call on the H100's host,
-# benchmarks/results/host_overhead_h100.json). The key holds everything the autotuner keys on (N, K and the
-# dtype of every tensor argument) plus the bias flag, erf form and device, so the choice is the one it would
-# make. The pointer kernel (unaligned or pre-Hopper) keeps the autotuner.
+# directly, which skips the autotuner's per-call host bookkeeping (docs/kernels.md). The key holds everything
+# the autotuner keys on (N, K and the dtype of every tensor argument) plus the bias flag and device, so the
+# choice is the one it would make. The pointer kernel (unaligned or pre-Hopper) keeps the autotuner.
 _TUNED_TMA: dict[tuple, dict] = {}
 _TUNING_LOCK = threading.Lock()
 
 
-# The `erf` argument of the launcher: the kernel's GELU constexpr.
-_GELU_FORMS = {"libdevice": 0, "poly": 1, "fold": 2}
-DEFAULT_ERF = "fold"
-
-
-def _tma_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, erf: str) -> tuple:
+def _tma_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
     bias_dtype = None if bias is None else bias.dtype
-    return (weight.shape[0], x.shape[1], x.dtype, weight.dtype, bias_dtype, erf, x.device)
+    return (weight.shape[0], x.shape[1], x.dtype, weight.dtype, bias_dtype, x.device)
 
 
 def launch_linear_gelu(
@@ -367,25 +296,22 @@ def launch_linear_gelu(
     config: dict | None = None,
     *,
     kernel: str = "auto",
-    erf: str | None = None,
 ) -> torch.Tensor:
     """Run the Triton kernel on a 2-D ``x [M, K]``, ``weight [N, K]``, ``bias [N]`` or None; returns ``[M, N]``.
 
     ``kernel``: "tma" (persistent TMA kernel), "ptr" (pointer kernel) or "auto" (TMA when the device has it and
     the tensors are 16-byte aligned, else pointer). ``config``: one entry of :data:`CONFIGS` (TMA) or
     :data:`PTR_CONFIGS` (pointer; BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, optional num_warps / num_stages) runs that
-    configuration; None autotunes over the list (keyed on N and K). ``erf``: "fold" (the default,
-    :data:`DEFAULT_ERF`), "poly" or "libdevice" (``tl.math.erf``); see the module docstring. No dtype / device
-    policy here: callers go through :func:`linear_gelu` or the custom op. Under ``TRITON_INTERPRET=1`` this runs on
-    CPU tensors (pass ``config``).
+    configuration; None autotunes over the list (keyed on N and K). No dtype / device policy here: callers go
+    through :func:`linear_gelu` or the custom op. Under ``TRITON_INTERPRET=1`` this runs on CPU tensors (pass
+    ``config``).
     """
     if triton is None:
         raise RuntimeError("linear_gelu kernel needs Triton, which is not installed")
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_gelu: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match")
-    erf = DEFAULT_ERF if erf is None else erf
-    if kernel not in ("auto", "tma", "ptr") or erf not in _GELU_FORMS:
-        raise ValueError(f"linear_gelu: kernel={kernel!r}, erf={erf!r}")
+    if kernel not in ("auto", "tma", "ptr"):
+        raise ValueError(f"linear_gelu: kernel must be 'auto', 'tma' or 'ptr', got {kernel!r}")
     M, K = x.shape
     N = weight.shape[0]
     if bias is not None and bias.shape != (N,):
@@ -402,7 +328,7 @@ def launch_linear_gelu(
     if K == 0:
         return y.copy_(linear_gelu_reference(x, weight, bias))
     b_arg = bias if bias is not None else y  # never read when HAS_BIAS is False
-    flags = dict(HAS_BIAS=bias is not None, GELU=_GELU_FORMS[erf])
+    flags = dict(HAS_BIAS=bias is not None)
 
     num_sms, has_tma = _device_info(x.device)
     use_tma = TensorDescriptor is not None and has_tma and _tma_compatible(x, weight, y)
@@ -412,7 +338,7 @@ def launch_linear_gelu(
         use_tma = False
 
     if use_tma:
-        key = _tma_key(x, weight, bias, erf)
+        key = _tma_key(x, weight, bias)
         if config is None and key in _TUNED_TMA:
             config = _TUNED_TMA[key]
         c = dict(config or CONFIGS[0])  # block shapes for the descriptors; the autotuner's pre-hook resets them
@@ -494,78 +420,3 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if needs_grad or not linear_gelu_supported(x, weight, bias):
         return linear_gelu_reference(x, weight, bias)
     return torch.ops.dinov3_packing.linear_gelu(x, weight, bias)
-
-
-def benchmark_linear_gelu(
-    M: int = 60038, K: int = 1024, N: int = 4096, dtype: torch.dtype = torch.bfloat16, seed: int = 0
-) -> dict:
-    """Time cuBLAS ``F.linear``, ``F.gelu``, both in sequence, and the fused kernel; report the kernel's error.
-
-    Medians of ``triton.testing.do_bench`` in ms; TFLOP/s of the GEMM (2*M*N*K) for the linear and fused
-    timings; the autotuned config, also timed with ``erf="libdevice"``. Errors: max abs and max relative (to
-    max |ref|) difference of the kernel against the fp32 reference ``F.gelu(F.linear(x.float(), w.float(),
-    b.float()))`` and against the unfused ``dtype`` torch path (whose own error against fp32 is reported
-    alongside). Needs a CUDA device. The first kernel call autotunes.
-    """
-    if triton is None or not torch.cuda.is_available():
-        raise RuntimeError("benchmark_linear_gelu needs CUDA and Triton")
-    from triton.testing import do_bench
-
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    # nn.Linear-like scale: unit-variance activations, weights and bias ~ U(-1/sqrt(K), 1/sqrt(K)).
-    x = torch.randn(M, K, device=dev, dtype=torch.float32, generator=gen).to(dtype)
-    w = ((torch.rand(N, K, device=dev, dtype=torch.float32, generator=gen) * 2 - 1) / K**0.5).to(dtype)
-    b = ((torch.rand(N, device=dev, dtype=torch.float32, generator=gen) * 2 - 1) / K**0.5).to(dtype)
-
-    with torch.inference_mode():
-        out = linear_gelu(x, w, b)  # autotunes once
-        torch.cuda.synchronize()
-        use_tma = TensorDescriptor is not None and _device_info(dev)[1] and _tma_compatible(x, w, out)
-        if use_tma:
-            # The config this shape launches (the autotuner's `best_config` belongs to whichever shape it
-            # tuned last, and a cached key does not run the autotuner at all).
-            best_cfg = dict(_TUNED_TMA[_tma_key(x, w, b, DEFAULT_ERF)])
-        else:
-            best = _ptr_autotuned.best_config
-            best_cfg = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
-        h = F.linear(x, w, b)
-        ms_linear = do_bench(lambda: F.linear(x, w, b), return_mode="median")
-        ms_gelu = do_bench(lambda: F.gelu(h), return_mode="median")
-        ms_unfused = do_bench(lambda: linear_gelu_reference(x, w, b), return_mode="median")
-        ms_fused = do_bench(lambda: linear_gelu(x, w, b), return_mode="median")
-        ms_libdevice = do_bench(lambda: launch_linear_gelu(x, w, b, best_cfg, erf="libdevice"), return_mode="median")
-
-        ref32 = linear_gelu_reference(x.float(), w.float(), b.float())
-        ref_lp = linear_gelu_reference(x, w, b)
-
-    def errs(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-        d = (got.float() - ref.float()).abs().max().item()
-        return d, d / ref.float().abs().max().item()
-
-    abs32, rel32 = errs(out, ref32)
-    abs_lp, rel_lp = errs(out, ref_lp)
-    torch_abs32, torch_rel32 = errs(ref_lp, ref32)
-    flops = 2.0 * M * N * K
-    return {
-        "shape_MKN": (M, K, N),
-        "dtype": str(dtype),
-        "device": torch.cuda.get_device_name(dev),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "ms_cublas_linear": ms_linear,
-        "ms_gelu": ms_gelu,
-        "ms_linear_then_gelu": ms_unfused,
-        "ms_fused": ms_fused,
-        "ms_fused_libdevice_erf": ms_libdevice,
-        "tflops_cublas_linear": flops / ms_linear * 1e-9,
-        "tflops_fused": flops / ms_fused * 1e-9,
-        "speedup_vs_unfused": ms_unfused / ms_fused,
-        "fused_vs_fp32_max_abs": abs32,
-        "fused_vs_fp32_max_rel": rel32,
-        "fused_vs_torch_max_abs": abs_lp,
-        "fused_vs_torch_max_rel": rel_lp,
-        "torch_vs_fp32_max_abs": torch_abs32,
-        "torch_vs_fp32_max_rel": torch_rel32,
-        "best_config": best_cfg,
-    }

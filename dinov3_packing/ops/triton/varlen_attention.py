@@ -34,10 +34,6 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 # The query-block height of an explicit `config` without "BLOCK_M"; the virtual block numbering (and so the
 # grid) depends on it. The tuned configs carry their own.
 BLOCK_M = 128
-# The softmax scale enters as one FMA per score inside exp2's argument (the row max is taken over the raw
-# scores); False scales every score first, the form before 2026-11-25, kept for A/B runs
-# (benchmarks/kernel_variants.py).
-FOLD_SCALE = True
 
 
 def triton_available() -> bool:
@@ -47,9 +43,8 @@ def triton_available() -> bool:
 if triton is not None:
 
     def _configs():
-        # (BLOCK_M, BLOCK_N, warps, stages). On the H100 (benchmarks/results/kernel_variants_h100.jsonl) the
-        # 64-row block with 4 warps ties the 128-row one with 8 on mixed-64 (0.770 vs 0.771 ms) and leads on
-        # uniform packs (0.075 vs 0.080 ms at 64 x 224, 0.392 vs 0.406 ms at 32 x 512).
+        # (BLOCK_M, BLOCK_N, warps, stages); docs/kernels.md has the timings behind the list (the 64-row block
+        # leads on uniform packs of short segments).
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in [
@@ -84,7 +79,6 @@ if triton is not None:
         SEG_P2: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        FOLD_SCALE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         head = tl.program_id(1)
@@ -113,20 +107,14 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-        # Full key blocks: no masks.
+        # Full key blocks: no masks. The row max of the raw scores times the (positive) scale is the max of the
+        # scaled ones, so the scale enters only through one FMA per score inside exp2's argument.
         full = (length // BLOCK_N) * BLOCK_N
         for _ in range(0, full, BLOCK_N):
             k = tl.load(k_ptrs)
-            if FOLD_SCALE:
-                # The row max of the raw scores times the (positive) scale is the max of the scaled ones, so
-                # the scale enters only through one FMA per score inside exp2's argument.
-                s = tl.dot(q, tl.trans(k))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-                p = tl.math.exp2(s * qk_scale - m_new[:, None])
-            else:
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                p = tl.math.exp2(s - m_new[:, None])
+            s = tl.dot(q, tl.trans(k))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptrs)
@@ -138,15 +126,9 @@ if triton is not None:
         if full < length:
             valid = full + offs_n < length
             k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
-            if FOLD_SCALE:
-                s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-                p = tl.math.exp2(s * qk_scale - m_new[:, None])
-            else:
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-                s = tl.where(valid[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                p = tl.math.exp2(s - m_new[:, None])
+            s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
@@ -157,8 +139,7 @@ if triton is not None:
         o_ptrs = Out + (start + offs_m)[:, None].to(tl.int64) * stride_ot + head * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < length)
 
-    # Tuned once per head size: the config tuned on mixed-64 also beat the fixed alternatives on uniform
-    # packs (H100, kernels_h100.txt).
+    # Tuned once per head size: the config tuned on mixed packs also suits uniform ones (docs/kernels.md).
     _varlen_fwd_tuned = triton.autotune(configs=_configs(), key=["HEAD_DIM"])(_varlen_fwd_kernel)
 
 
@@ -191,10 +172,10 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
 
 
 # The config the autotuner chose for each key: later launches pass it to the kernel directly, which skips
-# the autotuner's per-call bookkeeping (21 us of host time per call on the H100's host,
-# benchmarks/results/host_overhead_h100.json). The key holds everything the autotuner keys on (head_dim and
-# the dtype of every tensor argument) plus the device, so the choice is the one it would make.
+# the autotuner's per-call host bookkeeping (docs/kernels.md). The key holds everything the autotuner keys on
+# (head_dim and the dtype of every tensor argument) plus the device, so the choice is the one it would make.
 _TUNED: dict[tuple, dict] = {}
+_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
 _TUNING_LOCK = threading.Lock()
 
 
@@ -206,9 +187,11 @@ def launch(
     out: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """Run the kernel. `config` (`BLOCK_N`, `num_warps`, `num_stages`, optional `BLOCK_M`, `FOLD_SCALE`) skips
-    autotuning; tests use it under the Triton interpreter."""
+    """Run the kernel. `config` (`BLOCK_N`, `num_warps`, `num_stages`, optional `BLOCK_M`) skips autotuning;
+    tests use it under the Triton interpreter."""
     check_inputs(q, k, v, cu_seqlens)
+    if config is not None and not set(config) <= _CONFIG_KEYS:
+        raise ValueError(f"config: expected keys among {sorted(_CONFIG_KEYS)}, got {sorted(config)}")
     total, heads, d = q.shape
     num_segments = cu_seqlens.shape[0] - 1
     if out is None:
@@ -240,7 +223,7 @@ def launch(
             return (total // meta["BLOCK_M"] + num_segments, heads)
 
         with _TUNING_LOCK:  # `best_config` is the autotuner's last choice: read it before another launch
-            _varlen_fwd_tuned[grid](*args, HEAD_DIM=d, SEG_P2=seg_p2, FOLD_SCALE=FOLD_SCALE)
+            _varlen_fwd_tuned[grid](*args, HEAD_DIM=d, SEG_P2=seg_p2)
             best = _varlen_fwd_tuned.best_config
             _TUNED[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
     else:
@@ -252,7 +235,6 @@ def launch(
             SEG_P2=seg_p2,
             BLOCK_M=bm,
             BLOCK_N=config["BLOCK_N"],
-            FOLD_SCALE=config.get("FOLD_SCALE", FOLD_SCALE),
             num_warps=config.get("num_warps", 4),
             num_stages=config.get("num_stages", 2),
         )
