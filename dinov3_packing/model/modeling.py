@@ -82,9 +82,10 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
     def fused_mlp(self, value: bool | None) -> None:
         self._fused_mlp = fused_mlp_setting(value, self.config.use_gated_mlp, self.config.hidden_act)
 
-    def resolved_attn_backend(self, inference: bool = True) -> str:
+    def resolved_attn_backend(self, inference: bool = True, max_seqlen: int | None = None) -> str:
         """The attention kernel `attn_backend` runs on this model's device and dtype; `inference`: no
-        autograd (under `torch.no_grad()` / `torch.inference_mode()`, or no tensor requiring grad)."""
+        autograd (under `torch.no_grad()` / `torch.inference_mode()`, or no tensor requiring grad);
+        `max_seqlen`: the pack's longest segment, which "auto" weighs for inference."""
         return resolve_attention(
             self.attn_backend,
             self.norm.weight.device,
@@ -92,6 +93,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             self.config.attention_dropout if self.training else 0.0,
             inference=inference,
             head_dim=self.config.hidden_size // self.config.num_attention_heads,
+            max_seqlen=max_seqlen,
         )
 
     def packed_batch(
@@ -112,7 +114,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             layout=layout,
             cos=cos,
             sin=sin,
-            attention=self.resolved_attn_backend(inference=inference),
+            attention=self.resolved_attn_backend(inference=inference, max_seqlen=layout.max_seqlen),
             fused_mlp=fused_mlp_runs(self.fused_mlp, device, dtype, inference),
             dropout=self.config.attention_dropout if self.training else 0.0,
             inference=inference,

@@ -7,6 +7,9 @@ mode, or raises before any compute. The model calls only these two; adding a ker
 in `_REGISTRY` below (plus its tests).
 
 Kernels:
+    "fa4":        FlashAttention-4 (`flash_attn.cute.flash_attn_varlen_func`, the flash-attn-4 package: the
+                  `dinov3-packing[hopper]` extra) as one custom op with its backward (`ops/fa4.py`); CUDA of
+                  compute capability >= 9.0 (Hopper and newer), fp16/bf16, no dropout.
     "triton":     this package's Triton varlen forward (`ops/triton/varlen_attention.py`; CUDA, fp16/bf16,
                   head_dim a power of two). Forward only: inference under `torch.no_grad()` /
                   `torch.inference_mode()`.
@@ -14,7 +17,9 @@ Kernels:
     "flash_attn": `flash_attn.flash_attn_varlen_func` from the flash-attn package, when installed.
     "sdpa":       the exact reference: `scaled_dot_product_attention` per run of equal-length segments; any
                   device and dtype; what CPU and fp32 use.
-    "auto":       the first kernel in `_AUTO_ORDER` that can run the call (see `resolve_attention`).
+    "auto":       the first kernel in `_AUTO_ORDER` that can run the call (see `resolve_attention`): on SM90+
+                  with flash-attn-4 installed, "fa4" for training and for inference packs whose longest
+                  segment reaches `FA4_INFERENCE_MIN_SEQLEN`; "triton" for other inference packs.
 """
 
 from __future__ import annotations
@@ -41,6 +46,18 @@ def _missing(module: str, package: str) -> Callable[[], str | None]:
     return check
 
 
+def _fa4_missing() -> str | None:
+    reason = _missing("flash_attn.cute", "flash-attn-4")()
+    return reason and f'{reason}: pip install "dinov3-packing[hopper]"'
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA device's compute capability (a host query, no device sync); None without CUDA."""
+    import torch
+
+    return torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
+
+
 def _triton_missing() -> str | None:
     from .triton import varlen_attention
 
@@ -49,6 +66,10 @@ def _triton_missing() -> str | None:
 
 def _power_of_two_16_to_256(head_dim: int | None) -> bool:
     return head_dim is not None and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+def _multiple_of_8_to_256(head_dim: int | None) -> bool:
+    return head_dim is not None and 8 <= head_dim <= 256 and head_dim % 8 == 0
 
 
 def _run_varlen(q, k, v, layout: PackedLayout, dropout_p: float) -> torch.Tensor:
@@ -63,6 +84,12 @@ def _run_flash_attn(q, k, v, layout: PackedLayout, dropout_p: float) -> torch.Te
 
     cu, n = layout.cu_seqlens, layout.max_seqlen
     return flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=dropout_p)
+
+
+def _run_fa4(q, k, v, layout: PackedLayout, dropout_p: float) -> torch.Tensor:
+    from .fa4 import fa4_varlen_attention
+
+    return fa4_varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen)
 
 
 def _run_triton(q, k, v, layout: PackedLayout, dropout_p: float) -> torch.Tensor:
@@ -92,6 +119,9 @@ class Backend:
         missing: None when the package it needs is importable, else the reason.
         head_dim_ok: which head sizes it runs (None: unknown).
         head_dims: those sizes in words, for the error.
+        min_capability: the lowest CUDA compute capability it runs on (None: any).
+        inference_min_seqlen: "auto" takes it for a forward without autograd only when the pack's longest
+            segment has at least this many tokens (training takes it whatever the lengths).
     """
 
     name: str
@@ -102,13 +132,39 @@ class Backend:
     missing: Callable[[], str | None] = lambda: None
     head_dim_ok: Callable[[int | None], bool] = lambda d: True
     head_dims: str = "any head_dim"
+    min_capability: tuple[int, int] | None = None
+    inference_min_seqlen: int = 0
+
+
+# FlashAttention-4's forward against this package's Triton kernel, ViT-L heads, bf16, on the H200
+# (../shared/docs/gpu-notes.md, 2026-12-01): 0.61x on 224 px images (201 tokens), on par on 512 px (1029:
+# 1.02x) and on mixed-64 (longest 2309: 1.04x), 1.28x on 2048 px (16389). Below the longest on-par length
+# it gains nothing (and its first use compiles for tens of seconds), so auto switches at the first power
+# of two above it; 1024 px images (4101 tokens) are the first past it, a length between the measured ones
+# that benchmarks/fa4_gpu_check.py times.
+FA4_INFERENCE_MIN_SEQLEN = 4096
 
 
 _REGISTRY: dict[str, Backend] = {
     b.name: b
     for b in (
+        Backend(
+            "fa4",
+            _run_fa4,
+            True,
+            True,
+            False,
+            _fa4_missing,
+            _multiple_of_8_to_256,
+            "a head_dim that is a multiple of 8 in 8..256",
+            min_capability=(9, 0),
+            inference_min_seqlen=FA4_INFERENCE_MIN_SEQLEN,
+        ),
         Backend("varlen", _run_varlen, True, True, False, _missing("torch.nn.attention.varlen", "PyTorch >= 2.10")),
-        Backend("flash_attn", _run_flash_attn, True, True, True, _missing("flash_attn", "flash-attn")),
+        # flash-attn-4 installs `flash_attn.cute` into the same `flash_attn` namespace: look for FA2's own module.
+        Backend(
+            "flash_attn", _run_flash_attn, True, True, True, _missing("flash_attn.flash_attn_interface", "flash-attn")
+        ),
         Backend(
             "triton",
             _run_triton,
@@ -122,9 +178,11 @@ _REGISTRY: dict[str, Backend] = {
         Backend("sdpa", _run_sdpa, False, True, True),
     )
 }
-# What "auto" tries, first match wins. Triton leads for inference: 1.45x FlashAttention-2 on the mixed-64
-# lengths on the H100 (benchmarks/results/RESULTS.md); it has no backward, so training falls through.
-_AUTO_ORDER = ("triton", "flash_attn", "varlen", "sdpa")
+# What "auto" tries, first match wins. FA4 leads where it runs: fwd+bwd 1.77x FlashAttention-2 on mixed-64 on
+# the H200 (../shared/docs/gpu-notes.md), and for inference only past `inference_min_seqlen`. Triton leads
+# the rest of inference: 1.45x FlashAttention-2 on the mixed-64 lengths on the H100
+# (benchmarks/results/RESULTS.md); it has no backward, so training falls through.
+_AUTO_ORDER = ("fa4", "triton", "flash_attn", "varlen", "sdpa")
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", *_REGISTRY)
 
 
@@ -136,6 +194,11 @@ def _why_not(
 
     if b.cuda_half and not (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)):
         return f"needs a CUDA device and fp16/bf16, got {device.type} and {dtype}"
+    if b.min_capability is not None:
+        got = _capability(device)
+        if got is None or got < b.min_capability:
+            have = "no CUDA device" if got is None else ".".join(map(str, got))
+            return f"needs a GPU of compute capability >= {'.'.join(map(str, b.min_capability))}, got {have}"
     reason = b.missing()
     if reason:
         return reason
@@ -162,10 +225,13 @@ def resolve_attention(
     *,
     inference: bool = False,
     head_dim: int | None = None,
+    max_seqlen: int | None = None,
 ) -> str:
     """The concrete kernel for `backend` on this device and dtype, given the attention dropout, whether
-    autograd is off (`inference`) and the head size; raises ValueError naming `attn_backend` if it cannot
-    run. "auto" takes the first of `_AUTO_ORDER` that can."""
+    autograd is off (`inference`), the head size and the pack's longest segment (`max_seqlen`, a host int;
+    None: unknown); raises ValueError naming `attn_backend` if it cannot run. "auto" takes the first of
+    `_AUTO_ORDER` that can, skipping for inference a kernel whose `inference_min_seqlen` the pack does not
+    reach (an unknown length reaches none but 0)."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attn_backend: expected one of {ATTENTION_BACKENDS}, got {backend!r}")
     import torch
@@ -173,7 +239,10 @@ def resolve_attention(
     device = torch.device(device)
     if backend == "auto":
         for name in _AUTO_ORDER:
-            if _why_not(_REGISTRY[name], device, dtype, dropout, inference, head_dim) is None:
+            b = _REGISTRY[name]
+            if inference and b.inference_min_seqlen and (max_seqlen or 0) < b.inference_min_seqlen:
+                continue
+            if _why_not(b, device, dtype, dropout, inference, head_dim) is None:
                 return name
         return "sdpa"
     reason = _why_not(_REGISTRY[backend], device, dtype, dropout, inference, head_dim)

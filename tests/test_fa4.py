@@ -1,0 +1,305 @@
+"""The "fa4" backend (`ops/fa4.py`): backend selection, the missing-package error, the custom ops.
+
+No GPU and no flash-attn-4 here. Selection runs the real registry with availability and compute capability
+patched. The ops' wrapper runs end to end against a stand-in `flash_attn.cute` package that a fixture
+writes to disk: the two functions the wrapper calls, with the real package's signatures, computing
+attention per segment with SDPA (forward) and the attention backward from the saved output and
+log-sum-exp (backward). Gradient tolerance: fp32,
+`conftest.assert_close` (1e-5 relative), because the stand-in and the "sdpa" backend run the same fp32
+operations, the one in another grouping of segments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import assert_close, random_images, tiny_config
+from functorch.compile import make_boxed_func
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from dinov3_packing import pack, random_packing_model
+from dinov3_packing.ops import attention
+from dinov3_packing.ops.attention import FA4_INFERENCE_MIN_SEQLEN, packed_attention, resolve_attention
+from dinov3_packing.ops.fa4 import fa4_varlen_attention
+from dinov3_packing.packing import PackedLayout
+
+CUDA = torch.device("cuda")
+BF16 = torch.bfloat16
+
+# The stand-in package. Parameter names and order are those of flash-attn-4 4.0.0b36's
+# `flash_attn.cute.flash_attn_varlen_func` and `flash_attn.cute.interface._flash_attn_bwd` (the arguments
+# the wrapper does not pass are left out, so a misspelt keyword fails here as it would there).
+STAND_IN = """
+import torch
+import torch.nn.functional as F
+
+CALLS = []
+
+
+def _attend(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
+    assert cu_seqlens.dtype == torch.int32 and isinstance(max_seqlen, int)
+    bounds = cu_seqlens.tolist()
+    assert max_seqlen == max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    outs, lses = [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale).transpose(0, 1))
+        lses.append(torch.logsumexp(qs @ ks.transpose(-1, -2) * softmax_scale, dim=-1))
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def flash_attn_varlen_func(
+    q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+    min_seqlen_k=None, seqused_q=None, seqused_k=None, gather_kv_indices=None, page_table=None,
+    softmax_scale=None, causal=False, return_lse=False,
+):
+    assert cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k and not causal
+    CALLS.append("forward")
+    out, lse = _attend(q, k, v, cu_seqlens_q, max_seqlen_q, softmax_scale)
+    return out, lse if return_lse else None
+"""
+
+STAND_IN_INTERFACE = """
+import torch
+
+from . import CALLS, flash_attn_varlen_func
+
+
+def _flash_attn_bwd(
+    q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0, window_size_left=None,
+    window_size_right=None, m_block_size=64, n_block_size=128, num_threads=256, pack_gqa=False,
+    num_stages_Q=2, num_stages_dO=2, SdP_swapAB=False, dKV_swapAB=False, dQ_swapAB=False,
+    AtomLayoutMSdP=2, AtomLayoutNdKV=2, AtomLayoutMdQ=2, V_in_regs=False, cu_seqlens_q=None,
+    cu_seqlens_k=None, seqused_q=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
+):
+    assert not causal and lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
+    CALLS.append("backward")
+    # The attention backward from the saved output and log-sum-exp, as the real kernel computes it (this
+    # runs below autograd, inside the wrapper's backward op).
+    grads = []
+    bounds = cu_seqlens_q.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs, os, dos = (t[a:b].transpose(0, 1) for t in (q, k, v, out, dout))
+        p = torch.exp(qs @ ks.transpose(-1, -2) * softmax_scale - lse[:, a:b, None])
+        dp = dos @ vs.transpose(-1, -2)
+        ds = p * (dp - (dos * os).sum(-1, keepdim=True))
+        grads.append([ds @ ks * softmax_scale, ds.transpose(-1, -2) @ qs * softmax_scale, p.transpose(-1, -2) @ dos])
+    return tuple(torch.cat([g[i] for g in grads], dim=1).transpose(0, 1) for i in range(3))
+"""
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    """A `flash_attn.cute` package on sys.path (a namespace `flash_attn`, as flash-attn-4 installs it);
+    returns its call log."""
+    cute = tmp_path / "flash_attn" / "cute"
+    cute.mkdir(parents=True)
+    (cute / "__init__.py").write_text(textwrap.dedent(STAND_IN))
+    (cute / "interface.py").write_text(textwrap.dedent(STAND_IN_INTERFACE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    importlib.invalidate_caches()
+    yield importlib.import_module("flash_attn.cute").CALLS
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """A CUDA device of compute capability 9.0 with flash-attn-4 and triton importable, as the registry
+    sees it; returns a setter for the capability."""
+    capability = [(9, 0)]
+    monkeypatch.setattr(attention, "_capability", lambda device: capability[0])
+    for name in ("fa4", "triton"):
+        b = attention._REGISTRY[name]
+        monkeypatch.setitem(attention._REGISTRY, name, dataclasses.replace(b, missing=lambda: None))
+
+    def set_capability(c):
+        capability[0] = c
+
+    return set_capability
+
+
+def test_auto_takes_fa4_for_training_on_sm90(hopper):
+    for n in (None, 201, 16389):
+        assert resolve_attention("auto", CUDA, BF16, inference=False, head_dim=64, max_seqlen=n) == "fa4"
+    assert resolve_attention("auto", CUDA, torch.float16, inference=False, head_dim=128) == "fa4"
+    hopper((10, 0))
+    assert resolve_attention("auto", CUDA, BF16, inference=False, head_dim=64) == "fa4"
+
+
+def test_auto_inference_takes_fa4_from_the_threshold_on(hopper):
+    def auto(n):
+        return resolve_attention("auto", CUDA, BF16, inference=True, head_dim=64, max_seqlen=n)
+
+    assert auto(201) == auto(2309) == auto(FA4_INFERENCE_MIN_SEQLEN - 1) == auto(None) == "triton"
+    assert auto(FA4_INFERENCE_MIN_SEQLEN) == auto(16389) == "fa4"
+    # An explicit request runs it at any length.
+    assert resolve_attention("fa4", CUDA, BF16, inference=True, head_dim=64, max_seqlen=201) == "fa4"
+
+
+def test_auto_skips_fa4_where_it_cannot_run(hopper):
+    train = {"inference": False, "head_dim": 64}
+    hopper((8, 0))
+    assert resolve_attention("auto", CUDA, BF16, **train) in ("flash_attn", "varlen")
+    with pytest.raises(ValueError, match=r"attn_backend: 'fa4' needs a GPU of compute capability >= 9\.0, got 8\.0"):
+        resolve_attention("fa4", CUDA, BF16, **train)
+    hopper((9, 0))
+    assert resolve_attention("auto", CUDA, torch.float32, **train) == "sdpa"
+    assert resolve_attention("auto", torch.device("cpu"), BF16, **train) == "sdpa"
+    assert resolve_attention("auto", CUDA, BF16, 0.1, **train) in ("flash_attn", "sdpa")  # no dropout in fa4
+    assert resolve_attention("auto", CUDA, BF16, inference=False, head_dim=12) in ("flash_attn", "varlen")
+    with pytest.raises(ValueError, match="attn_backend: 'fa4' needs a head_dim that is a multiple of 8"):
+        resolve_attention("fa4", CUDA, BF16, inference=False, head_dim=12)
+    hopper(None)  # no CUDA at all
+    with pytest.raises(ValueError, match=r"compute capability >= 9\.0, got no CUDA device"):
+        resolve_attention("fa4", CUDA, BF16, **train)
+
+
+def test_missing_package_is_a_clear_error(monkeypatch):
+    """Without flash-attn-4 (this machine), auto never picks fa4 and asking for it names the extra."""
+    monkeypatch.setattr(attention, "_capability", lambda device: (9, 0))
+    assert attention._fa4_missing() is not None
+    assert resolve_attention("auto", CUDA, BF16, inference=False, head_dim=64) != "fa4"
+    assert resolve_attention("auto", CUDA, BF16, inference=True, head_dim=64, max_seqlen=16389) != "fa4"
+    expected = r'attn_backend: .fa4. needs the flash-attn-4 package.*pip install "dinov3-packing\[hopper\]"'
+    with pytest.raises(ValueError, match=expected):
+        resolve_attention("fa4", CUDA, BF16, inference=False, head_dim=64)
+
+
+def test_installed_package_is_found_and_is_not_flash_attn_2(stand_in, monkeypatch):
+    """flash-attn-4 installs a namespace `flash_attn` holding only `cute`: fa4 is available, FlashAttention-2
+    ("flash_attn") is still missing."""
+    monkeypatch.setattr(attention, "_capability", lambda device: (9, 0))
+    assert attention._fa4_missing() is None
+    assert attention._REGISTRY["flash_attn"].missing() is not None
+    assert resolve_attention("fa4", CUDA, BF16, inference=False, head_dim=64) == "fa4"
+
+
+def test_model_passes_the_longest_segment_to_resolution(monkeypatch):
+    seen = []
+    real = attention.resolve_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("max_seqlen"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("dinov3_packing.model.modeling.resolve_attention", spy)
+    model = random_packing_model(tiny_config(), seed=0).eval()
+    hidden_states, grid = pack(random_images([(2, 3), (4, 5), (1, 1)], 16), 16)
+    with torch.no_grad():
+        out = model(hidden_states, grid)
+    assert seen == [out.layout.max_seqlen] == [model.num_prefix_tokens + 20]
+
+
+def test_ops_are_registered_with_autograd_and_fake():
+    for name in ("fa4_varlen", "fa4_varlen_backward"):
+        assert hasattr(torch.ops.dinov3_packing, name)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dinov3_packing::{name}", "Meta")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("dinov3_packing::fa4_varlen", "Autograd")
+
+
+def test_fake_gives_the_kernels_shapes():
+    with FakeTensorMode():
+        q, k, v = (torch.empty(300, 16, 64, dtype=BF16) for _ in range(3))
+        cu = torch.tensor([0, 201, 300], dtype=torch.int32)
+        out, lse = torch.ops.dinov3_packing.fa4_varlen(q, k, v, cu, 201)
+        assert out.shape == (300, 16, 64) and out.dtype == BF16
+        assert lse.shape == (16, 300) and lse.dtype == torch.float32
+        grads = torch.ops.dinov3_packing.fa4_varlen_backward(out, q, k, v, out, lse, cu, 201)
+        assert [g.shape for g in grads] == [q.shape] * 3
+
+
+def _qkv(layout, heads=4, head_dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(layout.num_tokens, heads, head_dim, generator=g, requires_grad=True) for _ in range(3)]
+
+
+def test_forward_and_backward_match_sdpa(stand_in):
+    layout = PackedLayout.build([(1, 2, 3), (2, 1, 1), (1, 4, 4)], 5, "cpu")
+    grad_out = torch.randn(layout.num_tokens, 4, 8, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for backend in ("fa4", "sdpa"):
+        q, k, v = _qkv(layout)
+        out = packed_attention(q, k, v, layout, backend)
+        out.backward(grad_out)
+        results[backend] = (out.detach(), q.grad, k.grad, v.grad)
+    assert stand_in == ["forward", "backward"]
+    for got, want in zip(results["fa4"], results["sdpa"], strict=True):
+        assert_close(got, want)
+
+
+def test_opcheck(stand_in):
+    layout = PackedLayout.build([(1, 2, 3), (1, 3, 3)], 5, "cpu")
+    q, k, v = _qkv(layout)
+    torch.library.opcheck(torch.ops.dinov3_packing.fa4_varlen.default, (q, k, v, layout.cu_seqlens, layout.max_seqlen))
+
+
+def test_model_gradients_through_fa4_match_sdpa(stand_in):
+    """A whole model's training step with every block's attention on the fa4 op equals the sdpa one. No RoPE
+    augmentation (it draws from the global RNG), and q, k scaled up so attention is far from uniform and
+    its gradient matters."""
+    hidden_states, grid = pack(random_images([(2, 3), (1, 1), (2, 2, 1), (3, 3)], 16, seed=2), 16)
+    grads = {}
+    for backend in ("fa4", "sdpa"):
+        model = random_packing_model(tiny_config(pos_embed_rescale=None), seed=0).train()
+        with torch.no_grad():
+            for layer in model.model.layer:
+                layer.attention.q_proj.weight.mul_(10)
+                layer.attention.k_proj.weight.mul_(10)
+        model.resolved_attn_backend = lambda inference=True, max_seqlen=None, b=backend: b
+        out = model(hidden_states, grid)
+        (out.last_hidden_state.pow(2).sum() + out.pooler_output.sum()).backward()
+        grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert stand_in.count("backward") == model.config.num_hidden_layers
+    assert grads["fa4"].keys() == grads["sdpa"].keys() and len(grads["sdpa"]) > 20
+    for name, want in grads["sdpa"].items():
+        assert_close(grads["fa4"][name], want)
+
+
+def test_compiles_to_one_opaque_call_without_recompiling():
+    """Under FakeTensorMode (no kernel runs, no package needed): the forward graph holds the fa4 op once and
+    nothing of the kernel, the backward graph the backward op once, and packs of other sizes and longest
+    segments compile nothing after the second (which makes max_seqlen symbolic)."""
+    graphs = {"dynamo": [], "forward": [], "backward": []}
+
+    def keep(kind):
+        def compiler(gm, _):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    def backend(gm, example_inputs):
+        graphs["dynamo"].append(gm)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+
+    def step(q, k, v, cu, n):
+        return fa4_varlen_attention(q, k, v, cu, n).sum()
+
+    fn = torch.compile(step, backend=backend, fullgraph=True)
+    counts = []
+    with FakeTensorMode():
+        for grid in ([(1, 2, 3), (1, 4, 4)], [(1, 4, 5), (1, 1, 1), (1, 2, 2)], [(1, 6, 5)], [(3, 2, 2), (1, 7, 7)]):
+            layout = PackedLayout.build(grid, 5, "cpu")
+            q, k, v = (torch.empty(layout.num_tokens, 4, 8, requires_grad=True) for _ in range(3))
+            for t in (q, k, v):
+                torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(layout.cu_seqlens, 0)
+            fn(q, k, v, layout.cu_seqlens, layout.max_seqlen).backward()
+            assert q.grad.shape == q.shape
+            counts.append(len(graphs["dynamo"]))
+    assert counts[1:] == [2, 2, 2]  # the first two packs have other longest segments; nothing after
+
+    def calls(gm):
+        return [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "dinov3_packing" in str(n.target)]
+
+    assert calls(graphs["forward"][-1]) == ["dinov3_packing.fa4_varlen.default"]
+    assert calls(graphs["backward"][-1]) == ["dinov3_packing.fa4_varlen_backward.default"]
