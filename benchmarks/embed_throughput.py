@@ -5,7 +5,9 @@ Makes `--n` JPEG photographs of random sizes (random crops of the bundled sample
     decode    the DataLoader alone (workers decode + preprocess into packed rows), no model
     model     the packed forwards alone, on the same packs, inputs already on the device
     embed     `embed()` end to end (decode, packing, forwards, shards written), model load excluded
-The slowest of decode and model bounds embed; the script names it.
+The slowest of decode and model bounds embed; the script names it. Each stage is wall-clock time
+(`time.perf_counter`, the device synchronized at the end): decode and embed are host pipelines with
+worker processes, which CUDA events would not cover.
 
     python benchmarks/embed_throughput.py --n 3000 --ckpt random:vitl16 --device cuda --workers 14
     python benchmarks/embed_throughput.py --n 24 --ckpt random:vits16 --device cpu --workers 2 --max-tokens 64  # smoke
@@ -14,7 +16,6 @@ The slowest of decode and model bounds embed; the script names it.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -28,7 +29,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dinov3_packing.apps.embed import DTYPES, ImageFiles, _as_list, embed
+from dinov3_packing.apps.bench.timing import run_metadata, write_report
+from dinov3_packing.apps.embed import embed
+from dinov3_packing.apps.embed.job import DTYPES, ImageFiles
 from dinov3_packing.data.budget import pack_by_budget, segment_tokens
 from dinov3_packing.data.files import list_images, sample_image_paths
 from dinov3_packing.data.preprocess import Preprocessor
@@ -44,6 +47,11 @@ def make_photo(job: tuple[int, str, int, int, int]) -> None:
     cw, ch = r.randint(source.width // 2, source.width), r.randint(source.height // 2, source.height)
     x, y = r.randint(0, source.width - cw), r.randint(0, source.height - ch)
     source.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC).save(f"{folder}/{seed:06d}.jpg", quality=90)
+
+
+def keep_list(batch: list) -> list:
+    """DataLoader collate: the worker's records as they are (packing happens after)."""
+    return batch
 
 
 def sync(device: torch.device) -> None:
@@ -63,7 +71,12 @@ def main() -> None:
     ap.add_argument("--min-side", type=int, default=224)
     ap.add_argument("--max-side", type=int, default=1024)
     ap.add_argument("--save", default="cls,mean")
-    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument(
+        "--json",
+        default=None,
+        help="also write the figures and run metadata to this JSON file "
+        "(benchmarks/results/latest/embed_throughput.json holds the current run)",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -88,7 +101,7 @@ def main() -> None:
         loader = DataLoader(
             ImageFiles(paths, pre),
             batch_size=8,
-            collate_fn=_as_list,
+            collate_fn=keep_list,
             num_workers=args.workers,
             pin_memory=device.type == "cuda",
             prefetch_factor=4 if args.workers else None,
@@ -152,7 +165,7 @@ def main() -> None:
     print(f"bound by    : {bound} ({rates['embed'] / min(rates['decode'], rates['model']):.0%} of it reached)")
     if args.json:
         info = {"device": name, "ckpt": args.ckpt, "n": n, "tokens": tokens, "fill": fill, "bound": bound}
-        Path(args.json).write_text(json.dumps({**vars(args), **info, "images_per_s": rates}, indent=1))
+        write_report(args.json, {"meta": run_metadata(device), **vars(args), **info, "images_per_s": rates})
 
 
 if __name__ == "__main__":

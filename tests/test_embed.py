@@ -112,16 +112,18 @@ def test_cli_exit_status_and_resume(tmp_path, tiny_ckpt):
 
 def test_resume_repairs_what_a_kill_leaves(tmp_path, single_run):
     """Deterministic kill aftermath: a temp shard, a shard renamed but without manifest lines, a torn last
-    manifest line and lost lines of the last shard. The rerun redoes exactly the missing images."""
+    manifest line and lost lines of the last shard. The rerun redoes exactly the missing images (and tries the
+    skipped corrupt file again)."""
     out = tmp_path / "repair"
     shutil.copytree(single_run[0], out)
     manifest = out / "manifest-000.jsonl"
     lines = manifest.read_text().splitlines(keepends=True)
-    lost = [json.loads(x) for x in lines if '"shard-000-000002' in x]
+    last = sorted({json.loads(x)["shard"] for x in lines if '"ok"' in x})[-1]
+    lost = [json.loads(x) for x in lines if last in x]
     manifest.write_text("".join(x for x in lines if x not in {json.dumps(d) + "\n" for d in lost}) + '{"path": "/x')
     (out / ".shard-000-000009.safetensors.tmp").write_bytes(b"partial")
     summary = embed(DATA, out, CKPT, batch_tokens=300, shard_size=3, workers=0, **ALL)
-    assert summary.new == len(lost) == 2
+    assert len(lost) == 2 and summary.new == len(lost) + 1
     redone = {line["path"]: line["shard"] for line in manifest_lines(out) if line["path"] in {d["path"] for d in lost}}
     assert len(redone) == 2 and not (out / ".shard-000-000009.safetensors.tmp").exists()
     assert_complete(out, list_images(DATA))
@@ -201,12 +203,12 @@ def test_list_images_sources(tmp_path):
 )
 def test_bad_arguments_named(tmp_path, kwargs, error, arg):
     with pytest.raises(error, match=arg):
-        embed(DATA, tmp_path, **{"device": "cpu", "progress": False, **kwargs})
+        embed(DATA, tmp_path, **{"ckpt": CKPT, "device": "cpu", "progress": False, **kwargs})
 
 
 @pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-fused-mlp"], False)])
 def test_cli_fused_mlp_switch_reaches_the_model(tmp_path, tiny_ckpt, monkeypatch, flag, expected):
-    from dinov3_packing.apps import embed as embed_module
+    from dinov3_packing.apps.embed import job as embed_module
 
     built = []
 
