@@ -15,19 +15,14 @@ registered with a fake implementation that ``torch.compile`` can trace through.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import run_interpreted
 
 from dinov3_packing.ops.triton import linear_gelu as lg
-
-REPO = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("triton")
 
@@ -123,18 +118,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(INTERPRETER_CASES), lg.__file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
+    return run_interpreted(_INTERPRETER_SCRIPT, json.dumps(INTERPRETER_CASES), lg.__file__, timeout=120)
 
 
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=[c[0] for c in INTERPRETER_CASES])

@@ -11,13 +11,11 @@ for a plain bf16 matmul), so bf16 is checked on the GPU (benchmarks/gpu_parity.p
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
 from dinov3_packing.ops.attention import ATTENTION_BACKENDS, resolve_attention
 
@@ -69,19 +67,14 @@ KERNEL_CHECK = textwrap.dedent(
         results.append(
             {"dtype": str(dtype), "segments": len(lens), "rel": worst, "finite": bool(out.isfinite().all())}
         )
-    print(json.dumps(results))
+    print("RESULT" + json.dumps(results))
     """
 )
 
 
 def test_kernel_matches_sdpa_per_segment_under_the_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_interpreted(KERNEL_CHECK, timeout=300)
     assert len(results) == 10
     for r in results:
         tol = 1e-6 if r["dtype"] == "torch.float32" else 1e-3

@@ -9,16 +9,10 @@ config, a new key tunes again, and every output matches its reference.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from triton_interpreter import run_interpreted
 
 SCRIPT = textwrap.dedent(
     """
@@ -132,11 +126,7 @@ SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def results() -> dict:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(s for s in proc.stdout.splitlines() if s.startswith("RESULT"))
-    return json.loads(line.removeprefix("RESULT"))
+    return run_interpreted(SCRIPT, timeout=600)
 
 
 def test_attention_tunes_once_per_head_dim_then_launches_the_tuned_config(results):
