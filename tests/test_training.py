@@ -1,4 +1,5 @@
-"""Training: gradients, drop path, RoPE augmentation, masking and checkpointing against Hugging Face.
+"""Training: gradients, drop path, RoPE augmentation, masking and checkpointing against Hugging Face;
+selective recomputation (`parallel.recompute`) against the same model without it.
 
 Reference: `transformers.DINOv3ViTModel` with the same weights (`reference_model`), run image by image
 (a clip's frames as one batch), per-image losses summed; fp32 on CPU. Tolerance: `conftest.assert_close`
@@ -13,6 +14,8 @@ import torch
 from conftest import assert_close, tiny_config
 
 from dinov3_packing import pack, patchify, random_packing_model, reference_model
+from dinov3_packing.parallel.compile import compile_model, compile_stats
+from dinov3_packing.parallel.recompute import RECOMPUTE_POLICIES, apply_recompute
 
 GELU = {}
 SWIGLU_NO_REG = {"use_gated_mlp": True, "hidden_act": "silu", "intermediate_size": 48, "num_register_tokens": 0}
@@ -218,7 +221,7 @@ def test_gradient_checkpointing_gives_equal_gradients():
     """transformers' per-block checkpointing (our blocks subclass GradientCheckpointingLayer): gradients
     equal HF's, and the blocks really were recomputed (forward hooks fire twice)."""
     model, ref = _models(SWIGLU_NO_REG)
-    model.activation_checkpointing_enable()
+    model.gradient_checkpointing_enable()
     calls = []
     model.model.layer[0].mlp.register_forward_hook(lambda *_: calls.append(1))
     images = _images(MIXED, seed=9)
@@ -259,9 +262,120 @@ def test_gradient_checkpointing_saves_activation_memory():
 
     plain, _ = _models(GELU, **config_kw)
     ckpt, _ = _models(GELU, **config_kw)
-    ckpt.activation_checkpointing_enable()
+    ckpt.gradient_checkpointing_enable()
     step(plain)()  # warm-up (RoPE angle cache, allocator)
     step(ckpt)()
     peak_plain, peak_ckpt = peak_cpu_bytes(step(plain)), peak_cpu_bytes(step(ckpt))
     print(f"\npeak CPU memory fwd+bwd: {peak_plain / 2**20:.1f} MiB plain, {peak_ckpt / 2**20:.1f} MiB checkpointed")
     assert peak_ckpt < 0.5 * peak_plain
+
+
+# Activations dominate here: 6 blocks, width 64, 500 tokens.
+MEMORY_CONFIG = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 256, "num_hidden_layers": 6}
+MEMORY_SIZES = [(12, 12), (8, 16), (16, 8), (4, 6)]
+# A module inside each policy's recomputed part: its forward pre-hook fires again when the part is recomputed
+# (the part itself is rerun through `forward`, not `__call__`, so its own hooks fire once).
+INSIDE = {
+    "attention": lambda layer: layer.attention.o_proj,
+    "mlp": lambda layer: layer.mlp.up_proj,
+    "block": lambda layer: layer.norm1,
+}
+
+
+def saved_activation_bytes(model, fn) -> int:
+    """Bytes autograd holds for backward at the end of `fn`'s forward: every tensor saved for backward
+    (checkpoint's kept inputs included), counted once per storage, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack_hook(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+@pytest.mark.parametrize("policy", [p for p in RECOMPUTE_POLICIES if p])
+def test_recompute_gives_identical_gradients(policy):
+    """Each policy: input and parameter gradients equal those without recomputation (bitwise: the same fp32
+    operations run again on the same inputs), with drop path on (checkpoint restores the RNG), and the
+    part really ran twice."""
+    images = _images(MIXED, seed=5)
+    results = []
+    for recompute in (None, policy):
+        model, _ = _models(GELU, drop_path_rate=0.3, num_hidden_layers=3)
+        apply_recompute(model, recompute)
+        calls = []
+        INSIDE[policy](model.model.layer[1]).register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        hidden_states, grid = pack(images, 16)
+        hidden_states.requires_grad_()
+        torch.manual_seed(0)
+        out = model(hidden_states, grid)
+        (out.last_hidden_state.pow(2).sum() + out.pooler_output.sum()).backward()
+        assert len(calls) == (2 if recompute else 1)
+        results.append((hidden_states.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (row_plain, plain), (row_re, re) = results
+    assert torch.equal(row_re, row_plain)
+    assert plain.keys() == re.keys() and len(plain) > 20
+    for name, grad in plain.items():
+        assert torch.equal(re[name], grad), name
+
+
+def test_recompute_saves_activation_memory():
+    """Activation bytes held for backward per token: attention < none, mlp < none, block < both (the MLP's
+    4D-wide tensors are the largest term, so mlp < attention). Prints the numbers (docs/training.md)."""
+    hidden_states, grid = pack(_images(MEMORY_SIZES, seed=1), 16)
+    per_token = {}
+    for policy in RECOMPUTE_POLICIES:
+        model, _ = _models(GELU, **MEMORY_CONFIG)
+        apply_recompute(model, policy)
+        saved, out = saved_activation_bytes(model, lambda m=model: m(hidden_states, grid))
+        out.last_hidden_state.pow(2).sum().backward()  # what was saved is enough for backward
+        per_token[policy] = saved / out.layout.num_tokens
+    print(
+        "\nsaved activations per token (6 blocks, width 64, fp32): "
+        + ", ".join(f"{p}: {b:.0f} B" for p, b in per_token.items())
+    )
+    assert per_token["block"] < per_token["mlp"] < per_token["attention"] < per_token[None]
+
+
+def test_recompute_rejects_bad_input():
+    model, _ = _models(GELU)
+    with pytest.raises(ValueError, match="policy: expected one of"):
+        apply_recompute(model, "gelu")
+    with pytest.raises(TypeError, match="model: expected a DINOv3ViTPackingModel"):
+        apply_recompute(torch.nn.Linear(2, 2), "mlp")
+    apply_recompute(model, "mlp")
+    with pytest.raises(ValueError, match="already applied"):
+        apply_recompute(model, "attention")
+    other, _ = _models(GELU)
+    other.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing is on"):
+        apply_recompute(other, "block")
+
+
+def test_recompute_compiles_without_recompiling():
+    """apply_recompute then compile_model: gradients equal eager recomputation (1e-5: inductor may reorder
+    fp32 reductions) and packs after the two warm-up ones compile nothing."""
+    torch._dynamo.reset()
+    packs = [[(2, 3), (1, 1)], [(4, 3), (1, 2), (2, 2)], [(3, 3)], [(5, 2), (2, 1)]]
+    eager, _ = _models(GELU, num_hidden_layers=2)
+    compiled, _ = _models(GELU, num_hidden_layers=2)
+    apply_recompute(eager, "mlp")
+    compile_model(apply_recompute(compiled, "mlp"))
+    graphs = []
+    for i, sizes in enumerate(packs):
+        hidden_states, grid = pack(_images(sizes, seed=i), 16)
+        grads = []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            model(hidden_states, grid).last_hidden_state.pow(2).sum().backward()
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        for name, grad in grads[0].items():
+            assert_close(grads[1][name], grad)
+        graphs.append(compile_stats()["unique_graphs"])
+    assert graphs[-1] == graphs[1], f"recompiled after warm-up: graphs per pack {graphs}"

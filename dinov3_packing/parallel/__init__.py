@@ -1,1 +1,2 @@
-"""Applied from outside the model: torch.compile (`compile`) and FSDP2 (`fsdp`)."""
+"""Applied from outside the model: torch.compile (`compile`), selective recomputation (`recompute`) and
+FSDP2 (`fsdp`)."""

@@ -1,7 +1,8 @@
 """Data-parallel training, applied from outside the model (as torchtitan does).
 
     model = random_packing_model(arch_config("vitl16"))
-    model.activation_checkpointing_enable()   # optional, transformers' per-block checkpointing
+    apply_recompute(model, "mlp")             # optional: parallel/recompute.py, or transformers'
+                                              # per-block model.gradient_checkpointing_enable()
     apply_fsdp(model)                         # after torch.distributed.init_process_group
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`) shards every block, then the root (embeddings, final norm),
@@ -10,8 +11,9 @@ packed batch (any mix of sizes; ranks need not have equal token counts). Gradien
 ranks, so a per-rank loss `sum(per-image losses on this rank) * world_size / global_num_images` gives
 exactly the gradient of the global mean loss.
 
-Activation checkpointing needs nothing here: the blocks subclass transformers' `GradientCheckpointingLayer`,
-which checkpoints `forward` (not `__call__`), so FSDP2's hooks stay outside the recomputed region.
+Recomputation needs nothing here: `apply_recompute` and transformers' `GradientCheckpointingLayer` (which
+the blocks subclass) both checkpoint inside the block, not its `__call__`, so FSDP2's hooks stay outside
+the recomputed region.
 """
 
 from __future__ import annotations

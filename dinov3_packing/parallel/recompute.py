@@ -1,0 +1,77 @@
+"""Selective activation recomputation, applied from outside the model (as torchtitan applies it).
+
+    apply_recompute(model, "mlp")     # before compile_model and apply_fsdp
+
+Each block's chosen part runs under non-reentrant `torch.utils.checkpoint`: autograd keeps only that part's
+input, and backward runs the part's forward again to rebuild what it needs. Policies, from the least
+memory saved to the most:
+    None          nothing recomputed.
+    "attention"   the attention sub-block (q/k/v GEMM, RoPE, the attention kernel, output projection):
+                  frees q, k, v, the rotated q/k, the kernel's output and statistics; recomputes ~4 D^2 + the
+                  attention FLOPs a token per block.
+    "mlp"         the MLP (up-projection, GELU, down-projection): frees the 4D-wide pre-activation and GELU
+                  output, the largest activations of a block; recomputes 16 D^2 FLOPs a token per block.
+    "block"       the whole block (both of the above plus the norms and residuals); keeps only the
+                  block's input, as transformers' `gradient_checkpointing_enable()` does.
+The gradients are those without recomputation (the same operations run again on the same inputs; drop
+path's RNG state is restored by checkpoint). Forwards without autograd run the part directly.
+
+Composes with `compile_model` (Dynamo traces non-reentrant checkpoint as one region of the graph) and with
+`apply_fsdp` (FSDP2's hooks sit on the block's `__call__`, outside the recomputed `forward`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..model.modeling import DINOv3ViTPackingModel
+
+RECOMPUTE_POLICIES = (None, "attention", "mlp", "block")
+
+
+def _recomputed(forward):
+    @functools.wraps(forward)
+    def run(*args):
+        if not torch.is_grad_enabled():
+            return forward(*args)
+        return checkpoint(forward, *args, use_reentrant=False)
+
+    run.recomputes = True
+    return run
+
+
+def apply_recompute(model: DINOv3ViTPackingModel, policy: str | None) -> DINOv3ViTPackingModel:
+    """Recompute `policy`'s part of every block in backward instead of keeping its activations.
+
+    Args:
+        model: a `DINOv3ViTPackingModel`.
+        policy: one of `RECOMPUTE_POLICIES` (see the module docstring).
+
+    Returns:
+        The same model; parameter names and the state dict are unchanged.
+    """
+    if not isinstance(model, DINOv3ViTPackingModel):
+        raise TypeError(f"model: expected a DINOv3ViTPackingModel, got {type(model).__name__}")
+    if policy not in RECOMPUTE_POLICIES:
+        raise ValueError(f"policy: expected one of {RECOMPUTE_POLICIES}, got {policy!r}")
+    if policy is None:
+        return model
+    if any(layer.gradient_checkpointing for layer in model.model.layer):
+        raise ValueError(
+            "model: transformers' gradient checkpointing is on (gradient_checkpointing_enable()); it recomputes "
+            "every block already: turn it off or pass policy=None"
+        )
+    parts = {
+        "attention": lambda layer: layer.attention,
+        "mlp": lambda layer: layer.mlp,
+        "block": lambda layer: layer,
+    }[policy]
+    modules = [parts(layer) for layer in model.model.layer]
+    if any(getattr(m.forward, "recomputes", False) for layer in model.model.layer for m in layer.modules()):
+        raise ValueError("model: apply_recompute was already applied to this model")
+    for module in modules:
+        module.forward = _recomputed(module.forward)
+    return model
