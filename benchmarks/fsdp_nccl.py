@@ -5,7 +5,8 @@
 Every rank builds the same seeded ViT-S/16 (fp32, exact SDPA path so the comparison is tight), shards it
 with `parallel.apply_fsdp`, runs its share of a mixed-size pack and steps. Rank 0 then runs the whole pack
 on one GPU without FSDP and compares loss and every gradient (max |diff| / max |ref|). Then the same
-sharded step in bf16 through `varlen_attn` is timed.
+sharded step in bf16 through `varlen_attn` is timed on every rank with CUDA events (five steps after a
+warm-up, `apps.bench.timing.time_calls`); rank 0 reports the median of the slowest rank's steps.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ import argparse
 import json
 import os
 import random
-import time
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.distributed as dist
 
 from dinov3_packing import load_packing_model, pack
+from dinov3_packing.apps.bench.timing import run_metadata, time_calls, write_report
 from dinov3_packing.parallel.fsdp import apply_fsdp
 
 
@@ -37,7 +43,7 @@ def loss_of(model, imgs, scale: float, dtype) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="fsdp.json")
+    parser.add_argument("--out", default="benchmarks/results/latest/fsdp_nccl.json")
     parser.add_argument("--images", type=int, default=16)
     args = parser.parse_args()
     dist.init_process_group("nccl")
@@ -69,7 +75,7 @@ def main() -> None:
             if p.grad is not None and p.grad.abs().max() > 0
         )
         report = {
-            "card": torch.cuda.get_device_name(),
+            "meta": run_metadata("cuda"),
             "world_size": world,
             "loss_fsdp": float(total),
             "loss_one_gpu": float(ref_loss),
@@ -83,22 +89,23 @@ def main() -> None:
     m16 = load_packing_model("random:vits16", "cuda", torch.bfloat16).train()
     apply_fsdp(m16)
     mine = imgs[rank::world]
-    for i in range(6):
-        if i == 1:
-            torch.cuda.synchronize()
-            dist.barrier()
-            start = time.perf_counter()
+
+    def step() -> None:
         m16.zero_grad(set_to_none=True)
         loss_of(m16, mine, scale * world, torch.bfloat16).backward()
+
+    step()  # warm-up
     torch.cuda.synchronize()
     dist.barrier()
+    times = torch.tensor(time_calls(step, 5, "cuda"), device="cuda")
+    # Every step waits for the slowest rank's collectives: its times are the step's.
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
     if rank == 0:
-        step = (time.perf_counter() - start) / 5
-        report["bf16_varlen_step_ms"] = step * 1e3
-        report["bf16_images_per_s"] = args.images / step
+        step_s = statistics.median(times.tolist())
+        report["bf16_varlen_step_ms"] = step_s * 1e3
+        report["bf16_images_per_s"] = args.images / step_s
         print(json.dumps(report), flush=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_report(args.out, report)
     dist.destroy_process_group()
 
 

@@ -1,7 +1,7 @@
 """GPU parity check: the CUDA attention backends against the exact fp32 path and Hugging Face.
 
 Run on a CUDA machine from the repo root:
-    PYTHONPATH=. python benchmarks/gpu_parity.py --out results/gpu_parity.json
+    python benchmarks/gpu_parity.py --out $OUT/gpu_parity.json [--speed]
 
 Checks, for each architecture:
   1. fp32 packed (sdpa backend, TF32 off) vs Hugging Face fp32 run image by image: max |diff| / max |ref|.
@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
 
-from dinov3_packing import load_packing_model, reference_model, split
+from dinov3_packing import load_packing_model, pack, reference_model, split
+from dinov3_packing.apps.bench.timing import Timing, measure, run_metadata, write_report
+from dinov3_packing.apps.bench.workloads import mixed_sizes
 from dinov3_packing.ops.attention import has_flash_attn
-
-
-def mixed_sizes(n: int, seed: int = 0) -> list[tuple[int, int]]:
-    rng = random.Random(seed)
-    return [(16 * rng.randint(14, 48), 16 * rng.randint(14, 48)) for _ in range(n)]
 
 
 def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -36,8 +34,6 @@ def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def packed_inputs(sizes, p, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     images = [torch.randn(3, h, w, generator=g) for h, w in sizes]
-    from dinov3_packing import pack
-
     hs, grid = pack(images, p)
     return images, hs.to(device), grid
 
@@ -102,17 +98,10 @@ def quick_speed(arch: str) -> dict:
     _, hs, grid = packed_inputs(mixed_sizes(64), m.patch_size, dev)
     hs = hs.bfloat16()
 
-    def bench(fn, reps=10):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return sorted(times)[len(times) // 2]
+    timing = Timing(target_s=1.0, min_repeats=10, max_repeats=10)
+
+    def bench(fn) -> float:
+        return measure(fn, dev, timing, compiled=True)["median_s"]
 
     eager = bench(lambda: m(hs, grid))
     compile_model(m)
@@ -122,16 +111,14 @@ def quick_speed(arch: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="gpu_parity.json")
+    parser.add_argument("--out", default="benchmarks/results/latest/gpu_parity.json")
     parser.add_argument("--archs", default="vits16,vitl16")
     parser.add_argument("--speed", action="store_true", help="also a quick mixed-64 speed check")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     report = {
-        "card": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "command": " ".join(sys.argv),
+        "meta": run_metadata("cuda"),
         "forward": [],
         "backward": [],
         "speed": [],
@@ -145,8 +132,7 @@ def main() -> int:
     if args.speed:
         report["speed"].append(quick_speed("vitl16"))
         print(json.dumps(report["speed"][-1]), flush=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_report(args.out, report)
     return 0
 
 

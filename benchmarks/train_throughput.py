@@ -1,81 +1,50 @@
 """Training-step throughput on mixed-64 (forward + backward, bf16): packed vs Hugging Face looped per image.
 
-    PYTHONPATH=. python benchmarks/train_throughput.py --out $OUT/train.json
+    python benchmarks/train_throughput.py --out $OUT/train_throughput.json
 
 Systems: packed eager, packed with gradient checkpointing, packed compiled (compile.compile_model), HF
 `DINOv3ViTModel` (sdpa) one image at a time with gradients accumulated. MFU counts 3x the forward FLOPs
 (4x with checkpointing's recomputed forward is *not* credited: the same useful work is counted) over the
-bf16 matmul peak measured in the same run.
+bf16 matmul peak measured in the same run. Each step is timed with CUDA events after a warm-up step
+(`apps.bench.timing.measure`); the median is reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
 from dinov3_packing import load_packing_model, pack, reference_model
+from dinov3_packing.apps.bench.timing import Timing, measure, peak_matmul_tflops, run_metadata, write_report
+from dinov3_packing.apps.bench.workloads import forward_flops, mixed_sizes
 from dinov3_packing.parallel.compile import compile_model
 
 
-def matmul_peak() -> float:
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(20):
-        start = time.perf_counter()
-        a @ b
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 2 * 8192**3 / sorted(times)[10]
-
-
-def forward_flops(model, grid) -> float:
-    cfg = model.config
-    linear = sum(p.numel() for n, p in model.model.named_parameters() if n.endswith("proj.weight"))
-    d, layers, prefix = cfg.hidden_size, cfg.num_hidden_layers, model.num_prefix_tokens
-    total = 0.0
-    for t, h, w in grid.tolist():
-        n = prefix + h * w
-        total += t * (2 * linear * n + 4 * n * n * d * layers + 2 * h * w * d * model.patch_dim)
-    return total
-
-
 def timed(fn, reps: int) -> tuple[float, float]:
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+    """Median seconds per step and peak allocated GiB over the timed steps."""
+    m = measure(fn, "cuda", Timing(target_s=0.0, min_repeats=reps, max_repeats=reps))
+    return m["median_s"], m["peak_alloc_gib"]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="train.json")
+    parser.add_argument("--out", default="benchmarks/results/latest/train_throughput.json")
     parser.add_argument("--arch", default="vitl16")
     args = parser.parse_args()
-    rng = random.Random(0)
-    sizes = [(16 * rng.randint(14, 48), 16 * rng.randint(14, 48)) for _ in range(64)]
+    sizes = mixed_sizes(64)
     g = torch.Generator().manual_seed(0)
     images = [torch.randn(3, h, w, generator=g) for h, w in sizes]
     hs, grid = pack(images, 16)
     hs = hs.to("cuda", torch.bfloat16)
-    peak = matmul_peak()
+    peak = peak_matmul_tflops("cuda", torch.bfloat16, 8192)["tflops"] * 1e12
     report = {
-        "card": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "command": " ".join(sys.argv),
+        "meta": run_metadata("cuda"),
         "arch": args.arch,
         "workload": "mixed-64",
         "matmul_peak_tflops": peak / 1e12,
@@ -83,7 +52,7 @@ def main() -> int:
     }
 
     model = load_packing_model(f"random:{args.arch}", "cuda", torch.bfloat16).train()
-    flops = 3 * forward_flops(model, grid)
+    flops = 3 * forward_flops(model.config, [(h, w) for t, h, w in grid.tolist() for _ in range(t)])
     report["train_tflop_per_step"] = flops / 1e12
 
     def packed_step():
@@ -138,9 +107,8 @@ def main() -> int:
         report["checkpointing_memory_saving"] = (
             1 - s["packed eager + checkpointing"]["peak_mem_gib"] / s["packed eager"]["peak_mem_gib"]
         )
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(json.dumps({k: v for k, v in report.items() if k != "systems"}), flush=True)
+    write_report(args.out, report)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("systems", "meta")}), flush=True)
     return 0
 
 

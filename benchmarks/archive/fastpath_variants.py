@@ -1,5 +1,11 @@
 """Measure the fast-path options against each other and against compiled HF, in one run on one GPU.
 
+Archived study, not maintained: it wrote benchmarks/results/archive/2026-11-25_831f009/,
+archive/2026-11-25_2bcf614/ and archive/2026-11-25_81566f3/ (fastpath_variants_h100*.jsonl), and is kept as
+the record of how those figures were measured. It may no longer run against the package: it imports `Timing`,
+`measure`, `peak_matmul_tflops` and the workload helpers from `apps.bench.suite` (now `apps.bench.timing` and
+`apps.bench.workloads`) and reads the private `linear_gelu._tma_autotuned`.
+
     PYTHONPATH=. python benchmarks/fastpath_variants.py --out $OUT/variants.jsonl
 
 Each row is appended to `--out` as one JSON line the moment it is measured (a cut-off run keeps what it

@@ -1,5 +1,10 @@
 """Host time per call of the package's Triton kernels, and where it goes (CUDA).
 
+Archived study, not maintained: it wrote
+benchmarks/results/archive/2026-11-25_3c3bac7/host_overhead_h100.json, and is kept as the record of how those
+figures were measured. It may no longer run against the package: it reads the private autotuner objects of
+`ops.triton.linear_gelu` and `ops.triton.varlen_attention`.
+
     PYTHONPATH=. python benchmarks/host_overhead.py --out $OUT/host_overhead.json
 
 Each entry issues a call 300 times back to back on tiny inputs (so the GPU keeps up and the host is the

@@ -1,5 +1,10 @@
 """Where the host time of one packed forward goes (CUDA): timers per stage and a cProfile of the forward.
 
+Archived study, not maintained: it wrote
+benchmarks/results/archive/2026-11-25_42f6efd/host_profile_h100_vitl16_{eager,compiled}.txt, and is kept as
+the record of how those figures were measured. It may no longer run against the package: it calls the
+model's stages with the signatures they had then (`embeddings(hs, layout)`, `rope_embeddings(layout, dtype)`).
+
     PYTHONPATH=. python benchmarks/host_profile.py --out $OUT/host_profile.txt [--compile]
 
 Host time is measured with the GPU idle before the call (synchronize, then time the call without

@@ -1,5 +1,10 @@
 """Does Inductor's coordinate-descent tuning of its own kernels (norms, residuals, RoPE) pay off end to end?
 
+Archived study, not maintained: it wrote
+benchmarks/results/archive/2026-11-25_7f35be6/inductor_tuning_h100.jsonl, and is kept as the record of how
+those figures were measured. It may no longer run against the package: it imports `time_calls` and the
+workload helpers from `apps.bench.suite` (now `apps.bench.timing` and `apps.bench.workloads`).
+
     PYTHONPATH=. python benchmarks/inductor_tuning.py --out $OUT/inductor_tuning.jsonl
 
 The ViT-L packed model (`random:vitl16`, bf16, the shipped defaults) compiled twice with `compile_model`:

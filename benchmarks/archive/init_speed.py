@@ -1,5 +1,10 @@
 """Does the forward's speed depend on the weights' values? Same code, same inputs, two random inits.
 
+Archived study, not maintained: it wrote benchmarks/results/archive/2026-11-25_7f35be6/init_speed_h100.jsonl,
+and is kept as the record of how those figures were measured. It may no longer run against the package: it
+imports `build_on_device`, `time_calls` and the workload helpers from `apps.bench.suite` (now
+`apps.bench.systems`, `apps.bench.timing` and `apps.bench.workloads`).
+
     PYTHONPATH=. python benchmarks/init_speed.py --out $OUT/init_speed.jsonl
 
 The bench suite builds its models with Hugging Face's init on the device (`bench.build_on_device`: weights

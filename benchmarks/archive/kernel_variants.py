@@ -1,5 +1,12 @@
 """A/B of kernel variants in one run on one GPU: alone (do_bench medians) and end to end.
 
+Archived study, not maintained: it wrote
+benchmarks/results/archive/2026-11-25_fa79814/kernel_variants_h100.jsonl and
+archive/2026-11-25_0399248/kernel_variants_h100_gemm_0399248.jsonl, and is kept as the record of how those
+figures were measured. It may no longer run against the package: it sets the kernel A/B switches
+`linear_gelu.DEFAULT_ERF` and `varlen_attention.FOLD_SCALE` and the `erf=` forms, which the kernels no longer
+have (one form of each is kept).
+
     PYTHONPATH=. python benchmarks/kernel_variants.py --out $OUT/kernel_variants.jsonl
 
 Variants (both forms of each stay in the code, selected by a module switch):

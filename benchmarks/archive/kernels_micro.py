@@ -1,5 +1,11 @@
 """Kernel micro-benchmarks for the ViT-L mixed-64 shapes: varlen attention kernels and the MLP activation.
 
+Archived study, not maintained: it wrote benchmarks/results/archive/2026-11-25_42f6efd/kernels_h100.txt,
+archive/2026-11-25_ea7722c/kernels_h100_run2.txt and archive/2026-11-25_2bcf614/kernels_h100_tma.txt, and is
+kept as the record of how those figures were measured. It may no longer run against the package: it calls
+`linear_gelu.benchmark_linear_gelu`, removed from the kernel module, and reads the private
+`_varlen_fwd_tuned`.
+
     PYTHONPATH=. python benchmarks/kernels_micro.py --out $OUT/kernels.txt
 
 Attention candidates on the same q/k/v (16 heads x 64; mixed-64: 60,038 tokens in 64 segments of

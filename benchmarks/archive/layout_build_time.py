@@ -1,4 +1,9 @@
 """Host time of `PackedLayout.build` (CPU only): the numpy version in `packing.py` against the torch-ops
+
+Archived study, not maintained: it wrote benchmarks/results/archive/2026-11-25_12117d3/layout_build_cpu.txt,
+and is kept as the record of how those figures were measured. It may no longer run against the package: it
+imports `mixed_sizes` from `apps.bench.suite` (now `apps.bench.workloads`); its torch-ops reference now lives
+in tests/test_packing.py.
 version it replaced (commit 872271c), on the mixed-64 and uniform 64 x 224 grids.
 
     python benchmarks/layout_build_time.py --threads 2 16 [--out layout_build_cpu.txt]

@@ -1,5 +1,9 @@
 """GPU check of the fused up-projection + exact GELU kernel (kernels/linear_gelu.py) on CUDA.
 
+Archived study, not maintained: it wrote benchmarks/results/archive/2026-11-25_952b512/linear_gelu_h100.txt,
+and is kept as the record of how those figures were measured. It may no longer run against the package: it
+calls `benchmark_linear_gelu` and the private `_tma_compatible` of `ops.triton.linear_gelu`.
+
     PYTHONPATH=. python benchmarks/linear_gelu_gpu_check.py > $OUT/linear_gelu_h100.txt
 
 Accuracy of every config of both kernels (TMA persistent, pointer fallback) against fp32, next to the

@@ -1,5 +1,11 @@
 """Profile the packed fast path on mixed-64 (ViT-L/16 bf16): variants of compilation, top kernels.
 
+Archived study, not maintained: it wrote benchmarks/results/archive/2026-11-25_ea7722c/,
+archive/2026-11-25_42f6efd/, archive/2026-11-25_80796de/, archive/2026-11-25_0e48fe6/,
+archive/2026-11-25_004e4fb/ and archive/2026-11-25_e638667/ (profile_h100_*.txt), and is kept as the record of
+how those figures were measured. It may no longer run against the package: it selects compile variants and
+attention backends by the names they had then.
+
     PYTHONPATH=. python benchmarks/profile_fastpath.py --out $OUT/profile.txt
 
 Prints images/s per variant and, for the eager and the best compiled variant, the CUDA kernels that

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DEFAULT_OUT = "benchmarks/results/h100.json"
+DEFAULT_OUT = "benchmarks/results/latest/suite.json"
 SMOKE_OUT = "benchmarks/results/smoke.json"
 SECTIONS = ("peak", "correctness", "mixed", "uniform", "scaling", "archs")
 SWEEP_ARCHS = ("vits16", "vitb16", "vitl16", "vith16plus", "vit7b16")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import sys
 import time
 import traceback
@@ -51,7 +50,7 @@ from ...parallel.compile import compile_model, compile_stats
 from ...weights.load import load_packing_model, random_packing_model, reference_model
 from .options import DEFAULT_OUT, SECTIONS, SMOKE_OUT, Options
 from .systems import BASELINES, SYSTEMS, ArchSystems, build_on_device, has_timm
-from .timing import Timing, measure, peak_matmul_tflops, run_metadata
+from .timing import Timing, measure, peak_matmul_tflops, run_metadata, write_report
 from .workloads import FLOPS_DEFINITION, Workload, make_inputs, mixed_sizes, workloads
 
 SMOKE_LAYERS = 2  # --smoke runs vits16 with this many blocks
@@ -122,8 +121,7 @@ class Run:
 
     def save(self) -> None:
         self.report["meta"]["elapsed_s"] = round(self.budget.elapsed(), 1)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.out.write_text(json.dumps(self.report, indent=1) + "\n")
+        write_report(self.out, self.report)
         self.out.with_suffix(".md").write_text(format_report(self.report))
 
     def config(self, arch: str) -> DINOv3ViTConfig:

@@ -45,7 +45,7 @@ def build_on_device(config: DINOv3ViTConfig, device: torch.device, dtype: torch.
     """Random weights of a released architecture, initialised directly on `device` by Hugging Face's own
     init, then cast: building vit7b16 on the CPU in fp32 would take minutes and 27 GB of host memory.
     Speed does not depend on the values (ViT-L mixed-64 on one H100: 92.94 ms with this init, 92.86 ms with
-    `random:vitl16`, benchmarks/results/init_speed_h100.jsonl)."""
+    `random:vitl16`, benchmarks/results/archive/2026-11-25_7f35be6/init_speed_h100.jsonl)."""
     with torch.device(device):
         model = DINOv3ViTPackingModel(config)
     return model.to(dtype=dtype).eval()

@@ -5,7 +5,8 @@ versions and the code it was measured on, in one format:
 
     meta = run_metadata(device)                      # card, versions, git commit + dirty flag, sources sha256
     stats = measure(lambda: model(x, grid), device)  # warm-up, then timed repeats: median, min, memory
-    write_rows(out, [{"part": "meta", **meta}, {"system": "packed", **stats}])
+    write_rows(out, [{"part": "meta", **meta}, {"system": "packed", **stats}])  # JSON lines, appended
+    write_report(out_json, {"meta": meta, "results": [...]})                   # or one JSON document
 
 Timing uses CUDA events on a CUDA device (one host sync after the last call, none inside the timed
 region) and `time.perf_counter` on the CPU.
@@ -244,6 +245,14 @@ def write_rows(path: str | Path | None, rows: Iterable[dict], echo: bool = True)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.writelines(line + "\n" for line in lines)
+
+
+def write_report(path: str | Path, report: dict) -> Path:
+    """Write a whole report (one JSON object, indented) to `path`, creating its folder; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return path
 
 
 def read_rows(path: str | Path) -> list[dict]:
