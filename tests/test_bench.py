@@ -1,18 +1,34 @@
-"""The benchmark suite (`dinov3_packing/bench.py`): workload and FLOP definitions, and `--smoke` end to end
-on the CPU through the CLI, so the GPU suite never rots. No timing is asserted: only that every code path
-runs and that the report carries every field the issue asks for."""
+"""The benchmark suite (`dinov3_packing/apps/bench/`): workload and FLOP definitions, the shared timing and
+metadata helper, `--smoke` end to end on the CPU through the CLI (so the GPU suite never rots), the rules
+the scripts in `benchmarks/` follow, and the CPU-runnable part of `benchmarks/ab_trees.py`. No speed is
+asserted: only that every code path runs and that the reports carry every field the issue asks for."""
 
 from __future__ import annotations
 
+import ast
 import json
 import runpy
+import shlex
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from dinov3_packing.apps.bench.timing import (
+    Timing,
+    git_state,
+    measure,
+    read_rows,
+    run_metadata,
+    source_digest,
+    time_calls,
+    write_rows,
+)
 from dinov3_packing.apps.bench.workloads import Workload, matmul_params, mixed_sizes, pack_of_tokens
 from dinov3_packing.cli import main
 from dinov3_packing.model.archs import arch_config
@@ -63,7 +79,10 @@ def test_smoke_meta_and_peak(smoke):
     assert meta["smoke"] is True and meta["device"] == "cpu" and meta["dtype"] == "float32"
     for key in ("card", "torch", "transformers", "command", "date", "elapsed_s"):
         assert meta[key], key
-    assert "bench" in meta["command"] or "pytest" in meta["command"]
+    # The command that ran (here pytest's argv) and the checkout's real commit, not a symbolic "HEAD".
+    assert meta["command"] == shlex.join([Path(sys.executable).name, *sys.argv])
+    assert meta["git_commit"] == git("rev-parse", "HEAD").strip()
+    assert meta["git_dirty"] is bool(git("status", "--porcelain", "--untracked-files=no").strip())
     assert report["peak"]["tflops"] > 0
     assert report["workload_definitions"]["mixed-64"]["tokens"] == 60038
     assert "N_block" in report["flops_definition"]
@@ -134,3 +153,207 @@ def test_smoke_packed_rows_record_the_fused_mlp_default(smoke):
     packed = [r for r in report["results"] if r["system"] == "packed"]
     assert packed and all(r["fused_mlp"] is True for r in packed)
     assert report["meta"]["options"]["fused_mlp"] is True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shared helper (apps/bench/timing.py)
+
+
+def git(*args: str, cwd: Path = ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout  # noqa: S607
+
+
+def test_run_metadata_is_the_checkouts_commit_and_dirty_flag():
+    meta = run_metadata("cpu")
+    assert meta["git_commit"] == git("rev-parse", "HEAD").strip() and len(meta["git_commit"]) == 40
+    assert meta["git_dirty"] is bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    assert meta["source_sha256"] == source_digest(ROOT / "dinov3_packing")
+    assert meta["device"] == "cpu" and meta["card"] and meta["torch"] == torch.__version__
+
+
+def test_git_state_follows_commits_and_edits(tmp_path):
+    """A repository of its own: clean after a commit, dirty after an edit of a tracked file (not after a new
+    untracked one, such as a results file), no commit outside any repository."""
+    assert git_state(tmp_path) == {"git_commit": None, "git_dirty": None}
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "a.py").write_text("x = 1\n")
+    git("init", "-q", cwd=repo)
+    git("add", "pkg", cwd=repo)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one", cwd=repo)
+    head = git("rev-parse", "HEAD", cwd=repo).strip()
+    assert git_state(repo / "pkg") == {"git_commit": head, "git_dirty": False}
+    (repo / "results.json").write_text("{}")
+    assert git_state(repo / "pkg")["git_dirty"] is False
+    (repo / "pkg" / "a.py").write_text("x = 2\n")
+    assert git_state(repo / "pkg") == {"git_commit": head, "git_dirty": True}
+    first = source_digest(repo / "pkg")
+    (repo / "pkg" / "a.py").write_text("x = 3\n")
+    assert source_digest(repo / "pkg") != first
+
+
+def test_cpu_timing_measures_each_call():
+    times = time_calls(lambda: time.sleep(0.01), 3, "cpu")
+    assert len(times) == 3 and all(0.01 <= t < 1.0 for t in times)
+    m = measure(lambda: time.sleep(0.005), "cpu", Timing(target_s=0.02, min_repeats=2, max_repeats=3))
+    assert 2 <= m["repeats"] <= 3 and len(m["times_s"]) == m["repeats"]
+    assert m["min_s"] <= m["median_s"] and m["min_s"] >= 0.005
+    assert m["peak_alloc_gib"] is None and m["fwd_mem_gib"] is None  # no device memory on the CPU
+    with pytest.raises(ValueError, match="n: expected at least one call"):
+        time_calls(lambda: None, 0, "cpu")
+
+
+def test_rows_are_appended_json_lines(tmp_path, capsys):
+    out = tmp_path / "sub" / "rows.jsonl"
+    write_rows(out, [{"a": 1}])
+    write_rows(out, [{"b": [1.5, None]}, {"c": "x"}], echo=False)
+    assert read_rows(out) == [{"a": 1}, {"b": [1.5, None]}, {"c": "x"}]
+    assert capsys.readouterr().out == '{"a": 1}\n'
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The scripts in benchmarks/
+
+LIVE = sorted(p for p in (ROOT / "benchmarks").glob("*.py"))
+NO_TIMING = {"run.py", "plot.py"}  # the suite's entry point (the suite uses the helper) and the plot
+
+
+def package_imports(path: Path) -> list[tuple[str, str]]:
+    """`(module, name)` of every `from dinov3_packing... import name` in a script."""
+    tree = ast.parse(path.read_text())
+    return [
+        (node.module, alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dinov3_packing")
+        for alias in node.names
+    ]
+
+
+@pytest.mark.parametrize("script", LIVE, ids=lambda p: p.name)
+def test_live_scripts_use_the_shared_helper_and_no_private_names(script):
+    imports = package_imports(script)
+    private = [f"{m}.{n}" for m, n in imports if n.startswith("_")]
+    assert not private, f"{script.name} imports private names {private}"
+    modules = {m for m, _ in imports} | {f"{m}.{n}" for m, n in imports}
+    tree = ast.parse(script.read_text())
+    aliased = {
+        a.asname or a.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dinov3_packing")
+        for a in node.names
+    }
+    reached = [
+        f"{node.value.id}.{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in aliased
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+    ]
+    assert not reached, f"{script.name} reaches into private names {reached}"
+    if script.name not in NO_TIMING and script.name != "ab_trees.py":
+        assert "dinov3_packing.apps.bench.timing" in modules, f"{script.name} does not use apps.bench.timing"
+
+
+def test_ab_trees_loads_this_checkouts_helper():
+    ab = runpy.run_path(str(ROOT / "benchmarks" / "ab_trees.py"))
+    assert ab["TIMING_PY"] == ROOT / "dinov3_packing" / "apps" / "bench" / "timing.py"
+    timing = ab["load_timing"]()
+    assert timing.run_metadata("cpu", ROOT / "dinov3_packing")["git_commit"] == git("rev-parse", "HEAD").strip()
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "benchmarks" / "archive").glob("*.py")), ids=lambda p: p.name)
+def test_archived_scripts_say_they_are_archived_and_where_their_results_are(script):
+    doc = ast.get_docstring(ast.parse(script.read_text()))
+    assert "Archived study, not maintained" in doc
+    results = ROOT / "benchmarks" / "results"
+    folders = [w.strip(",.()") for w in doc.split() if "archive/2026-" in w]
+    assert folders, script.name
+    for folder in folders:
+        name = folder.removeprefix("benchmarks/results/").split("/")[1]
+        assert (results / "archive" / name).is_dir(), (script.name, folder)
+    assert script.name.removesuffix(".py") in (results / "RESULTS.md").read_text()
+
+
+def test_results_index_names_every_results_file():
+    """Every file under benchmarks/results/ is named in RESULTS.md's index: by path in latest/, in its
+    folder's row in archive/."""
+    results = ROOT / "benchmarks" / "results"
+    index = (results / "RESULTS.md").read_text()
+    files = [p for p in results.rglob("*") if p.is_file() and p.name not in ("RESULTS.md", "smoke.json", "smoke.md")]
+    assert len(files) > 50
+    for p in files:
+        rel = p.relative_to(results)
+        if rel.parts[0] == "latest":
+            assert f"`{rel}`" in index or f"`{rel.with_suffix('')}." in index, rel
+        else:
+            assert rel.parts[0] == "archive", rel
+            (row,) = [line for line in index.splitlines() if line.startswith(f"| `archive/{rel.parts[1]}/` |")]
+            assert f"`{p.name}`" in row, rel
+
+
+# ---------------------------------------------------------------------------------------------------------
+# benchmarks/ab_trees.py: argument checks, interleaving, rows (CPU)
+
+
+@pytest.fixture(scope="module")
+def ab():
+    return runpy.run_path(str(ROOT / "benchmarks" / "ab_trees.py"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--drive", "--out", "x.jsonl"], "--tree: expected at least one checkout"),
+        (["--drive", "--tree", ".", "--tree", ".", "--label", "a", "--out", "x"], "--label: expected one per --tree"),
+        (["--drive", "--tree", ".", "--tree", ".", "--label", "a", "--label", "a", "--out", "x"], "distinct labels"),
+        (["--drive", "--tree", "tests", "--label", "a", "--out", "x"], "--tree: tests is not a checkout"),
+        (["--drive", "--tree", ".", "--label", "a", "--rounds", "0", "--out", "x"], "--rounds: expected at least 1"),
+        (["--tree", ".", "--label", "a", "--out", "x"], "--inputs: one round needs"),
+        (["--tree", ".", "--tree", ".", "--label", "a", "--label", "b", "--out", "x"], "exactly one of each"),
+    ],
+)
+def test_ab_trees_bad_arguments_are_one_line(ab, argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert ab["main"](argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_ab_trees_interleaves_rounds(ab):
+    assert ab["interleaved"](["a", "b"], 3) == [(0, "a"), (0, "b"), (1, "a"), (1, "b"), (2, "a"), (2, "b")]
+
+
+@pytest.mark.slow
+def test_ab_trees_drive_smoke(ab, tmp_path):
+    """Two trees (this checkout and a copy of its package outside git), two rounds, as subprocesses on the
+    CPU: rows in A B A B order, each carrying its tree's commit, the fp32 cosine against HF, a summary."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "dinov3_packing", copy / "dinov3_packing", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "ab.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ab_trees.py"), "--drive", "--smoke", "--rounds", "2"]
+    cmd += ["--tree", str(ROOT), "--label", "new", "--tree", str(copy), "--label", "copy", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_rows(out)
+    timed = [r for r in rows if "median_ms" in r and r.get("kind") != "summary"]
+    order = [(r["round"], r["label"]) for r in timed if r["workload"] == "mixed-64"]
+    assert order == [(0, "new"), (0, "copy"), (1, "new"), (1, "copy")]
+    head = git("rev-parse", "HEAD").strip()
+    for r in timed:
+        assert r["median_ms"] > 0 and len(r["times_ms"]) == r["repeats"]
+        assert r["images"] == {"mixed-64": 4, "uniform-64x224": 2}[r["workload"]]  # the smoke inputs
+        assert (r["git_commit"], r["tree"]) == ((head, str(ROOT)) if r["label"] == "new" else (None, str(copy)))
+        assert r["source_sha256"] == source_digest(Path(r["tree"]) / "dinov3_packing")
+    cosines = {r["label"]: r["min_cos"] for r in rows if r.get("kind") == "cosine"}
+    # fp32 packed against fp32 HF: the parity bar (1e-5 relative); each tree's reference once.
+    assert set(cosines) == {"new", "copy"} and min(cosines.values()) > 0.99999
+    summary = [r for r in rows if r.get("kind") == "summary"]
+    assert {(s["label"], s["workload"]) for s in summary} == {
+        (t, w) for t in ("new", "copy") for w in ("mixed-64", "uniform-64x224")
+    }
+    for s in summary:
+        mine = [r["median_ms"] for r in timed if (r["label"], r["workload"]) == (s["label"], s["workload"])]
+        assert s["rounds"] == 2 and s["round_medians_ms"] == mine
+    assert "vs first" in proc.stdout
