@@ -3,13 +3,18 @@ function that the tests call too.
 
 Arguments are parsed and checked before torch or transformers are imported (only the torch-free modules
 `model.archs`, `ops.attention`, `data.budget` and `apps.bench.options` are read here), so `--help` and a bad
-flag answer at once. Errors are one line, `error: ...`, exit status 2.
+flag answer at once.
+
+Exit status: 0 done; 1 `embed` skipped unreadable files (without `--allow-skipped`); 2 a usage or input
+error, reported as one line `error: ...` naming the flag (library errors name Python arguments, which
+`_in_flag_terms` turns into the flags); 130 interrupted (Ctrl-C), one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from .apps.bench.options import SECTIONS, Options
@@ -57,8 +62,22 @@ def _attn_backend(parser: argparse.ArgumentParser, *flags: str) -> None:
     )
 
 
-def _ckpt(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint (default {DEFAULT_CKPT}, offline)")
+def _ckpt(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    if required:
+        # Features of random weights look like features; nobody should get them by leaving out a flag.
+        text = f"checkpoint: Hub id, folder or .safetensors file; {DEFAULT_CKPT} for seeded random weights (tests)"
+        parser.add_argument("--ckpt", default=None, help=f"required. {text}")
+    else:
+        parser.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint (default {DEFAULT_CKPT}, offline)")
+
+
+def _required_ckpt(args: argparse.Namespace) -> str:
+    if args.ckpt is None:
+        raise ValueError(
+            "ckpt: required: a Hugging Face id (facebook/dinov3-vitl16-pretrain-lvd1689m), a checkpoint folder "
+            f"or .safetensors file, or {DEFAULT_CKPT} for seeded random weights (features that mean nothing)"
+        )
+    return args.ckpt
 
 
 def add_align(parser: argparse.ArgumentParser) -> None:
@@ -98,8 +117,8 @@ def run_align(args: argparse.Namespace) -> int:
 
 def add_embed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="folder (searched recursively), list file (.txt, one path a line) or glob")
-    _ckpt(parser)
-    parser.add_argument("--out", required=True, help="output folder (shards, manifests, run.json)")
+    _ckpt(parser, required=True)
+    parser.add_argument("--out", required=True, help="output folder (shards, manifests, run.json; one run at a time)")
     parser.add_argument("--save", default="cls,mean", help="comma list of cls, mean, patches (default cls,mean)")
     parser.add_argument("--patch-dtype", choices=DTYPE_NAMES, default="float16", help="storage of patch maps")
     parser.add_argument("--policy", choices=POLICIES, default="native", help="resize policy (default native)")
@@ -107,7 +126,12 @@ def add_embed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-tokens", type=_positive_int, default=None, help="native policy: scale up below this")
     parser.add_argument("--max-tokens", type=_positive_int, default=1024, help="native policy: scale down above this")
     parser.add_argument("--batch-tokens", type=_positive_int, default=16384, help="tokens per forward, prefix included")
-    parser.add_argument("--oversize", choices=OVERSIZE, default="own", help="an image above --batch-tokens")
+    parser.add_argument(
+        "--oversize",
+        choices=OVERSIZE,
+        default="own",
+        help="an image above --batch-tokens: own (default) runs it alone and says so, error stops the run",
+    )
     parser.add_argument("--device", default=None, help="default cuda:LOCAL_RANK when available, else cpu")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default bfloat16 on CUDA, else float32")
     _attn_backend(parser, "--attn-backend")
@@ -119,40 +143,50 @@ def add_embed(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shard-size", type=_positive_int, default=1000, help="images per shard")
     parser.add_argument("--limit", type=_non_negative_int, default=None, help="embed at most N of the images to do")
-    parser.add_argument("--overwrite", action="store_true", help="delete earlier results in --out first")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete earlier results in --out first (never another run's)"
+    )
     parser.add_argument("--allow-skipped", action="store_true", help="exit 0 even if some files were unreadable")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_embed)
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    import torch
+    ckpt = _required_ckpt(args)
+    try:
+        import torch
 
-    from .apps.embed import embed
+        from .apps.embed import embed
 
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    summary = embed(
-        args.src,
-        args.out,
-        args.ckpt,
-        save=args.save,
-        patch_dtype=dtypes[args.patch_dtype],
-        policy=args.policy,
-        size=args.size,
-        min_tokens=args.min_tokens,
-        max_tokens=args.max_tokens,
-        batch_tokens=args.batch_tokens,
-        oversize=args.oversize,
-        device=args.device,
-        dtype=dtypes[args.dtype] if args.dtype else None,
-        attn_backend=args.attn_backend,
-        fused_mlp=False if args.no_fused_mlp else None,
-        workers=args.workers,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-        limit=args.limit,
-        progress=not args.no_progress,
-    )
+        dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        summary = embed(
+            args.src,
+            args.out,
+            ckpt,
+            save=args.save,
+            patch_dtype=dtypes[args.patch_dtype],
+            policy=args.policy,
+            size=args.size,
+            min_tokens=args.min_tokens,
+            max_tokens=args.max_tokens,
+            batch_tokens=args.batch_tokens,
+            oversize=args.oversize,
+            device=args.device,
+            dtype=dtypes[args.dtype] if args.dtype else None,
+            attn_backend=args.attn_backend,
+            fused_mlp=False if args.no_fused_mlp else None,
+            workers=args.workers,
+            shard_size=args.shard_size,
+            overwrite=args.overwrite,
+            limit=args.limit,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        # Every shard committed so far is in the manifests; the same command picks up from there.
+        print(
+            f"interrupted: results so far are kept in {args.out}; run the same command again to resume", file=sys.stderr
+        )
+        return 130
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
         print(summary.line(), file=sys.stderr)
@@ -169,8 +203,8 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def add_pca(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files, any sizes")
-    _ckpt(parser)
-    parser.add_argument("--out", required=True, help="PNG file to write")
+    _ckpt(parser, required=True)
+    parser.add_argument("--out", required=True, help="PNG file to write (its folder must exist)")
     parser.add_argument("--device", default="cpu", help="default cpu")
     parser.add_argument(
         "--min-tokens", type=_positive_int, default=None, help="scale an image up below this many patches"
@@ -182,14 +216,12 @@ def add_pca(parser: argparse.ArgumentParser) -> None:
 
 
 def run_pca(args: argparse.Namespace) -> int:
-    if not args.out.lower().endswith(".png"):
-        raise ValueError(f"--out: expected a .png file name, got {args.out!r}")
-    from .apps.pca import pca_picture
+    ckpt = _required_ckpt(args)
+    from .apps.pca import save_pca_picture
 
-    picture = pca_picture(
-        args.images, args.ckpt, device=args.device, min_tokens=args.min_tokens, max_tokens=args.max_tokens
+    picture = save_pca_picture(
+        args.images, args.out, ckpt, device=args.device, min_tokens=args.min_tokens, max_tokens=args.max_tokens
     )
-    picture.save(args.out)
     print(f"wrote {args.out} ({picture.width}x{picture.height})")
     return 0
 
@@ -246,11 +278,32 @@ def run_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dinov3-packing", description="DINOv3 on packed, mixed-resolution input.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    add_align(sub.add_parser("align", help="compare the packed model with Hugging Face, image by image"))
-    add_embed(sub.add_parser("embed", help="image files -> features in safetensors shards, resumable"))
-    add_pca(sub.add_parser("pca", help="first three principal components of the patch features as RGB"))
-    add_bench(sub.add_parser("bench", help="throughput, MFU, memory and bf16 parity against the baselines"))
+    commands = {
+        "align": (add_align, "compare the packed model with Hugging Face, image by image"),
+        "embed": (add_embed, "image files -> features in safetensors shards, resumable"),
+        "pca": (add_pca, "first three principal components of the patch features as RGB"),
+        "bench": (add_bench, "throughput, MFU, memory and bf16 parity against the baselines"),
+    }
+    for name, (add, text) in commands.items():
+        command = sub.add_parser(name, help=text)
+        add(command)
+        flags = {a.dest: a.option_strings[0] for a in command._actions if a.option_strings and a.dest != "help"}
+        switches = {a.dest for a in command._actions if a.nargs == 0 and a.const is True}
+        command.set_defaults(flags=flags, switches=switches)
     return parser
+
+
+def _in_flag_terms(message: str, flags: dict[str, str], switches: set[str]) -> str:
+    """A library error in command-line words: `batch_tokens: ...` -> `--batch-tokens: ...`, `batch_tokens=100`
+    -> `--batch-tokens 100`, `overwrite=True` -> `--overwrite`. Library messages name their arguments in
+    these two forms only, so that prose around them is left alone."""
+    for dest, flag in flags.items():
+        name = rf"(?<![\w.-]){re.escape(dest)}"
+        if dest in switches:
+            message = re.sub(rf"{name}=True\b", flag, message)
+        message = re.sub(rf"{name}(?=:)", flag, message)
+        message = re.sub(rf"{name}=", f"{flag} ", message)
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,8 +312,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, TypeError) as e:
         # Bad input is reported as one sentence, not a traceback.
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_in_flag_terms(str(e), args.flags, args.switches)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

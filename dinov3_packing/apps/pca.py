@@ -8,16 +8,19 @@ resized input and, beside it, its component map upscaled (nearest) to the same s
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..data.preprocess import ImageLike, Preprocessor
+from ..data.preprocess import ImageLike, Preprocessor, to_rgb
 from ..model.modeling import DINOv3ViTPackingModel
 from ..packing import pack, split
 from ..weights.load import DEFAULT_CKPT, load_packing_model, resolve_alias
+from .embed.job import usable_device
 
 GAP = 4  # white pixels between panels
 
@@ -59,15 +62,20 @@ def pca_picture(
     Returns:
         RGB image of height `sum(H_i) + GAP * (n - 1)` and width `max(2 * W_i + GAP)`, where `H_i x W_i` is
         image i after resizing (`Preprocessor.target_size`).
+
+    Raises:
+        TypeError / ValueError: no images, an image that cannot be read (named, with the file), an unusable
+            device; all before the model loads.
     """
     if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence) or len(images) == 0:
         raise TypeError(f"images: expected a non-empty list of images, got {type(images).__name__}")
+    decoded = [_decode(im, f"images[{i}]") for i, im in enumerate(images)]
     if model is None:
-        model = load_packing_model(ckpt, device)
+        model = load_packing_model(ckpt, usable_device(device))
     pre = Preprocessor.for_checkpoint(
         resolve_alias(ckpt), patch_size=model.patch_size, min_tokens=min_tokens, max_tokens=max_tokens
     )
-    pixels = [pre.resized(im, f"images[{i}]")[0] for i, im in enumerate(images)]
+    pixels = [pre.resized(x, f"images[{i}]")[0] for i, x in enumerate(decoded)]
     hidden_states, grid_thw = pack([pre.normalize(p) for p in pixels], model.patch_size)
     if int(grid_thw[:, 1:].prod(1).sum()) < 2:
         raise ValueError("images: the PCA needs at least two patches in all")
@@ -92,6 +100,47 @@ def pca_picture(
         canvas.paste(right, (left.width + GAP, y))
         y += left.height + GAP
     return canvas
+
+
+def save_pca_picture(
+    images: Sequence[ImageLike],
+    out: str | os.PathLike,
+    ckpt: str,
+    device: torch.device | str = "cpu",
+    min_tokens: int | None = None,
+    max_tokens: int | None = 1024,
+) -> Image.Image:
+    """`pca_picture` written to the PNG file `out`, which is checked before anything is computed.
+
+    Raises:
+        ValueError: `out` is not a `.png` name, is a folder, or its folder is missing or not writable; or
+            what `pca_picture` raises.
+    """
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"out: expected a .png file name, got {str(out)!r}")
+    if out.is_dir():
+        raise ValueError(f"out: {str(out)!r} is a folder; expected a .png file name")
+    folder = out.parent
+    if not folder.is_dir():
+        raise ValueError(f"out: folder {str(folder)!r} does not exist (create it first)")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"out: cannot write into folder {str(folder)!r} ({e.strerror or e})") from None
+    picture = pca_picture(images, ckpt, device=device, min_tokens=min_tokens, max_tokens=max_tokens)
+    picture.save(out)
+    return picture
+
+
+def _decode(image: ImageLike, name: str) -> torch.Tensor:
+    """Decode one image up front, so that a bad file is reported before the model loads or anything runs."""
+    try:
+        return to_rgb(image, name)
+    except (OSError, Image.DecompressionBombError) as e:  # missing, a folder, truncated, not an image
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"{name}: cannot read {str(image)!r} as an image ({type(e).__name__}: {reason})") from None
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:

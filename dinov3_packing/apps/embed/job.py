@@ -266,10 +266,10 @@ def _oversize(record: dict, tokens: int, batch_tokens: int, max_tokens: int | No
     (h, w), (height, width) = record["grid"], record["size"]
     what = f"{record['path']!r} ({width}x{height} px, {h}x{w} patches) needs {tokens} tokens"
     if oversize == "error":
-        lower = f", lower max_tokens (now {max_tokens})" if max_tokens is not None else ", set max_tokens"
+        lower = f"lower max_tokens={max_tokens}" if max_tokens is not None else "bound max_tokens=N"
         raise ValueError(
-            f"oversize: {what}, more than batch_tokens={batch_tokens}; raise batch_tokens{lower}, or pass "
-            "oversize=own to run such an image in a pack of its own"
+            f"oversize: {what}, more than batch_tokens={batch_tokens}; raise that, {lower} or pass oversize=own "
+            "to run such an image in a pack of its own"
         )
     tqdm.write(f"{what}, more than the budget of {batch_tokens} per forward: runs in a pack of its own", sys.stderr)
 
@@ -354,7 +354,7 @@ def usable_device(device: torch.device | str | None) -> torch.device:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"device: {str(device)!r} cannot be used here ({reason}); pass device='cpu'") from None
+        raise ValueError(f"device: {str(device)!r} cannot be used here ({reason}); pass device=cpu") from None
     return device
 
 

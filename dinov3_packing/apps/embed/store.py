@@ -178,16 +178,16 @@ class OutputFolder:
                 previous = json.loads(run_file.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(
-                    f"out: {str(run_file)!r} is not valid JSON ({e}); pass overwrite to start over"
+                    f"out: {str(run_file)!r} is not valid JSON ({e}); pass overwrite=True to start over"
                 ) from None
             if previous != settings:
                 diff = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
                 raise ValueError(
-                    f"out: {str(self.out)!r} holds results of a run with other settings ({diff}); pass overwrite "
+                    f"out: {str(self.out)!r} holds results of a run with other settings ({diff}); pass overwrite=True "
                     "to start over, or use another folder"
                 )
         elif self._ours():
-            raise ValueError(f"out: {str(self.out)!r} holds shards or manifests but no {RUN}; pass overwrite")
+            raise ValueError(f"out: {str(self.out)!r} holds shards or manifests but no {RUN}; pass overwrite=True to start over")
 
     def _ours(self) -> list[Path]:
         out = self.out
