@@ -146,13 +146,10 @@ def decode(
     if name is None:
         name = "image bytes" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
     with open_image(source, name, max_pixels) as im:
-        original = upright_size(im)
-        scale = 1
-        if im.format == "JPEG":
-            target = size_for(*original) if size_for else original
-            turned = _orientation(im) in _QUARTER_TURNS
-            scale = _draft_scale(im.size, (target[0], target[1]) if turned else (target[1], target[0]), max_pixels)
+        scale = _jpeg_scale(im, size_for, max_pixels) if im.format == "JPEG" else 1
         _check_pixels(im, name, max_pixels, scale)
+        # Only now: a PNG's eXIf chunk may follow its pixel data, and Pillow decodes the pixels to find it.
+        original = upright_size(im)
         if scale > 1:
             # Pillow picks the largest reduction whose size still covers the request: this request gives `scale`
             im.draft("RGB", (im.width // scale, im.height // scale))
@@ -191,6 +188,14 @@ def _pixels_at(im: Image.Image, target: tuple[int, int]) -> np.ndarray:
         # reducing_gap=None: one antialiased pass from the decoded pixels, no cheaper box pre-reduction
         rgb = rgb.resize(size, Image.Resampling.BILINEAR)
     return np.asarray(rgb)
+
+
+def _jpeg_scale(im: Image.Image, size_for: Callable[[int, int], tuple[int, int]] | None, max_pixels: int | None) -> int:
+    """The draft reduction for an opened JPEG (its EXIF sits in the header: reading it decodes nothing)."""
+    original = upright_size(im)
+    target = size_for(*original) if size_for else original
+    turned = _orientation(im) in _QUARTER_TURNS
+    return _draft_scale(im.size, (target[0], target[1]) if turned else (target[1], target[0]), max_pixels)
 
 
 def _draft_scale(stored: tuple[int, int], stored_target: tuple[int, int], max_pixels: int | None) -> int:

@@ -56,8 +56,7 @@ def list_images(src: str | os.PathLike) -> list[str]:
     if path.is_dir():
         found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        lines = (line.strip() for line in path.read_text().splitlines())
-        found = [str(path.parent / line) for line in lines if line and not line.startswith("#")]
+        found = read_list_file(path)
     elif path.is_file():
         found = [str(path)]
     elif glob.has_magic(str(src)):
@@ -69,6 +68,14 @@ def list_images(src: str | os.PathLike) -> list[str]:
     if not paths:
         raise ValueError(f"src: no image files ({', '.join(IMAGE_SUFFIXES)}) in {str(src)!r}")
     return paths
+
+
+def read_list_file(path: str | os.PathLike) -> list[str]:
+    """The paths a list file names, one a line (blank lines and `#` comments ignored), relative ones taken
+    from the list file's folder; order kept."""
+    path = Path(path)
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [str(path.parent / line) for line in lines if line and not line.startswith("#")]
 
 
 def load_at_patch_multiple(
