@@ -1,0 +1,228 @@
+"""GPU check of the fa4 attention backend (issue 14): kernels, the ViT-L training step, gradients, inference.
+
+    PYTHONPATH=.:$PYTHONPATH python benchmarks/fa4_gpu_check.py --out $OUT/fa4.jsonl [--parts kernels,train,grads,infer]
+
+Needs an SM90+ GPU with flash-attn-4 importable (../shared/docs/gpu-notes.md: `fa4_wheels.sh` and the
+two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.write_rows`):
+    kernels  fa4, triton and varlen (FlashAttention-2), ViT-L heads (16 x 64) bf16, forward and forward +
+             backward on mixed-64, 64 x 224 px, 32 x 512 px, 4 x 1024 px and 4 x 2048 px segment lengths;
+             TFLOP/s counting 4 n^2 D H a segment forward and 3.5x that forward + backward; fa4's output and
+             gradients against sdpa in fp32 (max relative difference).
+    train    ViT-L mixed-64 training step, compiled: today's path (attn_backend="varlen") and the new one
+             ("auto", which takes fa4) interleaved round by round, the new one also with each recompute
+             policy; images/s, MFU (3x forward FLOPs over the measured bf16 matmul peak), peak memory.
+    grads    gradients of one bf16 step on the fa4 path against the fp32 sdpa step, same weights, on the
+             first 16 images of mixed-64 (an fp32 step on all 64 may not fit), eval mode (no RoPE
+             augmentation, autograd still on): cosine of all gradients flattened and the lowest
+             per-parameter cosine (target >= 0.99).
+    infer    inference, 4 x 2048 px, compiled: "auto" (fa4 past FA4_INFERENCE_MIN_SEQLEN) vs "triton".
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from dinov3_packing import load_packing_model, pack
+from dinov3_packing.apps.bench.timing import measure, peak_matmul_tflops, run_metadata, write_rows
+from dinov3_packing.ops.attention import packed_attention
+from dinov3_packing.packing import PackedLayout
+from dinov3_packing.parallel.compile import compile_model
+from dinov3_packing.parallel.recompute import apply_recompute
+
+PARTS = ("kernels", "train", "grads", "infer")
+PREFIX = 5  # CLS + 4 registers
+
+
+def mixed_sizes(n: int = 64) -> list[tuple[int, int]]:
+    """The issue's mixed-64 stream: (16 * randint(14, 48), 16 * randint(14, 48)) px from Random(0)."""
+    rng = random.Random(0)
+    return [(16 * rng.randint(14, 48), 16 * rng.randint(14, 48)) for _ in range(n)]
+
+
+LENGTHS = {
+    "mixed-64": [PREFIX + h * w // 256 for h, w in mixed_sizes()],
+    "64x224px": [PREFIX + 14 * 14] * 64,
+    "32x512px": [PREFIX + 32 * 32] * 32,
+    "4x1024px": [PREFIX + 64 * 64] * 4,
+    "4x2048px": [PREFIX + 128 * 128] * 4,
+}
+
+
+def layout_of(lengths: list[int], device) -> PackedLayout:
+    # A segment of n tokens is a 1 x (n - PREFIX) grid: the layout only needs the lengths.
+    return PackedLayout.build([(1, 1, n - PREFIX) for n in lengths], PREFIX, device)
+
+
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def time_backend(backend: str, q, k, v, grad, layout: PackedLayout, fwd_flops: float) -> dict:
+    dev = q.device
+    qh, kh, vh, gh = (t.bfloat16().requires_grad_(backend != "triton") for t in (q, k, v, grad))
+    with torch.no_grad():
+        fwd = measure(lambda: packed_attention(qh, kh, vh, layout, backend), dev)
+    row = {"backend": backend, "fwd_ms": fwd["median_s"] * 1e3, "fwd_tflops": fwd_flops / fwd["median_s"] / 1e12}
+    if backend != "triton":  # forward-only kernel
+        both = measure(
+            lambda: torch.autograd.grad(packed_attention(qh, kh, vh, layout, backend), (qh, kh, vh), gh), dev
+        )
+        row["fwd_bwd_ms"] = both["median_s"] * 1e3
+        row["fwd_bwd_tflops"] = 3.5 * fwd_flops / both["median_s"] / 1e12
+    return row
+
+
+def kernels(out: str | None) -> None:
+    dev = torch.device("cuda")
+    for name, lengths in LENGTHS.items():
+        layout = layout_of(lengths, dev)
+        fwd_flops = sum(4 * n * n * 64 * 16 for n in lengths)
+        g = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = (torch.randn(layout.num_tokens, 16, 64, device=dev, generator=g) for _ in range(3))
+        grad = torch.randn_like(q)
+        for backend in ("fa4", "triton", "varlen"):
+            row = time_backend(backend, q, k, v, grad, layout, fwd_flops)
+            write_rows(out, [{"part": "kernels", "lengths": name, **row}])
+        # fa4 in bf16 against the exact fp32 sdpa kernel, forward and gradients.
+        results = {}
+        for backend, dtype in (("fa4", torch.bfloat16), ("sdpa", torch.float32)):
+            qs, ks, vs = (t.to(dtype).requires_grad_() for t in (q, k, v))
+            o = packed_attention(qs, ks, vs, layout, backend)
+            o.backward(grad.to(dtype))
+            results[backend] = (o, qs.grad, ks.grad, vs.grad)
+        errors = {f"rel_{n}": rel(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), *results.values(), strict=True)}
+        write_rows(out, [{"part": "kernels", "lengths": name, "check": "fa4 bf16 vs sdpa fp32", **errors}])
+
+
+def forward_flops(model, grid) -> float:
+    cfg = model.config
+    linear = sum(p.numel() for n, p in model.model.named_parameters() if n.endswith("proj.weight"))
+    total = 0.0
+    for t, h, w in grid.tolist():
+        n = model.num_prefix_tokens + h * w
+        total += t * (2 * linear * n + 4 * n * n * cfg.hidden_size * cfg.num_hidden_layers)
+        total += t * 2 * h * w * cfg.hidden_size * model.patch_dim
+    return total
+
+
+def mixed_batch(dev, dtype, n: int = 64):
+    g = torch.Generator().manual_seed(0)
+    hs, grid = pack([torch.randn(3, h, w, generator=g) for h, w in mixed_sizes()[:n]], 16)
+    return hs.to(dev, dtype), grid
+
+
+def train(out: str | None, rounds: int = 3) -> None:
+    dev = torch.device("cuda")
+    peak = peak_matmul_tflops(dev, torch.bfloat16, 8192)
+    write_rows(out, [{"part": "train", "matmul_peak": peak}])
+    hs, grid = mixed_batch(dev, torch.bfloat16)
+    systems = {
+        "today: varlen": ("varlen", None),
+        "new: auto": ("auto", None),
+        "new: auto + recompute attention": ("auto", "attention"),
+        "new: auto + recompute mlp": ("auto", "mlp"),
+    }
+    models = {}
+    for name, (backend, policy) in systems.items():
+        model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend).train()
+        models[name] = compile_model(apply_recompute(model, policy))
+    flops = 3 * forward_flops(next(iter(models.values())), grid)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        o = model(hs, grid)
+        (o.last_hidden_state.float().square().mean() + o.pooler_output.float().square().mean()).backward()
+
+    for r in range(rounds):  # interleaved: every system once per round
+        for name, model in models.items():
+            stats = measure(lambda m=model: step(m), dev, compiled=r == 0)
+            model.zero_grad(set_to_none=True)  # the next system's peak memory holds no gradients of this one
+            write_rows(
+                out,
+                [
+                    {
+                        "part": "train",
+                        "round": r,
+                        "system": name,
+                        "backend": model.resolved_attn_backend(inference=False),
+                        "images_per_s": 64 / stats["median_s"],
+                        "step_ms": stats["median_s"] * 1e3,
+                        "mfu": flops / stats["median_s"] / (peak["tflops"] * 1e12),
+                        "peak_mem_gib": stats["peak_alloc_gib"],
+                        "step_mem_gib": stats["fwd_mem_gib"],
+                        "first_call_s": stats["first_call_s"],
+                    }
+                ],
+            )
+
+
+def grads(out: str | None) -> None:
+    dev = torch.device("cuda")
+    hs, grid = mixed_batch(dev, torch.float32, 16)
+    result = {}
+    for backend, dtype in (("fa4", torch.bfloat16), ("sdpa", torch.float32)):
+        model = load_packing_model("random:vitl16", dev, dtype, attn_backend=backend)
+        assert model.resolved_attn_backend(inference=False) == backend
+        o = model(hs.to(dtype), grid)
+        (o.last_hidden_state.float().square().mean() + o.pooler_output.float().square().mean()).backward()
+        result[backend] = {n: p.grad.float().flatten() for n, p in model.named_parameters() if p.grad is not None}
+        del model
+        torch.cuda.empty_cache()
+    a, b = result["fa4"], result["sdpa"]
+    per_param = {n: F.cosine_similarity(a[n], b[n], dim=0).item() for n in b}
+    whole = F.cosine_similarity(torch.cat(list(a.values())), torch.cat(list(b.values())), dim=0).item()
+    worst = min(per_param, key=per_param.get)
+    write_rows(out, [{"part": "grads", "cosine_all": whole, "min_param_cosine": per_param[worst], "min_param": worst}])
+
+
+def infer(out: str | None) -> None:
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    hs, grid = pack([torch.randn(3, 2048, 2048, generator=g) for _ in range(4)], 16)
+    hs = hs.to(dev, torch.bfloat16)
+    for r in range(2):
+        for backend in ("auto", "triton"):
+            model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend)
+            compile_model(model)
+            with torch.no_grad():
+                stats = measure(lambda m=model: m(hs, grid), dev, compiled=True)
+                chosen = model.resolved_attn_backend(inference=True, max_seqlen=PREFIX + 128 * 128)
+            write_rows(
+                out,
+                [
+                    {
+                        "part": "infer",
+                        "round": r,
+                        "attn_backend": backend,
+                        "runs": chosen,
+                        "images_per_s": 4 / stats["median_s"],
+                    }
+                ],
+            )
+            del model
+            torch.cuda.empty_cache()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="JSON-lines file (appended to)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    if not set(parts) <= set(PARTS):
+        parser.error(f"--parts: expected a comma-separated subset of {PARTS}, got {args.parts!r}")
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (SM90+) with flash-attn-4 installed")
+    write_rows(args.out, [{"part": "meta", **run_metadata("cuda")}])
+    for part in parts:
+        {"kernels": kernels, "train": train, "grads": grads, "infer": infer}[part](args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
