@@ -138,10 +138,10 @@ class Backend:
 
 # FlashAttention-4's forward against this package's Triton kernel, ViT-L heads, bf16, on the H200
 # (../shared/docs/gpu-notes.md, 2026-12-01): 0.61x on 224 px images (201 tokens), on par on 512 px (1029:
-# 1.02x) and on mixed-64 (longest 2309: 1.04x), 1.28x on 2048 px (16389). Below the longest on-par length
-# it gains nothing (and its first use compiles for tens of seconds), so auto switches at the first power
-# of two above it; 1024 px images (4101 tokens) are the first past it, a length between the measured ones
-# that benchmarks/fa4_gpu_check.py times.
+# 1.02x) and on mixed-64 (segments of 201..2309 tokens: 1.04x), 1.28x on 2048 px (16389). Up to the longest
+# on-par length it gains nothing (and its first use compiles for tens of seconds), so auto switches at the
+# first power of two above 2309; 1024 px images (4101 tokens) are the first past it, a length between the
+# measured ones that benchmarks/fa4_gpu_check.py times.
 FA4_INFERENCE_MIN_SEQLEN = 4096
 
 
