@@ -45,6 +45,26 @@ def test_fixed_policy_equals_hf_image_processor(path):
     assert torch.equal(ours, ref)
 
 
+def test_fixed_policy_from_files_takes_the_exact_path():
+    """Files (not only PIL images) under `fixed` give the Hugging Face processor's pixels: `fixed` decodes at
+    full scale and resizes float pixels. Modes whose RGB conversion we do differently (alpha on white, 16
+    bits) are left out; the EXIF photo is in."""
+    hf = DINOv3ViTImageProcessor(
+        size={"height": 224, "width": 224},
+        resample=PILImageResampling.BILINEAR,
+        rescale_factor=1 / 255,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+    )
+    pre = Preprocessor(policy="fixed", size=224)
+    assert pre.exact and not Preprocessor().exact and not Preprocessor(policy="fixed", exact=False).exact
+    for path in PHOTOS:
+        if Image.open(path).mode in ("RGBA", "P", "I;16"):
+            continue
+        upright = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        assert torch.equal(pre.image(path), hf(upright, return_tensors="pt")["pixel_values"][0]), path.name
+
+
 def test_exif_orientation_applied():
     path = DATA / "more" / "rocket_exif6.jpg"
     stored = Image.open(path)
@@ -146,6 +166,10 @@ def test_normalization_from_checkpoint_name():
         (lambda: Preprocessor()([np.zeros((8, 8, 2), np.uint8)]), ValueError, r"images\[0\]"),
         (lambda: Preprocessor()([torch.zeros(3, 8, 8, dtype=torch.int8)]), TypeError, r"images\[0\]"),
         (lambda: to_rgb(3.5), TypeError, "image"),
+        (lambda: Preprocessor(exact="yes"), TypeError, "exact"),
+        (lambda: Preprocessor(max_pixels=0), ValueError, "max_pixels"),
+        (lambda: Preprocessor(max_pixels=2.5e7), ValueError, "max_pixels"),
+        (lambda: to_rgb(DATA / "no-such.jpg"), FileNotFoundError, "no-such.jpg"),
     ],
 )
 def test_bad_input_named(make, error, arg):
