@@ -23,8 +23,10 @@ from .model.archs import DEFAULT_CKPT
 from .ops.attention import ATTENTION_BACKENDS
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
-# `data.preprocess.POLICIES`; that module imports torch (tests/test_cli.py checks the two agree).
+# `data.preprocess.POLICIES` and `data.decode.DEFAULT_MAX_PIXELS`; those modules import torch, numpy and
+# Pillow (tests/test_cli.py checks that the copies agree).
 POLICIES = ("native", "fixed")
+MAX_PIXELS = 64_000_000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,6 +127,13 @@ def add_embed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=_positive_int, default=224, help="square side of the fixed policy")
     parser.add_argument("--min-tokens", type=_positive_int, default=None, help="native policy: scale up below this")
     parser.add_argument("--max-tokens", type=_positive_int, default=1024, help="native policy: scale down above this")
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=MAX_PIXELS,
+        help=f"skip files with more pixels, read from the header before decoding (default {MAX_PIXELS:,}: 64 MP, "
+        "below Pillow's 89 MP bomb warning)",
+    )
     parser.add_argument("--batch-tokens", type=_positive_int, default=16384, help="tokens per forward, prefix included")
     parser.add_argument(
         "--oversize",
@@ -169,6 +178,7 @@ def run_embed(args: argparse.Namespace) -> int:
             size=args.size,
             min_tokens=args.min_tokens,
             max_tokens=args.max_tokens,
+            max_pixels=args.max_pixels,
             batch_tokens=args.batch_tokens,
             oversize=args.oversize,
             device=args.device,

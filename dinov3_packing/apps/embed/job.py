@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ...compat.seed import default_dtype
 from ...data.budget import OVERSIZE, TokenBudgetPacker, segment_tokens
+from ...data.decode import DEFAULT_MAX_PIXELS, check_max_pixels
 from ...data.files import list_images
 from ...data.preprocess import POLICIES, Preprocessor
 from ...model.archs import normalization_for
@@ -110,6 +111,7 @@ def embed(
     size: int = 224,
     min_tokens: int | None = None,
     max_tokens: int | None = 1024,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     batch_tokens: int = 16384,
     oversize: str = "own",
     device: torch.device | str | None = None,
@@ -134,6 +136,8 @@ def embed(
         patch_dtype: storage dtype of the patch maps.
         policy, size, min_tokens, max_tokens: resizing, as in `preprocess.Preprocessor`; max_tokens bounds
             the patches of one image.
+        max_pixels: files with more pixels (read from the header, before decoding) are skipped with the
+            reason; default 64 MP (`data.decode.DEFAULT_MAX_PIXELS`), None: only Pillow's own limit.
         batch_tokens: token budget of one forward (prefix tokens included), see `budget.py`.
         oversize: an image above `batch_tokens`: "own" runs it in a pack of its own and reports it (path and
             tokens, once), "error" stops the run with a ValueError naming it.
@@ -167,6 +171,7 @@ def embed(
         raise ValueError(f"oversize: expected one of {OVERSIZE}, got {oversize!r}")
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    check_max_pixels(max_pixels)
     if not isinstance(ckpt, str):
         raise TypeError(f"ckpt: expected a checkpoint name or path, got {type(ckpt).__name__}")
     paths = list_images(src)
@@ -200,6 +205,7 @@ def embed(
             size=size,
             min_tokens=min_tokens,
             max_tokens=max_tokens,
+            max_pixels=max_pixels,
         )
         repair = _on_rank0(world, rank, lambda: store.prepare(settings, overwrite))
         if rank == 0:

@@ -187,7 +187,9 @@ class OutputFolder:
                     "to start over, or use another folder"
                 )
         elif self._ours():
-            raise ValueError(f"out: {str(self.out)!r} holds shards or manifests but no {RUN}; pass overwrite=True to start over")
+            raise ValueError(
+                f"out: {str(self.out)!r} holds shards or manifests but no {RUN}; pass overwrite=True to start over"
+            )
 
     def _ours(self) -> list[Path]:
         out = self.out
