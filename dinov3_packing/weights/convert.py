@@ -72,18 +72,21 @@ def load_pth(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a `.pth` state dict safely (tensors only) and unwrap `{"model": ...}`-style containers.
 
     Raises:
-        ValueError: the file holds anything but tensors and plain containers (a pickle that would build
-            objects or call functions is refused before any of it runs), or no state dict.
+        ValueError: the file is not a torch.save file, holds anything but tensors and plain containers (a
+            pickle that would build objects or call functions is refused before any of it runs), or no state
+            dict.
     """
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(
             f"ckpt: refused to load {str(path)!r}: it is a pickle that holds objects other than tensors "
-            f"({first}); checkpoints are read with torch.load(weights_only=True) and never run code. "
+            f"({_first_line(e)}); checkpoints are read with torch.load(weights_only=True) and never run code. "
             "Re-save it as a plain state dict (torch.save(model.state_dict(), path)) or as .safetensors"
         ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        # Random bytes, a truncated zip, a text file: torch reports each with another exception class.
+        raise ValueError(f"ckpt: cannot read {str(path)!r} as a torch.save file ({_first_line(e)})") from None
     for key in ("model", "state_dict", "module"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -220,8 +223,13 @@ def config_for_state(
     Raises:
         ValueError: the head count cannot be determined (pass `config`).
     """
-    width = state["embeddings.cls_token"].shape[-1]
-    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.layer."))
+    width = _shape(state, "embeddings.cls_token", 3)[-1]
+    layers = {k.split(".")[2] for k in state if k.startswith("model.layer.")}
+    if not layers:
+        raise ValueError("state_dict: no transformer blocks (keys model.layer.<N>.* or layer.<N>.*)")
+    if not all(i.isdigit() for i in layers):
+        raise ValueError(f"state_dict: expected blocks model.layer.<N>.* with integer N, got {sorted(layers)[:4]}")
+    depth = 1 + max(int(i) for i in layers)
     gated = "model.layer.0.mlp.gate_proj.weight" in state
     if config is None:
         match = [
@@ -244,16 +252,16 @@ def config_for_state(
         if width % head_dim:
             raise ValueError(f"state_dict: rope periods give head_dim {head_dim}, which does not divide width {width}")
         kw["num_attention_heads"] = width // head_dim
-    attn, patch = "model.layer.0.attention", state["embeddings.patch_embeddings.weight"]
+    attn, patch = "model.layer.0.attention", _shape(state, "embeddings.patch_embeddings.weight", 4)
     kw.update(
         hidden_size=width,
         num_hidden_layers=depth,
-        intermediate_size=state["model.layer.0.mlp.up_proj.weight"].shape[0],
+        intermediate_size=_shape(state, "model.layer.0.mlp.up_proj.weight", 2)[0],
         use_gated_mlp=gated,
         hidden_act="silu" if gated else "gelu",
-        num_register_tokens=state["embeddings.register_tokens"].shape[1],
-        patch_size=patch.shape[-1],
-        num_channels=patch.shape[1],
+        num_register_tokens=_shape(state, "embeddings.register_tokens", 3)[1],
+        patch_size=patch[-1],
+        num_channels=patch[1],
         query_bias=f"{attn}.q_proj.bias" in state,
         key_bias=f"{attn}.k_proj.bias" in state,
         value_bias=f"{attn}.v_proj.bias" in state,
@@ -267,13 +275,78 @@ def config_for_state(
 def model_from_state_dict(
     state: Mapping[str, torch.Tensor], config: DINOv3ViTConfig | None = None, attn_backend: str = "auto"
 ) -> DINOv3ViTPackingModel:
-    """A `DINOv3ViTPackingModel` (fp32, eval) from a Hugging Face, Meta or timm state dict (strict load)."""
+    """A `DINOv3ViTPackingModel` (fp32, eval) from a Hugging Face, Meta or timm state dict.
+
+    The architecture comes from the tensors (`config_for_state`; `config` supplies only what shapes cannot
+    tell, such as the head count). Then every tensor must fill exactly one parameter (`load_exact`).
+
+    Raises:
+        ValueError: an unknown layout, an architecture the shapes do not determine, or keys that do not fit.
+    """
     hf, periods = to_hf(state)
     model = DINOv3ViTPackingModel(config_for_state(hf, periods, config), attn_backend=attn_backend)
-    model.load_state_dict(hf, strict=True)
+    return load_exact(model, hf, periods)
+
+
+def model_for_config(
+    state: Mapping[str, torch.Tensor], config: DINOv3ViTConfig, attn_backend: str = "auto"
+) -> DINOv3ViTPackingModel:
+    """A `DINOv3ViTPackingModel` (fp32, eval) built exactly as `config` says (a checkpoint's config.json),
+    loaded with a state dict in any supported layout, which must match it key for key and shape for shape.
+
+    Raises:
+        ValueError: an unknown layout, or keys that do not fit the model `config` describes.
+    """
+    hf, periods = to_hf(state)
+    return load_exact(DINOv3ViTPackingModel(config, attn_backend=attn_backend), hf, periods)
+
+
+def load_exact(
+    model: DINOv3ViTPackingModel, state: Mapping[str, torch.Tensor], periods: torch.Tensor | None = None
+) -> DINOv3ViTPackingModel:
+    """Load a Hugging Face-layout state dict into `model`: no key missing, none left over, every shape equal
+    (a parity library cannot leave a weight at its random init). `periods` are Meta's RoPE periods.
+
+    Raises:
+        ValueError: naming the keys that are missing, unexpected or of the wrong shape, or the periods.
+    """
+    problem = state_dict_problem(state, model.state_dict())
+    if problem:
+        raise ValueError(f"state_dict: {problem}")
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    if periods is not None and periods.shape != (head_dim // 4,):
+        raise ValueError(
+            f"state_dict: rope_embed.periods has shape {tuple(periods.shape)}, the model's head_dim {head_dim} "
+            f"needs ({head_dim // 4},)"
+        )
+    model.load_state_dict(state, strict=True)
     if periods is not None:
         model.rope_embeddings.load_periods(periods)
     return model.eval()
+
+
+def state_dict_problem(state: Mapping[str, object], expected: Mapping[str, torch.Tensor]) -> str | None:
+    """What keeps `state` from filling `expected` exactly (missing, unexpected, wrong shape, not a tensor),
+    naming the first few keys of each kind; None when it fits."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    not_tensor = [k for k in expected if k in state and not isinstance(state[k], torch.Tensor)]
+    wrong = [
+        f"{k} is {_dims(state[k])} where the model has {_dims(v)}"
+        for k, v in expected.items()
+        if isinstance(state.get(k), torch.Tensor) and state[k].shape != v.shape
+    ]
+    problems = [
+        f"{len(keys)} {kind} {'key' if len(keys) == 1 else 'keys'}: {', '.join(keys[:3])}"
+        + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("non-tensor", not_tensor))
+        if keys
+    ]
+    if wrong:
+        problems.append(
+            f"{len(wrong)} of the wrong shape: " + ", ".join(wrong[:3]) + (" ..." if len(wrong) > 3 else "")
+        )
+    return "; ".join(problems) or None
 
 
 def model_from_pth(
@@ -335,6 +408,25 @@ def _fill_defaults(out: dict[str, torch.Tensor]) -> None:
     like = out["embeddings.cls_token"]
     out.setdefault("embeddings.mask_token", like.new_zeros(1, 1, d))
     out.setdefault("embeddings.register_tokens", like.new_zeros(1, 0, d))
+
+
+def _shape(state: Mapping[str, torch.Tensor], key: str, ndim: int) -> torch.Size:
+    """The shape of a tensor that the architecture is read from; a missing or misshapen one is named."""
+    value = state.get(key)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"state_dict: missing key {key}, needed to tell the architecture")
+    if value.ndim != ndim:
+        raise ValueError(f"state_dict: {key} has shape {_dims(value)}, expected {ndim} dims")
+    return value.shape
+
+
+def _dims(t: torch.Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _raise_unknown(keys: list[str], layout: str) -> None:
