@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from conftest import assert_close, tiny_config
 
@@ -21,6 +20,7 @@ from dinov3_packing.weights.convert import (
     hf_to_meta,
     load_pth,
     meta_to_hf,
+    model_for_config,
     model_from_pth,
     model_from_state_dict,
     timm_to_hf,
@@ -55,6 +55,7 @@ def test_timm_state_dict_matches_timm(name, tmp_path):
     """GELU without q/v bias, SwiGLU (fc1_g = gate, fc1_x = up), and q/v bias: CLS, register and patch
     tokens equal timm's on mixed sizes, from a `.pth` file. Two blocks keep the test fast; the head count
     (not in a timm state dict) comes from `config`."""
+    timm = pytest.importorskip("timm")  # absent from the floor-version run (.ci/run): no torchvision there
     ref = _randomize_timm(timm.create_model(name, pretrained=False, depth=2), seed=1)
     path = tmp_path / "timm.pth"
     torch.save(ref.state_dict(), path)
@@ -76,6 +77,7 @@ def test_timm_state_dict_matches_timm(name, tmp_path):
 def test_timm_released_arch_is_recognised():
     """A full timm ViT-S+/16 state dict maps onto every parameter of the released vits16plus config
     (heads from the architecture table), with no config given."""
+    timm = pytest.importorskip("timm")
     state = timm_to_hf(timm.create_model("vit_small_plus_patch16_dinov3_qkvb", pretrained=False).state_dict())
     model = model_from_state_dict(state)
     assert set(state) == set(model.state_dict())
@@ -196,3 +198,51 @@ def test_bad_state_dicts(tmp_path):
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="does not hold a state dict"):
         load_pth(tmp_path / "list.pth")
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [(b"\x93NUMPY not a torch file", "random bytes"), (b"PK\x03\x04" + bytes(64), "truncated zip"), (b"", "empty")],
+)
+def test_unreadable_pth_is_one_error_naming_the_file(tmp_path, content, why):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    for load in (load_pth, lambda p: load_packing_model(str(p))):
+        with pytest.raises(ValueError, match=r"ckpt: cannot read .*weights\.pth.* as a torch\.save file") as err:
+            load(path)
+        assert "\n" not in str(err.value), why
+
+
+def test_meta_pth_that_does_not_fit_is_named(tmp_path):
+    """Conversion keeps loading exact: a Meta file missing a block tensor, or with periods that do not fit
+    the head count, is one error naming the file and the key."""
+    config = tiny_config()
+    meta = hf_to_meta(random_packing_model(config, seed=2).state_dict())
+    del meta["blocks.1.ls2.gamma"]
+    path = tmp_path / "meta.pth"
+    torch.save(meta, path)
+    with pytest.raises(ValueError, match=r"^state_dict: 1 missing key: model\.layer\.1\.layer_scale2\.lambda1$"):
+        model_from_state_dict(load_pth(path), config=config)
+    config.to_json_file(str(tmp_path / "config.json"))
+    with pytest.raises(ValueError, match=r"ckpt: .*meta\.pth' \(with .*config\.json'\).*layer_scale2\.lambda1"):
+        load_packing_model(str(path))
+    meta = hf_to_meta(random_packing_model(config, seed=2).state_dict(), periods=torch.ones(3))
+    with pytest.raises(ValueError, match=r"rope_embed\.periods has shape \(3,\).*head_dim 8 needs \(2,\)"):
+        model_for_config(meta, config)
+
+
+def test_pth_beside_config_json_follows_it(tmp_path):
+    """A config.json beside a Meta `.pth` is the model's description: its head count is used (the shapes
+    alone do not give one for a width no released model has)."""
+    config = tiny_config(num_attention_heads=2)
+    src = random_packing_model(config, seed=6)
+    torch.save(hf_to_meta(src.state_dict()), tmp_path / "meta.pth")
+    config.to_json_file(str(tmp_path / "config.json"))
+    model = load_packing_model(str(tmp_path / "meta.pth"))
+    assert model.config.num_attention_heads == 2
+    images = _images([(2, 2), (1, 3)])
+    ref = reference_model(src)
+    with torch.no_grad():
+        got = model(*pack(images, 16)).last_hidden_state
+        want = torch.cat([ref(img[None]).last_hidden_state[0, src.num_prefix_tokens :] for img in images])
+    assert_close(got, want)

@@ -79,9 +79,15 @@ def load_pth(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch wraps the unpickler's own reason in paragraphs of advice; the reason tells an object pickle
+        # ("Unsupported global: ...") from bytes that are no pickle at all ("Unsupported operand ...").
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        reason = found[1].strip() if found else _first_line(e)
+        if "global" not in reason.lower():
+            raise ValueError(f"ckpt: cannot read {str(path)!r} as a torch.save file ({reason})") from None
         raise ValueError(
             f"ckpt: refused to load {str(path)!r}: it is a pickle that holds objects other than tensors "
-            f"({_first_line(e)}); checkpoints are read with torch.load(weights_only=True) and never run code. "
+            f"({reason}); checkpoints are read with torch.load(weights_only=True) and never run code. "
             "Re-save it as a plain state dict (torch.save(model.state_dict(), path)) or as .safetensors"
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as e:
