@@ -16,7 +16,7 @@ import torch
 from test_embed import DATA, assert_complete, tiny_ckpt  # noqa: F401  (tiny_ckpt: fixture)
 
 from dinov3_packing import cli
-from dinov3_packing.apps.embed import read_manifest
+from dinov3_packing.apps.embed import EmbedReader, read_manifest
 from dinov3_packing.cli import main
 from dinov3_packing.data.decode import DEFAULT_MAX_PIXELS
 from dinov3_packing.data.files import list_images
@@ -145,3 +145,16 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path, tiny_ckpt):  # noqa: F
     assert len(read_manifest(out)) < 60
     assert main(["embed", str(src), "--out", str(out), "--device", "cpu", *args]) == 0
     assert_complete(out, list_images(src))
+
+
+def test_max_pixels_reaches_the_decoder(tmp_path, tiny_ckpt):  # noqa: F811
+    """--max-pixels is the decoder's header check: a file over it is skipped with the reason (exit 1)."""
+    big, small = DATA / "coffee_palette.png", DATA / "coffee_rgba.png"  # 15,000 and 9,600 pixels
+    src = folder_of(tmp_path, big, small)
+    out = tmp_path / "out"
+    args = ["embed", str(src), "--ckpt", tiny_ckpt, "--out", str(out), "--workers", "0", "--no-progress"]
+    assert main([*args, "--max-pixels", "10000"]) == 1
+    reader = EmbedReader(out)
+    skipped = str(src / big.name)
+    assert list(reader.skipped) == [skipped] and str(src / small.name) in reader
+    assert "ImageTooLarge" in reader.skipped[skipped] and "150x100" in reader.skipped[skipped]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dinov3_packing.apps.pca import GAP, pca_picture, principal_components
+from dinov3_packing.apps.pca import GAP, pca_picture, principal_components, save_pca_picture
 from dinov3_packing.cli import main
 from dinov3_packing.data.preprocess import Preprocessor
 from dinov3_packing.weights.load import load_packing_model
@@ -20,7 +20,7 @@ IMAGES = [DATA / "astronaut_rgb.jpg", DATA / "coffee_rgba.png", DATA / "more" / 
 
 def test_cli_writes_png_of_expected_size(tmp_path):
     out = tmp_path / "pca.png"
-    assert main(["pca", *map(str, IMAGES), "--out", str(out), "--max-tokens", "64"]) == 0
+    assert main(["pca", *map(str, IMAGES), "--ckpt", "random:vits16", "--out", str(out), "--max-tokens", "64"]) == 0
     sizes = [Preprocessor(max_tokens=64).target_size(*Image.open(p).size[::-1]) for p in IMAGES]
     with Image.open(out) as im:
         assert im.format == "PNG" and im.mode == "RGB"
@@ -58,4 +58,16 @@ def test_bad_input_named(tmp_path):
         pca_picture([])
     with pytest.raises(TypeError, match="images"):
         pca_picture(str(IMAGES[0]))
-    assert main(["pca", str(IMAGES[0]), "--out", str(tmp_path / "x.jpg")]) == 2
+    with pytest.raises(ValueError, match=r"images\[1\]: cannot read .*corrupt.jpg"):
+        pca_picture([IMAGES[0], DATA / "more" / "corrupt.jpg"], "/no/such/checkpoint")  # before the model loads
+    with pytest.raises(ValueError, match=r"out: expected a \.png"):
+        save_pca_picture(IMAGES, tmp_path / "x.jpg", "random:vits16")
+    with pytest.raises(ValueError, match=r"out: folder .* does not exist"):
+        save_pca_picture(IMAGES, tmp_path / "missing" / "x.png", "/no/such/checkpoint")
+
+
+def test_save_writes_the_picture(tmp_path):
+    out = tmp_path / "pca.png"
+    picture = save_pca_picture(IMAGES[:2], out, "random:vits16", max_tokens=16)
+    with Image.open(out) as im:
+        assert im.size == picture.size and np.array_equal(np.asarray(im), np.asarray(picture))
