@@ -82,17 +82,28 @@ def split(packed: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]
     return [chunk.reshape(t, h, w, -1) for chunk, (t, h, w) in zip(packed.split(sizes), grid, strict=True)]
 
 
-def validate_packed_input(hidden_states: object, grid_thw: object, patch_dim: int) -> list[tuple[int, int, int]]:
+def validate_packed_input(
+    hidden_states: object, grid_thw: object, patch_dim: int, bool_masked_pos: object = None
+) -> list[tuple[int, int, int]]:
     """Check a packed batch before any compute; return grid_thw as a list of (t, h, w) tuples.
 
+    Devices: each tensor may sit on any real device, independently of the others and of the model. The
+    model copies `hidden_states` and `bool_masked_pos` to its own device and reads `grid_thw` on the host
+    (it needs the sizes there to lay out the batch), so CPU inputs for a CUDA model, or a CPU mask beside
+    CUDA patches, give the same result as inputs on the model's device. A meta tensor holds no values and
+    is refused, naming the argument.
+
     Raises:
-        TypeError: hidden_states is not a floating tensor, or grid_thw not an integer `[N, 3]`.
-        ValueError: wrong patch_dim, non-positive grid entries, or row count != sum(t*h*w).
+        TypeError: hidden_states is not a floating tensor, grid_thw not an integer `[N, 3]`, or
+            bool_masked_pos not a bool tensor.
+        ValueError: wrong patch_dim, non-positive grid entries, row count != sum(t*h*w), a bool_masked_pos
+            of another length than the rows, or a meta tensor.
     """
     if not isinstance(hidden_states, torch.Tensor):
         raise TypeError(
             f"hidden_states: expected a torch.Tensor [total_patches, {patch_dim}], got {_describe(hidden_states)}"
         )
+    _refuse_meta(hidden_states, "hidden_states")
     if not hidden_states.is_floating_point():
         raise TypeError(f"hidden_states: expected a floating-point tensor, got dtype {hidden_states.dtype}")
     if hidden_states.ndim != 2:
@@ -110,11 +121,27 @@ def validate_packed_input(hidden_states: object, grid_thw: object, patch_dim: in
         raise ValueError(
             f"hidden_states: expected sum(t*h*w) = {total} rows for grid_thw, got {hidden_states.shape[0]}"
         )
+    if bool_masked_pos is not None:
+        if not isinstance(bool_masked_pos, torch.Tensor) or bool_masked_pos.dtype != torch.bool:
+            got = bool_masked_pos.dtype if isinstance(bool_masked_pos, torch.Tensor) else type(bool_masked_pos)
+            raise TypeError(f"bool_masked_pos: expected a bool tensor of shape [{total}], got {got}")
+        _refuse_meta(bool_masked_pos, "bool_masked_pos")
+        if bool_masked_pos.shape != (total,):
+            raise ValueError(
+                f"bool_masked_pos: expected shape [{total}] (one flag per input row), "
+                f"got {tuple(bool_masked_pos.shape)}"
+            )
     return grid
+
+
+def _refuse_meta(t: torch.Tensor, name: str) -> None:
+    if t.is_meta:
+        raise ValueError(f"{name}: got a meta tensor, which holds no values; pass it on a real device (cpu, cuda)")
 
 
 def _grid_list(grid_thw: object) -> list[tuple[int, int, int]]:
     if isinstance(grid_thw, torch.Tensor):
+        _refuse_meta(grid_thw, "grid_thw")
         if grid_thw.is_floating_point() or grid_thw.is_complex() or grid_thw.dtype == torch.bool:
             raise TypeError(f"grid_thw: expected an integer tensor [num_images, 3], got dtype {grid_thw.dtype}")
         if grid_thw.ndim != 2 or grid_thw.shape[1] != 3:

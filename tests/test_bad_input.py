@@ -136,6 +136,42 @@ def test_bad_bool_masked_pos(model, mask, exc):
     _rejects(model, exc, "bool_masked_pos", torch.randn(4, PATCH_DIM), torch.tensor([[1, 2, 2]]), mask)
 
 
+@pytest.mark.parametrize("argument", ["hidden_states", "grid_thw", "bool_masked_pos"])
+def test_meta_tensor_inputs(model, argument):
+    """A meta tensor has a shape but no values: refused naming the argument (torch's NotImplementedError
+    named none)."""
+    args = {
+        "hidden_states": torch.randn(4, PATCH_DIM),
+        "grid_thw": torch.tensor([[1, 2, 2]]),
+        "bool_masked_pos": torch.zeros(4, dtype=torch.bool),
+    }
+    args[argument] = args[argument].to("meta")
+    _rejects(model, ValueError, rf"^{argument}: got a meta tensor", **args)
+
+
+def _devices():
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+@pytest.mark.parametrize("model_device", _devices())
+def test_inputs_on_any_real_device_are_moved(model_device):
+    """The rule of `validate_packed_input`: each input may sit on any real device; the result equals the
+    one with every input on the model's device (on a CPU-only machine every combination is cpu, so this
+    checks the equality itself; with CUDA, all 8 placements of the three inputs are run)."""
+    m = random_packing_model(tiny_config(), seed=1).eval().to(model_device)
+    g = torch.Generator().manual_seed(0)
+    hidden, grid = torch.randn(10, PATCH_DIM, generator=g), torch.tensor([[1, 2, 3], [1, 2, 2]])
+    mask = torch.rand(10, generator=g) < 0.3
+    with torch.no_grad():
+        want = m(hidden.to(model_device), grid.to(model_device), mask.to(model_device)).last_hidden_state
+        for dh in _devices():
+            for dg in _devices():
+                for dm in _devices():
+                    got = m(hidden.to(dh), grid.to(dg), mask.to(dm)).last_hidden_state
+                    assert got.device == want.device
+                    assert torch.equal(got, want), (dh, dg, dm)
+
+
 def test_attn_backend_unknown():
     with pytest.raises(ValueError, match="attn_backend"):
         DINOv3ViTPackingModel(tiny_config(), attn_backend="xformers")

@@ -156,7 +156,8 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         Returns:
             `PackedModelOutput`.
         """
-        grid = validate_packed_input(hidden_states, grid_thw, self.patch_dim)
+        # Inputs on any real device are moved to the model's (see `validate_packed_input`).
+        grid = validate_packed_input(hidden_states, grid_thw, self.patch_dim, bool_masked_pos)
         num_layers = self.config.num_hidden_layers
         if select_layer is not None:
             if not isinstance(select_layer, int) or isinstance(select_layer, bool):
@@ -165,16 +166,6 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
                 raise ValueError(
                     f"select_layer: expected an index into {num_layers + 1} hidden states "
                     f"(-{num_layers + 1}..{num_layers}), got {select_layer}"
-                )
-        if bool_masked_pos is not None:
-            rows = hidden_states.shape[0]
-            if not isinstance(bool_masked_pos, torch.Tensor) or bool_masked_pos.dtype != torch.bool:
-                got = bool_masked_pos.dtype if isinstance(bool_masked_pos, torch.Tensor) else type(bool_masked_pos)
-                raise TypeError(f"bool_masked_pos: expected a bool tensor of shape [{rows}], got {got}")
-            if bool_masked_pos.shape != (rows,):
-                raise ValueError(
-                    f"bool_masked_pos: expected shape [{rows}] (one flag per input row), "
-                    f"got {tuple(bool_masked_pos.shape)}"
                 )
 
         device = self.norm.weight.device
