@@ -308,7 +308,7 @@ def _in_flag_terms(message: str, flags: dict[str, str], switches: set[str]) -> s
     -> `--batch-tokens 100`, `overwrite=True` -> `--overwrite`. Library messages name their arguments in
     these two forms only, so that prose around them is left alone."""
     for dest, flag in flags.items():
-        name = rf"(?<![\w.-]){re.escape(dest)}"
+        name = rf"(?<![\w./\\-]){re.escape(dest)}"  # not inside a longer name or a path
         if dest in switches:
             message = re.sub(rf"{name}=True\b", flag, message)
         message = re.sub(rf"{name}(?=:)", flag, message)

@@ -158,3 +158,11 @@ def test_max_pixels_reaches_the_decoder(tmp_path, tiny_ckpt):  # noqa: F811
     skipped = str(src / big.name)
     assert list(reader.skipped) == [skipped] and str(src / small.name) in reader
     assert "ImageTooLarge" in reader.skipped[skipped] and "150x100" in reader.skipped[skipped]
+
+
+def test_flag_terms_rewrite_argument_names_not_paths():
+    args = cli.build_parser().parse_args(["embed", "x", "--out", "y"])
+    message = "out: '/data/out' is odd; /tmp/out: batch_tokens=5, pass overwrite=True or oversize=own; max_tokens"
+    assert cli._in_flag_terms(message, args.flags, args.switches) == (
+        "--out: '/data/out' is odd; /tmp/out: --batch-tokens 5, pass --overwrite or --oversize own; max_tokens"
+    )
