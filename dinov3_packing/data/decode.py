@@ -154,9 +154,9 @@ def decode(
             # Pillow picks the largest reduction whose size still covers the request: this request gives `scale`
             im.draft("RGB", (im.width // scale, im.height // scale))
         im.load()
-        upright = ImageOps.exif_transpose(im)
-    target = size_for(*original) if size_for else (upright.height, upright.width)
-    return Decoded(_pixels_at(upright, target), original, scale)
+        ImageOps.exif_transpose(im, in_place=True)  # ours to change: no copy when it is upright already
+    target = size_for(*original) if size_for else (im.height, im.width)
+    return Decoded(_pixels_at(im, target), original, scale)
 
 
 def check_max_pixels(max_pixels: object) -> None:

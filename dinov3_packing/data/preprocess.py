@@ -226,6 +226,9 @@ class Preprocessor:
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self._mean = torch.tensor(self.mean)[:, None, None]
         self._std = torch.tensor(self.std)[:, None, None]
+        # the fast path's rescale and normalize as one multiply-add on channels-last pixels
+        self._scale = 1 / torch.tensor(self.std)
+        self._shift = -torch.tensor(self.mean) * self._scale
 
     @classmethod
     def for_checkpoint(cls, ckpt: str, patch_size: int = 16, **kwargs) -> Preprocessor:
@@ -241,8 +244,8 @@ class Preprocessor:
 
         `name` is how errors refer to the image; for a path the default names the file.
         """
-        if not self.exact and isinstance(image, (*_ENCODED, Image.Image)):
-            decoded = decode(image, self.target_size, max_pixels=self.max_pixels, name=_label(image, name))
+        if self._fast(image):
+            decoded = self._decode(image, name)
             pixels = decoded.pixels
             if pixels.ndim == 2:  # 16-bit grayscale, resized as float
                 return torch.from_numpy(pixels).expand(3, -1, -1).contiguous(), decoded.original
@@ -259,13 +262,32 @@ class Preprocessor:
 
     def image(self, image: ImageLike, name: str = "image") -> torch.Tensor:
         """One image as a normalized float32 `[3, H, W]` tensor at its target size."""
-        return self.normalize(self.resized(image, name)[0])
+        return self._normalized(image, name)[0]
 
     def rows(self, image: ImageLike, name: str = "image") -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         """One image as packed rows: `(rows [h*w, p*p*3], grid (h, w), original (height, width))`."""
-        pixels, original = self.resized(image, name)
-        rows = patchify(self.normalize(pixels), self.patch_size)
-        return rows, (pixels.shape[1] // self.patch_size, pixels.shape[2] // self.patch_size), original
+        x, original = self._normalized(image, name)
+        return patchify(x, self.patch_size), (x.shape[1] // self.patch_size, x.shape[2] // self.patch_size), original
+
+    def _fast(self, image: ImageLike) -> bool:
+        return not self.exact and isinstance(image, (*_ENCODED, Image.Image))
+
+    def _decode(self, image: ImageLike, name: str):
+        return decode(image, self.target_size, max_pixels=self.max_pixels, name=_label(image, name))
+
+    def _normalized(self, image: ImageLike, name: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Normalized `[3, H, W]` and the original size. The fast path normalizes the decoded channels-last
+        pixels in one multiply-add (float32 rounding apart, the same values as `normalize(resized(...))`)."""
+        if not self._fast(image):
+            pixels, original = self.resized(image, name)
+            return self.normalize(pixels), original
+        decoded = self._decode(image, name)
+        pixels = torch.from_numpy(decoded.pixels if decoded.pixels.flags.writeable else decoded.pixels.copy())
+        if pixels.ndim == 2:  # 16-bit grayscale, already float in [0, 1]
+            x = pixels[..., None] * self._scale + self._shift
+        else:
+            x = pixels.to(torch.float32).mul_(self._scale / 255).add_(self._shift)
+        return x.permute(2, 0, 1), decoded.original
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> PackedImages:
         """Pack one image or a list of them: `PackedImages(hidden_states, grid_thw, original_sizes)`."""
@@ -275,8 +297,8 @@ class Preprocessor:
             raise TypeError(f"images: expected an image or a non-empty list of images, got {type(images).__name__}")
         tensors, originals = [], []
         for i, im in enumerate(images):
-            pixels, original = self.resized(im, str(im) if isinstance(im, (str, os.PathLike)) else f"images[{i}]")
-            tensors.append(self.normalize(pixels))
+            x, original = self._normalized(im, str(im) if isinstance(im, (str, os.PathLike)) else f"images[{i}]")
+            tensors.append(x)
             originals.append(original)
         hidden_states, grid_thw = pack(tensors, self.patch_size)
         return PackedImages(hidden_states, grid_thw, originals)
