@@ -2,7 +2,9 @@
 
 On the CPU `linear_gelu` runs its fallback, `F.gelu(F.linear(...))`: the same ops as the HF MLP, so the
 stack must give bit-identical output; that checks the wiring (which weights, which input, where the down
-projection goes). The kernel itself is checked in test_linear_gelu.py and on the GPU.
+projection goes). Training goes through the custom op and its registered backward, forced onto the CPU with a
+torch-ops launcher: the same ATen kernels as autograd through the HF MLP, so output and every parameter's
+gradient must be bit-identical too. The kernel itself is checked in test_linear_gelu.py and on the GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import pytest
 import torch
 
 from dinov3_packing.model.modeling import DINOv3ViTPackingModel
+from dinov3_packing.ops.mlp import fused_mlp_runs
+from dinov3_packing.ops.triton import linear_gelu as lg
 from dinov3_packing.ops.triton.linear_gelu import linear_gelu
 from dinov3_packing.packing import PackedLayout
 
@@ -154,3 +158,51 @@ def test_fused_path_traces_as_one_graph(tiny, fused_calls):
         traced, _ = compiled(x, _batch(model, layout, True))
     assert len(fused_calls) >= 3  # two from the eager call, then the traced call took the fused path too
     assert torch.equal(traced, eager)
+
+
+@pytest.mark.parametrize(
+    ("enabled", "device", "dtype", "expected"),
+    [
+        (True, "cuda", torch.bfloat16, True),
+        (True, "cuda", torch.float16, True),
+        (True, "cuda", torch.float32, False),
+        (True, "cpu", torch.bfloat16, False),
+        (False, "cuda", torch.bfloat16, False),
+    ],
+)
+def test_fused_mlp_gate_is_device_and_dtype_only(enabled, device, dtype, expected):
+    """The kernel has a backward, so training takes it as inference does: the gate has no grad-mode input."""
+    assert fused_mlp_runs(enabled, torch.device(device), dtype) is expected
+
+
+def test_training_through_the_fused_op_equals_the_module_path(tiny, fused_calls, monkeypatch):
+    launches = []
+
+    def torch_launch(x, w, b, config=None, *, pre_out=None):
+        launches.append(pre_out is not None)
+        pre = torch.nn.functional.linear(x, w, b)
+        if pre_out is not None:
+            pre_out.copy_(pre)
+        return torch.nn.functional.gelu(pre)
+
+    monkeypatch.setattr(lg, "linear_gelu_supported", lambda *a, **k: True)
+    monkeypatch.setattr(lg, "launch_linear_gelu", torch_launch)
+    torch.manual_seed(0)
+    model = DINOv3ViTPackingModel(tiny(num_hidden_layers=2)).train()
+    layout = PackedLayout.build([(1, 2, 3), (1, 3, 1)], model.num_prefix_tokens, "cpu")
+    x = torch.randn(layout.num_tokens, model.config.hidden_size)
+    # One batch for both paths: in training mode each batch draws its own RoPE augmentation.
+    batch = model.packed_batch(layout, inference=False)
+    results = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        out, _ = model.model(x, dataclasses.replace(batch, fused_mlp=fused))
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain, plain_grads), (fused, fused_grads) = results
+    assert len(fused_calls) == 2 and launches == [True, True]  # both blocks fused, each kept its pre-activation
+    assert torch.equal(fused, plain)
+    assert fused_grads.keys() == plain_grads.keys()
+    assert any("up_proj" in n for n in fused_grads)
+    for name, grad in plain_grads.items():
+        assert torch.equal(fused_grads[name], grad), name

@@ -55,7 +55,7 @@ INTERPRETER_CASES = [
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
-    import importlib.util, json, sys
+    import functools, importlib.util, json, sys
     import torch
     import torch.nn.functional as F
     import triton
@@ -80,14 +80,28 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         w = (torch.randn(N, K, generator=gen) / K**0.5).to(dt)
         b = torch.randn(N, generator=gen).to(dt) if has_bias else None
         y = lg.launch_linear_gelu(x, w, b, cfg, kernel=kernel)
-        ref = F.gelu(F.linear(x.double(), w.double(), None if b is None else b.double()))
-        diff = (y.double() - ref).abs()
+        # The same launch storing the pre-activation too (what training runs).
+        pre = torch.full((M, N), float("nan"), dtype=dt)
+        y_with_pre = lg.launch_linear_gelu(x, w, b, cfg, kernel=kernel, pre_out=pre)
+        pre_ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+        ref = F.gelu(pre_ref)
+
+        def errors(got, ref):
+            diff = (got.double() - ref).abs()
+            # rel: in units of max |ref|; excess: the worst excess over one fp16 rounding of the output, likewise
+            excess = (diff - (ref.abs() * 2.0**-11).clamp_min(2.0**-24)).max() / ref.abs().max()
+            return (diff.max() / ref.abs().max()).item(), excess.item()
+
+        rel, excess = errors(y, ref)
+        pre_rel, pre_excess = errors(pre, pre_ref)
         out[name] = dict(
             shape=list(y.shape),
             dtype=str(y.dtype),
-            rel=(diff.max() / ref.abs().max()).item(),
-            # worst excess over one fp16 rounding of the output, in units of max |ref|
-            excess=((diff - (ref.abs() * 2.0**-11).clamp_min(2.0**-24)).max() / ref.abs().max()).item(),
+            rel=rel,
+            excess=excess,
+            pre_rel=pre_rel,
+            pre_excess=pre_excess,
+            same_y_with_pre=torch.equal(y, y_with_pre),
             supported=lg.linear_gelu_supported(x, w, b),
         )
 
@@ -111,6 +125,42 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         torch_gelu_abs=(F.gelu(v[fin]).double() - gelu_true).abs().max().item(),
         at_inf=[y[-2].item(), y[-1].item()],
     )
+
+    # Training through the custom op with the real kernel: the interpreter never counts as the kernel path, so the
+    # gate is forced open and the launcher given a small config (the autotuner does not run here); every launch
+    # is recorded to show the kernel stored the pre-activation. Reference: fp64 autograd of F.gelu(F.linear(...))
+    # on the same inputs and output gradient.
+    launch, launches = lg.launch_linear_gelu, []
+
+    def recording_launch(*args, config, kernel, **kwargs):
+        launches.append(kwargs.get("pre_out") is not None)
+        return launch(*args, config=config, kernel=kernel, **kwargs)
+
+    lg.linear_gelu_supported = lambda *args: True
+    small = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+    for name, kernel, cfg, has_bias in (
+        ("tma", "tma", dict(small, EPI_SUBTILE=True), True),
+        ("tma_nosub_nobias", "tma", dict(small, EPI_SUBTILE=False), False),
+        ("ptr", "ptr", small, True),
+    ):
+        lg.launch_linear_gelu = functools.partial(recording_launch, config=cfg, kernel=kernel)
+        launches.clear()
+        x = torch.randn(2, 37, 72, generator=gen).requires_grad_()  # leading dims; tails in M, N and K
+        w = (torch.randn(100, 72, generator=gen) / 72**0.5).requires_grad_()
+        b = torch.randn(100, generator=gen).requires_grad_() if has_bias else None
+        leaves = [t for t in (x, w, b) if t is not None]
+        y = lg.linear_gelu(x, w, b)
+        grad_y = torch.randn(y.shape, generator=gen)
+        grads = torch.autograd.grad(y, leaves, grad_y)
+        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+        y64 = F.gelu(F.linear(leaves64[0], leaves64[1], leaves64[2] if has_bias else None))
+        grads64 = torch.autograd.grad(y64, leaves64, grad_y.double())
+        out["_train_" + name] = dict(
+            launches=launches[:],
+            y_rel=((y.double() - y64).abs().max() / y64.abs().max()).item(),
+            grad_rel=[((g.double() - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, grads64)],
+            grad_shapes=[list(g.shape) for g in grads],
+        )
     print("RESULT" + json.dumps(out))
     """
 )
@@ -128,10 +178,24 @@ def test_kernel_matches_reference_in_interpreter(interpreter_results, case):
     assert r["shape"] == [M, N]
     assert r["dtype"] == f"torch.{dtype}"
     if dtype == "float32":
-        assert r["rel"] <= 1e-5, r
+        assert r["rel"] <= 1e-5 and r["pre_rel"] <= 1e-5, r
     else:
-        assert r["excess"] <= 1e-5, r
+        assert r["excess"] <= 1e-5 and r["pre_excess"] <= 1e-5, r
+    assert r["same_y_with_pre"], r  # storing the pre-activation leaves the output bit for bit as it was
     assert r["supported"] is False  # the interpreter never counts as the kernel path
+
+
+@pytest.mark.parametrize("name", ["tma", "tma_nosub_nobias", "ptr"])
+def test_kernel_backward_matches_autograd_in_interpreter(interpreter_results, name):
+    """fp32 training through the op with the real kernel: one launch, which stored the pre-activation; the output
+    within the forward's 1e-5 of max |ref| of fp64 autograd, and the x / weight / bias gradients within 2e-6
+    (fp32 products of a few hundred terms; measured 1.1-3.7e-7)."""
+    r = interpreter_results["_train_" + name]
+    assert r["launches"] == [True], r
+    assert r["y_rel"] <= 1e-5, r
+    expected = [[2, 37, 72], [100, 72]] + ([] if "nobias" in name else [[100]])
+    assert r["grad_shapes"] == expected, r
+    assert all(g <= 2e-6 for g in r["grad_rel"]), r
 
 
 def test_gelu_epilogue_accuracy(interpreter_results):
@@ -172,6 +236,9 @@ def _inputs(dtype=torch.float32, M=37, K=64, N=96, bias=True, requires_grad=Fals
     return x, w, b
 
 
+OP = torch.ops.dinov3_packing.linear_gelu
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_fallback_is_exact(dtype, bias):
@@ -179,7 +246,10 @@ def test_cpu_fallback_is_exact(dtype, bias):
     assert not lg.linear_gelu_supported(x, w, b)
     ref = F.gelu(F.linear(x, w, b))
     assert torch.equal(lg.linear_gelu(x, w, b), ref)
-    assert torch.equal(torch.ops.dinov3_packing.linear_gelu(x, w, b), ref)
+    y, pre = OP(x, w, b, False)
+    assert torch.equal(y, ref) and pre.numel() == 0  # nothing kept without save_pre
+    y, pre = OP(x, w, b, True)
+    assert torch.equal(y, ref) and torch.equal(pre, F.linear(x, w, b))
 
 
 def test_fallback_keeps_autograd():
@@ -194,31 +264,90 @@ def test_fallback_keeps_autograd():
         assert torch.equal(got, t.grad)
 
 
-def test_dispatch_between_kernel_and_fallback(monkeypatch):
-    """With the kernel path forced on, inference goes through the custom op and launcher; autograd does not."""
+def _grads(fn, leaves, grad_y):
+    return torch.autograd.grad(fn(*leaves), [t for t in leaves if t is not None], grad_y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_op_backward_equals_autograd_of_the_reference(dtype, bias):
+    """The op's registered backward on the CPU path (torch forward, saved pre-activation, ATen's gelu_backward and
+    three matmuls) against autograd through F.gelu(F.linear(...)): the same ATen kernels on the same values, so
+    the gradients must be equal bit for bit, over leading dims of x."""
+    x, w, b = _inputs(dtype, M=74, bias=bias, requires_grad=True)
+    x = x.detach().reshape(2, 37, 64).requires_grad_()
+    grad_y = torch.randn(2, 37, 96, generator=torch.Generator().manual_seed(2)).to(dtype)
+    got = _grads(lambda x, w, b: OP(x, w, b, True)[0], (x, w, b), grad_y)
+    ref = _grads(lg.linear_gelu_reference, (x, w, b), grad_y)
+    assert len(got) == (3 if bias else 2)
+    for g, r in zip(got, ref, strict=True):
+        assert g.dtype == dtype and torch.equal(g, r)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_op_gradcheck_fp64(bias):
+    """Finite differences in fp64 (gradcheck's defaults: eps 1e-6, atol 1e-5, rtol 1e-3) on the CPU path; the
+    kernel path accumulates in fp32, so it is checked against fp64 autograd instead (interpreter test above)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=g).requires_grad_()
+    w = torch.randn(6, 8, dtype=torch.float64, generator=g).requires_grad_()
+    b = torch.randn(6, dtype=torch.float64, generator=g).requires_grad_() if bias else None
+    assert torch.autograd.gradcheck(lambda x, w, b: OP(x, w, b, True)[0], (x, w, b))
+
+
+def test_pre_activation_output_is_not_differentiable():
+    x, w, b = _inputs(requires_grad=True)
+    y, pre = OP(x, w, b, True)
+    assert y.requires_grad and not pre.requires_grad
+
+
+def test_backward_without_saved_pre_activation_is_refused():
+    x, w, b = _inputs(requires_grad=True)
+    y, _ = OP(x, w, b, False)
+    with pytest.raises(RuntimeError, match="save_pre=False"):
+        y.sum().backward()
+
+
+def _force_kernel_path(monkeypatch) -> list:
+    """Open the gate on the CPU with a launcher made of torch ops (the kernel needs a GPU or the interpreter); the
+    returned list records each launch as (x shape, whether a pre-activation was asked for)."""
     calls = []
 
-    def fake_launch(x, w, b, config=None):
-        calls.append(tuple(x.shape))
+    def torch_launch(x, w, b, config=None, *, pre_out=None):
+        calls.append((tuple(x.shape), pre_out is not None))
+        if pre_out is not None:
+            pre_out.copy_(F.linear(x, w, b))
         return F.gelu(F.linear(x, w, b))
 
     monkeypatch.setattr(lg, "linear_gelu_supported", lambda *a, **k: True)
-    monkeypatch.setattr(lg, "launch_linear_gelu", fake_launch)
+    monkeypatch.setattr(lg, "launch_linear_gelu", torch_launch)
+    return calls
+
+
+def test_dispatch_between_kernel_and_fallback(monkeypatch):
+    """With the kernel path forced on, inference and training both go through the custom op and the launcher:
+    without autograd the launcher keeps no pre-activation, with autograd it fills one and the backward uses it."""
+    calls = _force_kernel_path(monkeypatch)
     x, w, b = _inputs(M=6, K=64, N=32)
     x3 = x.reshape(2, 3, 64)
     with torch.inference_mode():
         y = lg.linear_gelu(x3, w, b)
-    assert calls == [(6, 64)]  # leading dims flattened for the 2-D launcher
+    assert calls == [((6, 64), False)]  # leading dims flattened for the 2-D launcher
     assert y.shape == (2, 3, 32)
     assert torch.equal(y, F.gelu(F.linear(x3, w, b)))
 
     calls.clear()
     xg, wg, bg = _inputs(M=6, K=64, N=32, requires_grad=True)
-    yg = lg.linear_gelu(xg, wg, bg)
-    assert calls == [] and yg.grad_fn is not None
     with torch.no_grad():
         lg.linear_gelu(xg, wg, bg)
-    assert calls == [(6, 64)]
+    assert calls == [((6, 64), False)]
+    yg = lg.linear_gelu(xg, wg, bg)
+    assert calls[1:] == [((6, 64), True)] and yg.grad_fn is not None
+    grad_y = torch.randn(6, 32, generator=torch.Generator().manual_seed(4))
+    got = torch.autograd.grad(yg, (xg, wg, bg), grad_y)
+    ref = _grads(lg.linear_gelu_reference, (xg, wg, bg), grad_y)
+    for g, r in zip(got, ref, strict=True):
+        assert torch.equal(g, r)
 
 
 def test_supported_rules():
@@ -228,30 +357,81 @@ def test_supported_rules():
     assert not lg.linear_gelu_supported(x.to(meta), w.to(meta), b.to(meta))  # not CUDA either
 
 
-def test_custom_op_registered_with_fake():
+def test_custom_op_registered_with_fake_and_autograd():
     op = torch.ops.dinov3_packing.linear_gelu.default
-    assert str(op._schema) == "dinov3_packing::linear_gelu(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
+    assert str(op._schema) == (
+        "dinov3_packing::linear_gelu(Tensor x, Tensor weight, Tensor? bias, bool save_pre) -> (Tensor, Tensor)"
+    )
     x, w, b = _inputs(M=5, K=64, N=48)
-    torch.library.opcheck(torch.ops.dinov3_packing.linear_gelu, (x, w, b))
-    torch.library.opcheck(torch.ops.dinov3_packing.linear_gelu, (x.reshape(5, 1, 64), w, None))
+    xg, wg, bg = _inputs(M=5, K=64, N=48, requires_grad=True)
+    # opcheck runs the op against its fake, its schema and, for inputs requiring grad, its autograd registration.
+    torch.library.opcheck(OP, (x, w, b, False))
+    torch.library.opcheck(OP, (x.reshape(5, 1, 64), w, None, True))
+    torch.library.opcheck(OP, (xg, wg, bg, True))
+    torch.library.opcheck(OP, (xg.detach().reshape(5, 1, 64).requires_grad_(), wg, None, True))
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         xf, wf = torch.empty(7, 3, 64, dtype=torch.bfloat16), torch.empty(48, 64, dtype=torch.bfloat16)
-        y = torch.ops.dinov3_packing.linear_gelu(xf, wf, None)
-    assert y.shape == (7, 3, 48) and y.dtype == torch.bfloat16
+        y, pre = OP(xf, wf, None, True)
+        y2, empty = OP(xf, wf, None, False)
+    assert y.shape == pre.shape == y2.shape == (7, 3, 48) and y.dtype == pre.dtype == torch.bfloat16
+    assert empty.shape == (0,)
 
 
-def test_compile_keeps_op_opaque():
-    x, w, b = _inputs(M=9, K=64, N=48)
+def _compiled_with_graphs(fn):
     graphs = []
 
     def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    fn = torch.compile(lambda x, w, b: torch.ops.dinov3_packing.linear_gelu(x, w, b) * 2, backend=backend)
+    return torch.compile(fn, backend=backend), graphs
+
+
+def _op_nodes(gm) -> int:
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    return sum(t in (OP, OP.default) for t in targets)
+
+
+def test_compile_keeps_op_opaque():
+    x, w, b = _inputs(M=9, K=64, N=48)
+    fn, graphs = _compiled_with_graphs(lambda x, w, b: OP(x, w, b, False)[0] * 2)
     y = fn(x, w, b)
     assert torch.equal(y, F.gelu(F.linear(x, w, b)) * 2)
-    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
-    assert torch.ops.dinov3_packing.linear_gelu.default in targets or torch.ops.dinov3_packing.linear_gelu in targets
+    assert _op_nodes(graphs[0]) == 1
+
+
+def test_compile_trains_through_the_op(monkeypatch):
+    """Under torch.compile with autograd (AOTAutograd, as Inductor runs it) the forward graph holds the op once,
+    with save_pre set, and the backward graph runs the registered formula (ATen's gelu_backward, no second call of
+    the op): gradients equal eager autograd of the reference. The gate is forced open with a torch-ops launcher."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    calls = _force_kernel_path(monkeypatch)
+    graphs = {}
+
+    def capture(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    backend = aot_autograd(fw_compiler=capture("forward"), bw_compiler=capture("backward"))
+    fn = torch.compile(lambda x, w, b: lg.linear_gelu(x, w, b).square().sum(), backend=backend)
+    x, w, b = _inputs(M=9, K=64, N=48, requires_grad=True)
+    got = torch.autograd.grad(fn(x, w, b), (x, w, b))
+    ref = torch.autograd.grad(lg.linear_gelu_reference(x, w, b).square().sum(), (x, w, b))
+    for g, r in zip(got, ref, strict=True):
+        assert torch.equal(g, r), (g - r).abs().max()
+
+    def calls_of(gm):
+        return [n for n in gm.graph.nodes if n.op == "call_function"]
+
+    fwd_ops = [n for n in calls_of(graphs["forward"]) if n.target in (OP, OP.default)]
+    assert [n.args[3] for n in fwd_ops] == [True]
+    bwd_targets = {n.target for n in calls_of(graphs["backward"])}
+    assert torch.ops.aten.gelu_backward.default in bwd_targets and not bwd_targets & {OP, OP.default}
+    assert calls == [((9, 64), True)]

@@ -52,6 +52,7 @@ SCRIPT = textwrap.dedent(
                     "GROUP_M",
                     "EPI_SUBTILE",
                     "EVEN_N",
+                    "STORE_PRE",
                     "num_warps",
                     "num_stages",
                 )
@@ -96,25 +97,37 @@ SCRIPT = textwrap.dedent(
     def block_shapes(c, args):
         # What the real autotuner's pre-hook and heuristic do: the descriptors follow the config, EVEN_N the
         # config's BLOCK_N.
-        x_desc, w_desc, y_desc = args[:3]
+        x_desc, w_desc, y_desc, p_desc, _bias, _m, n = args[:7]
         x_desc.block_shape = [c["BLOCK_M"], c["BLOCK_K"]]
         w_desc.block_shape = [c["BLOCK_N"], c["BLOCK_K"]]
-        y_desc.block_shape = [c["BLOCK_M"], c["BLOCK_N"] // 2]
-        return dict(c, EVEN_N=args[5] % c["BLOCK_N"] == 0)
+        y_desc.block_shape = p_desc.block_shape = [c["BLOCK_M"], c["BLOCK_N"] // 2]
+        return dict(c, EVEN_N=n % c["BLOCK_N"] == 0)
 
     lg._tma_autotuned = StandIn(lg._linear_gelu_tma_kernel, small, block_shapes)
     direct = Counting(lg._linear_gelu_tma_kernel)
     lg._linear_gelu_tma_kernel = direct
     worst = 0.0
     # (N, K) = (100, 64) at M = 40 and 7 (one key; N not a multiple of BLOCK_N, so the direct launch must
-    # keep the bias mask), (64, 32), then (100, 64) without a bias (another key).
-    for m, kk, n, has_bias in ((40, 64, 100, True), (7, 64, 100, True), (40, 32, 64, True), (40, 64, 100, False)):
+    # keep the bias mask), (64, 32), (100, 64) without a bias (another key), then (100, 64) storing the
+    # pre-activation twice (another key: the training form tunes apart from the inference one).
+    for m, kk, n, has_bias, store_pre in (
+        (40, 64, 100, True, False),
+        (7, 64, 100, True, False),
+        (40, 32, 64, True, False),
+        (40, 64, 100, False, False),
+        (40, 64, 100, True, True),
+        (9, 64, 100, True, True),
+    ):
         x = torch.randn(m, kk, generator=g)
         w = torch.randn(n, kk, generator=g) / kk**0.5
         b = torch.randn(n, generator=g) if has_bias else None
-        y = lg.launch_linear_gelu(x, w, b)
-        ref = F.gelu(F.linear(x.double(), w.double(), None if b is None else b.double()))
+        pre = torch.empty(m, n) if store_pre else None
+        y = lg.launch_linear_gelu(x, w, b, pre_out=pre)
+        pre_ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+        ref = F.gelu(pre_ref)
         worst = max(worst, ((y.double() - ref).abs().max() / ref.abs().max()).item())
+        if store_pre:
+            worst = max(worst, ((pre.double() - pre_ref).abs().max() / pre_ref.abs().max()).item())
     out["linear_gelu"] = dict(
         tuned=lg._tma_autotuned.calls, direct=direct.calls, seen=direct.seen, keys=len(lg._TUNED_TMA), rel=worst
     )
@@ -143,19 +156,18 @@ def test_attention_tunes_once_per_head_dim_then_launches_the_tuned_config(result
 
 def test_linear_gelu_tunes_once_per_shape_then_launches_the_tuned_config(results):
     r = results["linear_gelu"]
-    # M = 7 reuses the M = 40 config, keeping the bias mask (N = 100); (64, 32) and the bias-free launch are
-    # new keys.
-    assert (r["tuned"], r["direct"], r["keys"]) == (3, 1, 3)
-    assert r["seen"] == [
-        {
-            "BLOCK_M": 16,
-            "BLOCK_N": 32,
-            "BLOCK_K": 32,
-            "GROUP_M": 4,
-            "EPI_SUBTILE": True,
-            "EVEN_N": False,
-            "num_warps": 4,
-            "num_stages": 2,
-        }
-    ]
+    # M = 7 reuses the M = 40 config, keeping the bias mask (N = 100); (64, 32), the bias-free launch and the
+    # first launch storing the pre-activation are new keys; the second one reuses that config, still storing it.
+    assert (r["tuned"], r["direct"], r["keys"]) == (4, 2, 4)
+    tuned = {
+        "BLOCK_M": 16,
+        "BLOCK_N": 32,
+        "BLOCK_K": 32,
+        "GROUP_M": 4,
+        "EPI_SUBTILE": True,
+        "EVEN_N": False,
+        "num_warps": 4,
+        "num_stages": 2,
+    }
+    assert r["seen"] == [{**tuned, "STORE_PRE": False}, {**tuned, "STORE_PRE": True}]
     assert r["rel"] < 1e-6

@@ -115,7 +115,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             cos=cos,
             sin=sin,
             attention=self.resolved_attn_backend(inference=inference, max_seqlen=layout.max_seqlen),
-            fused_mlp=fused_mlp_runs(self.fused_mlp, device, dtype, inference),
+            fused_mlp=fused_mlp_runs(self.fused_mlp, device, dtype),
             dropout=self.config.attention_dropout if self.training else 0.0,
             inference=inference,
         )

@@ -2,8 +2,9 @@
 
 `feed_forward(mlp, x, batch)` runs a block's MLP module, or, when `batch.fused_mlp` is set and the module is
 a plain Hugging Face GELU MLP, its up-projection, bias and exact GELU as one Triton GEMM
-(`ops/triton/linear_gelu.py`) followed by the module's own down-projection. `fused_mlp_setting` validates
-the model's `fused_mlp=` option; `fused_mlp_runs` is the device/dtype/grad gate.
+(`ops/triton/linear_gelu.py`, with a backward, so training takes it too) followed by the module's own
+down-projection. `fused_mlp_setting` validates the model's `fused_mlp=` option; `fused_mlp_runs` is the
+device/dtype gate.
 """
 
 from __future__ import annotations
@@ -34,10 +35,9 @@ def fused_mlp_setting(value: bool | None, use_gated_mlp: bool, hidden_act: str) 
     return value
 
 
-def fused_mlp_runs(enabled: bool, device: torch.device, dtype: torch.dtype, inference: bool) -> bool:
-    """Whether the fused kernel runs for a forward: enabled, CUDA, fp16/bf16, and no autograd (it has no
-    backward)."""
-    return enabled and inference and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+def fused_mlp_runs(enabled: bool, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused kernel runs for a forward, with or without autograd: enabled, CUDA, fp16/bf16."""
+    return enabled and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
 def _is_plain(mlp: nn.Module) -> bool:

@@ -21,11 +21,14 @@ the measurements: ``docs/kernels.md``.
 
 Public API:
 
-- :func:`linear_gelu` ``(x, weight, bias=None)``: the fused kernel on CUDA fp16/bf16 inference, else
-  ``F.gelu(F.linear(x, weight, bias))`` (CPU, other dtypes, or autograd needed).
+- :func:`linear_gelu` ``(x, weight, bias=None)``: the fused kernel on CUDA fp16/bf16, in inference and in
+  training, else ``F.gelu(F.linear(x, weight, bias))`` (CPU, other dtypes).
 - :func:`linear_gelu_supported` ``(x, weight, bias=None)``: whether :func:`linear_gelu` takes the kernel path.
-- ``torch.ops.dinov3_packing.linear_gelu``: the same as an opaque custom op (no autograd) that ``torch.compile``
-  keeps as one call; its fake implementation only allocates the output.
+- ``torch.ops.dinov3_packing.linear_gelu(x, weight, bias, save_pre) -> (y, pre)``: the same as a custom op that
+  ``torch.compile`` keeps as one call; its fake implementation only allocates the outputs. With ``save_pre`` the
+  kernel also stores the pre-activation (x's dtype; one more store in the same epilogue, no second GEMM), and the
+  registered backward computes ``grad_pre = grad_y * gelu'(pre)`` (exact erf derivative) and the input, weight
+  and bias gradients with torch matmuls (cuBLAS on the GPU).
 - :func:`launch_linear_gelu`: the raw launcher (explicit config or autotune; also runs under ``TRITON_INTERPRET=1``).
 
 Triton versions: only APIs present in both Triton 3.6 and 3.8 (``tl.dot``, ``tl.range(..., flatten=True)``,
@@ -116,14 +119,14 @@ if triton is not None:
         return tl.maximum(v, 0.0) - t * e
 
     @triton.jit
-    def _bias_gelu(acc, b_ptr, offs_n, N, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr):
+    def _add_bias(acc, b_ptr, offs_n, N, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr):
         if HAS_BIAS:
             if EVEN_N:  # no column tail: unmasked loads (no per-element compare and predicate)
                 bias = tl.load(b_ptr + offs_n).to(tl.float32)
             else:
                 bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
             acc = acc + bias[None, :]
-        return _gelu_folded(acc)
+        return acc
 
     @triton.jit
     def _tile_pid(tile_id, num_pid_in_group, num_pid_m, GROUP_M: tl.constexpr):
@@ -140,11 +143,13 @@ if triton is not None:
         x_desc,
         w_desc,
         y_desc,
+        p_desc,
         b_ptr,
         M,
         N,
         K,
         HAS_BIAS: tl.constexpr,
+        STORE_PRE: tl.constexpr,
         EVEN_N: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -153,7 +158,8 @@ if triton is not None:
         EPI_SUBTILE: tl.constexpr,
         NUM_SMS: tl.constexpr,
     ):
-        """Persistent: program p handles tiles p, p + NUM_SMS, ...; y = gelu(x @ w^T + b) through TMA."""
+        """Persistent: program p handles tiles p, p + NUM_SMS, ...; y = gelu(x @ w^T + b) through TMA, and the
+        pre-activation x @ w^T + b through `p_desc` when STORE_PRE."""
         start_pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -181,13 +187,19 @@ if triton is not None:
                 halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
                 acc0, acc1 = tl.split(halves)
                 offs0 = off_n + tl.arange(0, BLOCK_N // 2)
-                y0 = _bias_gelu(acc0, b_ptr, offs0, N, HAS_BIAS, EVEN_N)
-                y_desc.store([off_m, off_n], y0.to(y_desc.dtype))
-                y1 = _bias_gelu(acc1, b_ptr, offs0 + BLOCK_N // 2, N, HAS_BIAS, EVEN_N)
-                y_desc.store([off_m, off_n + BLOCK_N // 2], y1.to(y_desc.dtype))
+                v0 = _add_bias(acc0, b_ptr, offs0, N, HAS_BIAS, EVEN_N)
+                if STORE_PRE:
+                    p_desc.store([off_m, off_n], v0.to(p_desc.dtype))
+                y_desc.store([off_m, off_n], _gelu_folded(v0).to(y_desc.dtype))
+                v1 = _add_bias(acc1, b_ptr, offs0 + BLOCK_N // 2, N, HAS_BIAS, EVEN_N)
+                if STORE_PRE:
+                    p_desc.store([off_m, off_n + BLOCK_N // 2], v1.to(p_desc.dtype))
+                y_desc.store([off_m, off_n + BLOCK_N // 2], _gelu_folded(v1).to(y_desc.dtype))
             else:
-                y = _bias_gelu(acc, b_ptr, off_n + tl.arange(0, BLOCK_N), N, HAS_BIAS, EVEN_N)
-                y_desc.store([off_m, off_n], y.to(y_desc.dtype))
+                v = _add_bias(acc, b_ptr, off_n + tl.arange(0, BLOCK_N), N, HAS_BIAS, EVEN_N)
+                if STORE_PRE:
+                    p_desc.store([off_m, off_n], v.to(p_desc.dtype))
+                y_desc.store([off_m, off_n], _gelu_folded(v).to(y_desc.dtype))
 
     @triton.jit
     def _linear_gelu_ptr_kernel(
@@ -195,6 +207,7 @@ if triton is not None:
         w_ptr,
         b_ptr,
         y_ptr,
+        p_ptr,
         M,
         N,
         K,
@@ -202,13 +215,15 @@ if triton is not None:
         stride_wn,
         stride_ym,
         HAS_BIAS: tl.constexpr,
+        STORE_PRE: tl.constexpr,
         EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        """y[M, N] = gelu(x[M, K] @ w[N, K]^T + b[N]); unit stride along K for x and w, along N for y."""
+        """y[M, N] = gelu(x[M, K] @ w[N, K]^T + b[N]), and the pre-activation into p (laid out as y) when
+        STORE_PRE; unit stride along K for x and w, along N for y."""
         pid_m, pid_n = _tile_pid(tl.program_id(0), GROUP_M * tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -234,10 +249,12 @@ if triton is not None:
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
 
-        acc = _bias_gelu(acc, b_ptr, offs_n, N, HAS_BIAS, False)
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        v = _add_bias(acc, b_ptr, offs_n, N, HAS_BIAS, False)
+        out_offs = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        if STORE_PRE:
+            tl.store(p_ptr + out_offs, v.to(p_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + out_offs, _gelu_folded(v).to(y_ptr.dtype.element_ty), mask=mask)
 
     def _set_desc_blocks(nargs: dict) -> None:
         """Autotune pre-hook: the descriptors' block shapes follow the config being run."""
@@ -245,15 +262,17 @@ if triton is not None:
         nargs["x_desc"].block_shape = [bm, bk]
         nargs["w_desc"].block_shape = [bn, bk]
         nargs["y_desc"].block_shape = [bm, bn // 2 if nargs["EPI_SUBTILE"] else bn]
+        nargs["p_desc"].block_shape = nargs["y_desc"].block_shape
 
     def _triton_config(c: dict, pre_hook=None) -> triton.Config:
         meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
         return triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=pre_hook)
 
-    _tma_autotuned = triton.autotune(configs=[_triton_config(c, _set_desc_blocks) for c in CONFIGS], key=["N", "K"])(
-        triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})(_linear_gelu_tma_kernel)
-    )
-    _ptr_autotuned = triton.autotune(configs=[_triton_config(c) for c in PTR_CONFIGS], key=["N", "K"])(
+    # STORE_PRE is part of the key: the second store changes the epilogue's cost and shared memory.
+    _tma_autotuned = triton.autotune(
+        configs=[_triton_config(c, _set_desc_blocks) for c in CONFIGS], key=["N", "K", "STORE_PRE"]
+    )(triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})(_linear_gelu_tma_kernel))
+    _ptr_autotuned = triton.autotune(configs=[_triton_config(c) for c in PTR_CONFIGS], key=["N", "K", "STORE_PRE"])(
         triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_linear_gelu_ptr_kernel)
     )
 
@@ -278,15 +297,15 @@ def _tma_compatible(*tensors: torch.Tensor) -> bool:
 
 # The config the TMA autotuner chose for each key of `_tma_key`: later launches pass it to the kernel
 # directly, which skips the autotuner's per-call host bookkeeping (docs/kernels.md). The key holds everything
-# the autotuner keys on (N, K and the dtype of every tensor argument) plus the bias flag and device, so the
-# choice is the one it would make. The pointer kernel (unaligned or pre-Hopper) keeps the autotuner.
+# the autotuner keys on (N, K, STORE_PRE and the dtype of every tensor argument) plus the bias flag and device, so
+# the choice is the one it would make. The pointer kernel (unaligned or pre-Hopper) keeps the autotuner.
 _TUNED_TMA: dict[tuple, dict] = {}
 _TUNING_LOCK = threading.Lock()
 
 
-def _tma_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+def _tma_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, store_pre: bool) -> tuple:
     bias_dtype = None if bias is None else bias.dtype
-    return (weight.shape[0], x.shape[1], x.dtype, weight.dtype, bias_dtype, x.device)
+    return (weight.shape[0], x.shape[1], store_pre, x.dtype, weight.dtype, bias_dtype, x.device)
 
 
 def launch_linear_gelu(
@@ -296,11 +315,14 @@ def launch_linear_gelu(
     config: dict | None = None,
     *,
     kernel: str = "auto",
+    pre_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the Triton kernel on a 2-D ``x [M, K]``, ``weight [N, K]``, ``bias [N]`` or None; returns ``[M, N]``.
 
-    ``kernel``: "tma" (persistent TMA kernel), "ptr" (pointer kernel) or "auto" (TMA when the device has it and
-    the tensors are 16-byte aligned, else pointer). ``config``: one entry of :data:`CONFIGS` (TMA) or
+    ``pre_out``: a contiguous ``[M, N]`` tensor of x's dtype and device that the same kernel also fills with the
+    pre-activation ``x @ weight.T + bias`` (rounded once from fp32), for the backward. ``kernel``: "tma"
+    (persistent TMA kernel), "ptr" (pointer kernel) or "auto" (TMA when the device has it and the tensors are
+    16-byte aligned, else pointer). ``config``: one entry of :data:`CONFIGS` (TMA) or
     :data:`PTR_CONFIGS` (pointer; BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, optional num_warps / num_stages) runs that
     configuration; None autotunes over the list (keyed on N and K). No dtype / device policy here: callers go
     through :func:`linear_gelu` or the custom op. Under ``TRITON_INTERPRET=1`` this runs on CPU tensors (pass
@@ -322,23 +344,35 @@ def launch_linear_gelu(
         weight = weight.contiguous()
     if bias is not None:
         bias = bias.contiguous()
+    if pre_out is not None and (
+        pre_out.shape != (M, N) or pre_out.dtype != x.dtype or pre_out.device != x.device or not pre_out.is_contiguous()
+    ):
+        raise ValueError(
+            f"linear_gelu: pre_out must be a contiguous ({M}, {N}) {x.dtype} tensor on {x.device}, got "
+            f"{tuple(pre_out.shape)} {pre_out.dtype} on {pre_out.device}"
+        )
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return y
     if K == 0:
-        return y.copy_(linear_gelu_reference(x, weight, bias))
+        v = F.linear(x, weight, bias)
+        if pre_out is not None:
+            pre_out.copy_(v)
+        return y.copy_(F.gelu(v))
     b_arg = bias if bias is not None else y  # never read when HAS_BIAS is False
-    flags = dict(HAS_BIAS=bias is not None)
+    store_pre = pre_out is not None
+    p_arg = pre_out if store_pre else y  # never written when STORE_PRE is False
+    flags = dict(HAS_BIAS=bias is not None, STORE_PRE=store_pre)
 
     num_sms, has_tma = _device_info(x.device)
-    use_tma = TensorDescriptor is not None and has_tma and _tma_compatible(x, weight, y)
+    use_tma = TensorDescriptor is not None and has_tma and _tma_compatible(x, weight, y, p_arg)
     if kernel == "tma" and not use_tma:
         raise ValueError("linear_gelu: the TMA kernel needs Triton >= 3.4, sm_90+ and 16-byte aligned rows")
     if kernel == "ptr":
         use_tma = False
 
     if use_tma:
-        key = _tma_key(x, weight, bias)
+        key = _tma_key(x, weight, bias, store_pre)
         if config is None and key in _TUNED_TMA:
             config = _TUNED_TMA[key]
         c = dict(config or CONFIGS[0])  # block shapes for the descriptors; the autotuner's pre-hook resets them
@@ -346,11 +380,12 @@ def launch_linear_gelu(
         x_desc = TensorDescriptor.from_tensor(x, [c["BLOCK_M"], c["BLOCK_K"]])
         w_desc = TensorDescriptor.from_tensor(weight, [c["BLOCK_N"], c["BLOCK_K"]])
         y_desc = TensorDescriptor.from_tensor(y, [c["BLOCK_M"], bn_store])
+        p_desc = TensorDescriptor.from_tensor(p_arg, [c["BLOCK_M"], bn_store]) if store_pre else y_desc
 
         def grid(meta):
             return (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
-        args = (x_desc, w_desc, y_desc, b_arg, M, N, K)
+        args = (x_desc, w_desc, y_desc, p_desc, b_arg, M, N, K)
         if config is None:
             with _TUNING_LOCK:  # `best_config` is the autotuner's last choice: read it before another launch
                 _tma_autotuned[grid](*args, **flags, NUM_SMS=num_sms)
@@ -363,7 +398,7 @@ def launch_linear_gelu(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    args = (x, weight, b_arg, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0))
+    args = (x, weight, b_arg, y, p_arg, M, N, K, x.stride(0), weight.stride(0), y.stride(0))
     if config is None:
         _ptr_autotuned[grid](*args, **flags)
     else:
@@ -377,7 +412,7 @@ def linear_gelu_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
     Needs Triton (not the interpreter), CUDA tensors on one device, fp16 or bf16 for both ``x`` and ``weight``,
     ``weight`` 2-D with ``weight.shape[1] == x.shape[-1]``, and ``bias`` (if any) 1-D of length ``weight.shape[0]``
-    on that device. Autograd is not considered here; :func:`linear_gelu` checks it separately.
+    on that device. Grad mode does not matter: the kernel path has a backward.
     """
     if triton is None or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
@@ -393,30 +428,65 @@ def linear_gelu_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 @torch.library.custom_op("dinov3_packing::linear_gelu", mutates_args=())
-def _linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``gelu(x @ weight.T + bias)`` over any leading dims of ``x``; the Triton kernel where supported."""
+def _linear_gelu_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, save_pre: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gelu(x @ weight.T + bias), pre)`` over any leading dims of ``x``; ``pre`` is the pre-activation
+    ``x @ weight.T + bias`` in x's dtype when ``save_pre`` (the backward's input), else an empty tensor. The Triton
+    kernel where :func:`linear_gelu_supported` (one launch writes both), else the torch ops."""
+    out_shape = (*x.shape[:-1], weight.shape[0])
     if not linear_gelu_supported(x, weight, bias):
-        return linear_gelu_reference(x, weight, bias)
-    lead = x.shape[:-1]
-    y = launch_linear_gelu(x.reshape(-1, x.shape[-1]), weight, bias)
-    return y.reshape(*lead, weight.shape[0])
+        pre = F.linear(x, weight, bias)
+        return F.gelu(pre), pre if save_pre else x.new_empty(0)
+    pre = x.new_empty(out_shape) if save_pre else x.new_empty(0)
+    pre_out = pre.view(-1, weight.shape[0]) if save_pre else None
+    y = launch_linear_gelu(x.reshape(-1, x.shape[-1]), weight, bias, pre_out=pre_out)
+    return y.reshape(out_shape), pre
 
 
 @_linear_gelu_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, save_pre: bool):
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return y, torch.empty_like(y) if save_pre else x.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, save_pre = inputs
+    ctx.save_pre, ctx.has_bias = save_pre, bias is not None
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y: torch.Tensor, _grad_pre: torch.Tensor | None):
+    """Gradients from the saved pre-activation: ``grad_pre = grad_y * gelu'(pre)`` with the exact erf derivative
+    (ATen's ``gelu_backward``, what ``F.gelu``'s own autograd runs), then the linear's three products."""
+    if not ctx.save_pre:
+        raise RuntimeError(
+            "dinov3_packing::linear_gelu was called with save_pre=False, so it kept no pre-activation for the "
+            "backward; call linear_gelu(), which sets it when autograd records"
+        )
+    x, weight, pre = ctx.saved_tensors
+    grad_pre = torch.ops.aten.gelu_backward(grad_y, pre)
+    flat = grad_pre.reshape(-1, grad_pre.shape[-1])
+    grad_x = grad_pre @ weight if ctx.needs_input_grad[0] else None
+    grad_w = flat.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+    grad_b = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b, None
+
+
+_linear_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.gelu(F.linear(x, weight, bias))`` (exact erf GELU), fused into one Triton GEMM where it can be.
 
-    Takes the custom op ``torch.ops.dinov3_packing.linear_gelu`` (opaque to ``torch.compile``) for CUDA fp16/bf16
-    inference; falls back to the torch ops when autograd would need a graph (grad enabled and any input
-    requiring grad: the op has no backward), or when :func:`linear_gelu_supported` is False.
+    Takes the custom op ``torch.ops.dinov3_packing.linear_gelu`` (opaque to ``torch.compile``, with a backward) for
+    CUDA fp16/bf16; when autograd records, the kernel also stores the pre-activation for the backward. Falls back to
+    the torch ops when :func:`linear_gelu_supported` is False.
     """
+    if not linear_gelu_supported(x, weight, bias):
+        return linear_gelu_reference(x, weight, bias)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    if needs_grad or not linear_gelu_supported(x, weight, bias):
-        return linear_gelu_reference(x, weight, bias)
-    return torch.ops.dinov3_packing.linear_gelu(x, weight, bias)
+    return torch.ops.dinov3_packing.linear_gelu(x, weight, bias, needs_grad)[0]
