@@ -531,3 +531,19 @@ def test_cli_reports_each_bad_checkpoint_in_one_line(tiny_model, tmp_path):
         # The CLI names the flag (--ckpt) where the library names the argument (ckpt).
         assert len(lines) == 1 and lines[0].startswith(("error: --ckpt: ", "error: ckpt: ")), (name, proc.stderr)
         assert fragment in lines[0], (name, lines[0])
+
+
+def test_align_builds_the_checkpoint_once(monkeypatch, capsys):
+    """align compares the packed model with HF built from one load (it used to load the checkpoint twice)."""
+    from dinov3_packing.apps.align import align
+
+    builds = []
+
+    def record(config, seed=0, attn_backend="auto"):
+        builds.append(seed)
+        return random_packing_model(config, seed=seed, attn_backend=attn_backend)
+
+    monkeypatch.setattr(checkpoints, "random_packing_model", record)
+    assert align("random:vits16@5", batch_size=1, image_size=32)
+    assert builds == [5]
+    assert "ALL TESTS PASSED" in capsys.readouterr().out

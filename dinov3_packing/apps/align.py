@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DINOv3ViTModel
 
-from ..compat.seed import Dinov3, DINOv3ViTPacking
 from ..data.files import image_paths_in, load_at_patch_multiple, sample_image_paths
+from ..model.modeling import DINOv3ViTPackingModel
 from ..packing import pack, split
-from ..weights.load import DEFAULT_CKPT
+from ..weights.load import DEFAULT_CKPT, load_checkpoint, parse_device, reference_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP32_RTOL = 1e-5  # fp32 packed vs fp32 reference: only summation order differs (observed ~1e-6)
@@ -69,15 +70,18 @@ def random_tests(batch_size: int, image_size: int, p: int, seed: int = 0) -> dic
 
 
 @torch.no_grad()
-def run_test(packed: DINOv3ViTPacking, ref: Dinov3, images: list[torch.Tensor]) -> tuple[Comparison, Comparison]:
+def run_test(
+    packed: DINOv3ViTPackingModel, ref: DINOv3ViTModel, images: list[torch.Tensor]
+) -> tuple[Comparison, Comparison]:
+    """One packed forward of `images` against the reference run image by image (a clip's frames batched)."""
     hidden_states, grid = pack(images, packed.patch_size)
-    out = packed.model(hidden_states.to(packed.device, packed.dtype), grid.to(packed.device))
+    out = packed(hidden_states.to(packed.device, packed.dtype), grid.to(packed.device))
     got_maps = split(out.last_hidden_state, grid)
     ref_patches, ref_cls = [], []
     for img in images:
         frames = img if img.ndim == 4 else img[None]
-        r = ref.model(frames.to(ref.model.device, ref.model.dtype))
-        ref_patches.append(r.last_hidden_state[:, ref.num_prefix_tokens :].cpu())
+        r = ref(frames.to(ref.device, ref.dtype))
+        ref_patches.append(r.last_hidden_state[:, packed.num_prefix_tokens :].cpu())
         ref_cls.append(r.pooler_output.cpu())
     patches = compare("patches", [m.cpu() for m in got_maps], ref_patches)
     cls = compare("cls", [out.pooler_output.cpu()], [torch.cat(ref_cls)])
@@ -112,19 +116,20 @@ def align(
     print(f"Model checkpoint: {ckpt}\nDevice: {device}\nPacked dtype: {dtype} (reference: float32)")
     print(f"Similarity threshold: {threshold}" + (f"\nMax relative diff: {rtol}" if rtol else ""))
 
-    packed = DINOv3ViTPacking(ckpt, device=device, dtype=DTYPES[dtype], attn_backend=attn_backend)
-    ref = Dinov3(ckpt, device=device, dtype=torch.float32)
+    target = parse_device(device)
+    # One load: the fp32 reference copies the weights before the packed model moves to its dtype.
+    loaded = load_checkpoint(ckpt, "cpu", torch.float32, attn_backend)
+    ref = reference_model(loaded.model).to(target)
+    packed = loaded.model.to(device=target, dtype=DTYPES[dtype])
     print(
-        f"Patch size: {packed.patch_size}  hidden size: {packed.model.config.hidden_size}  "
-        f"registers: {packed.model.config.num_register_tokens}\n"
+        f"Patch size: {packed.patch_size}  hidden size: {packed.config.hidden_size}  "
+        f"registers: {packed.config.num_register_tokens}\n"
     )
 
     tests = random_tests(batch_size, image_size, packed.patch_size)
     if use_real_images:
         paths = image_paths_in(image_dir) if image_dir else sample_image_paths()
-        tests["real images"] = [
-            load_at_patch_multiple(p, packed.patch_size, packed.image_mean, packed.image_std) for p in paths
-        ]
+        tests["real images"] = [load_at_patch_multiple(p, packed.patch_size, loaded.mean, loaded.std) for p in paths]
         print(f"Real images: {len(paths)} from {image_dir or 'the bundled samples'}")
 
     failures, results = [], []

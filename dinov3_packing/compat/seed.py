@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.archs import normalization_for
-from ..weights.load import DEFAULT_CKPT, load_packing_model, parse_device, reference_model, resolve_alias
+from ..weights.load import DEFAULT_CKPT, load_checkpoint, parse_device, reference_model
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -18,7 +17,7 @@ class DINOv3ViTPacking(nn.Module):
     """Packed DINOv3: `forward(hidden_states [total_patches, p*p*C], grid_thw [N, 3]) -> [total_patches, D]`.
 
     Args:
-        ckpt: checkpoint (see `checkpoints.py`); default an offline random ViT-S/16.
+        ckpt: checkpoint (see `weights/load.py`); default an offline random ViT-S/16.
         device: default CUDA when available, else CPU.
         dtype: default bf16 on CUDA, fp32 on CPU.
         attn_backend: "auto", "triton", "varlen", "flash_attn" or "sdpa".
@@ -41,9 +40,10 @@ class DINOv3ViTPacking(nn.Module):
     ):
         super().__init__()
         device = parse_device(device)
-        self.model = load_packing_model(ckpt, device, dtype or default_dtype(device), attn_backend, fused_mlp)
+        loaded = load_checkpoint(ckpt, device, dtype or default_dtype(device), attn_backend, fused_mlp)
+        self.model = loaded.model
         self.patch_size = self.model.patch_size
-        self.image_mean, self.image_std = normalization_for(resolve_alias(ckpt))
+        self.image_mean, self.image_std = loaded.mean, loaded.std
 
     @property
     def device(self) -> torch.device:
@@ -70,11 +70,11 @@ class Dinov3(nn.Module):
     ):
         super().__init__()
         device = parse_device(device)
-        packed = load_packing_model(ckpt, "cpu", torch.float32, "sdpa")
-        self.model = reference_model(packed).to(device=device, dtype=dtype or default_dtype(device))
-        self.patch_size = packed.patch_size
-        self.num_prefix_tokens = packed.num_prefix_tokens
-        self.image_mean, self.image_std = normalization_for(resolve_alias(ckpt))
+        loaded = load_checkpoint(ckpt, "cpu", torch.float32, "sdpa")
+        self.model = reference_model(loaded.model).to(device=device, dtype=dtype or default_dtype(device))
+        self.patch_size = loaded.model.patch_size
+        self.num_prefix_tokens = loaded.model.num_prefix_tokens
+        self.image_mean, self.image_std = loaded.mean, loaded.std
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
