@@ -161,7 +161,8 @@ def test_resume_after_sigkill(tmp_path, tiny_ckpt):
 def test_torchrun_two_processes_equal_one(tmp_path, single_run):
     out = tmp_path / "two"
     cmd = ["torchrun", "--nproc_per_node", "2", "-m", "dinov3_packing", "embed", str(DATA), "--out", str(out)]
-    cmd += ["--batch-tokens", "300", "--shard-size", "3", "--workers", "1", "--device", "cpu", "--no-progress"]
+    cmd += ["--ckpt", CKPT, "--batch-tokens", "300", "--shard-size", "3", "--workers", "1", "--device", "cpu"]
+    cmd += ["--no-progress"]
     cmd += ["--save", "cls,mean,patches", "--patch-dtype", "float32", "--allow-skipped"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
