@@ -143,6 +143,17 @@ def test_draft_scale_is_the_smallest_still_covering_the_target(tmp_path, max_tok
     assert decoded.pixels.shape == (*target, 3) and decoded.pixels.dtype == np.uint8
 
 
+def test_mpo_phone_photo_is_drafted_like_a_jpeg(tmp_path):
+    """Phones write MPO (a JPEG with a second picture appended); Pillow opens it as its own format."""
+    photo = Image.open(camera_jpeg(tmp_path / "cam.jpg", sample_image_paths()[0], (4032, 3024)))
+    path = tmp_path / "phone.mpo"
+    photo.save(path, format="MPO", save_all=True, append_images=[photo.resize((320, 240))], quality=90)
+    assert Image.open(path).format == "MPO"
+    pre = Preprocessor(max_tokens=1024)
+    decoded = decode(path, pre.target_size)
+    assert decoded.scale == 4 and decoded.pixels.shape == (*pre.target_size(3024, 4032), 3)
+
+
 def test_drafted_camera_jpeg_stays_close_to_the_exact_path(tmp_path):
     path = camera_jpeg(tmp_path / "cam.jpg", sample_image_paths()[1], (4032, 3024), orientation=6)
     fast, _ = Preprocessor(max_tokens=1024).resized(path)

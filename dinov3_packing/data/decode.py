@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
+from PIL.JpegImagePlugin import JpegImageFile
 
 DEFAULT_MAX_PIXELS = 64_000_000
 """64 MP: above any camera (a 61 MP full-frame sensor fits), below Pillow's 89 / 179 MP bomb thresholds."""
@@ -100,7 +101,8 @@ def open_image(source: Encoded, name: str, max_pixels: int | None = DEFAULT_MAX_
 
 
 def upright_size(im: Image.Image) -> tuple[int, int]:
-    """`(height, width)` of an opened image once its EXIF orientation is applied (header only)."""
+    """`(height, width)` of an opened image once its EXIF orientation is applied. Reads the header only,
+    except for a PNG whose `eXIf` chunk may follow its pixels: Pillow decodes those to look for it."""
     width, height = im.size
     return (width, height) if _orientation(im) in _QUARTER_TURNS else (height, width)
 
@@ -146,7 +148,8 @@ def decode(
     if name is None:
         name = "image bytes" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
     with open_image(source, name, max_pixels) as im:
-        scale = _jpeg_scale(im, size_for, max_pixels) if im.format == "JPEG" else 1
+        # MPO (phone photos carrying a second picture) is a JPEG to Pillow, and drafts like one
+        scale = _jpeg_scale(im, size_for, max_pixels) if isinstance(im, JpegImageFile) else 1
         _check_pixels(im, name, max_pixels, scale)
         # Only now: a PNG's eXIf chunk may follow its pixel data, and Pillow decodes the pixels to find it.
         original = upright_size(im)
