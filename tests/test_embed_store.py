@@ -59,6 +59,15 @@ def finished(tmp_path_factory, tiny_ckpt):  # noqa: F811
     return src, root / "fresh"
 
 
+def test_reader_refuses_a_folder_of_another_format(tmp_path, finished):
+    out = tmp_path / "out"
+    shutil.copytree(finished[1], out)
+    settings = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**settings, "format": "dinov3-packing-embed/1"}))
+    with pytest.raises(ValueError, match="format 'dinov3-packing-embed/1'"):
+        EmbedReader(out)
+
+
 def _damage_missing(out: Path, shard: Path, other: Path) -> None:
     shard.unlink()
 

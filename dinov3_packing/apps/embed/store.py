@@ -360,6 +360,11 @@ class EmbedReader:
         if not (self.out / RUN).exists():
             raise ValueError(f"out: {str(out)!r} holds no embed results (no {RUN})")
         self.settings = json.loads((self.out / RUN).read_text())
+        if self.settings.get("format") != FORMAT:
+            raise ValueError(
+                f"out: {str(out)!r} was written in format {self.settings.get('format')!r}, this reader reads "
+                f"{FORMAT!r} (shards with ids); embed it again with overwrite=True"
+            )
         self.records = read_manifest(self.out)
         bad = bad_shards(self.out, self.records.values())
         if bad:
