@@ -3,11 +3,12 @@
 The MLP's first projection (``fc1`` then GELU) is one GEMM followed by an elementwise kernel that reads and
 writes the whole ``[M, 4*D]`` activation once more. Here the GEMM accumulates in fp32 and applies the bias and
 the exact erf GELU (``F.gelu(..., approximate="none")``, not the tanh approximation) to the fp32 accumulator
-before the single store in ``x.dtype``, so the pre-activation never touches device memory.
+before the single store in ``x.dtype``, so in inference the pre-activation never touches device memory (training
+stores it from the same epilogue, for the backward).
 
 Kernels (both grouped tile order for L2 reuse, fp32 accumulation, fp32 epilogue):
 
-- ``_linear_gelu_tma_kernel``: persistent (one program per SM), TMA descriptors for x / weight / y, the loop over
+- ``_linear_gelu_tma_kernel``: persistent (one program per SM), TMA descriptors for x / weight / y / pre, the loop over
   tiles flattened with the K loop so the next tile's loads are in flight during the epilogue, epilogue split in
   two column halves. Hopper (sm_90) and newer; needs 16-byte aligned rows (K and N multiples of 8 for 2-byte
   dtypes) and base pointers. Tails in M, N and K are handled by the descriptors (zero fill, clipped stores).
