@@ -105,7 +105,9 @@ class _Wrapped(torch.nn.Linear):
         return super().forward(x) * 2.0
 
 
-@pytest.mark.parametrize("attach", ["none", "mlp_hook", "up_pre_hook", "act_hook", "wrapped_up", "global_hook"])
+@pytest.mark.parametrize(
+    "attach", ["none", "mlp_hook", "up_pre_hook", "act_hook", "wrapped_up", "global_hook", "forward_replaced"]
+)
 def test_fused_path_never_bypasses_what_is_attached_to_the_mlp(tiny, fused_calls, attach):
     calls, fired = fused_calls, []
     torch.manual_seed(0)
@@ -124,6 +126,9 @@ def test_fused_path_never_bypasses_what_is_attached_to_the_mlp(tiny, fused_calls
         wrapped = _Wrapped(mlp.up_proj.in_features, mlp.up_proj.out_features)
         wrapped.load_state_dict(mlp.up_proj.state_dict())
         mlp.up_proj = wrapped
+    elif attach == "forward_replaced":  # what parallel.recompute does to recompute the MLP
+        original = mlp.forward
+        mlp.forward = lambda x: fired.append(1) or original(x)
     layout = PackedLayout.build([(1, 2, 3), (1, 3, 1)], model.num_prefix_tokens, "cpu")
     x = torch.randn(layout.num_tokens, model.config.hidden_size)
     try:
@@ -143,6 +148,19 @@ def test_fused_path_never_bypasses_what_is_attached_to_the_mlp(tiny, fused_calls
         assert len(calls) == 1
         assert bool(fired) == (attach != "wrapped_up")
     assert torch.equal(fused, plain)
+
+
+def test_recomputed_mlp_keeps_its_recomputation(tiny, fused_calls):
+    """`apply_recompute(model, "mlp")` wraps each MLP's forward in a checkpoint: the fused path must not
+    bypass it (it would silently stop recomputing)."""
+    from dinov3_packing.parallel.recompute import apply_recompute
+
+    torch.manual_seed(0)
+    model = apply_recompute(DINOv3ViTPackingModel(tiny(num_hidden_layers=2)), "mlp")
+    layout = PackedLayout.build([(1, 2, 3), (1, 3, 1)], model.num_prefix_tokens, "cpu")
+    x = torch.randn(layout.num_tokens, model.config.hidden_size)
+    model.model(x, _batch(model, layout, True))
+    assert fused_calls == []
 
 
 def test_fused_path_traces_as_one_graph(tiny, fused_calls):

@@ -42,9 +42,13 @@ def fused_mlp_runs(enabled: bool, device: torch.device, dtype: torch.dtype) -> b
 
 def _is_plain(mlp: nn.Module) -> bool:
     """Whether the fused kernel computes exactly what `mlp` would: the Hugging Face GELU MLP with plain
-    `nn.Linear` projections and no hooks. A replaced or wrapped projection (LoRA adapters, quantized layers)
-    or a hook keeps the module path, so nothing attached to the MLP is bypassed."""
+    `nn.Linear` projections, no hooks and no forward replaced on the instance. A replaced or wrapped
+    projection (LoRA adapters, quantized layers), a hook or a wrapped forward keeps the module path, so
+    nothing attached to the MLP is bypassed."""
     if type(mlp) is not DINOv3ViTMLP or type(mlp.up_proj) is not nn.Linear:
+        return False
+    # A forward replaced on the instance (`parallel.recompute`, a user's wrapper) is behaviour attached to it.
+    if "forward" in vars(mlp) or "forward" in vars(mlp.up_proj):
         return False
     if any(m._forward_hooks or m._forward_pre_hooks for m in (mlp, mlp.up_proj, mlp.act_fn)):
         return False
