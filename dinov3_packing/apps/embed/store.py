@@ -75,9 +75,10 @@ def shard_problem(out: Path, shard: str, shard_id: str | None, rows: Iterable[in
         return f"cannot be read ({e})"
     if meta.get("shard_id") != shard_id:
         return f"is not the shard the manifest names (id {meta.get('shard_id')!r}, expected {shard_id!r})"
-    top = max(rows)
-    if top >= int(meta.get("rows", 0)):
-        return f"holds {meta.get('rows', 0)} rows, the manifest names row {top}"
+    count = int(meta.get("rows", 0))
+    outside = [row for row in rows if not 0 <= row < count]
+    if outside:
+        return f"holds {count} rows, the manifest names row {outside[0]}"
     return None
 
 
@@ -103,22 +104,25 @@ class Repair:
     """What a start found wrong in the folder and took out of the manifests.
 
     Attributes:
-        lost: image path -> why its features were dropped (they are embedded again).
         shards: shard name -> problem, for each shard whose images were dropped.
+        held: shard name -> the images it held (they are embedded again).
     """
 
-    lost: dict[str, str] = field(default_factory=dict)
     shards: dict[str, str] = field(default_factory=dict)
+    held: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def lost(self) -> dict[str, str]:
+        """Image path -> why its features were dropped."""
+        return {p: f"shard {s!r} {self.shards[s]}" for s, paths in self.held.items() for p in paths}
 
     def lines(self, first: int = 5) -> list[str]:
         """One line per bad shard: the problem, how many images it held and the first few of them."""
         out = []
-        for shard, problem in self.shards.items():
-            paths = [p for p, why in self.lost.items() if why.startswith(f"shard {shard!r}")]
+        for shard, paths in self.held.items():
             more = f" and {len(paths) - first} more" if len(paths) > first else ""
-            out.append(
-                f"embedding {len(paths)} images again: shard {shard!r} {problem} ({', '.join(paths[:first])}{more})"
-            )
+            listed = ", ".join(paths[:first])
+            out.append(f"embedding {len(paths)} images again: shard {shard!r} {self.shards[shard]} ({listed}{more})")
         return out
 
 
@@ -227,7 +231,7 @@ class OutputFolder:
             if r.get("status") != "ok":
                 continue  # a skipped file: tried again
             if r["shard"] in bad:
-                repair.lost[r["path"]] = f"shard {r['shard']!r} {bad[r['shard']]}"
+                repair.held.setdefault(r["shard"], []).append(r["path"])
             else:
                 keep.add(id(r))
         for manifest in sorted(self.out.glob("manifest-*.jsonl")):
