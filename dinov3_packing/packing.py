@@ -9,7 +9,7 @@ and `grid_thw [num_images, 3]` with rows (t, h, w) in patches. Each of the t fra
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -275,6 +275,8 @@ class PackedBatch:
         fused_mlp: whether the MLPs run the fused up-projection + GELU kernel (`ops.fused_mlp_runs`).
         dropout: attention dropout for this forward (0 outside training).
         inference: autograd does not record this forward (blocks may use cached fused weights).
+        chunks: when not empty, the block stack runs over each of these groups of whole segments in turn
+            instead of over the whole sequence (see `chunked`); empty: one pass over the whole sequence.
     """
 
     layout: PackedLayout
@@ -284,3 +286,46 @@ class PackedBatch:
     fused_mlp: bool = False
     dropout: float = 0.0
     inference: bool = True
+    chunks: tuple[PackedChunk, ...] = ()
+
+    def chunked(self, max_tokens: int) -> tuple[PackedChunk, ...]:
+        """Consecutive whole segments grouped greedily into chunks of at most `max_tokens` tokens (a longer
+        segment is a chunk of its own), each with its own layout and RoPE rows; () when that is one chunk.
+
+        Every operation of a block is per token except attention, which stays inside a segment, so running
+        the blocks chunk by chunk computes exactly what one pass over the whole sequence does.
+        """
+        layout = self.layout
+        bounds, first, tokens = [], 0, 0
+        for i, n in enumerate(layout.seq_lens):
+            if tokens and tokens + n > max_tokens:
+                bounds.append((first, i))
+                first, tokens = i, 0
+            tokens += n
+        if not bounds:
+            return ()
+        bounds.append((first, layout.num_segments))
+        offsets = layout.cu_seqlens_host.tolist()
+        num_prefix, device = layout.prefix_index.shape[1], layout.patch_index.device
+        chunks = []
+        for first, end in bounds:
+            rows = slice(offsets[first], offsets[end])
+            grid = [(1, h, w) for h, w in layout.segment_hw[first:end]]
+            sub = PackedLayout.build(grid, num_prefix, device)
+            part = replace(self, layout=sub, cos=self.cos[rows], sin=self.sin[rows], chunks=())
+            chunks.append(PackedChunk(rows, part))
+        return tuple(chunks)
+
+
+@dataclass(frozen=True)
+class PackedChunk:
+    """Consecutive whole segments of a `PackedBatch`, run through the blocks on their own.
+
+    Attributes:
+        tokens: the chunk's rows of the whole token sequence.
+        batch: the chunk's `PackedBatch`: its segments' layout (token positions counted from the chunk's
+            first token) and RoPE rows, the parent's kernel choices.
+    """
+
+    tokens: slice
+    batch: PackedBatch

@@ -214,7 +214,22 @@ class DINOv3ViTPackedEncoder(nn.Module):
     def forward(
         self, x: torch.Tensor, batch: PackedBatch, num_layers: int | None = None, keep_states: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Returns the last block's output and, with `keep_states`, the input and every block's output."""
+        """Returns the last block's output and, with `keep_states`, the input and every block's output.
+
+        With `batch.chunks` the stack runs over each chunk of whole segments in turn (the same computation:
+        see `PackedBatch.chunked`). A compiled stack always runs the whole sequence, so the chunk count never
+        enters its graph.
+        """
+        # is_compiling() first: a traced stack must not read the chunk plan, or it would guard on its length.
+        if not torch.compiler.is_compiling() and batch.chunks:
+            parts = [self._run(x[c.tokens], c.batch, num_layers, keep_states) for c in batch.chunks]
+            states = [torch.cat(s) for s in zip(*(s for _, s in parts), strict=True)] if keep_states else None
+            return torch.cat([out for out, _ in parts]), states
+        return self._run(x, batch, num_layers, keep_states)
+
+    def _run(
+        self, x: torch.Tensor, batch: PackedBatch, num_layers: int | None, keep_states: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         states = [x] if keep_states else None
         for layer in self.layer[:num_layers]:
             x = layer(x, batch)

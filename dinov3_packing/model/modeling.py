@@ -22,6 +22,9 @@ from ..ops.mlp import fused_mlp_runs, fused_mlp_setting
 from ..packing import PackedBatch, PackedLayout, validate_packed_input
 from .layers import DINOv3ViTPackedEmbeddings, DINOv3ViTPackedEncoder, DINOv3ViTPackedRopeEmbedding
 
+# CPU chunk budget: measured in docs/cpu.md (benchmarks/cpu_forward.py).
+CPU_CHUNK_TOKENS = 2048
+
 
 @dataclass
 class PackedModelOutput(ModelOutput):
@@ -58,6 +61,13 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             (e.g. a LoRA adapter) runs its module instead, so nothing attached to it is bypassed. True on a
             gated MLP or another activation raises ValueError. Settable after construction (validated the
             same way).
+
+    Attributes:
+        cpu_chunk_tokens: on the CPU, without autograd and in eval mode, the blocks run over consecutive whole
+            segments of at most this many tokens at a time rather than over the whole pack: the same
+            computation on activations that stay in the CPU's caches (docs/cpu.md: packs of many images are
+            otherwise slower than Hugging Face's per-image loop). None: always the whole pack. Compiled
+            blocks and other devices always take the whole pack.
     """
 
     main_input_name = "hidden_states"
@@ -67,6 +77,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         super().__init__(config)
         self.attn_backend = check_attention_backend(attn_backend)
         self.fused_mlp = fused_mlp  # validated by the property below
+        self.cpu_chunk_tokens = CPU_CHUNK_TOKENS
         self.embeddings = DINOv3ViTPackedEmbeddings(config)
         self.rope_embeddings = DINOv3ViTPackedRopeEmbedding(config)
         self.model = DINOv3ViTPackedEncoder(config)
@@ -81,6 +92,17 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
     @fused_mlp.setter
     def fused_mlp(self, value: bool | None) -> None:
         self._fused_mlp = fused_mlp_setting(value, self.config.use_gated_mlp, self.config.hidden_act)
+
+    @property
+    def cpu_chunk_tokens(self) -> int | None:
+        """Token budget of one chunk of segments on the CPU (see the class docstring); None: no chunking."""
+        return self._cpu_chunk_tokens
+
+    @cpu_chunk_tokens.setter
+    def cpu_chunk_tokens(self, value: int | None) -> None:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"cpu_chunk_tokens: expected a positive int or None, got {value!r}")
+        self._cpu_chunk_tokens = value
 
     def resolved_attn_backend(self, inference: bool = True, max_seqlen: int | None = None) -> str:
         """The attention kernel `attn_backend` runs on this model's device and dtype; `inference`: no
@@ -104,13 +126,14 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
     ) -> PackedBatch:
         """The `PackedBatch` every block of this forward receives: RoPE tables for `layout` (augmented per
         segment in training mode) and the kernels for this device, dtype and grad mode (`inference`: autograd
-        does not record the forward). Refreshes the blocks' cached fused q/k/v weights for inference."""
+        does not record the forward), split into chunks of segments on the CPU (`cpu_chunk_tokens`).
+        Refreshes the blocks' cached fused q/k/v weights for inference."""
         device, dtype = self.norm.weight.device, self.norm.weight.dtype
         if inference:
             for layer in self.model.layer:
                 layer.attention.refresh_fused_qkv()
         cos, sin = self.rope_embeddings(layout, dtype, rope_generator)
-        return PackedBatch(
+        batch = PackedBatch(
             layout=layout,
             cos=cos,
             sin=sin,
@@ -119,6 +142,9 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             dropout=self.config.attention_dropout if self.training else 0.0,
             inference=inference,
         )
+        if device.type == "cpu" and inference and not self.training and self.cpu_chunk_tokens is not None:
+            batch.chunks = batch.chunked(self.cpu_chunk_tokens)
+        return batch
 
     @property
     def patch_size(self) -> int:
