@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 + (f"  rel diff {row['rel_diff_vs_hf']:.1e}" if row["rel_diff_vs_hf"] is not None else ""),
                 flush=True,
             )
-    if args.out:
-        write_report(args.out, {"meta": meta, "results": results})
+        if args.out:  # after every architecture, so that a run cut short keeps what it measured
+            write_report(args.out, {"meta": meta, "results": results})
     return 0
 
 
