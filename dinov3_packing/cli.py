@@ -27,6 +27,10 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 # Pillow (tests/test_cli.py checks that the copies agree).
 POLICIES = ("native", "fixed")
 MAX_PIXELS = 64_000_000
+# `data.gpu_decode.DECODE_CHOICES` and the defaults of `apps.embed.embed` (same test).
+DECODE_CHOICES = ("cpu", "gpu", "auto")
+DECODE = "cpu"
+IMAGE_COLUMN = "image"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,7 +122,11 @@ def run_align(args: argparse.Namespace) -> int:
 
 
 def add_embed(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="folder (searched recursively), list file (.txt, one path a line) or glob")
+    parser.add_argument(
+        "src",
+        help="folder (searched recursively), list file (.txt, one path a line), glob, WebDataset .tar shard, "
+        ".parquet file, or a brace list of them (shards/{000..099}.tar); quote globs and braces",
+    )
     _ckpt(parser, required=True)
     parser.add_argument("--out", required=True, help="output folder (shards, manifests, run.json; one run at a time)")
     parser.add_argument("--save", default="cls,mean", help="comma list of cls, mean, patches (default cls,mean)")
@@ -134,6 +142,24 @@ def add_embed(parser: argparse.ArgumentParser) -> None:
         help=f"skip files with more pixels, read from the header before decoding (default {MAX_PIXELS:,}: 64 MP, "
         "below Pillow's 89 MP bomb warning)",
     )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="decode at full scale and resize float pixels (default: JPEG draft decoding and uint8 resizing for "
+        "the native policy; the fixed policy is always exact)",
+    )
+    parser.add_argument(
+        "--decode",
+        choices=DECODE_CHOICES,
+        default=DECODE,
+        help=f"where JPEGs are decoded: cpu (DataLoader workers), gpu (nvJPEG on the model's CUDA device, needs "
+        f"torchvision; other files on the CPU), auto (gpu where it can run); default {DECODE}",
+    )
+    parser.add_argument(
+        "--image-column",
+        default=IMAGE_COLUMN,
+        help=f"parquet sources: the column of encoded images (default {IMAGE_COLUMN})",
+    )
     parser.add_argument("--batch-tokens", type=_positive_int, default=16384, help="tokens per forward, prefix included")
     parser.add_argument(
         "--oversize",
@@ -147,8 +173,13 @@ def add_embed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-fused-mlp", action="store_true", help="MLPs as cuBLAS GEMM + GELU instead of the fused Triton kernel"
     )
+    parser.add_argument("--no-compile", action="store_true", help="run the model eagerly (default: compiled on CUDA)")
     parser.add_argument(
-        "--workers", type=_non_negative_int, default=min(8, os.cpu_count() or 1), help="decoding processes"
+        "--workers",
+        type=_non_negative_int,
+        default=None,
+        help="decoding processes per rank (default: the cores this process may use, shared by the ranks of the "
+        "host, less one)",
     )
     parser.add_argument("--shard-size", type=_positive_int, default=1000, help="images per shard")
     parser.add_argument("--limit", type=_non_negative_int, default=None, help="embed at most N of the images to do")
@@ -162,11 +193,12 @@ def add_embed(parser: argparse.ArgumentParser) -> None:
 
 def run_embed(args: argparse.Namespace) -> int:
     ckpt = _required_ckpt(args)
+    import torch
+
+    from .apps.embed import embed
+    from .apps.embed.writer import WriteFailed
+
     try:
-        import torch
-
-        from .apps.embed import embed
-
         dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
         summary = embed(
             args.src,
@@ -179,12 +211,16 @@ def run_embed(args: argparse.Namespace) -> int:
             min_tokens=args.min_tokens,
             max_tokens=args.max_tokens,
             max_pixels=args.max_pixels,
+            exact=True if args.exact else None,
+            decode=args.decode,
+            image_column=args.image_column,
             batch_tokens=args.batch_tokens,
             oversize=args.oversize,
             device=args.device,
             dtype=dtypes[args.dtype] if args.dtype else None,
             attn_backend=args.attn_backend,
             fused_mlp=False if args.no_fused_mlp else None,
+            compile=False if args.no_compile else None,
             workers=args.workers,
             shard_size=args.shard_size,
             overwrite=args.overwrite,
@@ -197,6 +233,12 @@ def run_embed(args: argparse.Namespace) -> int:
             f"interrupted: results so far are kept in {args.out}; run the same command again to resume", file=sys.stderr
         )
         return 130
+    except WriteFailed as e:
+        # A disk that fills up or turns read-only mid-run: what was committed stays valid and resumable.
+        raise ValueError(
+            f"out: {e}; the results committed so far are kept: free space or fix the folder, then run the same "
+            "command again to resume"
+        ) from None
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
         print(summary.line(), file=sys.stderr)

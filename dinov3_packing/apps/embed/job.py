@@ -1,22 +1,29 @@
-"""The `embed` job: image files -> DINOv3 features in an output folder (`store.py`), on one or many processes.
+"""The `embed` job: images from any source -> DINOv3 features in an output folder (`store.py`), on one or many
+processes.
 
 Data flow:
-    list_images(src) -> the folder checked and locked -> images without a verified manifest line
-    -> this rank's share (files[rank::world])
-    -> DataLoader workers decode and preprocess each file into packed rows (pinned memory)
-    -> TokenBudgetPacker groups images into packs of <= batch_tokens tokens -> one packed forward per pack
-    -> features handed to the store's `ShardWriter` by path
+    open_source(src) (folders, list files, globs, tar shards, parquet: `data.sources`) -> the folder checked
+    and locked -> records without a verified manifest line -> work units (runs of one file, shard or
+    parquet row group) -> this rank's units (units[rank::world])
+    -> DataLoader workers, each on whole units: read the bytes, decode and preprocess into packed rows
+       (pinned memory); with GPU decoding, JPEGs leave the worker as bytes plus a plan (`data.gpu_decode`)
+       and are decoded in the main process on the device
+    -> TokenBudgetPacker groups images into packs of <= batch_tokens tokens
+    -> one packed forward per pack (compiled by default on CUDA), its input copied on a side stream while
+       the previous pack computes
+    -> features handed by record key to the shard writer thread (`writer.py`), which commits shards
 
 Everything that can refuse the run (arguments, the device, the output folder, its lock, the settings of the
 results already there) is checked before the model loads.
 
 Multi-process: under `torchrun`, rank 0 takes the folder's lock for the whole job and repairs the folder;
-every rank then embeds its share and writes its own shards and manifest; the reader merges them. CUDA ranks
+every rank then embeds its units and writes its own shards and manifest; the reader merges them. CUDA ranks
 use NCCL on `cuda:LOCAL_RANK`, CPU ranks gloo.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -26,21 +33,27 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from ...compat.seed import default_dtype
 from ...data.budget import OVERSIZE, TokenBudgetPacker, segment_tokens
 from ...data.decode import DEFAULT_MAX_PIXELS, check_max_pixels
-from ...data.files import list_images
+from ...data.gpu_decode import GpuJpegDecoder, JpegJob, plan_jpeg, resolve_decode
 from ...data.preprocess import POLICIES, Preprocessor
+from ...data.sources import Record, open_source, read_records, work_units
 from ...model.archs import normalization_for
+from ...parallel.compile import compile_model
 from ...weights.load import load_packing_model, parse_device, resolve_alias
-from .store import FORMAT, OutputFolder, ShardWriter
+from .progress import Meter
+from .store import FORMAT, OutputFolder
+from .writer import BackgroundWriter
 
 SAVE_CHOICES = ("cls", "mean", "patches")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DECODE_CHUNK = 8  # images per DataLoader item: amortizes inter-process overhead
+# Records per DataLoader item and per work unit of loose files and tar members: amortizes inter-process
+# overhead while a unit's decoded rows stay small (8 camera photos at 1024 patches: 25 MB).
+_CHUNK = 8
 T = TypeVar("T")
 
 
@@ -49,15 +62,18 @@ class EmbedSummary:
     """What an `embed` call ended with (counted over all ranks and earlier runs into the same folder).
 
     Attributes:
-        total: images named by `src`.
+        total: images (records) named by `src`.
         embedded: images with features in `out`.
-        skipped: path -> reason, for files that could not be read.
+        skipped: record key -> reason, for images that could not be read.
         new: images handled by this call on this rank (embedded or skipped).
         tokens: tokens this call's forwards ran on this rank (prefix tokens included).
         seconds: wall time of this call.
-        lost: path -> why, for images whose features this call found missing or mismatched in `out`
+        lost: key -> why, for images whose features this call found missing or mismatched in `out`
             (embedded again; counted in `new`).
-        oversize: path -> tokens, for this rank's images above `batch_tokens` that ran in a pack of their own.
+        oversize: key -> tokens, for this rank's images above `batch_tokens` that ran in a pack of their own.
+        bound: the stage that limited this rank: "decode", "model" or "write" (`progress.py` says how).
+        stage_seconds: stage -> seconds the main loop spent in it (waiting for decoded images, running the
+            model, handing results to the writer).
     """
 
     total: int
@@ -68,36 +84,68 @@ class EmbedSummary:
     seconds: float = 0.0
     lost: dict[str, str] = field(default_factory=dict)
     oversize: dict[str, int] = field(default_factory=dict)
+    bound: str = "model"
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
         rate = f"{self.new / self.seconds:.1f} images/s, {self.tokens / self.seconds:,.0f} tokens/s"
+        waits = ", ".join(f"{k} {v / self.seconds:.0%}" for k, v in self.stage_seconds.items() if k != "model")
         return (
             f"{self.embedded} of {self.total} images embedded, {len(self.skipped)} skipped; this run: {self.new} "
-            f"images in {self.seconds:.1f} s ({rate})"
+            f"images in {self.seconds:.1f} s ({rate}); bound: {self.bound} (waited on {waits or 'nothing'})"
         )
 
 
-class ImageFiles(Dataset):
-    """Decodes and preprocesses one file per item. A file that cannot be read becomes a record with the
-    reason, so one corrupt file never stops a run of millions."""
+class DecodedUnits(IterableDataset):
+    """Reads and decodes whole work units; DataLoader worker k takes units k, k + n, ... of n workers, so a
+    parquet row group or a run of a shard is read by one worker, once. Yields lists of at most `_CHUNK`
+    records: `{"path", "rows", "grid", "size"}`, `{"path", "error"}` for an image that cannot be read (one
+    corrupt file never stops a run of millions), or `{"path", "job"}` for a JPEG left to the GPU (`gpu`)."""
 
-    def __init__(self, paths: Sequence[str], preprocessor: Preprocessor):
-        self.paths, self.preprocessor = list(paths), preprocessor
+    def __init__(self, units: Sequence[tuple[Record, ...]], preprocessor: Preprocessor, gpu: bool = False):
+        self.units, self.preprocessor, self.gpu = list(units), preprocessor, gpu
 
-    def __len__(self) -> int:
-        return len(self.paths)
+    def __iter__(self):
+        info = get_worker_info()
+        units = self.units if info is None else self.units[info.id :: info.num_workers]
+        chunk = []
+        for unit in units:
+            for record, data in read_records(unit):
+                chunk.append(self.decoded(record.key, data))
+                if len(chunk) == _CHUNK:
+                    yield chunk
+                    chunk = []
+        if chunk:
+            yield chunk
 
-    def __getitem__(self, i: int) -> dict:
-        path = self.paths[i]
-        try:
-            rows, grid, size = self.preprocessor.rows(path, name=path)
-        except Exception as e:  # any decoder failure (PIL, OS, truncated data) is a skipped file
-            return {"path": path, "error": f"{type(e).__name__}: {e}".strip()}
-        return {"path": path, "rows": rows, "grid": grid, "size": size}
+    def decoded(self, key: str, data: bytes | Exception) -> dict:
+        if isinstance(data, Exception):
+            return {"path": key, "error": _reason(data)}
+        if self.gpu and (job := plan_jpeg(data, key, self.preprocessor)) is not None:
+            return {"path": key, "job": job}
+        return _cpu_rows(self.preprocessor, key, data)
 
 
-def _as_list(batch: list) -> list:
-    return batch
+def _cpu_rows(preprocessor: Preprocessor, key: str, data: bytes) -> dict:
+    try:
+        rows, grid, size = preprocessor.rows(data, name=key)
+    except Exception as e:  # any decoder failure (PIL, OS, truncated data, ImageTooLarge) is a skipped file
+        return {"path": key, "error": _reason(e)}
+    return {"path": key, "rows": rows, "grid": grid, "size": size}
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".strip()
+
+
+def default_workers() -> int:
+    """Decoding processes per rank: the cores this process may run on, shared by the ranks of this host
+    (`LOCAL_WORLD_SIZE` under torchrun), less one for the rank's own process."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this OS
+        cores = os.cpu_count() or 1
+    return max(0, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
 
 
 def embed(
@@ -105,6 +153,7 @@ def embed(
     out: str | os.PathLike,
     ckpt: str,
     *,
+    image_column: str = "image",
     save: Sequence[str] = ("cls", "mean"),
     patch_dtype: torch.dtype = torch.float16,
     policy: str = "native",
@@ -112,13 +161,16 @@ def embed(
     min_tokens: int | None = None,
     max_tokens: int | None = 1024,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    exact: bool | None = None,
+    decode: str = "cpu",
     batch_tokens: int = 16384,
     oversize: str = "own",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     attn_backend: str = "auto",
     fused_mlp: bool | None = None,
-    workers: int = 4,
+    compile: bool | None = None,
+    workers: int | None = None,
     shard_size: int = 1000,
     overwrite: bool = False,
     limit: int | None = None,
@@ -127,10 +179,14 @@ def embed(
     """Embed every image `src` names into `out` (see `store.py` for the folder and what it guarantees).
 
     Args:
-        src: a folder (recursive), a list file or a glob (`data.files.list_images`).
+        src: a folder (recursive), a list file, a glob, a WebDataset `.tar` shard, a `.parquet` file, or a
+            brace list of those (`shards/{000..099}.tar`): `data.sources.open_source`. Each image's key in
+            the manifests (and for `EmbedReader.get`) is its absolute path, `<shard>.tar/<member>` or
+            `<file>.parquet/<row>`.
         out: output folder (created). One run at a time: a second run on the same folder is refused.
         ckpt: checkpoint (`weights.load`); its name also picks the normalization. `random:<arch>` gives
             seeded random weights (features that mean nothing, for tests).
+        image_column: the parquet column holding the encoded images (bytes or `{"bytes", "path"}`).
         save: any of "cls" (final-norm CLS token), "mean" (mean of the final-norm patch tokens), "patches"
             (the `[h, w, D]` patch map).
         patch_dtype: storage dtype of the patch maps.
@@ -138,30 +194,39 @@ def embed(
             the patches of one image.
         max_pixels: files with more pixels (read from the header, before decoding) are skipped with the
             reason; default 64 MP (`data.decode.DEFAULT_MAX_PIXELS`), None: only Pillow's own limit.
+        exact: the pixel path (`Preprocessor`): None (default) fast for "native", exact for "fixed".
+        decode: "cpu" (default: Pillow in the DataLoader workers), "gpu" (JPEGs through nvJPEG on the model's
+            CUDA device, other files and failures on the CPU; needs torchvision), "auto" (the GPU where it
+            can run, else the CPU). The exact path always decodes on the CPU.
         batch_tokens: token budget of one forward (prefix tokens included), see `budget.py`.
-        oversize: an image above `batch_tokens`: "own" runs it in a pack of its own and reports it (path and
+        oversize: an image above `batch_tokens`: "own" runs it in a pack of its own and reports it (key and
             tokens, once), "error" stops the run with a ValueError naming it.
         device, dtype: default CUDA (`cuda:LOCAL_RANK`) in bf16 when available, else CPU in fp32.
         attn_backend, fused_mlp: the model's (`DINOv3ViTPackingModel`); `fused_mlp=False` keeps cuBLAS + GELU
             in the MLPs instead of the fused Triton kernel.
-        workers: DataLoader decoding processes per rank (0: decode in the main process).
+        compile: compile the model (`parallel.compile.compile_model`); None (default): on CUDA only.
+        workers: DataLoader decoding processes per rank (0: decode in the main process); None (default):
+            `default_workers()`, the cores this process may use (shared by the ranks on this host) less one.
         shard_size: images per shard (a shard also closes at 1 GiB of patch maps).
         overwrite: delete earlier results in `out` first instead of resuming (never another run's).
         limit: embed at most this many of the images still to do (then stop; a later call resumes).
-        progress: show a progress bar (rank 0).
+        progress: show a progress bar (rank 0): images decoded (it moves from the first one), images
+            embedded, images/s, tokens/s, an ETA and the bound.
 
     Returns:
         `EmbedSummary`.
 
     Raises:
-        ValueError / TypeError: bad arguments, an unusable device, an `out` that is a file, cannot be
-            created or written, is in use by another run or holds a run with different settings; with
-            `oversize="error"`, an image above `batch_tokens`.
+        ValueError / TypeError: bad arguments, an unusable device, an unreadable source, an `out` that is a
+            file, cannot be created or written, is in use by another run or holds a run with different
+            settings; with `oversize="error"`, an image above `batch_tokens`.
+        OSError: writing a shard or a manifest failed (what was committed before stays valid).
     """
     start = time.perf_counter()
     save = _check_save(save)
     if patch_dtype not in DTYPES.values():
         raise ValueError(f"patch_dtype: expected one of {list(DTYPES)}, got {patch_dtype!r}")
+    workers = default_workers() if workers is None else workers
     for arg, value, low in (("batch_tokens", batch_tokens, 1), ("shard_size", shard_size, 1), ("workers", workers, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{arg}: expected an int >= {low}, got {value!r}")
@@ -171,14 +236,21 @@ def embed(
         raise ValueError(f"oversize: expected one of {OVERSIZE}, got {oversize!r}")
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    if compile is not None and not isinstance(compile, bool):
+        raise TypeError(f"compile: expected True, False or None, got {compile!r}")
     check_max_pixels(max_pixels)
     if not isinstance(ckpt, str):
         raise TypeError(f"ckpt: expected a checkpoint name or path, got {type(ckpt).__name__}")
-    paths = list_images(src)
+    # Checks the resizing arguments before the model loads; the real one takes the model's patch size.
+    exact = Preprocessor(
+        policy=policy, size=size, min_tokens=min_tokens, max_tokens=max_tokens, exact=exact, max_pixels=max_pixels
+    ).exact
+    records = open_source(src, image_column=image_column)
     store = OutputFolder(out)
 
     rank, world, owns_group, device = _init_distributed(device)
     try:
+        decode = resolve_decode(decode, device, exact)
         dtype = dtype or default_dtype(device)
         mean, std = normalization_for(resolve_alias(ckpt))
         settings = {
@@ -189,6 +261,10 @@ def embed(
             "size": size if policy == "fixed" else None,
             "min_tokens": min_tokens if policy == "native" else None,
             "max_tokens": max_tokens if policy == "native" else None,
+            # the pixel path and its limit shape the features: a resume never mixes fast and exact pixels
+            "exact": exact,
+            "max_pixels": max_pixels,
+            "decode": decode,
             "mean": list(mean),
             "std": list(std),
             "save": list(save),
@@ -197,6 +273,8 @@ def embed(
         # Rank 0 holds the lock for every rank of the job; a refusal there stops all of them.
         _on_rank0(world, rank, lambda: store.acquire(settings, overwrite))
         model = load_packing_model(ckpt, device, dtype, attn_backend, fused_mlp)
+        if device.type == "cuda" if compile is None else compile:
+            compile_model(model)
         preprocessor = Preprocessor(
             patch_size=model.patch_size,
             mean=mean,
@@ -205,6 +283,7 @@ def embed(
             size=size,
             min_tokens=min_tokens,
             max_tokens=max_tokens,
+            exact=exact,
             max_pixels=max_pixels,
         )
         repair = _on_rank0(world, rank, lambda: store.prepare(settings, overwrite))
@@ -212,59 +291,95 @@ def embed(
             for line in repair.lines():
                 tqdm.write(line, file=sys.stderr)
         done = store.done()
-        todo = [p for p in paths if done.get(p, {}).get("status") != "ok"]
+        todo = [r for r in records if done.get(r.key, {}).get("status") != "ok"]
         if limit is not None:
             todo = todo[:limit]
-        mine = todo[rank::world]
+        # Whole units to each rank: a parquet row group or a run of one shard is read once, by one process.
+        mine = work_units(todo, max_records=_CHUNK)[rank::world]
+        count = sum(len(unit) for unit in mine)
 
-        writer = store.writer(rank, save, patch_dtype, shard_size)
-        runner = _PackRunner(model, writer, save)
+        meter = Meter()
+        gpu = GpuJpegDecoder(preprocessor, device) if decode == "gpu" else None
+        writer = BackgroundWriter(store.writer(rank, save, patch_dtype, shard_size))
+        runner = _PackRunner(model, writer, save, meter)
         packer = TokenBudgetPacker(batch_tokens, oversize="own")
         alone: dict[str, int] = {}
         loader = DataLoader(
-            ImageFiles(mine, preprocessor),
-            batch_size=_DECODE_CHUNK,
-            collate_fn=_as_list,
+            DecodedUnits(mine, preprocessor, gpu=gpu is not None),
+            batch_size=None,
             num_workers=workers,
             pin_memory=device.type == "cuda",
             prefetch_factor=4 if workers else None,
+            in_order=False,  # a chunk is used as soon as any worker has one: features do not depend on order
         )
-        bar = tqdm(total=len(mine), unit="img", disable=not progress or rank != 0, dynamic_ncols=True, smoothing=0.05)
+        bar = tqdm(total=count, unit="img", disable=not progress or rank != 0, dynamic_ncols=True, smoothing=0.05)
         # The bar is closed before an error or Ctrl-C propagates, so that their message starts a line.
-        with bar, torch.inference_mode():
-            for batch in loader:
-                for record in batch:
-                    if "error" in record:
-                        writer.skip(record["path"], record["error"])
-                        bar.update(1)
-                        continue
-                    tokens = segment_tokens(record["grid"], model.num_prefix_tokens)
-                    if tokens > batch_tokens:
-                        _oversize(record, tokens, batch_tokens, max_tokens, oversize)
-                        alone[record["path"]] = tokens
-                    for pack in packer.add(record, tokens):
-                        bar.update(runner.run(pack.items, pack.tokens))
-                        _show_rate(bar, runner.tokens, start)
-            for pack in packer.flush():
-                bar.update(runner.run(pack.items, pack.tokens))
-            bar.update(runner.finish())
-            writer.close()
+        try:
+            with bar, torch.inference_mode():
+                for chunk in meter.timed("decode", iter(loader)):
+                    if gpu is not None:
+                        with meter.stage("decode"), runner.side_stream():
+                            chunk = _decode_on_device(gpu, preprocessor, chunk)
+                    for record in chunk:
+                        if "error" in record:
+                            with meter.stage("write"):
+                                writer.skip(record["path"], record["error"])
+                            continue
+                        tokens = segment_tokens(record["grid"], model.num_prefix_tokens)
+                        if tokens > batch_tokens:
+                            _oversize(record, tokens, batch_tokens, max_tokens, oversize)
+                            alone[record["path"]] = tokens
+                        for pack in packer.add(record, tokens):
+                            runner.run(pack.items, pack.tokens)
+                    meter.decoded += len(chunk)
+                    bar.update(len(chunk))
+                    if not bar.disable:
+                        bar.set_postfix_str(meter.postfix(), refresh=False)
+                for pack in packer.flush():
+                    runner.run(pack.items, pack.tokens)
+                runner.finish()
+                with meter.stage("write"):
+                    writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         _barrier(world)
-        records = store.done()
+        done = store.done()
         return EmbedSummary(
-            total=len(paths),
-            embedded=sum(1 for p in paths if records.get(p, {}).get("status") == "ok"),
-            skipped={p: records[p]["reason"] for p in paths if records.get(p, {}).get("status") == "error"},
-            new=len(mine),
-            tokens=runner.tokens,
+            total=len(records),
+            embedded=sum(1 for r in records if done.get(r.key, {}).get("status") == "ok"),
+            skipped={r.key: done[r.key]["reason"] for r in records if done.get(r.key, {}).get("status") == "error"},
+            new=count,
+            tokens=meter.tokens,
             seconds=time.perf_counter() - start,
             lost=repair.lost,
             oversize=alone,
+            bound=meter.bound(),
+            stage_seconds=dict(meter.seconds),
         )
     finally:
         store.release()
         if owns_group:
             dist.destroy_process_group()
+
+
+def _decode_on_device(gpu: GpuJpegDecoder, preprocessor: Preprocessor, chunk: list[dict]) -> list[dict]:
+    """A chunk with its JPEG jobs decoded on the device; a job the device cannot decode takes the CPU path
+    here, in the main process (it is rare: the header already looked like a JPEG the GPU takes)."""
+    jobs: list[JpegJob] = [r["job"] for r in chunk if "job" in r]
+    decoded = iter(gpu.decode(jobs))
+    out = []
+    for record in chunk:
+        if "job" not in record:
+            out.append(record)
+            continue
+        job, result = record["job"], next(decoded)
+        if isinstance(result, Exception):
+            out.append(_cpu_rows(preprocessor, job.key, job.data.numpy().tobytes()))
+        else:
+            rows, grid = result
+            out.append({"path": job.key, "rows": rows, "grid": grid, "size": job.original})
+    return out
 
 
 def _oversize(record: dict, tokens: int, batch_tokens: int, max_tokens: int | None, oversize: str) -> None:
@@ -280,11 +395,6 @@ def _oversize(record: dict, tokens: int, batch_tokens: int, max_tokens: int | No
     tqdm.write(f"{what}, more than the budget of {batch_tokens} per forward: runs in a pack of its own", sys.stderr)
 
 
-def _show_rate(bar: tqdm, tokens: int, start: float) -> None:
-    if not bar.disable:
-        bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tok/s", refresh=False)
-
-
 def _check_save(save: Sequence[str]) -> tuple[str, ...]:
     if isinstance(save, str):
         save = [s.strip() for s in save.split(",") if s.strip()]
@@ -294,62 +404,82 @@ def _check_save(save: Sequence[str]) -> tuple[str, ...]:
 
 
 class _PackRunner:
-    """Runs packs through the model. On CUDA the copy of pack k's features to the host is overlapped with
-    the forward of pack k + 1: results are fetched with non-blocking copies and an event, one pack late."""
+    """Runs packs through the model, one pack ahead of the results.
 
-    def __init__(self, model, writer: ShardWriter, save: tuple[str, ...]):
-        self.model, self.writer, self.save = model, writer, save
+    On CUDA, a pack's rows are copied to the device on a side stream (non-blocking, from the workers'
+    pinned memory) while the previous pack computes, and the compute stream waits for that copy only;
+    the pack's features come back to the host with non-blocking copies and an event that is waited on
+    one pack later, when the next pack is already queued. On the CPU the same steps run in order.
+    """
+
+    def __init__(self, model, writer: BackgroundWriter, save: tuple[str, ...], meter: Meter):
+        self.model, self.writer, self.save, self.meter = model, writer, save, meter
         self.device = model.device
-        self.tokens = 0
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._in_flight: tuple | None = None
 
-    def run(self, records: list[dict], tokens: int) -> int:
-        """Launch one pack; returns how many images finished (those of the previous pack)."""
-        grid = torch.tensor([(1, *r["grid"]) for r in records], dtype=torch.long)
-        rows = torch.cat([r["rows"].to(self.device, non_blocking=True) for r in records])
-        out = self.model(rows, grid)
-        patches = out.last_hidden_state
-        counts = [h * w for h, w in (r["grid"] for r in records)]
-        features = {}
-        if "cls" in self.save:
-            features["cls"] = out.pooler_output.float()
-        if "mean" in self.save:
-            # Each record is one single-frame image, so its segment id is its index; the layout already
-            # holds it per token on the device (no size to sync on).
-            segment = out.layout.token_segment[out.layout.patch_index]
-            sums = torch.zeros(len(records), patches.shape[1], device=self.device).index_add_(
-                0, segment, patches.float()
-            )
-            features["mean"] = sums / sums.new_tensor(counts)[:, None]
-        if "patches" in self.save:
-            features["patches"] = patches.to(self.writer.patch_dtype)
-        nonblocking = self.device.type == "cuda"
-        features = {k: v.to("cpu", non_blocking=nonblocking) for k, v in features.items()}
-        event = None
-        if nonblocking:
-            event = torch.cuda.Event()
-            event.record()
-        self.tokens += tokens
-        finished = self.finish()
-        self._in_flight = (records, counts, features, event)
-        return finished
+    def side_stream(self):
+        """Where work for the next pack goes (copies, GPU decoding): the side stream on CUDA."""
+        return torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else contextlib.nullcontext()
 
-    def finish(self) -> int:
-        """Hand the features of the pack in flight to the writer; returns its image count."""
+    def _upload(self, records: list[dict]) -> torch.Tensor:
+        with self.side_stream():
+            rows = torch.cat([r["rows"].to(self.device, non_blocking=True) for r in records])
+        if self.copy_stream is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self.copy_stream)
+            rows.record_stream(compute)  # allocated on the side stream, freed after the compute stream's use
+        return rows
+
+    def run(self, records: list[dict], tokens: int) -> None:
+        """Launch one pack and hand the previous pack's features to the writer."""
+        with self.meter.stage("model"):
+            grid = torch.tensor([(1, *r["grid"]) for r in records], dtype=torch.long)
+            out = self.model(self._upload(records), grid)
+            patches = out.last_hidden_state
+            counts = [h * w for h, w in (r["grid"] for r in records)]
+            features = {}
+            if "cls" in self.save:
+                features["cls"] = out.pooler_output.float()
+            if "mean" in self.save:
+                # Each record is one single-frame image, so its segment id is its index; the layout already
+                # holds it per token on the device (no size to sync on).
+                segment = out.layout.token_segment[out.layout.patch_index]
+                sums = torch.zeros(len(records), patches.shape[1], device=self.device).index_add_(
+                    0, segment, patches.float()
+                )
+                features["mean"] = sums / sums.new_tensor(counts)[:, None]
+            if "patches" in self.save:
+                features["patches"] = patches.to(self.writer.patch_dtype)
+            nonblocking = self.device.type == "cuda"
+            features = {k: v.to("cpu", non_blocking=nonblocking) for k, v in features.items()}
+            event = None
+            if nonblocking:
+                event = torch.cuda.Event()
+                event.record()
+        self.meter.tokens += tokens
+        self.finish()
+        self._in_flight = (records, counts, features, event)
+
+    def finish(self) -> None:
+        """Hand the features of the pack in flight to the writer."""
         if self._in_flight is None:
-            return 0
+            return
         records, counts, features, event = self._in_flight
         self._in_flight = None
-        if event is not None:
-            event.synchronize()
+        with self.meter.stage("model"):
+            if event is not None:
+                event.synchronize()
         if "patches" in features:
             features["patches"] = features["patches"].split(counts)
+        items = []
         for i, record in enumerate(records):
             h, w = record["grid"]
-            self.writer.add(
-                record["path"], {k: v[i] for k, v in features.items()}, size=list(record["size"]), grid=[1, h, w]
-            )
-        return len(records)
+            fields = {"size": list(record["size"]), "grid": [1, h, w]}
+            items.append((record["path"], {k: v[i] for k, v in features.items()}, fields))
+        with self.meter.stage("write"):
+            self.writer.add_pack(items)
+        self.meter.embedded += len(records)
 
 
 def usable_device(device: torch.device | str | None) -> torch.device:

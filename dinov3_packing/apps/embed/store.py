@@ -49,7 +49,8 @@ TEMPS = (".shard-*.tmp", ".manifest-*.tmp", f".{RUN}.tmp")  # written, fsynced, 
 
 
 def read_manifest(out: str | os.PathLike) -> dict[str, dict]:
-    """All manifest records in `out`, by absolute image path, as written (not checked against the shards;
+    """All manifest records in `out`, by record key (an image's absolute path, `<shard>.tar/<member>` or
+    `<file>.parquet/<row>`), as written (not checked against the shards;
     `EmbedReader` checks). Torn last lines (a killed run) are ignored."""
     return {r["path"]: r for _, r in _manifest_rows(Path(out))}
 
@@ -341,10 +342,12 @@ class ShardWriter:
 
 
 class EmbedReader:
-    """Loads `embed` results back by image path.
+    """Loads `embed` results back by record key: an image's path, `<shard>.tar/<member>` for a tar member,
+    `<file>.parquet/<row>` for a parquet row (relative paths are taken from the working directory).
 
     >>> r = EmbedReader("features/")
     >>> r.get("photos/cat.jpg")            # [D] CLS (also "mean"; "patches" gives [h, w, D])
+    >>> r.get("shards/000.tar/000123.jpg") # a tar member
     >>> paths, x = r.stack("mean")         # every embedded image, [N, D]
 
     Opening checks every shard the manifests reference (present, the id the manifest names, rows in range).

@@ -1,0 +1,177 @@
+"""JPEG decoding on the GPU: batched nvJPEG through torchvision, resize and normalize on the device.
+
+Which path a file takes is decided on the CPU from its header alone (`plan_jpeg`, in the DataLoader workers):
+
+    a baseline or progressive JPEG in L / RGB / YCbCr, within `max_pixels`   -> a `JpegJob` (bytes + plan)
+    anything else (PNG, WebP, CMYK or Adobe JPEGs, an image over max_pixels,  -> the CPU path
+    bytes whose header Pillow cannot read)                                       (`Preprocessor.rows`)
+
+`GpuJpegDecoder.decode(jobs)` then decodes a chunk of jobs in one batched call, turns each image upright
+(the EXIF orientation was read from the header on the CPU: nvJPEG does not apply it), resizes the float
+pixels with antialiased bilinear filtering to the target the plan names and normalizes them; a job the
+batch cannot decode is decoded alone, and one that still fails comes back as its exception, for the caller
+to take the CPU path. Pixel arithmetic is the exact path's (rescale 1/255, resize floats, normalize); the
+decoded pixels are nvJPEG's, which may differ from libjpeg's by a level, so the exact path (`exact=True`,
+the `fixed` policy) always decodes on the CPU.
+
+torchvision is optional: `require_gpu_decoding` says what is missing when GPU decoding is asked for. The
+decode function can be given (tests run `torchvision.io.decode_jpeg` on the CPU through the same code).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..packing import patchify
+from .decode import open_image, upright_size
+from .preprocess import Preprocessor
+
+DECODE_CHOICES = ("cpu", "gpu", "auto")
+GPU_MODES = ("L", "RGB", "YCbCr")  # what nvJPEG turns into RGB itself; CMYK and the rest decode on the CPU
+_SOI = b"\xff\xd8\xff"
+_ORIENTATION = 0x0112  # the EXIF tag
+
+
+@dataclass(frozen=True)
+class JpegJob:
+    """One JPEG for the GPU, planned on the CPU: its bytes as a uint8 tensor, its EXIF orientation, its
+    upright full-scale `(height, width)` and the `(height, width)` it is resized to."""
+
+    key: str
+    data: torch.Tensor
+    orientation: int
+    original: tuple[int, int]
+    target: tuple[int, int]
+
+
+def plan_jpeg(data: bytes, key: str, preprocessor: Preprocessor) -> JpegJob | None:
+    """A `JpegJob` for bytes that the GPU can decode, None for those that take the CPU path (module docstring)."""
+    if not data.startswith(_SOI):
+        return None
+    try:
+        with open_image(data, key, preprocessor.max_pixels) as im:
+            if im.format not in ("JPEG", "MPO") or im.mode not in GPU_MODES:
+                return None
+            if preprocessor.max_pixels is not None and im.width * im.height > preprocessor.max_pixels:
+                return None  # the CPU path decodes it at a reduced scale or says why it cannot
+            orientation, original = int(im.getexif().get(_ORIENTATION, 1)), upright_size(im)
+    except Exception:  # any header Pillow cannot read: the CPU path reports it with its own reason
+        return None
+    target = preprocessor.target_size(*original)
+    return JpegJob(key, torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation, original, target)
+
+
+def upright(x: torch.Tensor, orientation: int) -> torch.Tensor:
+    """`[C, H, W]` pixels stored with EXIF `orientation` (1..8), turned the way Pillow's `exif_transpose`
+    turns them."""
+    if orientation in (2, 3, 4):
+        return x.flip({2: (-1,), 3: (-2, -1), 4: (-2,)}[orientation])
+    if orientation == 5:
+        return x.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(x, -1, (-2, -1))
+    if orientation == 7:
+        return x.transpose(-2, -1).flip((-2, -1))
+    if orientation == 8:
+        return torch.rot90(x, 1, (-2, -1))
+    return x
+
+
+def gpu_decoding_missing() -> str | None:
+    """Why GPU decoding cannot run here (None when it can): torchvision missing, or no CUDA."""
+    if importlib.util.find_spec("torchvision") is None:
+        return "torchvision is not installed (pip install torchvision, the build matching this torch)"
+    if not torch.cuda.is_available():
+        return "this torch sees no CUDA device"
+    return None
+
+
+def require_gpu_decoding(device: torch.device) -> None:
+    """Raises ValueError naming `decode` when GPU decoding cannot run on `device`."""
+    reason = gpu_decoding_missing()
+    if reason is None and device.type != "cuda":
+        reason = f"the model runs on {str(device)!r}, not a CUDA device"
+    if reason is not None:
+        raise ValueError(f"decode: 'gpu' needs CUDA and torchvision: {reason}; pass decode='cpu'")
+
+
+def resolve_decode(decode: str, device: torch.device, exact: bool) -> str:
+    """'cpu' or 'gpu' for `decode` in `DECODE_CHOICES`: 'auto' takes the GPU where it can run and the path is
+    not exact, else the CPU.
+
+    Raises:
+        ValueError: an unknown choice; 'gpu' without CUDA or torchvision, or with the exact path.
+    """
+    if decode not in DECODE_CHOICES:
+        raise ValueError(f"decode: expected one of {DECODE_CHOICES}, got {decode!r}")
+    if decode == "auto":
+        return "gpu" if not exact and device.type == "cuda" and gpu_decoding_missing() is None else "cpu"
+    if decode == "gpu":
+        if exact:
+            raise ValueError(
+                "decode: 'gpu' decodes with nvJPEG, whose pixels may differ from Pillow's; the exact path "
+                "(exact=True or policy fixed) needs decode='cpu'"
+            )
+        require_gpu_decoding(device)
+    return decode
+
+
+class GpuJpegDecoder:
+    """Decodes `JpegJob`s into packed rows on `device` (module docstring).
+
+    Args:
+        preprocessor: its mean, std and patch size (the plans already hold each target size).
+        device: where the pixels are decoded and the rows stay.
+        decode_fn: `decode(list_of_uint8_tensors, device=...) -> list of [C, H, W] uint8`; default
+            `torchvision.io.decode_jpeg` in RGB mode.
+    """
+
+    def __init__(
+        self,
+        preprocessor: Preprocessor,
+        device: torch.device | str,
+        decode_fn: Callable[..., list[torch.Tensor]] | None = None,
+    ):
+        self.device = torch.device(device)
+        if decode_fn is None:
+            require_gpu_decoding(self.device)
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            def decode_fn(data, device):
+                return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+        self.decode_fn, self.patch_size = decode_fn, preprocessor.patch_size
+        self._scale = (1 / (255 * torch.tensor(preprocessor.std))).to(self.device)[:, None, None]
+        self._shift = (-torch.tensor(preprocessor.mean) / torch.tensor(preprocessor.std)).to(self.device)[:, None, None]
+
+    def decode(self, jobs: Sequence[JpegJob]) -> list[tuple[torch.Tensor, tuple[int, int]] | Exception]:
+        """For each job, `(rows [h*w, p*p*3] on the device, grid (h, w))`, or the exception that stopped it."""
+        if not jobs:
+            return []
+        try:
+            pixels = list(self.decode_fn([j.data for j in jobs], device=self.device))
+        except Exception:  # one bad file fails the whole batch: find it by decoding each alone
+            pixels = [self._decode_one(j) for j in jobs]
+        return [p if isinstance(p, Exception) else self._rows(p, j) for p, j in zip(pixels, jobs, strict=True)]
+
+    def _decode_one(self, job: JpegJob) -> torch.Tensor | Exception:
+        try:
+            return self.decode_fn([job.data], device=self.device)[0]
+        except Exception as e:
+            return e
+
+    def _rows(self, pixels: torch.Tensor, job: JpegJob) -> tuple[torch.Tensor, tuple[int, int]] | Exception:
+        x = upright(pixels, job.orientation)
+        if pixels.ndim != 3 or pixels.shape[0] != 3 or tuple(x.shape[1:]) != job.original:
+            return ValueError(f"{job.key}: decoded to {tuple(pixels.shape)}, the header says {job.original} upright")
+        x = x.float()
+        if tuple(x.shape[1:]) != job.target:
+            x = F.interpolate(x[None], size=job.target, mode="bilinear", align_corners=False, antialias=True)[0]
+        x = x * self._scale + self._shift
+        h, w = job.target[0] // self.patch_size, job.target[1] // self.patch_size
+        return patchify(x, self.patch_size), (h, w)
