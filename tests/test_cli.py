@@ -3,6 +3,7 @@ line saying how to resume, exit 130; nothing heavy imported to parse arguments."
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import signal
@@ -16,10 +17,11 @@ import torch
 from test_embed import DATA, assert_complete, tiny_ckpt  # noqa: F401  (tiny_ckpt: fixture)
 
 from dinov3_packing import cli
-from dinov3_packing.apps.embed import EmbedReader, read_manifest
+from dinov3_packing.apps.embed import EmbedReader, embed, read_manifest
 from dinov3_packing.cli import main
 from dinov3_packing.data.decode import DEFAULT_MAX_PIXELS
 from dinov3_packing.data.files import list_images
+from dinov3_packing.data.gpu_decode import DECODE_CHOICES
 from dinov3_packing.data.preprocess import POLICIES
 
 WIDE = DATA / "more" / "hubble_wide.jpg"  # 200x120 px: 8x12 patches, 96 + 5 prefix = 101 tokens
@@ -46,6 +48,33 @@ def test_parsing_imports_no_torch_and_copies_agree():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
     assert cli.POLICIES == POLICIES and cli.MAX_PIXELS == DEFAULT_MAX_PIXELS
+    defaults = inspect.signature(embed).parameters
+    assert cli.DECODE_CHOICES == DECODE_CHOICES and cli.DECODE == defaults["decode"].default
+    assert cli.IMAGE_COLUMN == defaults["image_column"].default
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], {"compile": None, "exact": None, "decode": "cpu", "image_column": "image", "workers": None}),
+        (
+            ["--no-compile", "--exact", "--decode", "auto", "--image-column", "jpg", "--workers", "3"],
+            {"compile": False, "exact": True, "decode": "auto", "image_column": "jpg", "workers": 3},
+        ),
+    ],
+)
+def test_embed_flags_reach_the_library(monkeypatch, capfd, flags, expected):
+    """Defaults left to the library (compile on CUDA only, workers from the cores) pass None through."""
+    seen = {}
+
+    def recording_embed(src, out, ckpt, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("recorded")
+
+    monkeypatch.setattr("dinov3_packing.apps.embed.embed", recording_embed)
+    assert main(["embed", str(DATA), "--ckpt", "random:vits16", "--out", "x", *flags]) == 2
+    assert capfd.readouterr().err.strip() == "error: recorded"
+    assert {k: seen[k] for k in expected} == expected
 
 
 @pytest.mark.parametrize("command", ["embed", "pca"])

@@ -97,7 +97,7 @@ def require_gpu_decoding(device: torch.device) -> None:
     if reason is None and device.type != "cuda":
         reason = f"the model runs on {str(device)!r}, not a CUDA device"
     if reason is not None:
-        raise ValueError(f"decode: 'gpu' needs CUDA and torchvision: {reason}; pass decode='cpu'")
+        raise ValueError(f"decode: 'gpu' needs CUDA and torchvision: {reason}; pass decode=cpu")
 
 
 def resolve_decode(decode: str, device: torch.device, exact: bool) -> str:
@@ -115,7 +115,7 @@ def resolve_decode(decode: str, device: torch.device, exact: bool) -> str:
         if exact:
             raise ValueError(
                 "decode: 'gpu' decodes with nvJPEG, whose pixels may differ from Pillow's; the exact path "
-                "(exact=True or policy fixed) needs decode='cpu'"
+                "(exact=True or policy fixed) needs decode=cpu"
             )
         require_gpu_decoding(device)
     return decode
