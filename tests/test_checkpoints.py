@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -326,6 +325,15 @@ def _one_line_error(target, *fragments):
     return msg
 
 
+def _noise(size: int) -> bytes:
+    """Seeded random bytes (the same test ids on every run and every pytest worker)."""
+    return (
+        torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(size), dtype=torch.uint8)
+        .numpy()
+        .tobytes()
+    )
+
+
 def _without(state, key):
     return {k: v for k, v in state.items() if k != key}
 
@@ -366,7 +374,9 @@ def test_single_file_without_config_is_exact_too(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content", [os.urandom(1000), b"", b"\x08" + b"\0" * 7 + b"{bad}", b"PK\x03\x04 a zip, not safetensors"]
+    "content",
+    [_noise(1000), b"", b"\x08" + b"\0" * 7 + b"{bad}", b"PK\x03\x04 a zip, not safetensors"],
+    ids=["random", "empty", "bad-header", "zip"],
 )
 @pytest.mark.parametrize("via", ["folder", "file"])
 def test_bytes_that_are_not_safetensors(tiny_model, tmp_path, content, via):
@@ -504,7 +514,7 @@ def test_load_checkpoint_resolves_an_alias_once(caplog):
 def _bad_checkpoints(tmp_path, model):
     missing = _save(tmp_path / "missing", model, state=_without(model.state_dict(), "norm.weight"))
     garbage = _save(tmp_path / "garbage", model)
-    (garbage / "model.safetensors").write_bytes(os.urandom(64))
+    (garbage / "model.safetensors").write_bytes(_noise(64))
     pickles = tmp_path / "pickles"
     pickles.mkdir()
     torch.save(model.state_dict(), pickles / "pytorch_model.bin")
