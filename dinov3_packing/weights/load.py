@@ -37,6 +37,7 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from ..model.archs import ARCHS, DEFAULT_CKPT, SEED_ALIASES, arch_config, normalization_for
 from ..model.modeling import DINOv3ViTPackingModel
+from ..ops.attention import check_attention_backend
 from .config import read_config
 from .convert import load_pth, model_for_config, model_from_state_dict
 
@@ -98,15 +99,16 @@ def load_checkpoint(
 
     Raises:
         TypeError: ckpt is not a string, or dtype not a torch.dtype.
-        ValueError: unknown architecture or seed out of range, a path that is not a checkpoint, a checkpoint
-            that does not fit its config exactly (naming the file and key or field), or a Hub id that
-            cannot be fetched.
+        ValueError: unknown attn_backend, unknown architecture or seed out of range, a path that is not a
+            checkpoint, a checkpoint that does not fit its config exactly (naming the file and key or
+            field), or a Hub id that cannot be fetched.
     """
     if not isinstance(ckpt, str):
         raise TypeError(f"ckpt: expected a string (hub id, path or random:<arch>), got {type(ckpt).__name__}")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
     device = parse_device(device)
+    check_attention_backend(attn_backend)  # before a download or a load, not after
     name = resolve_alias(ckpt)
     if name.startswith("random:"):
         arch, seed = _parse_random(name)
