@@ -31,6 +31,7 @@ _EXPORTS = {
     "pca_picture": "apps.pca",
     "compile_model": "parallel.compile",
     "apply_fsdp": "parallel.fsdp",
+    "apply_recompute": "parallel.recompute",
     "DINOv3ViTPacking": "compat.seed",
     "Dinov3": "compat.seed",
 }
