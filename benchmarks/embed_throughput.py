@@ -110,7 +110,7 @@ def decode_pass(loader, gpu, pre, device) -> int:
     images = 0
     for chunk in loader:
         if gpu is not None:
-            chunk = job._decode_on_device(gpu, pre, chunk)
+            chunk = job.decode_on_device(gpu, pre, chunk)
         images += len(chunk)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -180,7 +180,7 @@ def main() -> None:
         # decode: embed's DataLoader, one warm pass, then one timed pass
         gpu = GpuJpegDecoder(pre, device) if decode == "gpu" else None
         loader = DataLoader(
-            job.DecodedUnits(work_units(records, max_records=job._CHUNK), pre, gpu=gpu is not None),
+            job.DecodedUnits(work_units(records, max_records=job.DECODE_CHUNK), pre, gpu=gpu is not None),
             batch_size=None,
             num_workers=workers,
             pin_memory=device.type == "cuda",

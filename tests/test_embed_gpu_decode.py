@@ -110,7 +110,7 @@ def test_embed_routing_fallbacks_and_skips():
         (False, True, False),
         (False, False, True),
     ]
-    out = {r["path"]: r for r in job._decode_on_device(cpu_decoder(fail_on=refused), PRE, chunk)}
+    out = {r["path"]: r for r in job.decode_on_device(cpu_decoder(fail_on=refused), PRE, chunk)}
     assert list(out) == list(files)
     # the device's rows repeat the exact path's arithmetic; every CPU decode is the default (fast) path
     expected = {"good.jpg": EXACT, "refused.jpg": PRE, "palette.png": PRE, "cmyk.jpg": PRE}

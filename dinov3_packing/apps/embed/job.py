@@ -53,7 +53,7 @@ SAVE_CHOICES = ("cls", "mean", "patches")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Records per DataLoader item and per work unit of loose files and tar members: amortizes inter-process
 # overhead while a unit's decoded rows stay small (8 camera photos at 1024 patches: 25 MB).
-_CHUNK = 8
+DECODE_CHUNK = 8
 T = TypeVar("T")
 
 
@@ -98,7 +98,7 @@ class EmbedSummary:
 
 class DecodedUnits(IterableDataset):
     """Reads and decodes whole work units; DataLoader worker k takes units k, k + n, ... of n workers, so a
-    parquet row group or a run of a shard is read by one worker, once. Yields lists of at most `_CHUNK`
+    parquet row group or a run of a shard is read by one worker, once. Yields lists of at most `DECODE_CHUNK`
     records: `{"path", "rows", "grid", "size"}`, `{"path", "error"}` for an image that cannot be read (one
     corrupt file never stops a run of millions), or `{"path", "job"}` for a JPEG left to the GPU (`gpu`)."""
 
@@ -112,7 +112,7 @@ class DecodedUnits(IterableDataset):
         for unit in units:
             for record, data in read_records(unit):
                 chunk.append(self.decoded(record.key, data))
-                if len(chunk) == _CHUNK:
+                if len(chunk) == DECODE_CHUNK:
                     yield chunk
                     chunk = []
         if chunk:
@@ -295,7 +295,7 @@ def embed(
         if limit is not None:
             todo = todo[:limit]
         # Whole units to each rank: a parquet row group or a run of one shard is read once, by one process.
-        mine = work_units(todo, max_records=_CHUNK)[rank::world]
+        mine = work_units(todo, max_records=DECODE_CHUNK)[rank::world]
         count = sum(len(unit) for unit in mine)
 
         meter = Meter()
@@ -319,7 +319,7 @@ def embed(
                 for chunk in meter.timed("decode", iter(loader)):
                     if gpu is not None:
                         with meter.stage("decode"), runner.side_stream():
-                            chunk = _decode_on_device(gpu, preprocessor, chunk)
+                            chunk = decode_on_device(gpu, preprocessor, chunk)
                     for record in chunk:
                         if "error" in record:
                             with meter.stage("write"):
@@ -363,7 +363,7 @@ def embed(
             dist.destroy_process_group()
 
 
-def _decode_on_device(gpu: GpuJpegDecoder, preprocessor: Preprocessor, chunk: list[dict]) -> list[dict]:
+def decode_on_device(gpu: GpuJpegDecoder, preprocessor: Preprocessor, chunk: list[dict]) -> list[dict]:
     """A chunk with its JPEG jobs decoded on the device; a job the device cannot decode takes the CPU path
     here, in the main process (it is rare: the header already looked like a JPEG the GPU takes)."""
     jobs: list[JpegJob] = [r["job"] for r in chunk if "job" in r]
