@@ -19,7 +19,7 @@ from dinov3_packing.apps.embed import EmbedReader, embed, read_manifest
 from dinov3_packing.cli import main
 from dinov3_packing.data.files import list_images
 from dinov3_packing.data.preprocess import Preprocessor
-from dinov3_packing.weights.load import load_packing_model, random_packing_model, reference_model
+from dinov3_packing.weights.load import load_checkpoint, load_packing_model, random_packing_model, reference_model
 
 DATA = Path(__file__).parent / "data"
 CKPT = "random:vits16"
@@ -214,11 +214,11 @@ def test_cli_fused_mlp_switch_reaches_the_model(tmp_path, tiny_ckpt, monkeypatch
     built = []
 
     def recording_load(*args, **kwargs):
-        model = load_packing_model(*args, **kwargs)
-        built.append(model.fused_mlp)
-        return model
+        loaded = load_checkpoint(*args, **kwargs)
+        built.append(loaded.model.fused_mlp)
+        return loaded
 
-    monkeypatch.setattr(embed_module, "load_packing_model", recording_load)
+    monkeypatch.setattr(embed_module, "load_checkpoint", recording_load)
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(DATA / "camera_gray.png", src / "a.png")

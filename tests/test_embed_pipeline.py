@@ -24,17 +24,18 @@ from dinov3_packing.apps.embed.writer import WriteFailed
 from dinov3_packing.cli import main
 from dinov3_packing.data.files import list_images
 from dinov3_packing.parallel.compile import compile_stats
-from dinov3_packing.weights.load import load_packing_model
+from dinov3_packing.weights.load import load_checkpoint
 
 FAST = dict(workers=0, progress=False, device="cpu", save=("cls", "mean", "patches"), patch_dtype=torch.float32)
 
 
 def record_forwards(monkeypatch, after_each):
-    """Make `embed` build its model through `load_packing_model` as usual, with `after_each(grid)` called
+    """Make `embed` build its model through `load_checkpoint` as usual, with `after_each(grid)` called
     after every forward of it (the real model: only the instance's forward is wrapped)."""
 
     def load(*args, **kwargs):
-        model = load_packing_model(*args, **kwargs)
+        loaded = load_checkpoint(*args, **kwargs)
+        model = loaded.model
         forward = model.forward
 
         def recorded(hidden_states, grid_thw, *rest, **options):
@@ -43,9 +44,9 @@ def record_forwards(monkeypatch, after_each):
             return out
 
         model.forward = recorded
-        return model
+        return loaded
 
-    monkeypatch.setattr(job, "load_packing_model", load)
+    monkeypatch.setattr(job, "load_checkpoint", load)
 
 
 def test_compiled_embed_recompiles_nothing_after_warm_up_and_equals_eager(tmp_path, tiny_ckpt, monkeypatch):  # noqa: F811

@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 from ..data.preprocess import ImageLike, Preprocessor, to_rgb
+from ..model.archs import normalization_for
 from ..model.modeling import DINOv3ViTPackingModel
 from ..packing import pack, split
-from ..weights.load import DEFAULT_CKPT, load_packing_model, resolve_alias
+from ..weights.load import DEFAULT_CKPT, load_checkpoint, resolve_alias
 from .embed.job import usable_device
 
 GAP = 4  # white pixels between panels
@@ -71,10 +72,11 @@ def pca_picture(
         raise TypeError(f"images: expected a non-empty list of images, got {type(images).__name__}")
     decoded = [_decode(im, f"images[{i}]") for i, im in enumerate(images)]
     if model is None:
-        model = load_packing_model(ckpt, usable_device(device))
-    pre = Preprocessor.for_checkpoint(
-        resolve_alias(ckpt), patch_size=model.patch_size, min_tokens=min_tokens, max_tokens=max_tokens
-    )
+        loaded = load_checkpoint(ckpt, usable_device(device))  # the model and its normalization, one load
+        model, (mean, std) = loaded.model, (loaded.mean, loaded.std)
+    else:
+        mean, std = normalization_for(resolve_alias(ckpt))
+    pre = Preprocessor(patch_size=model.patch_size, mean=mean, std=std, min_tokens=min_tokens, max_tokens=max_tokens)
     pixels = [pre.resized(x, f"images[{i}]")[0] for i, x in enumerate(decoded)]
     hidden_states, grid_thw = pack([pre.normalize(p) for p in pixels], model.patch_size)
     if int(grid_thw[:, 1:].prod(1).sum()) < 2:

@@ -44,7 +44,7 @@ from ...data.preprocess import POLICIES, Preprocessor
 from ...data.sources import Record, open_source, read_records, work_units
 from ...model.archs import normalization_for
 from ...parallel.compile import compile_model
-from ...weights.load import load_packing_model, parse_device, resolve_alias
+from ...weights.load import load_checkpoint, parse_device, resolve_alias
 from .progress import Meter
 from .store import FORMAT, OutputFolder
 from .writer import BackgroundWriter
@@ -252,7 +252,9 @@ def embed(
     try:
         decode = resolve_decode(decode, device, exact)
         dtype = dtype or default_dtype(device)
-        mean, std = normalization_for(resolve_alias(ckpt))
+        # Resolved once: the settings (checked before the model loads) and the load use the same name.
+        name = resolve_alias(ckpt)
+        mean, std = normalization_for(name)
         settings = {
             "format": FORMAT,
             "ckpt": ckpt,
@@ -272,7 +274,7 @@ def embed(
         }
         # Rank 0 holds the lock for every rank of the job; a refusal there stops all of them.
         _on_rank0(world, rank, lambda: store.acquire(settings, overwrite))
-        model = load_packing_model(ckpt, device, dtype, attn_backend, fused_mlp)
+        model = load_checkpoint(name, device, dtype, attn_backend, fused_mlp).model
         if device.type == "cuda" if compile is None else compile:
             compile_model(model)
         preprocessor = Preprocessor(
