@@ -20,6 +20,8 @@ _EXPORTS = {
     "patchify": "packing",
     "split": "packing",
     "unpatchify": "packing",
+    "load_checkpoint": "weights.load",
+    "Loaded": "weights.load",
     "load_packing_model": "weights.load",
     "random_packing_model": "weights.load",
     "reference_model": "weights.load",
