@@ -58,6 +58,9 @@ def test_compiled_embed_recompiles_nothing_after_warm_up_and_equals_eager(tmp_pa
     eager = tmp_path / "eager"
     embed(src, eager, tiny_ckpt, batch_tokens=150, **FAST)
     packs = []
+    # Dynamo reuses graphs across model instances of one config: an earlier test's compile of this tiny
+    # model would otherwise serve the first pack, and this test would see nothing compile.
+    torch._dynamo.reset()
     before = compile_stats()["unique_graphs"]
     record_forwards(monkeypatch, lambda grid: packs.append((grid.clone(), compile_stats()["unique_graphs"])))
     compiled = tmp_path / "compiled"
