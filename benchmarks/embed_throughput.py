@@ -37,6 +37,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import traceback
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -118,16 +119,17 @@ def decode_pass(loader, gpu, pre, device) -> int:
 
 
 class PackRecorder:
-    """Wraps `job.load_packing_model` for one `embed` call: keeps its model and, at each forward, the pack's
+    """Wraps `job.load_checkpoint` for one `embed` call: keeps its model and, at each forward, the pack's
     `grid_thw` and the host time after the forward was launched."""
 
     def __init__(self):
         self.model, self.grids, self.times = None, [], []
-        self._load = job.load_packing_model
+        self._load = job.load_checkpoint
 
     def __enter__(self):
         def load(*args, **kwargs):
-            self.model = model = self._load(*args, **kwargs)
+            loaded = self._load(*args, **kwargs)
+            self.model = model = loaded.model
             forward = model.forward
 
             def recorded(hidden_states, grid_thw, *rest, **options):
@@ -137,46 +139,85 @@ class PackRecorder:
                 return out
 
             model.forward = recorded
-            return model
+            return loaded
 
-        job.load_packing_model = load
+        job.load_checkpoint = load
         return self
 
     def __exit__(self, *exc):
-        job.load_packing_model = self._load
+        job.load_checkpoint = self._load
         if self.model is not None:
             del self.model.forward  # the class's forward again: the model-only passes are not recorded
 
 
-def main() -> None:
+def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", choices=list(SETS), default="camera", help="data set (see above)")
+    ap.add_argument("--set", default="camera", help=f"data set(s), comma-separated, of {list(SETS)} (see above)")
     ap.add_argument("--n", type=int, default=None, help="images (default: the set's size)")
     ap.add_argument("--data", default=None, help="where the sets are built and kept (default: a temp folder)")
+    ap.add_argument("--build-only", action="store_true", help="build the sets under --data and stop")
     ap.add_argument("--ckpt", default="random:vitl16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=list(job.DTYPES), default=None, help="default bfloat16 on CUDA, else float32")
-    ap.add_argument("--decode", choices=DECODE_CHOICES, default="cpu")
+    ap.add_argument("--decode", default="cpu", help=f"decoder(s), comma-separated, of {list(DECODE_CHOICES)}")
     ap.add_argument("--no-compile", action="store_true", help="eager model (default: compiled on CUDA)")
     ap.add_argument("--workers", type=int, default=None, help="decoding processes (default: embed's, cores - 1)")
     ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--save", default="cls,mean")
-    ap.add_argument("--json", default=None, help="also write the figures and run metadata to this JSON file")
+    ap.add_argument(
+        "--json",
+        default=None,
+        help="also write the figures and run metadata to this JSON file; with several sets or decoders, one "
+        "file each, named PATH's stem + _SET_DECODE",
+    )
     args = ap.parse_args()
+    args.sets = args.set.split(",")
+    args.decodes = args.decode.split(",")
+    if not set(args.sets) <= set(SETS):
+        ap.error(f"--set: expected a comma-separated subset of {list(SETS)}, got {args.set!r}")
+    if not set(args.decodes) <= set(DECODE_CHOICES):
+        ap.error(f"--decode: expected a comma-separated subset of {list(DECODE_CHOICES)}, got {args.decode!r}")
+    return args
+
+
+def main() -> int:
+    """Every (set, decoder) in one process: the compiled model's kernels are reused after the first."""
+    args = parse()
+    workers = job.default_workers() if args.workers is None else args.workers
+    failed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.data or tmp)
+        for name in args.sets:
+            build_set(name, args.n or SETS[name], root, max(1, workers))
+        if args.build_only:
+            return 0
+        combos = [(name, decode) for name in args.sets for decode in args.decodes]
+        for name, decode in combos:
+            json_path = args.json
+            if json_path and len(combos) > 1:
+                path = Path(json_path)
+                json_path = str(path.with_name(f"{path.stem}_{name}_{decode}{path.suffix}"))
+            try:
+                run_one(args, name, decode, root, workers, json_path)
+            except Exception:  # one combination's failure is printed and the next still runs
+                failed += 1
+                traceback.print_exc()
+    return 1 if failed else 0
+
+
+def run_one(args: argparse.Namespace, set_name: str, decode_choice: str, root: Path, workers: int, json_path) -> None:
     device = torch.device(args.device)
     dtype = job.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    workers = job.default_workers() if args.workers is None else args.workers
-    n = args.n or SETS[args.set]
+    n = args.n or SETS[set_name]
     compile_ = False if args.no_compile else None
 
     with tempfile.TemporaryDirectory() as tmp:
-        src = build_set(args.set, n, Path(args.data or tmp), max(1, workers))
+        src = build_set(set_name, n, root, max(1, workers))
         records = open_source(src)
         mean, std = normalization_for(resolve_alias(args.ckpt))
         pre = Preprocessor(mean=mean, std=std, max_tokens=args.max_tokens)
-        decode = resolve_decode(args.decode, device, pre.exact)
-
+        decode = resolve_decode(decode_choice, device, pre.exact)
         # decode: embed's DataLoader, one warm pass, then one timed pass
         gpu = GpuJpegDecoder(pre, device) if decode == "gpu" else None
         loader = DataLoader(
@@ -236,7 +277,7 @@ def main() -> None:
     rates = {"decode": len(records) / decode_s, "model": images / model_s, "embed": images / embed_s}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fill = tokens / (len(packs) * args.batch_tokens)
-    print(f"device {name}, {os.cpu_count()} cores, {args.ckpt} {str(dtype).removeprefix('torch.')}, set {args.set}")
+    print(f"device {name}, {os.cpu_count()} cores, {args.ckpt} {str(dtype).removeprefix('torch.')}, set {set_name}")
     print(f"{len(records)} images; timed: {images} images in {len(packs)} packs, {tokens / images:.0f} tokens/image")
     print(f"pack fill {fill:.1%}")
     compiled = device.type == "cuda" if compile_ is None else compile_
@@ -245,14 +286,21 @@ def main() -> None:
     print(f"model only  : {rates['model']:8.1f} images/s  ({tokens / model_s:,.0f} tokens/s, same packs, median)")
     print(f"embed e2e   : {rates['embed']:8.1f} images/s  (after its first {WARM_PACKS} packs)")
     print(f"embed/model : {rates['embed'] / rates['model']:8.1%}   bound reported by embed: {summary.bound}")
-    if args.json:
-        info = {"set": args.set, "n": len(records), "timed_images": images, "timed_tokens": tokens}
+    if json_path:
+        info = {"set": set_name, "n": len(records), "timed_images": images, "timed_tokens": tokens}
         info |= {"timed_packs": len(packs), "fill": fill}
         info |= {"workers": workers, "decode": decode, "compiled": compiled, "bound": summary.bound}
         info |= {"stage_s": summary.stage_seconds}
-        report = {"meta": run_metadata(device), **vars(args), **info, "images_per_s": rates, "model_timing": stats}
-        write_report(args.json, report)
+        report = {
+            "meta": run_metadata(device),
+            **vars(args),
+            **info,
+            "decode_asked": decode_choice,
+            "images_per_s": rates,
+            "model_timing": stats,
+        }
+        write_report(json_path, report)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,21 +8,28 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              backward on mixed-64, 64 x 224 px, 32 x 512 px, 4 x 1024 px and 4 x 2048 px segment lengths;
              TFLOP/s counting 4 n^2 D H a segment forward and 3.5x that forward + backward; fa4's output and
              gradients against sdpa in fp32 (max relative difference).
-    train    ViT-L mixed-64 training step, compiled: today's path (attn_backend="varlen") and the new one
-             ("auto", which takes fa4) interleaved round by round, the new one also with each recompute
-             policy; images/s, MFU (3x forward FLOPs over the measured bf16 matmul peak), peak memory.
+    train    ViT-L mixed-64 training step, compiled: today's path (attn_backend="varlen", the MLP unfused, as
+             before the issue) and the new one ("auto", which takes fa4, and the fused MLP with its backward)
+             interleaved round by round, the new one also with each recompute policy; images/s, MFU (3x
+             forward FLOPs over the measured bf16 matmul peak), peak memory and per token; Hugging Face's
+             `DINOv3ViTModel` looped per image (bf16, eager) as the baseline in the same run. Then one step
+             of today's and the new path under `torch.profiler`: GPU kernel time by class (`profile` rows).
     grads    gradients of one bf16 step on the fa4 path against the fp32 sdpa step, same weights, on the
              first 16 images of mixed-64 (an fp32 step on all 64 may not fit), eval mode (no RoPE
              augmentation, autograd still on): cosine of all gradients flattened and the lowest
              per-parameter cosine (target >= 0.99).
     infer    inference, 4 x 2048 px, compiled: "auto" (fa4 past FA4_INFERENCE_MIN_SEQLEN) vs "triton".
+A part that fails writes an `error` row with its traceback and the next part runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
+import traceback
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +40,9 @@ from dinov3_packing.ops.attention import packed_attention
 from dinov3_packing.packing import PackedLayout
 from dinov3_packing.parallel.compile import compile_model
 from dinov3_packing.parallel.recompute import apply_recompute
+from dinov3_packing.weights.load import reference_model
 
-PARTS = ("kernels", "train", "grads", "infer")
+PARTS = ("train", "grads", "infer", "kernels")
 PREFIX = 5  # CLS + 4 registers
 
 
@@ -110,10 +118,55 @@ def forward_flops(model, grid) -> float:
     return total
 
 
-def mixed_batch(dev, dtype, n: int = 64):
+def mixed_images(n: int = 64) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    hs, grid = pack([torch.randn(3, h, w, generator=g) for h, w in mixed_sizes()[:n]], 16)
+    return [torch.randn(3, h, w, generator=g) for h, w in mixed_sizes()[:n]]
+
+
+def mixed_batch(dev, dtype, n: int = 64):
+    hs, grid = pack(mixed_images(n), 16)
     return hs.to(dev, dtype), grid
+
+
+def loss_of(o) -> torch.Tensor:
+    return o.last_hidden_state.float().square().mean() + o.pooler_output.float().square().mean()
+
+
+# GPU kernel classes of a training step, by kernel name (first match wins).
+KERNEL_CLASSES = (
+    ("attention fa4 (CuTe)", r"flash_attn|flashattention|fmha"),
+    ("attention FA2 (varlen)", r"flash_fwd|flash_bwd|pytorch_flash"),
+    ("attention triton", r"_varlen_fwd_kernel|_attn_fwd"),
+    ("fused up-proj+GELU", r"linear_gelu"),
+    ("GEMM (cuBLAS/CUTLASS)", r"gemm|nvjet|sm90_xmma|cutlass|cublas|Kernel2"),
+    ("inductor fused (norms, RoPE, GELU, adds)", r"^triton_"),
+    ("copies, fills, reductions", r"elementwise|reduce|copy|fill|memcpy|memset|cat|index"),
+)
+
+
+def kernel_class(name: str) -> str:
+    for label, pattern in KERNEL_CLASSES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return label
+    return "other"
+
+
+def profile_step(fn, dev) -> tuple[dict, list]:
+    """GPU kernel time of one call of `fn` by class (ms), and the ten longest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(dev)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(dev)
+    by_class, by_name = defaultdict(float), defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
+            by_class[kernel_class(e.name)] += e.device_time_total / 1e3
+            by_name[e.name] += e.device_time_total / 1e3
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
+    return dict(by_class), [(n[:120], ms) for n, ms in top]
 
 
 def train(out: str | None, rounds: int = 3) -> None:
@@ -121,22 +174,31 @@ def train(out: str | None, rounds: int = 3) -> None:
     peak = peak_matmul_tflops(dev, torch.bfloat16, 8192)
     write_rows(out, [{"part": "train", "matmul_peak": peak}])
     hs, grid = mixed_batch(dev, torch.bfloat16)
-    systems = {
-        "today: varlen": ("varlen", None),
-        "new: auto": ("auto", None),
-        "new: auto + recompute attention": ("auto", "attention"),
-        "new: auto + recompute mlp": ("auto", "mlp"),
+    tokens = int(hs.shape[0]) + 5 * len(grid)
+    systems = {  # name: (attn_backend, fused_mlp, recompute policy)
+        "today: varlen, MLP unfused": ("varlen", False, None),
+        "new: auto (fa4), fused MLP": ("auto", None, None),
+        "new + recompute attention": ("auto", None, "attention"),
+        "new + recompute mlp": ("auto", None, "mlp"),
     }
     models = {}
-    for name, (backend, policy) in systems.items():
-        model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend).train()
-        models[name] = compile_model(apply_recompute(model, policy))
+    for name, (backend, fused, policy) in systems.items():
+        model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend, fused_mlp=fused)
+        models[name] = compile_model(apply_recompute(model.train(), policy))
     flops = 3 * forward_flops(next(iter(models.values())), grid)
 
     def step(model):
         model.zero_grad(set_to_none=True)
-        o = model(hs, grid)
-        (o.last_hidden_state.float().square().mean() + o.pooler_output.float().square().mean()).backward()
+        loss_of(model(hs, grid)).backward()
+
+    # Baseline: Hugging Face's model, same weights, bf16, one image at a time (eager), forward + backward.
+    hf = reference_model(models["today: varlen, MLP unfused"]).train()
+    pixels = [x[None].to(dev, torch.bfloat16) for x in mixed_images()]
+
+    def hf_step():
+        hf.zero_grad(set_to_none=True)
+        for px in pixels:
+            loss_of(hf(pixel_values=px)).backward()
 
     for r in range(rounds):  # interleaved: every system once per round
         for name, model in models.items():
@@ -155,10 +217,45 @@ def train(out: str | None, rounds: int = 3) -> None:
                         "mfu": flops / stats["median_s"] / (peak["tflops"] * 1e12),
                         "peak_mem_gib": stats["peak_alloc_gib"],
                         "step_mem_gib": stats["fwd_mem_gib"],
+                        "step_mem_kib_per_token": stats["fwd_mem_gib"] * 2**20 / tokens,
                         "first_call_s": stats["first_call_s"],
                     }
                 ],
             )
+        if r == 0:
+            stats = measure(hf_step, dev)
+            hf.zero_grad(set_to_none=True)
+            write_rows(
+                out,
+                [
+                    {
+                        "part": "train",
+                        "round": r,
+                        "system": "HF DINOv3ViTModel per image (bf16, eager)",
+                        "images_per_s": 64 / stats["median_s"],
+                        "step_ms": stats["median_s"] * 1e3,
+                        "mfu": flops / stats["median_s"] / (peak["tflops"] * 1e12),
+                        "peak_mem_gib": stats["peak_alloc_gib"],
+                    }
+                ],
+            )
+    for name in ("today: varlen, MLP unfused", "new: auto (fa4), fused MLP"):
+        by_class, top = profile_step(lambda m=models[name]: step(m), dev)
+        total = sum(by_class.values())
+        write_rows(
+            out,
+            [
+                {
+                    "part": "profile",
+                    "system": name,
+                    "gpu_ms": total,
+                    "by_class_ms": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
+                    "share": {k: v / total for k, v in by_class.items()},
+                    "top_kernels_ms": top,
+                }
+            ],
+        )
+        models[name].zero_grad(set_to_none=True)
 
 
 def grads(out: str | None) -> None:
@@ -169,7 +266,7 @@ def grads(out: str | None) -> None:
         model = load_packing_model("random:vitl16", dev, dtype, attn_backend=backend)
         assert model.resolved_attn_backend(inference=False) == backend
         o = model(hs.to(dtype), grid)
-        (o.last_hidden_state.float().square().mean() + o.pooler_output.float().square().mean()).backward()
+        loss_of(o).backward()
         result[backend] = {n: p.grad.float().flatten() for n, p in model.named_parameters() if p.grad is not None}
         del model
         torch.cuda.empty_cache()
@@ -185,13 +282,14 @@ def infer(out: str | None) -> None:
     g = torch.Generator().manual_seed(0)
     hs, grid = pack([torch.randn(3, 2048, 2048, generator=g) for _ in range(4)], 16)
     hs = hs.to(dev, torch.bfloat16)
-    for r in range(2):
-        for backend in ("auto", "triton"):
-            model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend)
-            compile_model(model)
+    models = {}
+    for backend in ("auto", "triton"):  # compiled once each, then timed in interleaved rounds
+        models[backend] = compile_model(load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend))
+    for r in range(3):
+        for backend, model in models.items():
             with torch.no_grad():
-                stats = measure(lambda m=model: m(hs, grid), dev, compiled=True)
-                chosen = model.resolved_attn_backend(inference=True, max_seqlen=PREFIX + 128 * 128)
+                stats = measure(lambda m=model: m(hs, grid), dev, compiled=r == 0)
+            chosen = model.resolved_attn_backend(inference=True, max_seqlen=PREFIX + 128 * 128)
             write_rows(
                 out,
                 [
@@ -201,11 +299,10 @@ def infer(out: str | None) -> None:
                         "attn_backend": backend,
                         "runs": chosen,
                         "images_per_s": 4 / stats["median_s"],
+                        "forward_ms": stats["median_s"] * 1e3,
                     }
                 ],
             )
-            del model
-            torch.cuda.empty_cache()
 
 
 def main() -> int:
@@ -219,9 +316,15 @@ def main() -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (SM90+) with flash-attn-4 installed")
     write_rows(args.out, [{"part": "meta", **run_metadata("cuda")}])
+    failed = 0
     for part in parts:
-        {"kernels": kernels, "train": train, "grads": grads, "infer": infer}[part](args.out)
-    return 0
+        try:
+            {"kernels": kernels, "train": train, "grads": grads, "infer": infer}[part](args.out)
+        except Exception:  # one part's failure is recorded and the next part still runs
+            failed += 1
+            write_rows(args.out, [{"part": part, "error": traceback.format_exc()[-4000:]}])
+        torch.cuda.empty_cache()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
