@@ -86,7 +86,11 @@ def import_tree(tree: Path):
     if Path(package.__file__).resolve().parent != tree / "dinov3_packing":
         raise ValueError(f"--tree: imported dinov3_packing from {package.__file__}, not from {tree}")
     for name in ("dinov3_packing.parallel.compile", "dinov3_packing.compile"):
-        if importlib.util.find_spec(name) is not None:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # older trees have `parallel` as a module, not a package
+            found = False
+        if found:
             return package, importlib.import_module(name).compile_model
     raise ValueError(f"--tree: {tree} has no compile_model")
 

@@ -325,6 +325,26 @@ def test_ab_trees_interleaves_rounds(ab):
     assert ab["interleaved"](["a", "b"], 3) == [(0, "a"), (0, "b"), (1, "a"), (1, "b"), (2, "a"), (2, "b")]
 
 
+def test_ab_trees_imports_a_tree_of_the_old_layout(tmp_path):
+    """A tree from before the reorganisation has `parallel.py` as a module and `compile.py` beside it: the
+    lookup of `dinov3_packing.parallel.compile` must not stop the round (it raised ModuleNotFoundError on the
+    H200 and the before/after run lost its first call)."""
+    package = tmp_path / "old" / "dinov3_packing"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "parallel.py").write_text("def apply_fsdp(model):\n    return model\n")
+    (package / "compile.py").write_text("def compile_model(model):\n    return ('old', model)\n")
+    code = (
+        "import runpy, sys; from pathlib import Path; "
+        f"ab = runpy.run_path({str(ROOT / 'benchmarks' / 'ab_trees.py')!r}); "
+        f"package, compile_model = ab['import_tree'](Path({str(package.parent)!r})); "
+        "print(package.__file__, compile_model(1))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(package / "__init__.py"), "('old',", "1)"]
+
+
 @pytest.mark.slow
 def test_ab_trees_drive_smoke(ab, tmp_path):
     """Two trees (this checkout and a copy of its package outside git), two rounds, as subprocesses on the
