@@ -126,7 +126,7 @@ def test_fused_path_never_bypasses_what_is_attached_to_the_mlp(tiny, fused_calls
         wrapped = _Wrapped(mlp.up_proj.in_features, mlp.up_proj.out_features)
         wrapped.load_state_dict(mlp.up_proj.state_dict())
         mlp.up_proj = wrapped
-    elif attach == "forward_replaced":  # what parallel.recompute does to recompute the MLP
+    elif attach == "forward_replaced":  # a user's wrapper
         original = mlp.forward
         mlp.forward = lambda x: fired.append(1) or original(x)
     layout = PackedLayout.build([(1, 2, 3), (1, 3, 1)], model.num_prefix_tokens, "cpu")
@@ -150,17 +150,20 @@ def test_fused_path_never_bypasses_what_is_attached_to_the_mlp(tiny, fused_calls
     assert torch.equal(fused, plain)
 
 
-def test_recomputed_mlp_keeps_its_recomputation(tiny, fused_calls):
-    """`apply_recompute(model, "mlp")` wraps each MLP's forward in a checkpoint: the fused path must not
-    bypass it (it would silently stop recomputing)."""
+def test_recomputed_mlp_keeps_the_fused_path_and_recomputes_it(tiny, fused_calls):
+    """`apply_recompute(model, "mlp")` runs each block's MLP under checkpoint through `feed_forward`: the
+    fused path stays (one call per block in forward) and backward runs it again (one more per block).
+    Compiled, and after another model was compiled: test_recompute_compile.py."""
     from dinov3_packing.parallel.recompute import apply_recompute
 
     torch.manual_seed(0)
     model = apply_recompute(DINOv3ViTPackingModel(tiny(num_hidden_layers=2)), "mlp")
     layout = PackedLayout.build([(1, 2, 3), (1, 3, 1)], model.num_prefix_tokens, "cpu")
     x = torch.randn(layout.num_tokens, model.config.hidden_size)
-    model.model(x, _batch(model, layout, True))
-    assert fused_calls == []
+    out, _ = model.model(x, dataclasses.replace(model.packed_batch(layout, inference=False), fused_mlp=True))
+    assert len(fused_calls) == 2
+    out.square().mean().backward()
+    assert len(fused_calls) == 4
 
 
 def test_fused_path_traces_as_one_graph(tiny, fused_calls):

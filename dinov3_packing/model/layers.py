@@ -185,7 +185,14 @@ class DINOv3ViTPackedDropPath(nn.Module):
 
 
 class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
-    """Pre-norm block: attention and MLP, each with LayerScale and a residual."""
+    """Pre-norm block: attention and MLP, each with LayerScale and a residual.
+
+    Attributes:
+        recompute_mlp: run the MLP under checkpoint when autograd records (set by `parallel.recompute`'s
+            "mlp" policy; a plain attribute, so a compiled block's graph is guarded on it).
+    """
+
+    recompute_mlp: bool = False
 
     def __init__(self, config: DINOv3ViTConfig):
         super().__init__()
@@ -200,7 +207,7 @@ class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         h = self.attention(self.norm1(x), batch)
         x = self.drop_path(self.layer_scale1(h), batch) + x
-        h = feed_forward(self.mlp, self.norm2(x), batch)
+        h = feed_forward(self.mlp, self.norm2(x), batch, recompute=self.recompute_mlp)
         return self.drop_path(self.layer_scale2(h), batch) + x
 
 

@@ -3,15 +3,24 @@
 `feed_forward(mlp, x, batch)` runs a block's MLP module, or, when `batch.fused_mlp` is set and the module is
 a plain Hugging Face GELU MLP, its up-projection, bias and exact GELU as one Triton GEMM
 (`ops/triton/linear_gelu.py`, with a backward, so training takes it too) followed by the module's own
-down-projection. `fused_mlp_setting` validates the model's `fused_mlp=` option; `fused_mlp_runs` is the
-device/dtype gate.
+down-projection; with `recompute=True` (`parallel.recompute`'s "mlp" policy) either path runs under
+non-reentrant checkpoint. `fused_mlp_setting` validates the model's `fused_mlp=` option; `fused_mlp_runs` is
+the device/dtype gate.
+
+Every check here runs inside `torch.compile`'s region, and Dynamo reuses a graph for any module that passes
+the graph's guards, a module of another model of the same config included. So each check reads only what
+Dynamo guards: types, hook dicts, a batch field, and attributes looked up as Python looks them up (not
+`vars()`, whose contents Dynamo does not guard).
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_globals
+from torch.utils.checkpoint import checkpoint
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTMLP
 
 from ..packing import PackedBatch
@@ -47,16 +56,36 @@ def _is_plain(mlp: nn.Module) -> bool:
     nothing attached to the MLP is bypassed."""
     if type(mlp) is not DINOv3ViTMLP or type(mlp.up_proj) is not nn.Linear:
         return False
-    # A forward replaced on the instance (`parallel.recompute`, a user's wrapper) is behaviour attached to it.
-    if "forward" in vars(mlp) or "forward" in vars(mlp.up_proj):
+    # A forward replaced on the instance (a user's wrapper) is behaviour attached to it. Looked up as an
+    # attribute, which Dynamo guards (whether the instance holds a `forward`, and which one); it does not
+    # guard what `vars(mlp)` contains, so a graph traced for a plain MLP would run for a wrapped one.
+    if not (_runs_class_forward(mlp, DINOv3ViTMLP) and _runs_class_forward(mlp.up_proj, nn.Linear)):
         return False
     if any(m._forward_hooks or m._forward_pre_hooks for m in (mlp, mlp.up_proj, mlp.act_fn)):
         return False
     return not (_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks)
 
 
-def feed_forward(mlp: nn.Module, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """`mlp(x)`, with the up-projection + bias + GELU fused where `batch.fused_mlp` allows it."""
-    if batch.fused_mlp and _is_plain(mlp):
+def _runs_class_forward(module: nn.Module, cls: type) -> bool:
+    """Whether `module.forward` is `cls.forward` bound to it (no forward set on the instance)."""
+    forward = module.forward
+    # Not `getattr(forward, "__func__", None)`: Dynamo (torch 2.14) traces that to None for a bound method.
+    return isinstance(forward, types.MethodType) and forward.__func__ is cls.forward
+
+
+def _run(mlp: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    if fused and _is_plain(mlp):
         return mlp.down_proj(linear_gelu(x, mlp.up_proj.weight, mlp.up_proj.bias))
     return mlp(x)
+
+
+def feed_forward(mlp: nn.Module, x: torch.Tensor, batch: PackedBatch, recompute: bool = False) -> torch.Tensor:
+    """`mlp(x)`, with the up-projection + bias + GELU fused where `batch.fused_mlp` allows it.
+
+    `recompute`: when autograd records, keep only `x` for backward and run the MLP (fused or not) again
+    there instead of keeping its 4D-wide activations. The fused op has a backward of its own, so it is
+    recomputed like any other op.
+    """
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(_run, mlp, x, batch.fused_mlp, use_reentrant=False)
+    return _run(mlp, x, batch.fused_mlp)

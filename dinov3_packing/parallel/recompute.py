@@ -3,21 +3,27 @@
     apply_recompute(model, "mlp")     # before compile_model and apply_fsdp
 
 Each block's chosen part runs under non-reentrant `torch.utils.checkpoint`: autograd keeps only that part's
-input, and backward runs the part's forward again to rebuild what it needs. Policies, from the least
-memory saved to the most:
+input, and backward runs the part's forward again to rebuild what it needs. "attention" and "block" wrap
+the part's `forward` on the instance; "mlp" sets the block's `recompute_mlp` flag instead, and the block runs
+`ops.feed_forward` under checkpoint, so the fused up-projection + GELU kernel still runs (a wrapped MLP
+`forward` is behaviour the fused path must not bypass, so it would turn the kernel off). Policies, from the
+least memory saved to the most:
     None          nothing recomputed.
     "attention"   the attention sub-block (q/k/v GEMM, RoPE, the attention kernel, output projection):
                   frees q, k, v, the rotated q/k, the kernel's output and statistics; recomputes ~4 D^2 + the
                   attention FLOPs a token per block.
-    "mlp"         the MLP (up-projection, GELU, down-projection): frees the 4D-wide pre-activation and GELU
-                  output, the largest activations of a block; recomputes 16 D^2 FLOPs a token per block.
+    "mlp"         the MLP (up-projection, GELU, down-projection; fused or not): frees the 4D-wide
+                  pre-activation and GELU output, the largest activations of a block; recomputes 16 D^2
+                  FLOPs a token per block.
     "block"       the whole block (both of the above plus the norms and residuals); keeps only the
                   block's input, as transformers' `gradient_checkpointing_enable()` does.
 The gradients are those without recomputation (the same operations run again on the same inputs; drop
 path's RNG state is restored by checkpoint). Forwards without autograd run the part directly.
 
-Composes with `compile_model` (Dynamo traces non-reentrant checkpoint as one region of the graph) and with
-`apply_fsdp` (FSDP2's hooks sit on the block's `__call__`, outside the recomputed `forward`).
+Composes with `compile_model` (Dynamo traces non-reentrant checkpoint as one region of the graph; the
+wrapped forwards and the flag are guarded, so a graph compiled for another model of the same config in the
+process is not reused for one with another policy) and with `apply_fsdp` (FSDP2's hooks sit on the block's
+`__call__`, outside the recomputed part).
 """
 
 from __future__ import annotations
@@ -64,14 +70,16 @@ def apply_recompute(model: DINOv3ViTPackingModel, policy: str | None) -> DINOv3V
             "model: transformers' gradient checkpointing is on (gradient_checkpointing_enable()); it recomputes "
             "every block already: turn it off or pass policy=None"
         )
-    parts = {
-        "attention": lambda layer: layer.attention,
-        "mlp": lambda layer: layer.mlp,
-        "block": lambda layer: layer,
-    }[policy]
-    modules = [parts(layer) for layer in model.model.layer]
-    if any(getattr(m.forward, "recomputes", False) for layer in model.model.layer for m in layer.modules()):
+    layers = model.model.layer
+    if any(
+        layer.recompute_mlp or any(getattr(m.forward, "recomputes", False) for m in layer.modules()) for layer in layers
+    ):
         raise ValueError("model: apply_recompute was already applied to this model")
-    for module in modules:
+    if policy == "mlp":
+        for layer in layers:
+            layer.recompute_mlp = True
+        return model
+    for layer in layers:
+        module = layer.attention if policy == "attention" else layer
         module.forward = _recomputed(module.forward)
     return model
