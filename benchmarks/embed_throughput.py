@@ -9,9 +9,14 @@ levels), so that files have a camera's entropy (a smooth upscale compresses seve
 photograph, and the entropy decoding is part of the cost). `--n` overrides the count (smoke runs).
 
 How each figure is measured (images/s over the whole set; every stage sees the same files, warm page cache):
-    decode   the DataLoader that `embed` uses (same workers, units, chunks; with `--decode gpu` the
-             main-process nvJPEG step too), no model. One untimed pass first (worker start, page cache),
-             then one timed pass over every image, with persistent workers (`timing.time_calls`).
+    decode   `embed`'s own decode side, no model: the same DataLoader (`job.decode_loader`: workers, units,
+             chunks, uint8 pixels and pinning on CUDA) read through the same main-loop step
+             (`job.decoded_chunks`: unpacking, and with `--decode gpu` the nvJPEG step on the side stream).
+             One untimed pass first (page cache), then a fresh loader, as `embed` makes one, timed from the
+             arrival of its first chunk to the device's last work (worker start-up left out as `embed`'s
+             first packs are; the tail, where workers run out of units, kept as in `embed`). An earlier
+             version timed a second pass of persistent workers from the iterator's restart, and fed it
+             float32 rows: it read below `embed` end to end.
     embed    `embed()` end to end (decode, packing, copies, forwards, shards written). Timed from the end of
              its third pack's forward to its return: worker start, model load, compilation and first-call
              kernel tuning fall in those first packs and are left out, with their images.
@@ -20,7 +25,9 @@ How each figure is measured (images/s over the whole set; every stage sees the s
              only. The model is the embed run's own instance, warm; `timing.measure` then times whole
              passes over all packs (one more warm-up pass, the median of at least three).
 `embed / model` is the share of the model's speed that `embed` reaches (the issue's target: >= 90%);
-the bound is the one `embed` reports (`apps/embed/progress.py`: the stage its main loop waited on).
+the bound is the one `embed` reports (`apps/embed/progress.py`: "model" only when the device was busy on
+forwards >= 90% of the time, measured with CUDA events; else the largest of the main loop's decode and write
+waits and its own work, "host"), printed with the device-busy share it rests on.
 
     python benchmarks/embed_throughput.py --set camera --ckpt random:vitl16 --max-tokens 1024
     python benchmarks/embed_throughput.py --set shards --ckpt random:vitl16 --decode gpu
@@ -31,6 +38,7 @@ the bound is the one `embed` reports (`apps/embed/progress.py`: the stage its ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -46,10 +54,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from dinov3_packing.apps.bench.timing import Timing, measure, run_metadata, time_calls, write_report
+from dinov3_packing.apps.bench.timing import Timing, measure, run_metadata, write_report
 from dinov3_packing.apps.embed import embed, job
+from dinov3_packing.apps.embed.progress import Meter
 from dinov3_packing.data.budget import segment_tokens
 from dinov3_packing.data.files import sample_image_paths
 from dinov3_packing.data.gpu_decode import DECODE_CHOICES, GpuJpegDecoder, resolve_decode
@@ -107,15 +115,24 @@ def build_set(name: str, n: int, root: Path, procs: int) -> str:
     return str(shards / f"{{000..{SHARDS - 1:03d}}}.tar")
 
 
-def decode_pass(loader, gpu, pre, device) -> int:
-    images = 0
-    for chunk in loader:
-        if gpu is not None:
-            chunk = job.decode_on_device(gpu, pre, chunk)
-        images += len(chunk)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return images
+def decode_pass(units, pre, device, workers, gpu) -> tuple[int, int, float]:
+    """One pass of `embed`'s decode side over `units` on a fresh loader: (images, images after the first
+    chunk, seconds from that chunk's arrival to the device's last decoding work)."""
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def side_stream():
+        return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+
+    loader = job.decode_loader(units, pre, device, workers, gpu=gpu is not None)
+    images, first, start = 0, 0, None
+    with torch.inference_mode():
+        for chunk in job.decoded_chunks(loader, Meter(), gpu, pre, side_stream):
+            images += len(chunk)
+            if start is None:
+                first, start = len(chunk), time.perf_counter()
+    if side is not None:
+        side.synchronize()
+    return images, images - first, time.perf_counter() - start
 
 
 class PackRecorder:
@@ -218,20 +235,13 @@ def run_one(args: argparse.Namespace, set_name: str, decode_choice: str, root: P
         mean, std = normalization_for(resolve_alias(args.ckpt))
         pre = Preprocessor(mean=mean, std=std, max_tokens=args.max_tokens)
         decode = resolve_decode(decode_choice, device, pre.exact)
-        # decode: embed's DataLoader, one warm pass, then one timed pass
+        # decode: embed's decode side, one warm pass, then one timed pass on a fresh loader
         gpu = GpuJpegDecoder(pre, device) if decode == "gpu" else None
-        loader = DataLoader(
-            job.DecodedUnits(work_units(records, max_records=job.DECODE_CHUNK), pre, gpu=gpu is not None),
-            batch_size=None,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-            in_order=False,
-            persistent_workers=workers > 0,
-        )
-        assert decode_pass(loader, gpu, pre, device) == len(records)
-        decode_s = time_calls(lambda: decode_pass(loader, gpu, pre, device), 1, device)[0]
-        loader = gpu = None  # the workers exit before embed starts its own
+        units = work_units(records, max_records=job.DECODE_CHUNK)
+        assert decode_pass(units, pre, device, workers, gpu)[0] == len(records)
+        total, decoded, decode_s = decode_pass(units, pre, device, workers, gpu)
+        assert total == len(records)
+        gpu = None
 
         # embed end to end, its packs recorded
         with PackRecorder() as rec:
@@ -274,7 +284,7 @@ def run_one(args: argparse.Namespace, set_name: str, decode_choice: str, root: P
 
     prefix = rec.model.num_prefix_tokens
     tokens = sum(segment_tokens(tuple(row.tolist()), prefix) for g in timed for row in g)
-    rates = {"decode": len(records) / decode_s, "model": images / model_s, "embed": images / embed_s}
+    rates = {"decode": decoded / decode_s, "model": images / model_s, "embed": images / embed_s}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fill = tokens / (len(packs) * args.batch_tokens)
     print(f"device {name}, {os.cpu_count()} cores, {args.ckpt} {str(dtype).removeprefix('torch.')}, set {set_name}")
@@ -282,15 +292,18 @@ def run_one(args: argparse.Namespace, set_name: str, decode_choice: str, root: P
     print(f"pack fill {fill:.1%}")
     compiled = device.type == "cuda" if compile_ is None else compile_
     print(f"workers {workers}, decode {decode}, compiled {compiled}")
-    print(f"decode only : {rates['decode']:8.1f} images/s  (all images, one pass after a warm pass)")
+    print(f"decode only : {rates['decode']:8.1f} images/s  (embed's decode side, after its first chunk)")
     print(f"model only  : {rates['model']:8.1f} images/s  ({tokens / model_s:,.0f} tokens/s, same packs, median)")
     print(f"embed e2e   : {rates['embed']:8.1f} images/s  (after its first {WARM_PACKS} packs)")
-    print(f"embed/model : {rates['embed'] / rates['model']:8.1%}   bound reported by embed: {summary.bound}")
+    print(
+        f"embed/model : {rates['embed'] / rates['model']:8.1%}   bound reported by embed: {summary.bound} "
+        f"(device busy {summary.device_busy:.0%} of its run)"
+    )
     if json_path:
         info = {"set": set_name, "n": len(records), "timed_images": images, "timed_tokens": tokens}
         info |= {"timed_packs": len(packs), "fill": fill}
         info |= {"workers": workers, "decode": decode, "compiled": compiled, "bound": summary.bound}
-        info |= {"stage_s": summary.stage_seconds}
+        info |= {"stage_s": summary.stage_seconds, "device_busy": summary.device_busy}
         report = {
             "meta": run_metadata(device),
             **vars(args),

@@ -226,9 +226,10 @@ class Preprocessor:
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self._mean = torch.tensor(self.mean)[:, None, None]
         self._std = torch.tensor(self.std)[:, None, None]
-        # the fast path's rescale and normalize as one multiply-add on channels-last pixels
+        # the fast path's rescale and normalize as one multiply and one add on channels-last pixels
         self._scale = 1 / torch.tensor(self.std)
         self._shift = -torch.tensor(self.mean) * self._scale
+        self._affine8: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def for_checkpoint(cls, ckpt: str, patch_size: int = 16, **kwargs) -> Preprocessor:
@@ -266,7 +267,46 @@ class Preprocessor:
 
     def rows(self, image: ImageLike, name: str = "image") -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         """One image as packed rows: `(rows [h*w, p*p*3], grid (h, w), original (height, width))`."""
-        x, original = self._normalized(image, name)
+        return self._rows_of(*self._normalized(image, name))
+
+    def rows_or_pixels(
+        self, image: ImageLike, name: str = "image"
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """`rows`, except that an 8-bit image on the fast path stops before the float arithmetic:
+        `(x, grid, original)` with x either uint8 `[H, W, 3]` pixels at the target size, for `rows_from_pixels`
+        to finish later and elsewhere (a quarter of the bytes of float32 rows to move between processes and
+        to the device), or float32 rows as `rows` gives them (the exact path, 16-bit grayscale, arrays)."""
+        if not self._fast(image):
+            return self.rows(image, name)
+        decoded = self._decode(image, name)
+        if decoded.pixels.ndim == 2:  # 16-bit grayscale, float already
+            return self._rows_of(*self._from_decoded(decoded))
+        pixels = torch.from_numpy(decoded.pixels if decoded.pixels.flags.writeable else decoded.pixels.copy())
+        return pixels, (pixels.shape[0] // self.patch_size, pixels.shape[1] // self.patch_size), decoded.original
+
+    def rows_from_pixels(self, pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed rows `[h*w, p*p*3]` of uint8 `[H, W, 3]` pixels from `rows_or_pixels`, on their device, with
+        the fast path's arithmetic (float32 pixels times scale/255, plus shift: the same values as `rows` on
+        every device). `out`: a float32 `[h*w, p*p*3]` tensor on that device to write them into."""
+        height, width, _ = pixels.shape
+        p, (h, w) = self.patch_size, (height // self.patch_size, width // self.patch_size)
+        if out is None:
+            out = torch.empty(h * w, p * p * 3, dtype=torch.float32, device=pixels.device)
+        patches = out.view(h, w, p, p, 3)
+        patches.copy_(pixels.view(h, p, w, p, 3).permute(0, 2, 1, 3, 4))  # (row, col, channel) order, as patchify
+        self._normalize8_(patches)
+        return out
+
+    def _normalize8_(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 channels-last pixel values (0..255) normalized in place: one multiply, one add."""
+        if x.device not in self._affine8:  # scale/255 computed once on the CPU, so every device uses its bits
+            self._affine8[x.device] = ((self._scale / 255).to(x.device), self._shift.to(x.device))
+        scale, shift = self._affine8[x.device]
+        return x.mul_(scale).add_(shift)
+
+    def _rows_of(
+        self, x: torch.Tensor, original: tuple[int, int]
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         return patchify(x, self.patch_size), (x.shape[1] // self.patch_size, x.shape[2] // self.patch_size), original
 
     def _fast(self, image: ImageLike) -> bool:
@@ -281,12 +321,14 @@ class Preprocessor:
         if not self._fast(image):
             pixels, original = self.resized(image, name)
             return self.normalize(pixels), original
-        decoded = self._decode(image, name)
+        return self._from_decoded(self._decode(image, name))
+
+    def _from_decoded(self, decoded) -> tuple[torch.Tensor, tuple[int, int]]:
         pixels = torch.from_numpy(decoded.pixels if decoded.pixels.flags.writeable else decoded.pixels.copy())
         if pixels.ndim == 2:  # 16-bit grayscale, already float in [0, 1]
             x = pixels[..., None] * self._scale + self._shift
         else:
-            x = pixels.to(torch.float32).mul_(self._scale / 255).add_(self._shift)
+            x = self._normalize8_(pixels.to(torch.float32))
         return x.permute(2, 0, 1), decoded.original
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> PackedImages:

@@ -5,9 +5,11 @@ Data flow:
     open_source(src) (folders, list files, globs, tar shards, parquet: `data.sources`) -> the folder checked
     and locked -> records without a verified manifest line -> work units (runs of one file, shard or
     parquet row group) -> this rank's units (units[rank::world])
-    -> DataLoader workers, each on whole units: read the bytes, decode and preprocess into packed rows
-       (pinned memory); with GPU decoding, JPEGs leave the worker as bytes plus a plan (`data.gpu_decode`)
-       and are decoded in the main process on the device
+    -> DataLoader workers, each on whole units: read the bytes, decode and resize; on CUDA an image leaves
+       the worker as its uint8 pixels (normalized and patchified on the device, `_PackRunner`), on the CPU
+       as float32 rows; with GPU decoding, JPEGs leave as bytes plus a plan (`data.gpu_decode`) and are
+       decoded in the main process on the device. A chunk's tensors travel as one flat buffer per dtype
+       (`pack_chunk`): one shared-memory segment and one pinned copy per chunk, not one per image
     -> TokenBudgetPacker groups images into packs of <= batch_tokens tokens
     -> one packed forward per pack (compiled by default on CUDA), its input copied on a side stream while
        the previous pack computes
@@ -24,10 +26,13 @@ use NCCL on `cuda:LOCAL_RANK`, CPU ranks gloo.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
+import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -52,8 +57,9 @@ from .writer import BackgroundWriter
 SAVE_CHOICES = ("cls", "mean", "patches")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Records per DataLoader item and per work unit of loose files and tar members: amortizes inter-process
-# overhead while a unit's decoded rows stay small (8 camera photos at 1024 patches: 25 MB).
+# overhead while a unit's decoded images stay small (8 camera photos at 1024 patches: 6 MB of uint8 pixels).
 DECODE_CHUNK = 8
+_SPANS = "_spans"  # a packed record's tensors: field -> (dtype, offset, shape) in its chunk's buffers
 T = TypeVar("T")
 
 
@@ -71,9 +77,10 @@ class EmbedSummary:
         lost: key -> why, for images whose features this call found missing or mismatched in `out`
             (embedded again; counted in `new`).
         oversize: key -> tokens, for this rank's images above `batch_tokens` that ran in a pack of their own.
-        bound: the stage that limited this rank: "decode", "model" or "write" (`progress.py` says how).
+        bound: what limited this rank: "decode", "model", "write" or "host" (`progress.py` says how).
         stage_seconds: stage -> seconds the main loop spent in it (waiting for decoded images, running the
             model, handing results to the writer).
+        device_busy: share of the wall time the device spent on forwards (`progress.Meter.busy`).
     """
 
     total: int
@@ -86,24 +93,36 @@ class EmbedSummary:
     oversize: dict[str, int] = field(default_factory=dict)
     bound: str = "model"
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    device_busy: float = 0.0
 
     def line(self) -> str:
         rate = f"{self.new / self.seconds:.1f} images/s, {self.tokens / self.seconds:,.0f} tokens/s"
         waits = ", ".join(f"{k} {v / self.seconds:.0%}" for k, v in self.stage_seconds.items() if k != "model")
         return (
             f"{self.embedded} of {self.total} images embedded, {len(self.skipped)} skipped; this run: {self.new} "
-            f"images in {self.seconds:.1f} s ({rate}); bound: {self.bound} (waited on {waits or 'nothing'})"
+            f"images in {self.seconds:.1f} s ({rate}); bound: {self.bound} (waited on {waits or 'nothing'}; "
+            f"device busy {self.device_busy:.0%})"
         )
 
 
 class DecodedUnits(IterableDataset):
     """Reads and decodes whole work units; DataLoader worker k takes units k, k + n, ... of n workers, so a
-    parquet row group or a run of a shard is read by one worker, once. Yields lists of at most `DECODE_CHUNK`
-    records: `{"path", "rows", "grid", "size"}`, `{"path", "error"}` for an image that cannot be read (one
-    corrupt file never stops a run of millions), or `{"path", "job"}` for a JPEG left to the GPU (`gpu`)."""
+    parquet row group or a run of a shard is read by one worker, once. Yields chunks of at most
+    `DECODE_CHUNK` records packed for the trip to the main process (`pack_chunk`; `unpack_chunk` gives the
+    records back): `{"path", "rows", "grid", "size"}`, `{"path", "pixels", "grid", "size"}` with `pixels`
+    (uint8 `[H, W, 3]` at the target size, `Preprocessor.rows_from_pixels` makes the rows) for an 8-bit
+    image on the fast path, `{"path", "error"}` for an image that cannot be read (one corrupt file never
+    stops a run of millions), or `{"path", "job"}` for a JPEG left to the GPU (`gpu`).
 
-    def __init__(self, units: Sequence[tuple[Record, ...]], preprocessor: Preprocessor, gpu: bool = False):
-        self.units, self.preprocessor, self.gpu = list(units), preprocessor, gpu
+    `pixels`: hand 8-bit images over as pixels (what `embed` does on CUDA, where the device does the float
+    arithmetic for nothing and a quarter of the bytes cross shared memory, pinning and the bus); False:
+    float32 rows made here, in parallel (on the CPU the main process also runs the model).
+    """
+
+    def __init__(
+        self, units: Sequence[tuple[Record, ...]], preprocessor: Preprocessor, gpu: bool = False, pixels: bool = False
+    ):
+        self.units, self.preprocessor, self.gpu, self.pixels = list(units), preprocessor, gpu, pixels
 
     def __iter__(self):
         info = get_worker_info()
@@ -113,25 +132,82 @@ class DecodedUnits(IterableDataset):
             for record, data in read_records(unit):
                 chunk.append(self.decoded(record.key, data))
                 if len(chunk) == DECODE_CHUNK:
-                    yield chunk
+                    yield pack_chunk(chunk, shared=info is not None)
                     chunk = []
         if chunk:
-            yield chunk
+            yield pack_chunk(chunk, shared=info is not None)
 
     def decoded(self, key: str, data: bytes | Exception) -> dict:
         if isinstance(data, Exception):
             return {"path": key, "error": _reason(data)}
         if self.gpu and (job := plan_jpeg(data, key, self.preprocessor)) is not None:
             return {"path": key, "job": job}
-        return _cpu_rows(self.preprocessor, key, data)
+        return _cpu_rows(self.preprocessor, key, data, self.pixels)
 
 
-def _cpu_rows(preprocessor: Preprocessor, key: str, data: bytes) -> dict:
+def _cpu_rows(preprocessor: Preprocessor, key: str, data: bytes, pixels: bool = False) -> dict:
     try:
-        rows, grid, size = preprocessor.rows(data, name=key)
+        x, grid, size = (preprocessor.rows_or_pixels if pixels else preprocessor.rows)(data, name=key)
     except Exception as e:  # any decoder failure (PIL, OS, truncated data, ImageTooLarge) is a skipped file
         return {"path": key, "error": _reason(e)}
-    return {"path": key, "rows": rows, "grid": grid, "size": size}
+    return {"path": key, "pixels" if x.dtype == torch.uint8 and pixels else "rows": x, "grid": grid, "size": size}
+
+
+def pack_chunk(records: list[dict], shared: bool = False) -> dict:
+    """Records with every tensor (pixels, rows, a job's JPEG bytes) moved into one flat buffer per dtype:
+    `{"records", "buffers": {dtype name: 1-D tensor}}`. Each tensor crossing from a worker costs a
+    shared-memory segment, a file descriptor passed over a socket, a mapping and a pinned copy in the main
+    process's one pin-memory thread; a chunk pays that once per dtype instead of once per image.
+    `shared`: allocate the buffers in shared memory at once (in a worker), so that sending them copies
+    nothing more."""
+    tensors = [(i, name, t) for i, r in enumerate(records) for name, t in _tensors(r)]
+    sizes: dict[torch.dtype, int] = {}
+    for _, _, t in tensors:
+        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+    buffers = {dtype: torch.empty(n, dtype=dtype) for dtype, n in sizes.items()}
+    if shared:
+        for buffer in buffers.values():
+            buffer.share_memory_()
+    offsets = dict.fromkeys(sizes, 0)
+    out = [dict(r) for r in records]
+    for i, name, t in tensors:
+        start = offsets[t.dtype]
+        buffers[t.dtype][start : start + t.numel()].copy_(t.reshape(-1))
+        offsets[t.dtype] += t.numel()
+        spans = out[i].setdefault(_SPANS, {})
+        spans[name] = (str(t.dtype).removeprefix("torch."), start, tuple(t.shape))
+        if name == "job":
+            out[i]["job"] = dataclasses.replace(out[i]["job"], data=_NO_DATA)
+        else:
+            del out[i][name]
+    return {"records": out, "buffers": {str(d).removeprefix("torch."): b for d, b in buffers.items()}}
+
+
+def unpack_chunk(chunk: dict) -> list[dict]:
+    """The records of a `pack_chunk` chunk, their tensors views into its (possibly pinned) buffers."""
+    records = []
+    for record in chunk["records"]:
+        record = dict(record)
+        for name, (dtype, start, shape) in record.pop(_SPANS, {}).items():
+            flat = chunk["buffers"][dtype]
+            view = flat[start : start + math.prod(shape)].view(shape)
+            if name == "job":
+                record["job"] = dataclasses.replace(record["job"], data=view)
+            else:
+                record[name] = view
+        records.append(record)
+    return records
+
+
+_NO_DATA = torch.empty(0, dtype=torch.uint8)  # a packed job's bytes: in the chunk's buffer instead
+
+
+def _tensors(record: dict):
+    for name in ("pixels", "rows"):
+        if name in record:
+            yield name, record[name]
+    if "job" in record:
+        yield "job", record["job"].data
 
 
 def _reason(e: BaseException) -> str:
@@ -300,28 +376,18 @@ def embed(
         mine = work_units(todo, max_records=DECODE_CHUNK)[rank::world]
         count = sum(len(unit) for unit in mine)
 
-        meter = Meter()
         gpu = GpuJpegDecoder(preprocessor, device) if decode == "gpu" else None
         writer = BackgroundWriter(store.writer(rank, save, patch_dtype, shard_size))
-        runner = _PackRunner(model, writer, save, meter)
         packer = TokenBudgetPacker(batch_tokens, oversize="own")
         alone: dict[str, int] = {}
-        loader = DataLoader(
-            DecodedUnits(mine, preprocessor, gpu=gpu is not None),
-            batch_size=None,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-            in_order=False,  # a chunk is used as soon as any worker has one: features do not depend on order
-        )
+        loader = decode_loader(mine, preprocessor, device, workers, gpu=gpu is not None)
         bar = tqdm(total=count, unit="img", disable=not progress or rank != 0, dynamic_ncols=True, smoothing=0.05)
+        meter = Meter()  # from here on the main loop's time is accounted stage by stage
+        runner = _PackRunner(model, preprocessor, writer, save, meter)
         # The bar is closed before an error or Ctrl-C propagates, so that their message starts a line.
         try:
             with bar, torch.inference_mode():
-                for chunk in meter.timed("decode", iter(loader)):
-                    if gpu is not None:
-                        with meter.stage("decode"), runner.side_stream():
-                            chunk = decode_on_device(gpu, preprocessor, chunk)
+                for chunk in decoded_chunks(loader, meter, gpu, preprocessor, runner.side_stream):
                     for record in chunk:
                         if "error" in record:
                             with meter.stage("write"):
@@ -358,11 +424,45 @@ def embed(
             oversize=alone,
             bound=meter.bound(),
             stage_seconds=dict(meter.seconds),
+            device_busy=meter.shares()["device"],
         )
     finally:
         store.release()
         if owns_group:
             dist.destroy_process_group()
+
+
+def decode_loader(
+    units: Sequence[tuple[Record, ...]], preprocessor: Preprocessor, device: torch.device, workers: int, gpu: bool
+) -> DataLoader:
+    """The DataLoader `embed` reads its chunks from (`benchmarks/embed_throughput.py` times this one too):
+    8-bit images as uint8 pixels on CUDA, float32 rows on the CPU (`DecodedUnits`), pinned on CUDA."""
+    cuda = device.type == "cuda"
+    return DataLoader(
+        DecodedUnits(units, preprocessor, gpu=gpu, pixels=cuda),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=cuda,
+        prefetch_factor=4 if workers else None,
+        in_order=False,  # a chunk is used as soon as any worker has one: features do not depend on order
+    )
+
+
+def decoded_chunks(
+    loader: DataLoader,
+    meter: Meter,
+    gpu: GpuJpegDecoder | None,
+    preprocessor: Preprocessor,
+    side_stream: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Iterator[list[dict]]:
+    """The decode side of the main loop: each chunk from `loader` unpacked, its JPEG jobs decoded on the
+    device (in `side_stream()`), the time it waited for and spent on them counted as stage "decode"."""
+    for item in meter.timed("decode", iter(loader)):
+        chunk = unpack_chunk(item)
+        if gpu is not None:
+            with meter.stage("decode"), side_stream():
+                chunk = decode_on_device(gpu, preprocessor, chunk)
+        yield chunk
 
 
 def decode_on_device(gpu: GpuJpegDecoder, preprocessor: Preprocessor, chunk: list[dict]) -> list[dict]:
@@ -408,14 +508,19 @@ def _check_save(save: Sequence[str]) -> tuple[str, ...]:
 class _PackRunner:
     """Runs packs through the model, one pack ahead of the results.
 
-    On CUDA, a pack's rows are copied to the device on a side stream (non-blocking, from the workers'
-    pinned memory) while the previous pack computes, and the compute stream waits for that copy only;
+    On CUDA, a pack's images are copied to the device on a side stream (non-blocking, from the pinned
+    chunk buffers: uint8 pixels, normalized and patchified there by `Preprocessor.rows_from_pixels`, or
+    float32 rows) while the previous pack computes, and the compute stream waits for that work only;
     the pack's features come back to the host with non-blocking copies and an event that is waited on
-    one pack later, when the next pack is already queued. On the CPU the same steps run in order.
+    one pack later, when the next pack is already queued. Two timing events bracket each pack on the
+    compute stream: the device's busy time, for the bound (`Meter.busy`). On the CPU the same steps run
+    in order.
     """
 
-    def __init__(self, model, writer: BackgroundWriter, save: tuple[str, ...], meter: Meter):
-        self.model, self.writer, self.save, self.meter = model, writer, save, meter
+    def __init__(
+        self, model, preprocessor: Preprocessor, writer: BackgroundWriter, save: tuple[str, ...], meter: Meter
+    ):
+        self.model, self.preprocessor, self.writer, self.save, self.meter = model, preprocessor, writer, save, meter
         self.device = model.device
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._in_flight: tuple | None = None
@@ -424,9 +529,16 @@ class _PackRunner:
         """Where work for the next pack goes (copies, GPU decoding): the side stream on CUDA."""
         return torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else contextlib.nullcontext()
 
-    def _upload(self, records: list[dict]) -> torch.Tensor:
+    def _upload(self, records: list[dict], counts: list[int]) -> torch.Tensor:
+        patch_dim = self.preprocessor.patch_size**2 * 3
         with self.side_stream():
-            rows = torch.cat([r["rows"].to(self.device, non_blocking=True) for r in records])
+            rows = torch.empty(sum(counts), patch_dim, dtype=torch.float32, device=self.device)
+            for record, start, n in zip(records, itertools.accumulate([0, *counts]), counts, strict=False):
+                out = rows[start : start + n]
+                if "pixels" in record:
+                    self.preprocessor.rows_from_pixels(record["pixels"].to(self.device, non_blocking=True), out)
+                else:
+                    out.copy_(record["rows"], non_blocking=True)
         if self.copy_stream is not None:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_stream(self.copy_stream)
@@ -437,9 +549,15 @@ class _PackRunner:
         """Launch one pack and hand the previous pack's features to the writer."""
         with self.meter.stage("model"):
             grid = torch.tensor([(1, *r["grid"]) for r in records], dtype=torch.long)
-            out = self.model(self._upload(records), grid)
-            patches = out.last_hidden_state
             counts = [h * w for h, w in (r["grid"] for r in records)]
+            rows = self._upload(records, counts)
+            nonblocking = self.device.type == "cuda"
+            start = None
+            if nonblocking:  # after the compute stream's wait for the upload: the interval is the pack's own work
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
+            out = self.model(rows, grid)
+            patches = out.last_hidden_state
             features = {}
             if "cls" in self.save:
                 features["cls"] = out.pooler_output.float()
@@ -453,25 +571,25 @@ class _PackRunner:
                 features["mean"] = sums / sums.new_tensor(counts)[:, None]
             if "patches" in self.save:
                 features["patches"] = patches.to(self.writer.patch_dtype)
-            nonblocking = self.device.type == "cuda"
             features = {k: v.to("cpu", non_blocking=nonblocking) for k, v in features.items()}
             event = None
             if nonblocking:
-                event = torch.cuda.Event()
+                event = torch.cuda.Event(enable_timing=True)
                 event.record()
         self.meter.tokens += tokens
         self.finish()
-        self._in_flight = (records, counts, features, event)
+        self._in_flight = (records, counts, features, start, event)
 
     def finish(self) -> None:
         """Hand the features of the pack in flight to the writer."""
         if self._in_flight is None:
             return
-        records, counts, features, event = self._in_flight
+        records, counts, features, start, event = self._in_flight
         self._in_flight = None
-        with self.meter.stage("model"):
-            if event is not None:
+        if event is not None:
+            with self.meter.waiting_on_device():
                 event.synchronize()
+            self.meter.device_busy(start.elapsed_time(event) / 1e3)
         if "patches" in features:
             features["patches"] = features["patches"].split(counts)
         items = []

@@ -1,12 +1,26 @@
-"""What the `embed` loop spends its time on, and the progress line built from it.
+"""What the `embed` loop spends its time on, what limited it, and the progress line built from both.
 
-The main process does three things in turn: it waits for the next decoded chunk from the DataLoader
-(`decode`), runs packs through the model, host-to-device copies and the wait for results included
-(`model`), and hands results to the shard writer, which blocks only when its queue is full (`write`).
-Decoding and writing run beside the model, so the main loop waits on them only when they are slower: the
-bound is the stage it waited on for more than `WAIT_SHARE` of its time (the larger wait, if both), else
-the model. Below that share the model is busy at least 90% of the run, the issue's target for `embed`
-against the model alone.
+The main process does three things in turn: it waits for the next decoded chunk from the DataLoader, GPU
+decoding included (`decode`), runs packs through the model, host-to-device copies and the wait for results
+included (`model`), and hands results to the shard writer, which blocks only when its queue is full
+(`write`). Two more figures say whether the device was the limit:
+
+    device busy   seconds the device spent on forwards: on CUDA, two timing events around each pack on the
+                  compute stream (after its wait for the upload, through the copies of its features back);
+                  on the CPU, where a forward runs in the main loop, the `model` stage itself
+    device wait   seconds the main loop was blocked on the device's results (CUDA: the event of the pack in
+                  flight; CPU: the forward, as above)
+
+The bound: "model" when the device was busy for at least 1 - `WAIT_SHARE` of the time (then `embed` runs
+at >= 90% of what the device gives, the issue's target against the model alone). Otherwise the device sat
+idle for more than that share, and the bound is where the main loop's time went instead of feeding it, the
+largest of: `decode` (waiting for decoded images), `write` (waiting on the shard writer) and `host` (the
+main loop's own work: everything but those waits and the device wait; launching kernels, copies, packing,
+a main process short of CPU). The `model` stage alone cannot say this: on CUDA it also holds the time the
+host took to launch a pack, so a host starved of CPU read as "model" before.
+
+Limit: the events bracket a whole pack, so a gap inside it (the host launching kernels slower than the
+device runs them) counts as busy; the model-only figure of `benchmarks/embed_throughput.py` is the check.
 """
 
 from __future__ import annotations
@@ -16,6 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 STAGES = ("decode", "model", "write")
+BOUNDS = (*STAGES, "host")
 WAIT_SHARE = 0.1
 
 
@@ -28,6 +43,8 @@ class Meter:
         embedded: images whose features went to the writer.
         tokens: tokens of the packs run (prefix tokens included).
         seconds: stage -> seconds the main loop spent in it.
+        device_seconds, wait_seconds: device busy and device wait (module docstring); None until the
+            runner reports them (`device_busy`, `waiting_on_device`), then the `model` stage stands in.
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter):
@@ -35,6 +52,8 @@ class Meter:
         self.start = clock()
         self.decoded = self.embedded = self.tokens = 0
         self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.device_seconds: float | None = None
+        self.wait_seconds: float | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -44,6 +63,21 @@ class Meter:
             yield
         finally:
             self.seconds[name] += self.clock() - t
+
+    @contextmanager
+    def waiting_on_device(self) -> Iterator[None]:
+        """Time the enclosed wait for the device's results: stage `model`, and device wait."""
+        t = self.clock()
+        try:
+            yield
+        finally:
+            waited = self.clock() - t
+            self.seconds["model"] += waited
+            self.wait_seconds = (self.wait_seconds or 0.0) + waited
+
+    def device_busy(self, seconds: float) -> None:
+        """Add the device time of one pack (measured on the device)."""
+        self.device_seconds = (self.device_seconds or 0.0) + seconds
 
     def timed(self, name: str, items: Iterator) -> Iterator:
         """`items`, with the time spent waiting for each one counted as stage `name`."""
@@ -58,24 +92,33 @@ class Meter:
         return self.clock() - self.start
 
     def shares(self) -> dict[str, float]:
-        """Stage -> its share of the time since the start."""
+        """Share of the time since the start: each stage, `device` (busy) and `host` (module docstring)."""
         total = max(self.elapsed(), 1e-9)
-        return {k: v / total for k, v in self.seconds.items()}
+        shares = {k: v / total for k, v in self.seconds.items()}
+        busy = self.seconds["model"] if self.device_seconds is None else self.device_seconds
+        waited = self.seconds["model"] if self.wait_seconds is None else self.wait_seconds
+        shares["device"] = min(busy / total, 1.0)
+        host = total - self.seconds["decode"] - self.seconds["write"] - waited
+        shares["host"] = max(host / total, 0.0)
+        return shares
 
     def bound(self) -> str:
-        """The stage that limits the run (module docstring)."""
+        """What limits the run: one of `BOUNDS` (module docstring)."""
         shares = self.shares()
-        waited = max(("decode", "write"), key=lambda k: shares[k])
-        return waited if shares[waited] > WAIT_SHARE else "model"
+        if shares["device"] >= 1 - WAIT_SHARE:
+            return "model"
+        return max(("decode", "write", "host"), key=lambda k: shares[k])
 
     def postfix(self) -> str:
         """The progress bar's text after its counter and rate (decoded images/s): embedded images/s,
-        tokens/s, and the bound with the share of time the main loop waited on each of its sides."""
+        tokens/s, the bound with the share of time the main loop waited on each of its sides, the share of
+        its own work and how busy the device was."""
         elapsed = max(self.elapsed(), 1e-9)
         shares = self.shares()
         return (
             f"embedded {self.embedded}, {self.embedded / elapsed:.1f} img/s, {self.tokens / elapsed:,.0f} tok/s, "
-            f"bound: {self.bound()} (waits: decode {shares['decode']:.0%}, write {shares['write']:.0%})"
+            f"bound: {self.bound()} (waits: decode {shares['decode']:.0%}, write {shares['write']:.0%}), "
+            f"host {shares['host']:.0%}, device busy {shares['device']:.0%}"
         )
 
 

@@ -1,0 +1,104 @@
+"""How decoded images cross from the DataLoader workers to the model, and how the bound is named.
+
+- A chunk crosses as one flat buffer per dtype (uint8 pixels and JPEG bytes, float32 rows), not one tensor
+  per image; unpacked, its records equal the ones the worker decoded.
+- The CUDA path's pixels (uint8, normalized and patchified in the main process's runner) give the same
+  features as float32 rows made in the workers: run here on the CPU through `embed`, compared bit for bit
+  (the same float32 operations in the same order: `Preprocessor.rows_from_pixels`).
+- The bound rests on the device's busy time, not on the main loop's `model` stage.
+"""
+
+from __future__ import annotations
+
+import torch
+from test_embed import DATA, tiny_ckpt  # noqa: F401  (tiny_ckpt: fixture)
+from test_embed_store import photo_folder
+from torch.utils.data import DataLoader
+
+from dinov3_packing.apps.embed import EmbedReader, embed, job
+from dinov3_packing.apps.embed.progress import WAIT_SHARE, Meter
+from dinov3_packing.data.preprocess import Preprocessor
+from dinov3_packing.data.sources import open_source, work_units
+
+PRE = Preprocessor(max_tokens=64)
+FAST = dict(progress=False, device="cpu", save=("cls", "mean", "patches"), patch_dtype=torch.float32)
+
+
+def test_rows_from_pixels_equal_the_rows_of_every_test_photograph():
+    for record in open_source(DATA):
+        if record.key.endswith("corrupt.jpg"):
+            continue
+        data = record.read()
+        x, grid, size = PRE.rows_or_pixels(data, record.key)
+        rows, ref_grid, ref_size = PRE.rows(data, record.key)
+        assert (grid, size) == (ref_grid, ref_size), record.key
+        assert torch.equal(PRE.rows_from_pixels(x) if x.dtype == torch.uint8 else x, rows), record.key
+    assert PRE.rows_or_pixels((DATA / "astronaut_rgb.jpg").read_bytes())[0].dtype == torch.uint8
+
+
+def test_a_chunk_crosses_as_one_buffer_per_dtype_and_unpacks_to_the_worker_records():
+    units = work_units(open_source(DATA), max_records=job.DECODE_CHUNK)
+    dataset = job.DecodedUnits(units, PRE, gpu=True, pixels=True)  # JPEG jobs, pixels, 16-bit rows, an error
+    expected = {r.key: dataset.decoded(r.key, r.read()) for unit in units for r in unit}
+    loader = DataLoader(dataset, batch_size=None, num_workers=1, in_order=True)
+    seen = {}
+    for item in loader:
+        assert set(item) == {"records", "buffers"} and len(item["buffers"]) <= 2  # uint8 and float32 at most
+        for record in job.unpack_chunk(item):
+            seen[record["path"]] = record
+    assert set(seen) == set(expected)
+    kinds = set()
+    for key, want in expected.items():
+        got = seen[key]
+        assert set(got) == set(want), key
+        for name in ("pixels", "rows"):
+            if name in want:
+                kinds.add(name)
+                assert torch.equal(got[name], want[name]), key
+        if "job" in want:
+            kinds.add("job")
+            assert torch.equal(got["job"].data, want["job"].data) and got["job"].target == want["job"].target
+        if "error" in want:
+            kinds.add("error")
+            assert got["error"] == want["error"]
+    assert kinds == {"pixels", "rows", "job", "error"}
+
+
+def test_pixels_decoded_in_workers_give_the_features_of_rows(tmp_path, tiny_ckpt, monkeypatch):  # noqa: F811
+    src = photo_folder(tmp_path, 12)
+    rows = tmp_path / "rows"
+    embed(src, rows, tiny_ckpt, workers=1, batch_tokens=200, **FAST)
+    real = job.decode_loader
+
+    def pixels_loader(units, preprocessor, device, workers, gpu):
+        loader = real(units, preprocessor, device, workers, gpu)
+        loader.dataset.pixels = True  # what CUDA gets: uint8 pixels, rows made in the runner
+        return loader
+
+    monkeypatch.setattr(job, "decode_loader", pixels_loader)
+    pixels = tmp_path / "pixels"
+    embed(src, pixels, tiny_ckpt, workers=1, batch_tokens=200, **FAST)
+    got, ref = EmbedReader(pixels), EmbedReader(rows)
+    assert got.paths == ref.paths
+    for path in ref.paths:
+        for kind in ("cls", "mean", "patches"):
+            assert torch.equal(got.get(path, kind), ref.get(path, kind)), (path, kind)
+
+
+def test_the_bound_is_model_only_when_the_device_was_busy():
+    now = [0.0]
+    meter = Meter(clock=lambda: now[0])
+    with meter.stage("model"):  # launching a pack: host work the old meter counted as the model's
+        now[0] += 6.0
+    with meter.waiting_on_device():
+        now[0] += 3.5
+    meter.device_busy(4.0)
+    with meter.stage("decode"):
+        now[0] += 0.5
+    assert meter.seconds["model"] == 9.5 and meter.elapsed() == 10.0
+    shares = meter.shares()
+    assert shares["device"] == 0.4 and shares["host"] == 0.6
+    assert meter.bound() == "host"  # the device idled 60% of the run while the main loop worked
+    assert "host 60%, device busy 40%" in meter.postfix()
+    meter.device_busy(10 * (1 - WAIT_SHARE) - 4.0)
+    assert meter.bound() == "model"
