@@ -17,9 +17,11 @@ How each figure is measured (images/s over the whole set; every stage sees the s
              first packs are; the tail, where workers run out of units, kept as in `embed`). An earlier
              version timed a second pass of persistent workers from the iterator's restart, and fed it
              float32 rows: it read below `embed` end to end.
-    embed    `embed()` end to end (decode, packing, copies, forwards, shards written). Timed from the end of
-             its third pack's forward to its return: worker start, model load, compilation and first-call
-             kernel tuning fall in those first packs and are left out, with their images.
+    embed    `embed()` end to end (decode, packing, copies, forwards, shards written). Timed from the host's
+             return from its third pack's forward call to embed's return: worker start, model load,
+             compilation and first-call kernel tuning fall in those first packs and are left out, with their
+             images. (On CUDA the call returns once launched, so the rest of that pack's GPU work falls
+             inside the interval while its images do not: the figure errs low, by at most one pack.)
     model    the compiled model alone on the SAME packs the embed run was timed on (their grids recorded at
              each forward, replayed in order, pixel rows of the same shapes already on the device), forwards
              only. The model is the embed run's own instance, warm; `timing.measure` then times whole
@@ -279,7 +281,7 @@ def run_one(args: argparse.Namespace, set_name: str, decode_choice: str, root: P
             end = time.perf_counter()
         assert summary.embedded == len(records) and not summary.skipped, summary.line()
         if len(rec.grids) <= WARM_PACKS:
-            raise SystemExit(
+            raise RuntimeError(  # main() reports it and runs the next combination
                 f"{len(rec.grids)} packs, too few to time after {WARM_PACKS}: raise --n or lower --batch-tokens"
             )
         embed_s = end - rec.times[WARM_PACKS - 1]

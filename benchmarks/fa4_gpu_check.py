@@ -11,7 +11,9 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
     train    ViT-L mixed-64 training step, compiled: today's path (attn_backend="varlen", the MLP unfused, as
              before the issue) and the new one ("auto", which takes fa4, and the fused MLP with its backward)
              interleaved round by round, the new one also with each recompute policy; images/s, MFU (3x
-             forward FLOPs over the measured bf16 matmul peak), peak memory and per token; Hugging Face's
+             forward FLOPs over the measured bf16 matmul peak), memory (`step_mem_gib`: the step's peak above
+             what was resident before it, i.e. above every loaded model's weights and this model's gradients
+             of the previous step: activations and workspace; also per token), Hugging Face's
              `DINOv3ViTModel` looped per image (bf16, eager) as the baseline in the same run. Then one step
              of today's and the new path under `torch.profiler`: GPU kernel time by class (`profile` rows).
     grads    gradients of one bf16 step on the fa4 path against the fp32 sdpa step, same weights, on the
@@ -134,11 +136,12 @@ def loss_of(o) -> torch.Tensor:
 
 # GPU kernel classes of a training step, by kernel name (first match wins).
 KERNEL_CLASSES = (
-    ("attention fa4 (CuTe)", r"flash_attn|flashattention|fmha"),
-    ("attention FA2 (varlen)", r"flash_fwd|flash_bwd|pytorch_flash"),
+    ("attention fa4 (CuTe)", r"flash_attncute"),
+    ("attention FA2/FA3 (varlen)", r"flash_fwd|flash_bwd|pytorch_flash|FlashAttn"),
     ("attention triton", r"_varlen_fwd_kernel|_attn_fwd"),
+    ("attention other (sdpa, mem-efficient)", r"fmha|efficient_attention"),
     ("fused up-proj+GELU", r"linear_gelu"),
-    ("GEMM (cuBLAS/CUTLASS)", r"gemm|nvjet|sm90_xmma|cutlass|cublas|Kernel2"),
+    ("GEMM (cuBLAS/CUTLASS)", r"gemm|nvjet|sm90_xmma|cutlass|cublas|Kernel2|splitK"),
     ("inductor fused (norms, RoPE, GELU, adds)", r"^triton_"),
     ("copies, fills, reductions", r"elementwise|reduce|copy|fill|memcpy|memset|cat|index"),
 )
@@ -318,6 +321,7 @@ def main() -> int:
     write_rows(args.out, [{"part": "meta", **run_metadata("cuda")}])
     failed = 0
     for part in parts:
+        torch._dynamo.reset()  # each part's graphs count alone against Dynamo's recompile limit
         try:
             {"kernels": kernels, "train": train, "grads": grads, "infer": infer}[part](args.out)
         except Exception:  # one part's failure is recorded and the next part still runs
