@@ -81,13 +81,15 @@ def _model(policy: str | None):
     return apply_recompute(random_packing_model(CONFIG, seed=0).eval(), policy)
 
 
-def _step(model, launches: Launches) -> Step:
-    """One forward + backward; eval mode, so nothing random and every model gets the same gradients."""
+def _step(model, launches: Launches, between=lambda: None) -> Step:
+    """One forward, `between()`, then backward; eval mode, so nothing random and every model gets the same
+    gradients."""
     hidden_states, grid = pack(random_images([(2, 3), (3, 2), (1, 2)], 16, seed=1), 16)
     model.zero_grad(set_to_none=True)
     launches.phase, launches.counts = "forward", {"forward": 0, "backward": 0}
     graphs = compile_stats()["unique_graphs"]
     saved, out = saved_activation_bytes(model, lambda: model(hidden_states, grid))
+    between()
     launches.phase = "backward"
     (out.last_hidden_state.square().mean() + out.pooler_output.square().mean()).backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -111,6 +113,32 @@ def test_mlp_recompute_keeps_the_fused_kernel_and_recomputes_it(launches):
             assert compiled or torch.equal(recomputed.grads[name], grad), name
 
 
+def _doubling_hooks(model) -> list:
+    return [layer.mlp.register_forward_hook(lambda m, i, out: 2 * out) for layer in model.model.layer]
+
+
+@pytest.mark.parametrize("change", ["added", "removed"])
+def test_recomputation_runs_the_path_the_forward_took(launches, change):
+    """A hook on every MLP added or removed between forward and backward (eager): backward recomputes the
+    path the forward took (the fused op where the forward ran it, the module where it did not), and the
+    gradients are those of the same steps without recomputation."""
+    steps = []
+    for policy in (None, "mlp"):
+        model = _model(policy)
+        if change == "added":
+            steps.append(_step(model, launches, between=functools.partial(_doubling_hooks, model)))
+        else:
+            handles = _doubling_hooks(model)
+            steps.append(_step(model, launches, between=lambda handles=handles: [h.remove() for h in handles]))
+    plain, recomputed = steps
+    fused = LAYERS if change == "added" else 0  # the forward took the fused path where no hook was on yet
+    assert (plain.forward, plain.backward) == (fused, 0)
+    assert (recomputed.forward, recomputed.backward) == (fused, fused)
+    assert recomputed.grads.keys() == plain.grads.keys()
+    for name, grad in plain.grads.items():
+        assert torch.equal(recomputed.grads[name], grad), name
+
+
 @pytest.mark.parametrize(
     ("first", "second"),
     [(None, "mlp"), (None, "attention"), (None, "block"), ("mlp", None), ("attention", "mlp"), ("mlp", "mlp")],
@@ -131,37 +159,52 @@ def test_a_model_compiled_after_another_runs_its_own_policy(launches, first, sec
         assert after.graphs == 0  # the same policy reuses the graph: the guards are not over-specific
 
 
-def _double_output(module: torch.nn.Module, attach: str) -> None:
-    """Doubles `module`'s output through an instance-level forward (a user's wrapper) or a forward hook."""
+def _attach(module: torch.nn.Module, attach: str, other: torch.nn.Module) -> None:
+    """Attaches behaviour the fused path must not bypass to `module` (an MLP or an up-projection):
+    "forward" doubles its output through an instance-level forward (a user's wrapper), "hook" through a
+    forward hook, "other_forward" sets `other.forward` on it (a forward bound to another module of the same
+    class: `module` then computes with `other`'s weights). "class_forward" is patched on the class by the
+    test, once for all modules."""
     if attach == "forward":
         original = module.forward
         module.forward = lambda x: 2 * original(x)
-    else:
+    elif attach == "hook":
         module.register_forward_hook(lambda m, i, out: 2 * out)
+    elif attach == "other_forward":
+        module.forward = other.forward
 
 
-@pytest.mark.parametrize("attach", ["forward", "hook"])
+@pytest.mark.parametrize("attach", ["forward", "hook", "other_forward", "class_forward"])
 @pytest.mark.parametrize("target", ["mlp", "up_proj"])
-def test_an_mlp_wrapper_runs_in_a_model_compiled_after_a_plain_one(launches, target, attach):
-    """A wrapper on the MLP or its up-projection keeps the module path (so it runs) in a compiled model,
-    also when a model without it was compiled first."""
+def test_an_mlp_wrapper_runs_in_a_model_compiled_after_a_plain_one(launches, monkeypatch, target, attach):
+    """A wrapper on the MLP or its up-projection keeps the module path (so it runs), eager and in a compiled
+    model, also when a model without it was compiled first. The expected output is the wrapped model's
+    without the fused path (`fused_mlp=False`)."""
     hidden_states, grid = pack(random_images([(2, 3), (3, 2)], 16, seed=2), 16)
+    part = (lambda mlp: mlp) if target == "mlp" else (lambda mlp: mlp.up_proj)
 
-    def wrapped():
+    def wrapped(fused_mlp: bool = True):
         model = random_packing_model(CONFIG, seed=0).eval()
-        for layer in model.model.layer:
-            _double_output(layer.mlp if target == "mlp" else layer.mlp.up_proj, attach)
+        model.fused_mlp = fused_mlp
+        other = random_packing_model(CONFIG, seed=1)
+        for layer, other_layer in zip(model.model.layer, other.model.layer, strict=True):
+            _attach(part(layer.mlp), attach, part(other_layer.mlp))
         return model
 
     with torch.no_grad():
         plain = compile_model(random_packing_model(CONFIG, seed=0).eval())(hidden_states, grid).last_hidden_state
         assert launches.counts["forward"] == LAYERS
+        if attach == "class_forward":  # as a library patching transformers or torch would
+            cls = type(part(random_packing_model(CONFIG).model.layer[0].mlp))
+            monkeypatch.setattr(cls, "forward", lambda self, x, forward=cls.forward: 2 * forward(self, x))
+        expected = wrapped(fused_mlp=False)(hidden_states, grid).last_hidden_state
         launches.counts["forward"] = 0
-        expected = wrapped()(hidden_states, grid).last_hidden_state
-        got = compile_model(wrapped())(hidden_states, grid).last_hidden_state
+        got_eager = wrapped()(hidden_states, grid).last_hidden_state
+        got_compiled = compile_model(wrapped())(hidden_states, grid).last_hidden_state
     assert launches.counts["forward"] == 0
     assert (expected - plain).abs().max() > 100 * 1e-5 * plain.abs().max()  # the wrapper changes the output
-    assert_close(got, expected)
+    assert torch.equal(got_eager, expected)
+    assert_close(got_compiled, expected)
 
 
 def test_the_batch_kernel_choices_are_guarded(launches, monkeypatch):

@@ -49,32 +49,39 @@ def fused_mlp_runs(enabled: bool, device: torch.device, dtype: torch.dtype) -> b
     return enabled and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
+# The forwards a plain MLP and up-projection run, as they were at import: one patched on the class later (as
+# some libraries patch transformers' or torch's modules) is behaviour the fused path must not bypass either.
+_MLP_FORWARD = DINOv3ViTMLP.forward
+_LINEAR_FORWARD = nn.Linear.forward
+
+
 def _is_plain(mlp: nn.Module) -> bool:
     """Whether the fused kernel computes exactly what `mlp` would: the Hugging Face GELU MLP with plain
-    `nn.Linear` projections, no hooks and no forward replaced on the instance. A replaced or wrapped
-    projection (LoRA adapters, quantized layers), a hook or a wrapped forward keeps the module path, so
-    nothing attached to the MLP is bypassed."""
+    `nn.Linear` projections, no hooks and no forward replaced on the instance or the class. A replaced or
+    wrapped projection (LoRA adapters, quantized layers), a hook or a wrapped forward keeps the module path,
+    so nothing attached to the MLP is bypassed."""
     if type(mlp) is not DINOv3ViTMLP or type(mlp.up_proj) is not nn.Linear:
         return False
     # A forward replaced on the instance (a user's wrapper) is behaviour attached to it. Looked up as an
     # attribute, which Dynamo guards (whether the instance holds a `forward`, and which one); it does not
     # guard what `vars(mlp)` contains, so a graph traced for a plain MLP would run for a wrapped one.
-    if not (_runs_class_forward(mlp, DINOv3ViTMLP) and _runs_class_forward(mlp.up_proj, nn.Linear)):
+    if not (_runs_forward(mlp, _MLP_FORWARD) and _runs_forward(mlp.up_proj, _LINEAR_FORWARD)):
         return False
     if any(m._forward_hooks or m._forward_pre_hooks for m in (mlp, mlp.up_proj, mlp.act_fn)):
         return False
     return not (_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks)
 
 
-def _runs_class_forward(module: nn.Module, cls: type) -> bool:
-    """Whether `module.forward` is `cls.forward` bound to it (no forward set on the instance)."""
+def _runs_forward(module: nn.Module, function) -> bool:
+    """Whether `module.forward` is `function` bound to `module` itself: not another module's forward set on
+    the instance (which computes with that module's weights), not a wrapper on the instance or the class."""
     forward = module.forward
     # Not `getattr(forward, "__func__", None)`: Dynamo (torch 2.14) traces that to None for a bound method.
-    return isinstance(forward, types.MethodType) and forward.__func__ is cls.forward
+    return isinstance(forward, types.MethodType) and forward.__self__ is module and forward.__func__ is function
 
 
 def _run(mlp: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    if fused and _is_plain(mlp):
+    if fused:
         return mlp.down_proj(linear_gelu(x, mlp.up_proj.weight, mlp.up_proj.bias))
     return mlp(x)
 
@@ -86,6 +93,9 @@ def feed_forward(mlp: nn.Module, x: torch.Tensor, batch: PackedBatch, recompute:
     there instead of keeping its 4D-wide activations. The fused op has a backward of its own, so it is
     recomputed like any other op.
     """
+    # Decided here, outside the checkpoint: backward's recomputation runs the path the forward took, also
+    # when a hook was added or removed in between (the other path would rebuild other saved tensors).
+    fused = batch.fused_mlp and _is_plain(mlp)
     if recompute and torch.is_grad_enabled():
-        return checkpoint(_run, mlp, x, batch.fused_mlp, use_reentrant=False)
-    return _run(mlp, x, batch.fused_mlp)
+        return checkpoint(_run, mlp, x, fused, use_reentrant=False)
+    return _run(mlp, x, fused)
