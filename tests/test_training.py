@@ -352,10 +352,31 @@ def test_recompute_rejects_bad_input():
     apply_recompute(model, "mlp")
     with pytest.raises(ValueError, match="already applied"):
         apply_recompute(model, "attention")
-    other, _ = _models(GELU)
-    other.gradient_checkpointing_enable()
+
+
+@pytest.mark.parametrize("policy", [p for p in RECOMPUTE_POLICIES if p])
+def test_recompute_and_transformers_checkpointing_refuse_each_other(policy):
+    """In either order: transformers' checkpoint of every whole block nests around the one `apply_recompute`
+    puts in (a recomputed attention or MLP ran three times a step). Both of transformers' entry points where the
+    installed version has them (`activation_checkpointing_enable` is newer than the 5.4 floor); turning it
+    off stays allowed; a step after the refusal runs the part twice (forward, recomputation)."""
+    model, _ = _models(GELU)
+    model.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="gradient checkpointing is on"):
-        apply_recompute(other, "block")
+        apply_recompute(model, policy)
+    model.gradient_checkpointing_disable()
+    apply_recompute(model, policy)
+    entries = [e for e in ("gradient_checkpointing_enable", "activation_checkpointing_enable") if hasattr(model, e)]
+    for entry in entries:
+        with pytest.raises(ValueError, match=rf"apply_recompute\(model, '{policy}'\).*gradient_checkpointing_enable"):
+            getattr(model, entry)()
+        assert not any(layer.gradient_checkpointing for layer in model.model.layer), entry
+    model.gradient_checkpointing_disable()
+    calls = []
+    INSIDE[policy](model.model.layer[0]).register_forward_pre_hook(lambda *_: calls.append(1))
+    hidden_states, grid = pack(_images([(2, 3), (1, 2)]), 16)
+    model(hidden_states, grid).last_hidden_state.pow(2).sum().backward()
+    assert len(calls) == 2
 
 
 def test_recompute_compiles_without_recompiling():

@@ -68,9 +68,13 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             computation on activations that stay in the CPU's caches (docs/cpu.md: packs of many images are
             otherwise slower than Hugging Face's per-image loop). None: always the whole pack. Compiled
             blocks and other devices always take the whole pack.
+        recompute_policy: the part of every block that `parallel.recompute.apply_recompute` recomputes in
+            backward (None: nothing). Set by that function only; while it is set, transformers' gradient
+            checkpointing refuses to turn on (see `_set_gradient_checkpointing`).
     """
 
     main_input_name = "hidden_states"
+    recompute_policy: str | None = None
     _can_record_outputs: dict = {}  # noqa: RUF012 - overrides the parent's output-capturing hooks with none
 
     def __init__(self, config: DINOv3ViTConfig, attn_backend: str = "auto", fused_mlp: bool | None = None):
@@ -145,6 +149,22 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         if device.type == "cpu" and inference and not self.training and self.cpu_chunk_tokens is not None:
             batch.chunks = batch.chunked(self.cpu_chunk_tokens)
         return batch
+
+    def _set_gradient_checkpointing(self, enable: bool = True, **kwargs) -> None:
+        """Where transformers' `gradient_checkpointing_enable()` (and `activation_checkpointing_enable()` where
+        it exists) and their `_disable` set the blocks' checkpointing flag, in every supported version.
+
+        Refuses to turn it on after `apply_recompute`: transformers would nest its checkpoint of each whole
+        block around the one `apply_recompute` put in (a recomputed attention or MLP then runs three times a
+        step). `apply_recompute` refuses the other order. No parameter is named `value`: transformers takes a
+        `_set_gradient_checkpointing` with one for its pre-4.35 format."""
+        if enable and self.recompute_policy is not None:
+            raise ValueError(
+                f"model: apply_recompute(model, {self.recompute_policy!r}) already recomputes part of every block; "
+                "transformers' gradient checkpointing (gradient_checkpointing_enable()) would checkpoint each "
+                "whole block around it (nested checkpoints): use apply_recompute(model, 'block') alone for whole blocks"
+            )
+        super()._set_gradient_checkpointing(enable=enable, **kwargs)
 
     @property
     def patch_size(self) -> int:

@@ -20,6 +20,11 @@ least memory saved to the most:
 The gradients are those without recomputation (the same operations run again on the same inputs; drop
 path's RNG state is restored by checkpoint). Forwards without autograd run the part directly.
 
+Transformers' `gradient_checkpointing_enable()` checkpoints every whole block, so it does not combine with
+a policy: `apply_recompute` refuses a model where it is on, and it refuses a model `apply_recompute` was
+applied to (the model's `recompute_policy`: its checkpoint of each block would nest around the policy's,
+and a recomputed attention or MLP would run three times a step).
+
 Composes with `compile_model` (Dynamo traces non-reentrant checkpoint as one region of the graph; the
 wrapped forwards and the flag are guarded, so a graph compiled for another model of the same config in the
 process is not reused for one with another policy) and with `apply_fsdp` (FSDP2's hooks sit on the block's
@@ -45,7 +50,6 @@ def _recomputed(forward):
             return forward(*args)
         return checkpoint(forward, *args, use_reentrant=False)
 
-    run.recomputes = True
     return run
 
 
@@ -70,11 +74,11 @@ def apply_recompute(model: DINOv3ViTPackingModel, policy: str | None) -> DINOv3V
             "model: transformers' gradient checkpointing is on (gradient_checkpointing_enable()); it recomputes "
             "every block already: turn it off or pass policy=None"
         )
-    layers = model.model.layer
-    if any(
-        layer.recompute_mlp or any(getattr(m.forward, "recomputes", False) for m in layer.modules()) for layer in layers
-    ):
+    if model.recompute_policy is not None:
         raise ValueError("model: apply_recompute was already applied to this model")
+    # Read by the model's `_set_gradient_checkpointing`, which then refuses transformers' checkpointing.
+    model.recompute_policy = policy
+    layers = model.model.layer
     if policy == "mlp":
         for layer in layers:
             layer.recompute_mlp = True
