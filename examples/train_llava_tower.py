@@ -14,7 +14,8 @@ Each step's global batch is the same whatever the number of processes: image i o
 at a size drawn from a generator seeded with (s, i), and rank r takes images r, r + world, ... Each rank's
 loss is the sum of its per-image losses times world / global images, so FSDP2's gradient average is the
 gradient of the global mean: a run on N processes takes the steps of a run on one (up to summation order).
-Rank 0 prints one JSON line per step and writes them all to `--out`.
+Rank 0 prints one JSON line per step and writes them all to `--out`, with the number of graphs
+`torch.compile` built (`--compile` compiles each block on its own, as FSDP2 needs).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from dinov3_packing.apps.tower import DINOv3VisionTower
 from dinov3_packing.data.files import load_at_patch_multiple, sample_image_paths
-from dinov3_packing.parallel.compile import compile_model
+from dinov3_packing.parallel.compile import compile_model, compile_stats
 from dinov3_packing.parallel.fsdp import apply_fsdp
 from dinov3_packing.parallel.recompute import RECOMPUTE_POLICIES, apply_recompute
 from dinov3_packing.weights.load import load_checkpoint
@@ -127,10 +128,11 @@ def main(argv=None) -> int:
     targets = torch.randn(len(sample_image_paths()), args.llm_width, generator=g)
     projector, targets = projector.to(device), targets.to(device)
 
-    # The order torchtitan applies them in: recomputation, compile, then FSDP2.
+    # The order torchtitan applies them in: recomputation, compile (one graph per block), then FSDP2. FSDP2
+    # runs its untraceable hooks around each block, so the block stack cannot be one graph.
     apply_recompute(tower.model, args.recompute)
     if args.compile:
-        compile_model(tower.model)
+        compile_model(tower.model, scope="block")
     # bf16 compute on GPU with fp32 master weights and fp32 gradient reduction; fp32 throughout on CPU.
     param_dtype = torch.bfloat16 if cuda else None
     apply_fsdp(tower.model, param_dtype=param_dtype)
@@ -182,6 +184,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
     if rank == 0 and args.out:
         meta = {"world_size": world, "device": str(device), "args": {k: v for k, v in vars(args).items()}}
+        meta["graphs_compiled"] = compile_stats()["unique_graphs"]  # rank 0's; 0 without --compile
         Path(args.out).write_text(json.dumps({"meta": meta, "steps": log}, indent=1))
     dist.barrier()
     dist.destroy_process_group()

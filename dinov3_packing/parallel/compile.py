@@ -8,6 +8,11 @@ before every call while widths stay static, so norms and GEMM epilogues get kern
 model's width. Attention is an opaque op taking `cu_seqlens`, so the mix of image sizes never enters the
 graph; only `max_seqlen` (an int) is specialised on the first pack and made symbolic by the first pack with
 another longest image: after those two warm-up packs nothing recompiles.
+
+With FSDP2 (`parallel.fsdp.apply_fsdp`) use `scope="block"`, before or after `apply_fsdp`, as torchtitan
+compiles each block: FSDP2 runs hooks around every block's call (all-gather, reshard), and torch marks
+them untraceable (`torch._dynamo.disable`), so a stack holding FSDP-wrapped blocks cannot be one graph.
+`compile_model` and `apply_fsdp` each raise a ValueError for the stack scope on a sharded model.
 """
 
 from __future__ import annotations
@@ -15,6 +20,19 @@ from __future__ import annotations
 import torch
 
 from ..model.modeling import DINOv3ViTPackingModel
+
+STACK_UNDER_FSDP = (
+    "compile_model(scope='stack') compiles the block stack as one graph, and FSDP2's per-block hooks "
+    "cannot run inside a compiled graph; pass scope='block' (one graph per block, before or after apply_fsdp)"
+)
+
+
+def _sharded(module: torch.nn.Module) -> bool:
+    if not torch.distributed.is_available():  # torch builds without distributed have no FSDP
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def _mark_token_dims_dynamic(module, args):
@@ -42,7 +60,8 @@ def compile_model(
         mode: passed to `torch.compile` (e.g. "max-autotune-no-cudagraphs").
         fullgraph: require the compiled region to have no graph breaks.
         dynamic: "tokens" (token counts symbolic, widths static; default) or "all" (`dynamic=True`).
-        scope: "stack" (all blocks in one graph; default) or "block" (one graph per block).
+        scope: "stack" (all blocks in one graph; default) or "block" (one graph per block; the one that
+            composes with FSDP2, see the module docstring).
     """
     if not isinstance(model, DINOv3ViTPackingModel):
         raise TypeError(f"model: expected a DINOv3ViTPackingModel, got {type(model).__name__}")
@@ -50,6 +69,8 @@ def compile_model(
         raise ValueError(f"dynamic: expected 'tokens' or 'all', got {dynamic!r}")
     if scope not in ("stack", "block"):
         raise ValueError(f"scope: expected 'stack' or 'block', got {scope!r}")
+    if scope == "stack" and any(_sharded(layer) for layer in model.model.layer):
+        raise ValueError(f"scope: the blocks are sharded with FSDP2: {STACK_UNDER_FSDP}")
     modules = [model.model] if scope == "stack" else list(model.model.layer)
     for module in modules:
         if dynamic == "tokens":
@@ -58,6 +79,12 @@ def compile_model(
             module.forward, mode=mode, fullgraph=fullgraph, dynamic=True if dynamic == "all" else None
         )
     return model
+
+
+def stack_compiled(model: DINOv3ViTPackingModel) -> bool:
+    """Whether `compile_model(model, scope="stack")` ran: the encoder's own `forward` is a compiled one."""
+    # torch.compile marks the function it returns with its original callable.
+    return hasattr(vars(model.model).get("forward"), "_torchdynamo_orig_callable")
 
 
 def compile_stats() -> dict[str, int]:

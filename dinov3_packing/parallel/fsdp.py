@@ -3,6 +3,7 @@
     model = random_packing_model(arch_config("vitl16"))
     apply_recompute(model, "mlp")             # optional: parallel/recompute.py, or transformers'
                                               # per-block model.gradient_checkpointing_enable()
+    compile_model(model, scope="block")       # optional: one graph per block (parallel/compile.py)
     apply_fsdp(model)                         # after torch.distributed.init_process_group
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`) shards every block, then the root (embeddings, final norm),
@@ -13,7 +14,10 @@ exactly the gradient of the global mean loss.
 
 Recomputation needs nothing here: `apply_recompute` and transformers' `GradientCheckpointingLayer` (which
 the blocks subclass) both checkpoint inside the block, not its `__call__`, so FSDP2's hooks stay outside
-the recomputed region.
+the recomputed region. Compilation must leave them outside its graphs too: `compile_model(model,
+scope="block")` compiles each block's `forward`, so the hooks on its `__call__` run between the graphs;
+the default `scope="stack"` would put them inside one graph, which torch cannot trace, so `apply_fsdp`
+rejects a stack-compiled model (and `compile_model` rejects the stack scope for a sharded one).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from ..model.modeling import DINOv3ViTPackingModel
+from .compile import STACK_UNDER_FSDP, stack_compiled
 
 
 def apply_fsdp(
@@ -48,6 +53,8 @@ def apply_fsdp(
         raise TypeError(f"model: expected a DINOv3ViTPackingModel, got {type(model).__name__}")
     if not torch.distributed.is_initialized():
         raise ValueError("model: apply_fsdp needs torch.distributed.init_process_group() to have been called")
+    if stack_compiled(model):
+        raise ValueError(f"model: its block stack was compiled as one graph: {STACK_UNDER_FSDP}")
     kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)}
     for layer in model.model.layer:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
