@@ -207,6 +207,44 @@ def test_an_mlp_wrapper_runs_in_a_model_compiled_after_a_plain_one(launches, mon
     assert_close(got_compiled, expected)
 
 
+@pytest.mark.parametrize("change", ["replaced", "forward", "class_forward", "python_gelu"])
+def test_an_mlp_activation_change_runs_in_a_model_compiled_after_a_plain_one(launches, monkeypatch, change):
+    """The fused kernel computes the exact GELU: an MLP whose activation was replaced (ReLU), wrapped on the
+    instance or the class, or switched to transformers' Python GELU keeps the module path, eager and in a
+    model compiled after a plain one; the expected output is the changed model's with `fused_mlp=False`."""
+    from transformers.activations import GELUActivation
+
+    hidden_states, grid = pack(random_images([(2, 3), (3, 2)], 16, seed=2), 16)
+
+    def changed(fused_mlp: bool = True):
+        model = random_packing_model(CONFIG, seed=0).eval()
+        model.fused_mlp = fused_mlp
+        for layer in model.model.layer:
+            act = layer.mlp.act_fn
+            if change == "replaced":
+                layer.mlp.act_fn = torch.nn.ReLU()
+            elif change == "forward":
+                act.forward = lambda x, forward=act.forward: 2 * forward(x)
+            elif change == "python_gelu":  # the same function to rounding: the module path, not the kernel
+                act.act = act._gelu_python
+        return model
+
+    with torch.no_grad():
+        plain = compile_model(random_packing_model(CONFIG, seed=0).eval())(hidden_states, grid).last_hidden_state
+        assert launches.counts["forward"] == LAYERS
+        if change == "class_forward":
+            monkeypatch.setattr(GELUActivation, "forward", lambda self, x, f=GELUActivation.forward: 2 * f(self, x))
+        expected = changed(fused_mlp=False)(hidden_states, grid).last_hidden_state
+        launches.counts["forward"] = 0
+        got_eager = changed()(hidden_states, grid).last_hidden_state
+        got_compiled = compile_model(changed())(hidden_states, grid).last_hidden_state
+    assert launches.counts["forward"] == 0
+    if change != "python_gelu":
+        assert (expected - plain).abs().max() > 100 * 1e-5 * plain.abs().max()  # the change shows in the output
+    assert torch.equal(got_eager, expected)
+    assert_close(got_compiled, expected)
+
+
 def test_the_batch_kernel_choices_are_guarded(launches, monkeypatch):
     """`PackedBatch.fused_mlp` and `.attention` enter the compiled stack as fields of an argument, which
     Dynamo guards by value: a batch with another choice gets its own graph, not the last one's."""

@@ -18,9 +18,11 @@ from __future__ import annotations
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_globals
 from torch.utils.checkpoint import checkpoint
+from transformers.activations import GELUActivation
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTMLP
 
 from ..packing import PackedBatch
@@ -53,11 +55,13 @@ def fused_mlp_runs(enabled: bool, device: torch.device, dtype: torch.dtype) -> b
 # some libraries patch transformers' or torch's modules) is behaviour the fused path must not bypass either.
 _MLP_FORWARD = DINOv3ViTMLP.forward
 _LINEAR_FORWARD = nn.Linear.forward
+_GELU_FORWARD = GELUActivation.forward
 
 
 def _is_plain(mlp: nn.Module) -> bool:
     """Whether the fused kernel computes exactly what `mlp` would: the Hugging Face GELU MLP with plain
-    `nn.Linear` projections, no hooks and no forward replaced on the instance or the class. A replaced or
+    `nn.Linear` projections and transformers' exact GELU, no hooks and no forward replaced on the instance
+    or the class. A replaced or
     wrapped projection (LoRA adapters, quantized layers), a hook or a wrapped forward keeps the module path,
     so nothing attached to the MLP is bypassed."""
     if type(mlp) is not DINOv3ViTMLP or type(mlp.up_proj) is not nn.Linear:
@@ -66,6 +70,11 @@ def _is_plain(mlp: nn.Module) -> bool:
     # attribute, which Dynamo guards (whether the instance holds a `forward`, and which one); it does not
     # guard what `vars(mlp)` contains, so a graph traced for a plain MLP would run for a wrapped one.
     if not (_runs_forward(mlp, _MLP_FORWARD) and _runs_forward(mlp.up_proj, _LINEAR_FORWARD)):
+        return False
+    # The kernel computes the exact (erf) GELU: the activation must be transformers' GELU module as built for
+    # `hidden_act="gelu"`, running `F.gelu` (not replaced, wrapped or switched to its Python form).
+    act = mlp.act_fn
+    if type(act) is not GELUActivation or not _runs_forward(act, _GELU_FORWARD) or act.act is not F.gelu:
         return False
     if any(m._forward_hooks or m._forward_pre_hooks for m in (mlp, mlp.up_proj, mlp.act_fn)):
         return False
