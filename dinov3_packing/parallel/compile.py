@@ -78,13 +78,13 @@ def compile_model(
         module.forward = torch.compile(
             module.forward, mode=mode, fullgraph=fullgraph, dynamic=True if dynamic == "all" else None
         )
+    model.model.compiled_scope = scope  # read by `stack_compiled` (parallel.fsdp refuses the stack scope)
     return model
 
 
 def stack_compiled(model: DINOv3ViTPackingModel) -> bool:
-    """Whether `compile_model(model, scope="stack")` ran: the encoder's own `forward` is a compiled one."""
-    # torch.compile marks the function it returns with its original callable.
-    return hasattr(vars(model.model).get("forward"), "_torchdynamo_orig_callable")
+    """Whether `compile_model(model, scope="stack")` ran on `model` (it records the scope on the encoder)."""
+    return getattr(model.model, "compiled_scope", None) == "stack"
 
 
 def compile_stats() -> dict[str, int]:
