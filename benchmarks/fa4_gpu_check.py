@@ -27,6 +27,7 @@ A part that fails writes an `error` row with its traceback and the next part run
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import re
 import sys
@@ -172,7 +173,7 @@ def profile_step(fn, dev) -> tuple[dict, list]:
     return dict(by_class), [(n[:120], ms) for n, ms in top]
 
 
-def train(out: str | None, rounds: int = 3) -> None:
+def train(out: str | None, rounds: int = 3, autotune: bool = False) -> None:
     dev = torch.device("cuda")
     peak = peak_matmul_tflops(dev, torch.bfloat16, 8192)
     write_rows(out, [{"part": "train", "matmul_peak": peak}])
@@ -184,10 +185,14 @@ def train(out: str | None, rounds: int = 3) -> None:
         "new + recompute attention": ("auto", None, "attention"),
         "new + recompute mlp": ("auto", None, "mlp"),
     }
+    modes = dict.fromkeys(systems)
+    if autotune:  # inductor's Triton GEMM templates, whose epilogues can take the GELU backward (slow compile)
+        systems["new, mode max-autotune-no-cudagraphs"] = ("auto", None, None)
+        modes["new, mode max-autotune-no-cudagraphs"] = "max-autotune-no-cudagraphs"
     models = {}
     for name, (backend, fused, policy) in systems.items():
         model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend, fused_mlp=fused)
-        models[name] = compile_model(apply_recompute(model.train(), policy))
+        models[name] = compile_model(apply_recompute(model.train(), policy), mode=modes[name])
     flops = 3 * forward_flops(next(iter(models.values())), grid)
 
     def step(model):
@@ -312,6 +317,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="JSON-lines file (appended to)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    parser.add_argument(
+        "--autotune",
+        action="store_true",
+        help="train: also the new path compiled with mode='max-autotune-no-cudagraphs' (minutes more compiling)",
+    )
     args = parser.parse_args()
     parts = args.parts.split(",")
     if not set(parts) <= set(PARTS):
@@ -323,7 +333,9 @@ def main() -> int:
     for part in parts:
         torch._dynamo.reset()  # each part's graphs count alone against Dynamo's recompile limit
         try:
-            {"kernels": kernels, "train": train, "grads": grads, "infer": infer}[part](args.out)
+            run = {"kernels": kernels, "train": functools.partial(train, autotune=args.autotune)}
+            run |= {"grads": grads, "infer": infer}
+            run[part](args.out)
         except Exception:  # one part's failure is recorded and the next part still runs
             failed += 1
             write_rows(args.out, [{"part": part, "error": traceback.format_exc()[-4000:]}])
