@@ -3,7 +3,8 @@ eager features), the shard writer thread (a failure stops the run, nothing refer
 the stage meter behind the progress bar and the bound, the default number of decoding workers.
 
 Reference for features: an eager run of the same call (tiny random model, fp32, CPU). Tolerance: conftest's
-1e-5 relative (compiled kernels reorder sums; a wrong image or a broken graph is off by O(1)).
+1e-5 relative (compiled kernels reorder sums; a wrong image or a broken graph is off by O(1)). For `mean`,
+bit for bit: the stored float32 patches added in order and divided by their count, correctly rounded.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from test_embed import DATA, manifest_lines, tiny_ckpt  # noqa: F401  (tiny_ckpt
 from test_embed_store import assert_same_features, photo_folder
 
 from dinov3_packing.apps.embed import EmbedReader, embed, job, store
-from dinov3_packing.apps.embed.progress import STAGES, WAIT_SHARE, Meter
+from dinov3_packing.apps.embed.progress import BOUNDS, STAGES, WAIT_SHARE, Meter
 from dinov3_packing.apps.embed.writer import WriteFailed
 from dinov3_packing.cli import main
 from dinov3_packing.data.files import list_images
@@ -180,9 +182,61 @@ def test_progress_moves_before_the_first_pack_and_the_summary_records_the_bound(
     summary = embed(src, tmp_path / "out", tiny_ckpt, batch_tokens=100_000, **{**FAST, "progress": True})
     assert events.index(("forward", 20)) == len(events) - 1 == 3  # chunks of 8, 8, 4, then the one pack
     assert [n for kind, n in events if kind == "decoded"] == [8, 8, 4]
-    assert summary.bound in STAGES and set(summary.stage_seconds) == set(STAGES)
+    assert summary.bound in BOUNDS and set(summary.stage_seconds) == set(STAGES)
     assert sum(summary.stage_seconds.values()) <= summary.seconds
     assert f"bound: {summary.bound} (waited on decode " in summary.line()
+
+
+def test_a_rerun_with_nothing_to_embed_reports_no_bound(tmp_path, tiny_ckpt):  # noqa: F811
+    src, out = photo_folder(tmp_path, 4), tmp_path / "out"
+    embed(src, out, tiny_ckpt, batch_tokens=200, **FAST)
+    summary = embed(src, out, tiny_ckpt, batch_tokens=200, **FAST)  # every image already has its line
+    assert (summary.new, summary.embedded, summary.tokens) == (0, 4, 0)
+    assert summary.bound is None and summary.device_busy == 0.0
+    assert summary.line().endswith("bound: none (no pack ran)")
+
+
+def test_the_bound_leaves_out_the_wait_after_the_loop(tmp_path, tiny_ckpt, monkeypatch):  # noqa: F811
+    """A rank done first waits at the barrier for the others (here: a million seconds on the meter's clock):
+    that wait is neither host work nor a stage, and the summary's bound and device share leave it out."""
+    offset = [0.0]
+    meters = []
+
+    def meter():
+        meters.append(Meter(clock=lambda: time.perf_counter() + offset[0]))
+        return meters[-1]
+
+    at_barrier = []
+
+    def slow_barrier(world):
+        at_barrier.append((meters[0].bound(), meters[0].shares()["device"]))
+        offset[0] += 1e6
+
+    monkeypatch.setattr(job, "Meter", meter)
+    monkeypatch.setattr(job, "_barrier", slow_barrier)
+    summary = embed(photo_folder(tmp_path, 12), tmp_path / "out", tiny_ckpt, batch_tokens=200, **FAST)
+    assert len(meters) == len(at_barrier) == 1 and summary.new == 12
+    bound, busy = at_barrier[0]
+    assert summary.bound == bound and summary.bound in BOUNDS
+    # The loop took at most the call's wall time: the forwards' share of it is at least their share of the call.
+    assert summary.device_busy == pytest.approx(busy, rel=1e-3)
+    assert summary.device_busy >= summary.stage_seconds["model"] / summary.seconds > 0
+
+
+def test_mean_features_are_the_patches_summed_in_order_over_their_count(tmp_path, tiny_ckpt):  # noqa: F811
+    """Bit for bit: each image's `mean` is its float32 patch features added one token after the other
+    (as `index_add_` does on the CPU) and divided, correctly rounded, by the patch count."""
+    out = tmp_path / "out"
+    embed(photo_folder(tmp_path, 12), out, tiny_ckpt, batch_tokens=200, **FAST)
+    reader = EmbedReader(out)
+    for path in reader.paths:
+        mean = reader.get(path, "mean")
+        patches = reader.get(path, "patches").reshape(-1, mean.shape[-1])  # (h, w, dim) on disk
+        assert patches.dtype == torch.float32 and patches.shape[0] > 1
+        acc = torch.zeros(patches.shape[1])
+        for row in patches:
+            acc += row
+        assert torch.equal(mean, (acc.double() / patches.shape[0]).float()), path
 
 
 def test_default_workers_follow_the_cores(monkeypatch):

@@ -77,10 +77,14 @@ class EmbedSummary:
         lost: key -> why, for images whose features this call found missing or mismatched in `out`
             (embedded again; counted in `new`).
         oversize: key -> tokens, for this rank's images above `batch_tokens` that ran in a pack of their own.
-        bound: what limited this rank: "decode", "model", "write" or "host" (`progress.py` says how).
+        bound: what limited this rank's main loop: one of `progress.BOUNDS` ("decode", "model", "write",
+            "host"; `progress.py` says how), measured from the loop's start to the writer's close (the
+            barrier with the other ranks and the final manifest read left out); None when no pack ran
+            (nothing left to embed, or only unreadable images): no device time to judge it by.
         stage_seconds: stage -> seconds the main loop spent in it (waiting for decoded images, running the
             model, handing results to the writer).
-        device_busy: share of the wall time the device spent on forwards (`progress.Meter.busy`).
+        device_busy: share of that loop's time the device spent on forwards (`progress.Meter.device_busy`
+            adds it up, `Meter.shares` divides); 0.0 when no pack ran.
     """
 
     total: int
@@ -91,18 +95,20 @@ class EmbedSummary:
     seconds: float = 0.0
     lost: dict[str, str] = field(default_factory=dict)
     oversize: dict[str, int] = field(default_factory=dict)
-    bound: str = "model"
+    bound: str | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     device_busy: float = 0.0
 
     def line(self) -> str:
         rate = f"{self.new / self.seconds:.1f} images/s, {self.tokens / self.seconds:,.0f} tokens/s"
         waits = ", ".join(f"{k} {v / self.seconds:.0%}" for k, v in self.stage_seconds.items() if k != "model")
-        return (
+        head = (
             f"{self.embedded} of {self.total} images embedded, {len(self.skipped)} skipped; this run: {self.new} "
-            f"images in {self.seconds:.1f} s ({rate}); bound: {self.bound} (waited on {waits or 'nothing'}; "
-            f"device busy {self.device_busy:.0%})"
+            f"images in {self.seconds:.1f} s ({rate}); "
         )
+        if self.bound is None:
+            return head + "bound: none (no pack ran)"
+        return head + f"bound: {self.bound} (waited on {waits or 'nothing'}; device busy {self.device_busy:.0%})"
 
 
 class DecodedUnits(IterableDataset):
@@ -385,8 +391,11 @@ def embed(
         meter = Meter()  # from here on the main loop's time is accounted stage by stage
         runner = _PackRunner(model, preprocessor, writer, save, meter)
         # The bar is closed before an error or Ctrl-C propagates, so that their message starts a line.
+        # The model's device is the current one for the loop: the pin-memory thread (`iter(loader)`), GPU
+        # decoding and anything else that takes the current device use it, not cuda:0 (one process, cuda:1).
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
         try:
-            with bar, torch.inference_mode():
+            with bar, on_device, torch.inference_mode():
                 for chunk in decoded_chunks(loader, meter, gpu, preprocessor, runner.side_stream):
                     for record in chunk:
                         if "error" in record:
@@ -408,6 +417,11 @@ def embed(
                 runner.finish()
                 with meter.stage("write"):
                     writer.close()
+            # The loop's own shares, taken before the barrier: a rank waiting there for slower ranks, or the
+            # manifest read below, is neither host work feeding the device nor a wait on a stage.
+            ran = meter.tokens > 0
+            bound = meter.bound() if ran else None
+            device_busy = meter.shares()["device"] if ran else 0.0
         except BaseException:
             writer.abort()
             raise
@@ -422,9 +436,9 @@ def embed(
             seconds=time.perf_counter() - start,
             lost=repair.lost,
             oversize=alone,
-            bound=meter.bound(),
+            bound=bound,
             stage_seconds=dict(meter.seconds),
-            device_busy=meter.shares()["device"],
+            device_busy=device_busy,
         )
     finally:
         store.release()
@@ -513,8 +527,10 @@ class _PackRunner:
     float32 rows) while the previous pack computes, and the compute stream waits for that work only;
     the pack's features come back to the host with non-blocking copies and an event that is waited on
     one pack later, when the next pack is already queued. Two timing events bracket each pack on the
-    compute stream: the device's busy time, for the bound (`Meter.busy`). On the CPU the same steps run
-    in order.
+    compute stream: the device's busy time, for the bound (`Meter.device_busy`; a launch gap inside a pack
+    counts as busy, `progress.py`). Streams and events are taken on the model's device explicitly, never
+    the current device's (one process on cuda:1 has cuda:0 current). On the CPU the same steps run in
+    order.
     """
 
     def __init__(
@@ -552,10 +568,11 @@ class _PackRunner:
             counts = [h * w for h, w in (r["grid"] for r in records)]
             rows = self._upload(records, counts)
             nonblocking = self.device.type == "cuda"
-            start = None
+            start = compute = None
             if nonblocking:  # after the compute stream's wait for the upload: the interval is the pack's own work
+                compute = torch.cuda.current_stream(self.device)  # where the forward's kernels go
                 start = torch.cuda.Event(enable_timing=True)
-                start.record()
+                start.record(compute)
             out = self.model(rows, grid)
             patches = out.last_hidden_state
             features = {}
@@ -563,19 +580,23 @@ class _PackRunner:
                 features["cls"] = out.pooler_output.float()
             if "mean" in self.save:
                 # Each record is one single-frame image, so its segment id is its index; the layout already
-                # holds it per token on the device (no size to sync on).
+                # holds it per token on the device (no size to sync on). The patch counts are summed there
+                # too (ones, exact in float32): a tensor made from `counts` on the host would be a blocking
+                # copy, the host waiting for the whole queued forward and the next pack not launched ahead.
                 segment = out.layout.token_segment[out.layout.patch_index]
                 sums = torch.zeros(len(records), patches.shape[1], device=self.device).index_add_(
                     0, segment, patches.float()
                 )
-                features["mean"] = sums / sums.new_tensor(counts)[:, None]
+                ones = torch.ones(segment.shape[0], device=self.device)
+                sizes = torch.zeros(len(records), device=self.device).index_add_(0, segment, ones)
+                features["mean"] = sums / sizes[:, None]
             if "patches" in self.save:
                 features["patches"] = patches.to(self.writer.patch_dtype)
             features = {k: v.to("cpu", non_blocking=nonblocking) for k, v in features.items()}
             event = None
             if nonblocking:
                 event = torch.cuda.Event(enable_timing=True)
-                event.record()
+                event.record(compute)
         self.meter.tokens += tokens
         self.finish()
         self._in_flight = (records, counts, features, start, event)

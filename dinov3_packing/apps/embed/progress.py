@@ -11,16 +11,21 @@ included (`model`), and hands results to the shard writer, which blocks only whe
     device wait   seconds the main loop was blocked on the device's results (CUDA: the event of the pack in
                   flight; CPU: the forward, as above)
 
-The bound: "model" when the device was busy for at least 1 - `WAIT_SHARE` of the time (then `embed` runs
-at >= 90% of what the device gives, the issue's target against the model alone). Otherwise the device sat
-idle for more than that share, and the bound is where the main loop's time went instead of feeding it, the
-largest of: `decode` (waiting for decoded images), `write` (waiting on the shard writer) and `host` (the
-main loop's own work: everything but those waits and the device wait; launching kernels, copies, packing,
-a main process short of CPU). The `model` stage alone cannot say this: on CUDA it also holds the time the
-host took to launch a pack, so a host starved of CPU read as "model" before.
+The bound (one of `BOUNDS`): "model" when the device was busy for at least 1 - `WAIT_SHARE` of the time
+(then `embed` runs at >= 90% of what the device gives, the issue's target against the model alone).
+Otherwise the device sat idle for more than that share, and the bound is where the main loop's time went
+instead of feeding it, the largest of: `decode` (waiting for decoded images), `write` (waiting on the shard
+writer) and `host` (the main loop's own work: everything but those waits and the device wait, such as
+unpacking chunks, packing, issuing the uploads, a main process short of CPU between packs). `embed` takes
+these figures at the end of its loop (the writer closed), before any barrier with other ranks, and reports
+no bound when no pack ran.
 
-Limit: the events bracket a whole pack, so a gap inside it (the host launching kernels slower than the
-device runs them) counts as busy; the model-only figure of `benchmarks/embed_throughput.py` is the check.
+What this measures, and what it does not: the events bracket a whole pack, from its first kernel to the
+copies of its features back, so the device counts as busy for the whole of that interval, gaps included.
+Host work *between* packs (while the device has nothing queued) shows up as idle device time and so as
+`host`; the host launching a pack's kernels slower than the device runs them does not: such a launch gap
+inside the pack counts as busy and can still read as "model". The model-only figure of
+`benchmarks/embed_throughput.py` (the same packs, replayed without the rest of `embed`) is the check.
 """
 
 from __future__ import annotations
