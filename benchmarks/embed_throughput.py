@@ -144,7 +144,9 @@ def decode_pass(units, pre, device, workers, gpu) -> tuple[int, int, float]:
 
     loader = job.decode_loader(units, pre, device, workers, gpu=gpu is not None)
     images, first, start = 0, 0, None
-    with torch.inference_mode():
+    # As in embed: the model's device is current while the loader runs (its pin-memory thread pins for it).
+    current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with current, torch.inference_mode():
         for chunk in job.decoded_chunks(loader, Meter(), gpu, pre, side_stream):
             images += len(chunk)
             if start is None:
