@@ -382,3 +382,25 @@ def test_ab_trees_drive_smoke(ab, tmp_path):
         mine = [r["median_ms"] for r in timed if (r["label"], r["workload"]) == (s["label"], s["workload"])]
         assert s["rounds"] == 2 and s["round_medians_ms"] == mine
     assert "vs first" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# benchmarks/embed_throughput.py on the CPU (it broke once unnoticed: it patched a name `embed` had dropped)
+
+
+@pytest.mark.slow
+def test_embed_throughput_smoke_runs_every_combination(tmp_path):
+    """Two sets (loose files and tar shards) in one process, as on the GPU: every combination writes its
+    JSON, with all three rates measured on the same images and a bound `embed` can report."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "embed_throughput.py"), "--set", "small,shards", "--n", "40"]
+    cmd += ["--data", str(tmp_path / "sets"), "--ckpt", "random:vits16", "--device", "cpu", "--max-tokens", "64"]
+    cmd += ["--batch-tokens", "256", "--workers", "1", "--json", str(tmp_path / "out" / "e.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("small", "shards"):
+        report = json.loads((tmp_path / "out" / f"e_{name}_cpu.json").read_text())
+        assert report["set"] == name and report["n"] == 40 and report["decode"] == "cpu"
+        assert 0 < report["timed_images"] < 40  # the first packs are left out
+        assert all(report["images_per_s"][stage] > 0 for stage in ("decode", "model", "embed"))
+        assert report["bound"] in ("decode", "model", "write", "host")
+        assert report["meta"]["card"] and len(report["meta"]["source_sha256"]) == 64
