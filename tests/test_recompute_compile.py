@@ -191,18 +191,33 @@ def test_an_mlp_wrapper_runs_in_a_model_compiled_after_a_plain_one(launches, mon
             _attach(part(layer.mlp), attach, part(other_layer.mlp))
         return model
 
+    def patch_class():  # as a library patching transformers or torch would
+        cls = type(part(random_packing_model(CONFIG).model.layer[0].mlp))
+        monkeypatch.setattr(cls, "forward", lambda self, x, forward=cls.forward: 2 * forward(self, x))
+
+    _assert_module_path_after_a_plain_model(
+        launches, wrapped, hidden_states, grid, patch_class if attach == "class_forward" else None
+    )
+
+
+def _assert_module_path_after_a_plain_model(
+    launches, make, hidden_states, grid, patch=None, changes_output: bool = True
+) -> None:
+    """After a plain model was compiled and run (the fused op running in each block), `make()` (a model with
+    something attached to its MLPs; `patch()` first, if given, patches a class) runs without the fused op,
+    eager and compiled, and gives `make(fused_mlp=False)`'s output: exactly eager, to rounding compiled."""
     with torch.no_grad():
         plain = compile_model(random_packing_model(CONFIG, seed=0).eval())(hidden_states, grid).last_hidden_state
         assert launches.counts["forward"] == LAYERS
-        if attach == "class_forward":  # as a library patching transformers or torch would
-            cls = type(part(random_packing_model(CONFIG).model.layer[0].mlp))
-            monkeypatch.setattr(cls, "forward", lambda self, x, forward=cls.forward: 2 * forward(self, x))
-        expected = wrapped(fused_mlp=False)(hidden_states, grid).last_hidden_state
+        if patch is not None:
+            patch()
+        expected = make(fused_mlp=False)(hidden_states, grid).last_hidden_state
         launches.counts["forward"] = 0
-        got_eager = wrapped()(hidden_states, grid).last_hidden_state
-        got_compiled = compile_model(wrapped())(hidden_states, grid).last_hidden_state
+        got_eager = make()(hidden_states, grid).last_hidden_state
+        got_compiled = compile_model(make())(hidden_states, grid).last_hidden_state
     assert launches.counts["forward"] == 0
-    assert (expected - plain).abs().max() > 100 * 1e-5 * plain.abs().max()  # the wrapper changes the output
+    if changes_output:  # what was attached shows in the output, so running the module path is visible
+        assert (expected - plain).abs().max() > 100 * 1e-5 * plain.abs().max()
     assert torch.equal(got_eager, expected)
     assert_close(got_compiled, expected)
 
@@ -229,20 +244,17 @@ def test_an_mlp_activation_change_runs_in_a_model_compiled_after_a_plain_one(lau
                 act.act = act._gelu_python
         return model
 
-    with torch.no_grad():
-        plain = compile_model(random_packing_model(CONFIG, seed=0).eval())(hidden_states, grid).last_hidden_state
-        assert launches.counts["forward"] == LAYERS
-        if change == "class_forward":
-            monkeypatch.setattr(GELUActivation, "forward", lambda self, x, f=GELUActivation.forward: 2 * f(self, x))
-        expected = changed(fused_mlp=False)(hidden_states, grid).last_hidden_state
-        launches.counts["forward"] = 0
-        got_eager = changed()(hidden_states, grid).last_hidden_state
-        got_compiled = compile_model(changed())(hidden_states, grid).last_hidden_state
-    assert launches.counts["forward"] == 0
-    if change != "python_gelu":
-        assert (expected - plain).abs().max() > 100 * 1e-5 * plain.abs().max()  # the change shows in the output
-    assert torch.equal(got_eager, expected)
-    assert_close(got_compiled, expected)
+    def patch_class():
+        monkeypatch.setattr(GELUActivation, "forward", lambda self, x, f=GELUActivation.forward: 2 * f(self, x))
+
+    _assert_module_path_after_a_plain_model(
+        launches,
+        changed,
+        hidden_states,
+        grid,
+        patch_class if change == "class_forward" else None,
+        changes_output=change != "python_gelu",  # the Python GELU is the same function to rounding
+    )
 
 
 def test_the_batch_kernel_choices_are_guarded(launches, monkeypatch):
