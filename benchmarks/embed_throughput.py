@@ -18,10 +18,16 @@ How each figure is measured (images/s over the whole set; every stage sees the s
              version timed a second pass of persistent workers from the iterator's restart, and fed it
              float32 rows: it read below `embed` end to end.
     embed    `embed()` end to end (decode, packing, copies, forwards, shards written). Timed from the host's
-             return from its third pack's forward call to embed's return: worker start, model load,
-             compilation and first-call kernel tuning fall in those first packs and are left out, with their
-             images. (On CUDA the call returns once launched, so the rest of that pack's GPU work falls
-             inside the interval while its images do not: the figure errs low, by at most one pack.)
+             return from a pack's forward call to embed's return, the pack being the first after which
+             both `WARM_PACKS` packs and twice the loader's queue (workers x `job.PREFETCH_CHUNKS` x
+             `job.DECODE_CHUNK` images) have gone through: worker start, model load, compilation and
+             first-call kernel tuning fall in those first packs and are left out, with their images, and so
+             are the images the workers decoded ahead while the model compiled (a full queue drains at the
+             model's speed; counting it made the 2,000-image camera set read 492 img/s end to end against
+             313 for decoding alone on the H200, 2026-12-01). (On CUDA the call returns once launched, so the
+             rest of that pack's GPU work falls inside the interval while its images do not: the figure errs
+             low, by at most one pack.) `embed_last_half` in the JSON: the rate over the last half of the
+             packs only, as a check that the queue had drained.
     model    the compiled model alone on the SAME packs the embed run was timed on (their grids recorded at
              each forward, replayed in order, pixel rows of the same shapes already on the device), forwards
              only. The model is the embed run's own instance, warm; `timing.measure` then times whole
@@ -156,6 +162,18 @@ def decode_pass(units, pre, device, workers, gpu) -> tuple[int, int, float]:
     return images, images - first, time.perf_counter() - start
 
 
+def first_timed_pack(grids: list[torch.Tensor], workers: int) -> int:
+    """The index of the first pack `embed` is timed from: after `WARM_PACKS` packs and twice the images
+    the loader can hold decoded ahead (module docstring); len(grids) when there are not that many."""
+    queue = max(1, workers) * job.PREFETCH_CHUNKS * job.DECODE_CHUNK
+    seen = 0
+    for i, grid in enumerate(grids):
+        if i >= WARM_PACKS and seen >= 2 * queue:
+            return i
+        seen += len(grid)
+    return len(grids)
+
+
 class PackRecorder:
     """Wraps `job.load_checkpoint` for one `embed` call: keeps its model and, at each forward, the pack's
     `grid_thw` and the host time after the forward was launched."""
@@ -200,6 +218,13 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--decode", default="cpu", help=f"decoder(s), comma-separated, of {list(DECODE_CHOICES)}")
     ap.add_argument("--no-compile", action="store_true", help="eager model (default: compiled on CUDA)")
     ap.add_argument("--workers", type=int, default=None, help="decoding processes (default: embed's, cores - 1)")
+    ap.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for the run, seconds (Python's default 0.005): how long a thread wanting "
+        "the GIL waits before the holder is asked to drop it (the main loop against the pin-memory and writer threads)",
+    )
     ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--save", default="cls,mean")
@@ -223,6 +248,8 @@ def main() -> int:
     """Every (set, decoder) in one process: the compiled model's kernels are reused after the first."""
     args = parse()
     workers = job.default_workers() if args.workers is None else args.workers
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data or tmp)
@@ -282,13 +309,17 @@ def run_one(args: argparse.Namespace, set_name: str, decode_choice: str, root: P
             )
             end = time.perf_counter()
         assert summary.embedded == len(records) and not summary.skipped, summary.line()
-        if len(rec.grids) <= WARM_PACKS:
+        first = first_timed_pack(rec.grids, workers)
+        if len(rec.grids) - first < max(3, len(rec.grids) // 3):
             raise RuntimeError(  # main() reports it and runs the next combination
-                f"{len(rec.grids)} packs, too few to time after {WARM_PACKS}: raise --n or lower --batch-tokens"
+                f"{len(rec.grids)} packs, too few to time after the first {first} (warm-up and the loader's "
+                "queue): raise --n or lower --batch-tokens"
             )
-        embed_s = end - rec.times[WARM_PACKS - 1]
-        timed = rec.grids[WARM_PACKS:]  # the packs embed was timed on
+        embed_s = end - rec.times[first - 1]
+        timed = rec.grids[first:]  # the packs embed was timed on
         images = sum(len(g) for g in timed)
+        half = len(rec.grids) - len(timed) // 2
+        last_half = sum(len(g) for g in rec.grids[half:]) / (end - rec.times[half - 1])
 
         # model: the same packs, in order, inputs on the device
         patch_dim = rec.model.patch_size**2 * 3
@@ -306,6 +337,7 @@ def run_one(args: argparse.Namespace, set_name: str, decode_choice: str, root: P
     prefix = rec.model.num_prefix_tokens
     tokens = sum(segment_tokens(tuple(row.tolist()), prefix) for g in timed for row in g)
     rates = {"decode": decoded / decode_s, "model": images / model_s, "embed": images / embed_s}
+    rates["embed_last_half"] = last_half
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fill = tokens / (len(packs) * args.batch_tokens)
     print(f"device {name}, {os.cpu_count()} cores, {args.ckpt} {str(dtype).removeprefix('torch.')}, set {set_name}")
@@ -315,16 +347,20 @@ def run_one(args: argparse.Namespace, set_name: str, decode_choice: str, root: P
     print(f"workers {workers}, decode {decode}, compiled {compiled}")
     print(f"decode only : {rates['decode']:8.1f} images/s  (embed's decode side, after its first chunk)")
     print(f"model only  : {rates['model']:8.1f} images/s  ({tokens / model_s:,.0f} tokens/s, same packs, median)")
-    print(f"embed e2e   : {rates['embed']:8.1f} images/s  (after its first {WARM_PACKS} packs)")
+    print(
+        f"embed e2e   : {rates['embed']:8.1f} images/s  (after its first {first} packs; last half of the packs "
+        f"{last_half:.1f})"
+    )
     print(
         f"embed/model : {rates['embed'] / rates['model']:8.1%}   bound reported by embed: {summary.bound} "
-        f"(device busy {summary.device_busy:.0%} of its run)"
+        f"(device busy {summary.device_busy:.0%} of its run, main loop waiting on it {summary.device_wait:.0%})"
     )
     if json_path:
         info = {"set": set_name, "n": len(records), "timed_images": images, "timed_tokens": tokens}
         info |= {"timed_packs": len(packs), "fill": fill}
         info |= {"workers": workers, "decode": decode, "compiled": compiled, "bound": summary.bound}
         info |= {"stage_s": summary.stage_seconds, "device_busy": summary.device_busy}
+        info |= {"device_wait": summary.device_wait, "first_timed_pack": first}
         report = {
             "meta": run_metadata(device),
             **vars(args),

@@ -45,6 +45,7 @@ from dinov3_packing.parallel.compile import compile_model
 from dinov3_packing.parallel.recompute import apply_recompute
 from dinov3_packing.weights.load import reference_model
 
+TODAY, NEW = "today: varlen, MLP unfused", "new: auto (fa4), fused MLP"
 PARTS = ("grads", "infer", "kernels", "train")  # the short parts first: train compiles four models (~6 min)
 PREFIX = 5  # CLS + 4 registers
 
@@ -173,22 +174,30 @@ def profile_step(fn, dev) -> tuple[dict, list]:
     return dict(by_class), [(n[:120], ms) for n, ms in top]
 
 
-def train(out: str | None, rounds: int = 3, autotune: bool = False) -> None:
+SYSTEMS = ("today", "new", "attention", "mlp", "autotune", "hf", "profile")
+"""`--systems` of the train part: today's path, the new one, the new one with each recompute policy, the new
+one under max-autotune-no-cudagraphs, the Hugging Face loop, the profile of today's and the new step."""
+DEFAULT_SYSTEMS = ("today", "new", "attention", "mlp", "hf", "profile")
+
+
+def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEFAULT_SYSTEMS) -> None:
     dev = torch.device("cuda")
     peak = peak_matmul_tflops(dev, torch.bfloat16, 8192)
     write_rows(out, [{"part": "train", "matmul_peak": peak}])
     hs, grid = mixed_batch(dev, torch.bfloat16)
     tokens = int(hs.shape[0]) + 5 * len(grid)
-    systems = {  # name: (attn_backend, fused_mlp, recompute policy)
-        "today: varlen, MLP unfused": ("varlen", False, None),
-        "new: auto (fa4), fused MLP": ("auto", None, None),
-        "new + recompute attention": ("auto", None, "attention"),
-        "new + recompute mlp": ("auto", None, "mlp"),
+    every = {  # key: (name, attn_backend, fused_mlp, recompute policy, compile mode)
+        "today": (TODAY, "varlen", False, None, None),
+        "new": (NEW, "auto", None, None, None),
+        "attention": ("new + recompute attention", "auto", None, "attention", None),
+        "mlp": ("new + recompute mlp", "auto", None, "mlp", None),
+        # inductor's Triton GEMM templates, whose epilogues can take the GELU backward (slow compile)
+        "autotune": ("new, mode max-autotune-no-cudagraphs", "auto", None, None, "max-autotune-no-cudagraphs"),
     }
-    modes = dict.fromkeys(systems)
-    if autotune:  # inductor's Triton GEMM templates, whose epilogues can take the GELU backward (slow compile)
-        systems["new, mode max-autotune-no-cudagraphs"] = ("auto", None, None)
-        modes["new, mode max-autotune-no-cudagraphs"] = "max-autotune-no-cudagraphs"
+    systems = {every[k][0]: every[k][1:4] for k in every if k in systems_asked}
+    modes = {every[k][0]: every[k][4] for k in every if k in systems_asked}
+    if not systems:
+        raise ValueError(f"--systems: expected at least one model of {tuple(every)}, got {systems_asked}")
     models = {}
     for name, (backend, fused, policy) in systems.items():
         model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend, fused_mlp=fused)
@@ -200,8 +209,9 @@ def train(out: str | None, rounds: int = 3, autotune: bool = False) -> None:
         loss_of(model(hs, grid)).backward()
 
     # Baseline: Hugging Face's model, same weights, bf16, one image at a time (eager), forward + backward.
-    hf = reference_model(models["today: varlen, MLP unfused"]).train()
-    pixels = [x[None].to(dev, torch.bfloat16) for x in mixed_images()]
+    if "hf" in systems_asked:
+        hf = reference_model(next(iter(models.values()))).train()
+        pixels = [x[None].to(dev, torch.bfloat16) for x in mixed_images()]
 
     def hf_step():
         hf.zero_grad(set_to_none=True)
@@ -230,7 +240,7 @@ def train(out: str | None, rounds: int = 3, autotune: bool = False) -> None:
                     }
                 ],
             )
-        if r == 0:
+        if r == 0 and "hf" in systems_asked:
             stats = measure(hf_step, dev)
             hf.zero_grad(set_to_none=True)
             write_rows(
@@ -247,7 +257,7 @@ def train(out: str | None, rounds: int = 3, autotune: bool = False) -> None:
                     }
                 ],
             )
-    for name in ("today: varlen, MLP unfused", "new: auto (fa4), fused MLP"):
+    for name in [n for n in (TODAY, NEW) if n in models and "profile" in systems_asked]:
         by_class, top = profile_step(lambda m=models[name]: step(m), dev)
         total = sum(by_class.values())
         write_rows(
@@ -322,10 +332,18 @@ def main() -> int:
         action="store_true",
         help="train: also the new path compiled with mode='max-autotune-no-cudagraphs' (minutes more compiling)",
     )
+    parser.add_argument(
+        "--systems",
+        default=",".join(DEFAULT_SYSTEMS),
+        help=f"train: comma-separated subset of {SYSTEMS} (each model compiles for ~70 s)",
+    )
     args = parser.parse_args()
     parts = args.parts.split(",")
     if not set(parts) <= set(PARTS):
         parser.error(f"--parts: expected a comma-separated subset of {PARTS}, got {args.parts!r}")
+    systems = tuple(args.systems.split(",")) + (("autotune",) if args.autotune else ())
+    if not set(systems) <= set(SYSTEMS):
+        parser.error(f"--systems: expected a comma-separated subset of {SYSTEMS}, got {args.systems!r}")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (SM90+) with flash-attn-4 installed")
     write_rows(args.out, [{"part": "meta", **run_metadata("cuda")}])
@@ -333,7 +351,7 @@ def main() -> int:
     for part in parts:
         torch._dynamo.reset()  # each part's graphs count alone against Dynamo's recompile limit
         try:
-            run = {"kernels": kernels, "train": functools.partial(train, autotune=args.autotune)}
+            run = {"kernels": kernels, "train": functools.partial(train, systems_asked=systems)}
             run |= {"grads": grads, "infer": infer}
             run[part](args.out)
         except Exception:  # one part's failure is recorded and the next part still runs

@@ -392,15 +392,34 @@ def test_ab_trees_drive_smoke(ab, tmp_path):
 def test_embed_throughput_smoke_runs_every_combination(tmp_path):
     """Two sets (loose files and tar shards) in one process, as on the GPU: every combination writes its
     JSON, with all three rates measured on the same images and a bound `embed` can report."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "embed_throughput.py"), "--set", "small,shards", "--n", "40"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "embed_throughput.py"), "--set", "small,shards", "--n", "120"]
     cmd += ["--data", str(tmp_path / "sets"), "--ckpt", "random:vits16", "--device", "cpu", "--max-tokens", "64"]
     cmd += ["--batch-tokens", "256", "--workers", "1", "--json", str(tmp_path / "out" / "e.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("small", "shards"):
         report = json.loads((tmp_path / "out" / f"e_{name}_cpu.json").read_text())
-        assert report["set"] == name and report["n"] == 40 and report["decode"] == "cpu"
-        assert 0 < report["timed_images"] < 40  # the first packs are left out
-        assert all(report["images_per_s"][stage] > 0 for stage in ("decode", "model", "embed"))
+        assert report["set"] == name and report["n"] == 120 and report["decode"] == "cpu"
+        # the first packs are left out, and with them twice the loader's queue (1 worker x 4 chunks x 8)
+        assert 0 < report["timed_images"] <= 120 - 64
+        assert all(report["images_per_s"][stage] > 0 for stage in ("decode", "model", "embed", "embed_last_half"))
+        assert 0 <= report["device_wait"] <= 1
         assert report["bound"] in ("decode", "model", "write", "host")
         assert report["meta"]["card"] and len(report["meta"]["source_sha256"]) == 64
+
+
+def test_embed_is_timed_after_the_warm_packs_and_twice_the_loaders_queue():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from embed_throughput import WARM_PACKS, first_timed_pack
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from dinov3_packing.apps.embed import job
+
+    queue = 2 * job.PREFETCH_CHUNKS * job.DECODE_CHUNK  # two workers
+    packs = [torch.ones(10, 3, dtype=torch.long)] * 40  # ten images each
+    first = first_timed_pack(packs, workers=2)
+    assert first >= WARM_PACKS and 10 * first >= 2 * queue and 10 * (first - 1) < 2 * queue
+    big = [torch.ones(500, 3, dtype=torch.long)] * 5  # the queue is passed at once: the warm packs still count
+    assert first_timed_pack(big, workers=2) == WARM_PACKS
+    assert first_timed_pack(packs[:3], workers=2) == 3  # too few: nothing left to time

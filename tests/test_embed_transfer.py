@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from test_embed import DATA, tiny_ckpt  # noqa: F401  (tiny_ckpt: fixture)
 from test_embed_store import photo_folder
@@ -101,4 +103,38 @@ def test_the_bound_is_model_only_when_the_device_was_busy():
     assert meter.bound() == "host"  # the device idled 60% of the run while the main loop worked
     assert "host 60%, device busy 40%" in meter.postfix()
     meter.device_busy(10 * (1 - WAIT_SHARE) - 4.0)
-    assert meter.bound() == "model"
+    assert meter.bound() == "model"  # busy 90% of the run, and the main loop ahead of it (waited 35%)
+    assert "device busy 90%, device wait 35%" in meter.postfix()
+
+
+def test_a_busy_device_the_host_never_waits_for_reads_as_host():
+    """Busy 95% of the run with the main loop hardly ever waiting on it: the host feeds it just in time (the
+    H200 run of 2026-12-01 with ViT-S read "model" at 35% of the model-alone speed, launch gaps inside
+    packs counting as busy), so the bound is the host's work, not the model."""
+    now = [0.0]
+    meter = Meter(clock=lambda: now[0])
+    with meter.stage("model"):
+        now[0] += 9.0
+    with meter.waiting_on_device():
+        now[0] += WAIT_SHARE * 10 - 0.01
+    meter.device_busy(9.5)
+    shares = meter.shares()
+    assert shares["device"] > 1 - WAIT_SHARE and shares["device wait"] < WAIT_SHARE
+    assert meter.bound() == "host"
+    with meter.waiting_on_device():
+        now[0] += 0.5
+    assert meter.shares()["device wait"] >= WAIT_SHARE and meter.bound() == "model"
+
+
+class _Niceness(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield os.nice(0)
+
+
+def test_decode_workers_run_below_the_main_process():
+    """With a worker per core the main loop's threads must not queue behind the decoders: every worker of
+    `decode_loader` starts at WORKER_NICENESS above the main process (read in the worker itself)."""
+    loader = job.decode_loader([], Preprocessor(), torch.device("cpu"), workers=2, gpu=False)
+    probe = DataLoader(_Niceness(), batch_size=None, num_workers=2, worker_init_fn=loader.worker_init_fn)
+    main = os.nice(0)
+    assert list(probe) == [min(main + job.WORKER_NICENESS, 19)] * 2

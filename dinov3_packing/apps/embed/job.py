@@ -59,6 +59,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Records per DataLoader item and per work unit of loose files and tar members: amortizes inter-process
 # overhead while a unit's decoded images stay small (8 camera photos at 1024 patches: 6 MB of uint8 pixels).
 DECODE_CHUNK = 8
+PREFETCH_CHUNKS = 4  # chunks each decode worker may have ready ahead of the main loop
+WORKER_NICENESS = 10
+"""Added to each decode worker's nice value: with a worker per core, the main process's threads (launching
+packs, pinning chunks, writing shards) would otherwise queue behind the decoders for CPU time."""
 _SPANS = "_spans"  # a packed record's tensors: field -> (dtype, offset, shape) in its chunk's buffers
 T = TypeVar("T")
 
@@ -85,6 +89,8 @@ class EmbedSummary:
             model, handing results to the writer).
         device_busy: share of that loop's time the device spent on forwards (`progress.Meter.device_busy`
             adds it up, `Meter.shares` divides); 0.0 when no pack ran.
+        device_wait: share of that loop's time it was blocked on the device's results: the host's slack
+            ("model" is the bound only with some, `progress.py`); 0.0 when no pack ran.
     """
 
     total: int
@@ -98,6 +104,7 @@ class EmbedSummary:
     bound: str | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     device_busy: float = 0.0
+    device_wait: float = 0.0
 
     def line(self) -> str:
         rate = f"{self.new / self.seconds:.1f} images/s, {self.tokens / self.seconds:,.0f} tokens/s"
@@ -108,7 +115,10 @@ class EmbedSummary:
         )
         if self.bound is None:
             return head + "bound: none (no pack ran)"
-        return head + f"bound: {self.bound} (waited on {waits or 'nothing'}; device busy {self.device_busy:.0%})"
+        return head + (
+            f"bound: {self.bound} (waited on {waits or 'nothing'}; device busy {self.device_busy:.0%}, "
+            f"device wait {self.device_wait:.0%})"
+        )
 
 
 class DecodedUnits(IterableDataset):
@@ -421,7 +431,9 @@ def embed(
             # manifest read below, is neither host work feeding the device nor a wait on a stage.
             ran = meter.tokens > 0
             bound = meter.bound() if ran else None
-            device_busy = meter.shares()["device"] if ran else 0.0
+            shares = meter.shares()
+            device_busy = shares["device"] if ran else 0.0
+            device_wait = shares["device wait"] if ran else 0.0
         except BaseException:
             writer.abort()
             raise
@@ -439,6 +451,7 @@ def embed(
             bound=bound,
             stage_seconds=dict(meter.seconds),
             device_busy=device_busy,
+            device_wait=device_wait,
         )
     finally:
         store.release()
@@ -457,9 +470,18 @@ def decode_loader(
         batch_size=None,
         num_workers=workers,
         pin_memory=cuda,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=PREFETCH_CHUNKS if workers else None,
         in_order=False,  # a chunk is used as soon as any worker has one: features do not depend on order
+        worker_init_fn=lower_priority,
     )
+
+
+def lower_priority(worker_id: int) -> None:
+    """A decode worker's start: yield the CPU to the main process (`WORKER_NICENESS`)."""
+    try:
+        os.nice(WORKER_NICENESS)
+    except (AttributeError, OSError):  # no nice() on this OS, or the limit reached: decoding runs regardless
+        pass
 
 
 def decoded_chunks(

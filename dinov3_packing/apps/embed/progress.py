@@ -12,9 +12,12 @@ included (`model`), and hands results to the shard writer, which blocks only whe
                   flight; CPU: the forward, as above)
 
 The bound (one of `BOUNDS`): "model" when the device was busy for at least 1 - `WAIT_SHARE` of the time
-(then `embed` runs at >= 90% of what the device gives, the issue's target against the model alone).
-Otherwise the device sat idle for more than that share, and the bound is where the main loop's time went
-instead of feeding it, the largest of: `decode` (waiting for decoded images), `write` (waiting on the shard
+and the main loop, ahead of it, waited on its results for at least `WAIT_SHARE` of the time (then `embed`
+runs at >= 90% of what the device gives, the issue's target against the model alone, with the host to
+spare). A device that reads busy while the main loop hardly ever waits for it is being fed just in time:
+the host's own work sets the pace, and launch gaps inside packs (which count as busy, below) are likely;
+that reads as "host". Otherwise the bound is where the main loop's time went instead of feeding the
+device, the largest of: `decode` (waiting for decoded images), `write` (waiting on the shard
 writer) and `host` (the main loop's own work: everything but those waits and the device wait, such as
 unpacking chunks, packing, issuing the uploads, a main process short of CPU between packs). `embed` takes
 these figures at the end of its loop (the writer closed), before any barrier with other ranks, and reports
@@ -24,7 +27,7 @@ What this measures, and what it does not: the events bracket a whole pack, from 
 copies of its features back, so the device counts as busy for the whole of that interval, gaps included.
 Host work *between* packs (while the device has nothing queued) shows up as idle device time and so as
 `host`; the host launching a pack's kernels slower than the device runs them does not: such a launch gap
-inside the pack counts as busy and can still read as "model". The model-only figure of
+inside the pack counts as busy, and only the device wait (the host's slack) tells it apart. The model-only figure of
 `benchmarks/embed_throughput.py` (the same packs, replayed without the rest of `embed`) is the check.
 """
 
@@ -97,12 +100,14 @@ class Meter:
         return self.clock() - self.start
 
     def shares(self) -> dict[str, float]:
-        """Share of the time since the start: each stage, `device` (busy) and `host` (module docstring)."""
+        """Share of the time since the start: each stage, `device` (busy), `device wait` and `host` (module
+        docstring)."""
         total = max(self.elapsed(), 1e-9)
         shares = {k: v / total for k, v in self.seconds.items()}
         busy = self.seconds["model"] if self.device_seconds is None else self.device_seconds
         waited = self.seconds["model"] if self.wait_seconds is None else self.wait_seconds
         shares["device"] = min(busy / total, 1.0)
+        shares["device wait"] = min(waited / total, 1.0)
         host = total - self.seconds["decode"] - self.seconds["write"] - waited
         shares["host"] = max(host / total, 0.0)
         return shares
@@ -110,7 +115,7 @@ class Meter:
     def bound(self) -> str:
         """What limits the run: one of `BOUNDS` (module docstring)."""
         shares = self.shares()
-        if shares["device"] >= 1 - WAIT_SHARE:
+        if shares["device"] >= 1 - WAIT_SHARE and shares["device wait"] >= WAIT_SHARE:
             return "model"
         return max(("decode", "write", "host"), key=lambda k: shares[k])
 
@@ -123,7 +128,7 @@ class Meter:
         return (
             f"embedded {self.embedded}, {self.embedded / elapsed:.1f} img/s, {self.tokens / elapsed:,.0f} tok/s, "
             f"bound: {self.bound()} (waits: decode {shares['decode']:.0%}, write {shares['write']:.0%}), "
-            f"host {shares['host']:.0%}, device busy {shares['device']:.0%}"
+            f"host {shares['host']:.0%}, device busy {shares['device']:.0%}, device wait {shares['device wait']:.0%}"
         )
 
 
