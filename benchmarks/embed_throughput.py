@@ -47,7 +47,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import os
+import pstats
 import random
 import sys
 import tarfile
@@ -225,6 +227,13 @@ def parse() -> argparse.Namespace:
         help="sys.setswitchinterval for the run, seconds (Python's default 0.005): how long a thread wanting "
         "the GIL waits before the holder is asked to drop it (the main loop against the pin-memory and writer threads)",
     )
+    ap.add_argument(
+        "--cprofile",
+        default=None,
+        help="profile the main thread of the embed call with cProfile and write its top functions to this text "
+        "file (one per set and decoder, as --json): where the host's time per pack goes. Slows the run: its "
+        "figures are not comparable (the JSON says profiled)",
+    )
     ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--save", default="cls,mean")
@@ -259,19 +268,23 @@ def main() -> int:
             return 0
         combos = [(name, decode) for name in args.sets for decode in args.decodes]
         for name, decode in combos:
-            json_path = args.json
-            if json_path and len(combos) > 1:
-                path = Path(json_path)
-                json_path = str(path.with_name(f"{path.stem}_{name}_{decode}{path.suffix}"))
+            json_path, profile_path = args.json, args.cprofile
+            if len(combos) > 1:
+                json_path, profile_path = (
+                    str(Path(p).with_name(f"{Path(p).stem}_{name}_{decode}{Path(p).suffix}")) if p else None
+                    for p in (json_path, profile_path)
+                )
             try:
-                run_one(args, name, decode, root, workers, json_path)
+                run_one(args, name, decode, root, workers, json_path, profile_path)
             except Exception:  # one combination's failure is printed and the next still runs
                 failed += 1
                 traceback.print_exc()
     return 1 if failed else 0
 
 
-def run_one(args: argparse.Namespace, set_name: str, decode_choice: str, root: Path, workers: int, json_path) -> None:
+def run_one(
+    args: argparse.Namespace, set_name: str, decode_choice: str, root: Path, workers: int, json_path, profile_path
+) -> None:
     device = torch.device(args.device)
     dtype = job.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     n = args.n or SETS[set_name]
@@ -292,7 +305,8 @@ def run_one(args: argparse.Namespace, set_name: str, decode_choice: str, root: P
         gpu = None
 
         # embed end to end, its packs recorded
-        with PackRecorder() as rec:
+        profiler = cProfile.Profile() if profile_path else None
+        with PackRecorder() as rec, profiler or contextlib.nullcontext():
             summary = embed(
                 src,
                 Path(tmp) / "features",
@@ -308,6 +322,12 @@ def run_one(args: argparse.Namespace, set_name: str, decode_choice: str, root: P
                 progress=False,
             )
             end = time.perf_counter()
+        if profiler is not None:
+            Path(profile_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(profile_path, "w") as f:
+                f.write(f"# cProfile of embed's main thread: {set_name}, decode {decode}, {args.ckpt}\n")
+                for key in ("tottime", "cumulative"):
+                    pstats.Stats(profiler, stream=f).sort_stats(key).print_stats(45)
         assert summary.embedded == len(records) and not summary.skipped, summary.line()
         first = first_timed_pack(rec.grids, workers)
         if len(rec.grids) - first < max(3, len(rec.grids) // 3):
@@ -360,7 +380,7 @@ def run_one(args: argparse.Namespace, set_name: str, decode_choice: str, root: P
         info |= {"timed_packs": len(packs), "fill": fill}
         info |= {"workers": workers, "decode": decode, "compiled": compiled, "bound": summary.bound}
         info |= {"stage_s": summary.stage_seconds, "device_busy": summary.device_busy}
-        info |= {"device_wait": summary.device_wait, "first_timed_pack": first}
+        info |= {"device_wait": summary.device_wait, "first_timed_pack": first, "profiled": profiler is not None}
         report = {
             "meta": run_metadata(device),
             **vars(args),
