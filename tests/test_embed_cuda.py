@@ -4,8 +4,12 @@
 - `Preprocessor.rows_from_pixels` on the device (the uint8 pixels the workers hand over on CUDA) gives the
   CPU workers' float32 rows (`Preprocessor.rows`) bit for bit, written into a slice of a larger buffer as
   `_PackRunner._upload` does.
-- `embed` on CUDA (random:vits16, fp32 and bf16, eager): the pixel path gives the features of the rows
-  path (float32 rows made on the CPU; same packs, `workers=0` keeps the order) bit for bit; in fp32 its CLS
+- The same for a pack: every image's uint8 rows (`patchify8`) copied into one block on the device and
+  normalized at once (`normalize_rows8_`), as `_PackRunner._upload` does.
+- `embed` on CUDA (random:vits16, fp32 and bf16, eager): the uint8 path gives the features of the rows
+  path (float32 rows made on the CPU; same packs, `workers=0` keeps the order) bit for bit (the mean too:
+  a segment sum, deterministic; with index_add_'s atomics it differed in the last bits on the H200,
+  2026-12-01); in fp32 its CLS
   features are also those of a direct forward of each image alone on its CPU rows (tolerance 1e-3
   relative: other packs, other kernels' sums; a wrong image or a broken upload is off by O(1)); the
   device-busy share is in (0, 1].
@@ -102,6 +106,24 @@ def test_rows_from_pixels_on_cuda_equal_the_cpu_rows():
         assert buffer[:3].isnan().all() and buffer[3 + ref.shape[0] :].isnan().all()
         seen += 1
     assert seen >= 3
+
+
+def test_a_pack_of_uint8_rows_normalized_on_cuda_equals_the_cpu_rows():
+    """The runner's CUDA upload: each image's `patchify8` rows copied into one uint8 block on the device,
+    converted and normalized as one pack (`normalize_rows8_`): bit for bit the CPU workers' rows."""
+    pre, blocks, refs = preprocessor(), [], []
+    for key, data in photos():
+        x, _, _ = pre.rows_or_pixels(data, key)
+        if x.dtype == torch.uint8:
+            blocks.append(pre.patchify8(x).pin_memory())
+            refs.append(pre.rows(data, key)[0])
+    block = torch.empty(sum(b.shape[0] for b in blocks), blocks[0].shape[1], dtype=torch.uint8, device="cuda")
+    start = 0
+    for b in blocks:
+        block[start : start + b.shape[0]].copy_(b, non_blocking=True)
+        start += b.shape[0]
+    rows = pre.normalize_rows8_(torch.empty(block.shape, dtype=torch.float32, device="cuda").copy_(block))
+    assert len(blocks) >= 3 and torch.equal(rows.cpu(), torch.cat(refs))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

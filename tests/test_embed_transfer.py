@@ -2,9 +2,10 @@
 
 - A chunk crosses as one flat buffer per dtype (uint8 pixels and JPEG bytes, float32 rows), not one tensor
   per image; unpacked, its records equal the ones the worker decoded.
-- The CUDA path's pixels (uint8, normalized and patchified in the main process's runner) give the same
-  features as float32 rows made in the workers: run here on the CPU through `embed`, compared bit for bit
-  (the same float32 operations in the same order: `Preprocessor.rows_from_pixels`).
+- The CUDA path's uint8 rows (pixels patchified in the worker, converted and normalized a whole pack at once
+  in the main process's runner) give the same features as float32 rows made in the workers: run here on
+  the CPU through `embed`, compared bit for bit (the same float32 operations in the same order:
+  `Preprocessor.rows_from_pixels`, `patchify8` + `normalize_rows8_`).
 - The bound rests on the device's busy time, not on the main loop's `model` stage.
 """
 
@@ -38,6 +39,25 @@ def test_rows_from_pixels_equal_the_rows_of_every_test_photograph():
     assert PRE.rows_or_pixels((DATA / "astronaut_rgb.jpg").read_bytes())[0].dtype == torch.uint8
 
 
+def test_a_pack_of_uint8_rows_normalized_at_once_equals_the_rows_of_each_photograph():
+    """What the runner does with a pack: every image's `patchify8` rows in one uint8 block, converted and
+    normalized by one `normalize_rows8_`: bit for bit the float32 rows of each image."""
+    blocks, refs = [], []
+    for record in open_source(DATA):
+        if record.key.endswith("corrupt.jpg"):
+            continue
+        x, _, _ = PRE.rows_or_pixels(record.read(), record.key)
+        if x.dtype == torch.uint8:
+            rows8 = PRE.patchify8(x)
+            assert rows8.dtype == torch.uint8 and rows8.shape == PRE.rows_from_pixels(x).shape
+            blocks.append(rows8)
+            refs.append(PRE.rows(record.read(), record.key)[0])
+    assert len(blocks) >= 5
+    block = torch.cat(blocks)
+    got = PRE.normalize_rows8_(torch.empty(block.shape, dtype=torch.float32).copy_(block))
+    assert torch.equal(got, torch.cat(refs))
+
+
 def test_a_chunk_crosses_as_one_buffer_per_dtype_and_unpacks_to_the_worker_records():
     units = work_units(open_source(DATA), max_records=job.DECODE_CHUNK)
     dataset = job.DecodedUnits(units, PRE, gpu=True, pixels=True)  # JPEG jobs, pixels, 16-bit rows, an error
@@ -53,7 +73,7 @@ def test_a_chunk_crosses_as_one_buffer_per_dtype_and_unpacks_to_the_worker_recor
     for key, want in expected.items():
         got = seen[key]
         assert set(got) == set(want), key
-        for name in ("pixels", "rows"):
+        for name in ("rows8", "rows"):
             if name in want:
                 kinds.add(name)
                 assert torch.equal(got[name], want[name]), key
@@ -63,7 +83,7 @@ def test_a_chunk_crosses_as_one_buffer_per_dtype_and_unpacks_to_the_worker_recor
         if "error" in want:
             kinds.add("error")
             assert got["error"] == want["error"]
-    assert kinds == {"pixels", "rows", "job", "error"}
+    assert kinds == {"rows8", "rows", "job", "error"}
 
 
 def test_pixels_decoded_in_workers_give_the_features_of_rows(tmp_path, tiny_ckpt, monkeypatch):  # noqa: F811

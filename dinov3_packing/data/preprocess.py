@@ -297,6 +297,21 @@ class Preprocessor:
         self._normalize8_(patches)
         return out
 
+    def patchify8(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 `[H, W, 3]` pixels from `rows_or_pixels` as uint8 rows `[h*w, p*p*3]` in patchify's order
+        (row, column, channel): the pixels of each patch together, no arithmetic yet (`normalize_rows8_`).
+        A decode worker does this, so that the main process copies one block per image and normalizes a
+        whole pack at once."""
+        height, width, _ = pixels.shape
+        p, (h, w) = self.patch_size, (height // self.patch_size, width // self.patch_size)
+        return pixels.view(h, p, w, p, 3).permute(0, 2, 1, 3, 4).reshape(h * w, p * p * 3)
+
+    def normalize_rows8_(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 rows `[n, p*p*3]` holding 0..255 pixel values in patchify's order (`patchify8`, converted),
+        normalized in place with `rows_from_pixels`' arithmetic: bit for bit the rows it gives."""
+        self._normalize8_(rows.view(-1, 3))
+        return rows
+
     def _normalize8_(self, x: torch.Tensor) -> torch.Tensor:
         """float32 channels-last pixel values (0..255) normalized in place: one multiply, one add."""
         if x.device not in self._affine8:  # scale/255 computed once on the CPU, so every device uses its bits

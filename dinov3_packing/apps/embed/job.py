@@ -6,9 +6,10 @@ Data flow:
     and locked -> records without a verified manifest line -> work units (runs of one file, shard or
     parquet row group) -> this rank's units (units[rank::world])
     -> DataLoader workers, each on whole units: read the bytes, decode and resize; on CUDA an image leaves
-       the worker as its uint8 pixels (normalized and patchified on the device, `_PackRunner`), on the CPU
-       as float32 rows; with GPU decoding, JPEGs leave as bytes plus a plan (`data.gpu_decode`) and are
-       decoded in the main process on the device. A chunk's tensors travel as one flat buffer per dtype
+       the worker as uint8 rows (its pixels patchified, `Preprocessor.patchify8`; converted and normalized
+       a whole pack at once on the device, `_PackRunner`), on the CPU as float32 rows; with GPU decoding,
+       JPEGs leave as bytes plus a plan (`data.gpu_decode`) and are decoded in the main process on the
+       device. A chunk's tensors travel as one flat buffer per dtype
        (`pack_chunk`): one shared-memory segment and one pinned copy per chunk, not one per image
     -> TokenBudgetPacker groups images into packs of <= batch_tokens tokens
     -> one packed forward per pack (compiled by default on CUDA), its input copied on a side stream while
@@ -125,12 +126,13 @@ class DecodedUnits(IterableDataset):
     """Reads and decodes whole work units; DataLoader worker k takes units k, k + n, ... of n workers, so a
     parquet row group or a run of a shard is read by one worker, once. Yields chunks of at most
     `DECODE_CHUNK` records packed for the trip to the main process (`pack_chunk`; `unpack_chunk` gives the
-    records back): `{"path", "rows", "grid", "size"}`, `{"path", "pixels", "grid", "size"}` with `pixels`
-    (uint8 `[H, W, 3]` at the target size, `Preprocessor.rows_from_pixels` makes the rows) for an 8-bit
-    image on the fast path, `{"path", "error"}` for an image that cannot be read (one corrupt file never
-    stops a run of millions), or `{"path", "job"}` for a JPEG left to the GPU (`gpu`).
+    records back): `{"path", "rows", "grid", "size"}`, `{"path", "rows8", "grid", "size"}` with `rows8`
+    (uint8 `[h*w, p*p*3]`: the pixels at the target size in patchify's order, `Preprocessor.patchify8`;
+    `normalize_rows8_` finishes them) for an 8-bit image on the fast path, `{"path", "error"}` for an image
+    that cannot be read (one corrupt file never stops a run of millions), or `{"path", "job"}` for a JPEG
+    left to the GPU (`gpu`).
 
-    `pixels`: hand 8-bit images over as pixels (what `embed` does on CUDA, where the device does the float
+    `pixels`: hand 8-bit images over as uint8 rows (what `embed` does on CUDA, where the device does the float
     arithmetic for nothing and a quarter of the bytes cross shared memory, pinning and the bus); False:
     float32 rows made here, in parallel (on the CPU the main process also runs the model).
     """
@@ -166,7 +168,9 @@ def _cpu_rows(preprocessor: Preprocessor, key: str, data: bytes, pixels: bool = 
         x, grid, size = (preprocessor.rows_or_pixels if pixels else preprocessor.rows)(data, name=key)
     except Exception as e:  # any decoder failure (PIL, OS, truncated data, ImageTooLarge) is a skipped file
         return {"path": key, "error": _reason(e)}
-    return {"path": key, "pixels" if x.dtype == torch.uint8 and pixels else "rows": x, "grid": grid, "size": size}
+    if x.dtype == torch.uint8 and pixels:
+        return {"path": key, "rows8": preprocessor.patchify8(x), "grid": grid, "size": size}
+    return {"path": key, "rows": x, "grid": grid, "size": size}
 
 
 def pack_chunk(records: list[dict], shared: bool = False) -> dict:
@@ -219,7 +223,7 @@ _NO_DATA = torch.empty(0, dtype=torch.uint8)  # a packed job's bytes: in the chu
 
 
 def _tensors(record: dict):
-    for name in ("pixels", "rows"):
+    for name in ("rows8", "rows"):
         if name in record:
             yield name, record[name]
     if "job" in record:
@@ -463,7 +467,7 @@ def decode_loader(
     units: Sequence[tuple[Record, ...]], preprocessor: Preprocessor, device: torch.device, workers: int, gpu: bool
 ) -> DataLoader:
     """The DataLoader `embed` reads its chunks from (`benchmarks/embed_throughput.py` times this one too):
-    8-bit images as uint8 pixels on CUDA, float32 rows on the CPU (`DecodedUnits`), pinned on CUDA."""
+    8-bit images as uint8 rows on CUDA, float32 rows on the CPU (`DecodedUnits`), pinned on CUDA."""
     cuda = device.type == "cuda"
     return DataLoader(
         DecodedUnits(units, preprocessor, gpu=gpu, pixels=cuda),
@@ -545,8 +549,11 @@ class _PackRunner:
     """Runs packs through the model, one pack ahead of the results.
 
     On CUDA, a pack's images are copied to the device on a side stream (non-blocking, from the pinned
-    chunk buffers: uint8 pixels, normalized and patchified there by `Preprocessor.rows_from_pixels`, or
-    float32 rows) while the previous pack computes, and the compute stream waits for that work only;
+    chunk buffers: uint8 rows, one copy per image into one uint8 block, then converted and normalized as
+    one pack by `Preprocessor.normalize_rows8_`; float32 rows copied over their slots after that) while
+    the previous pack computes, and the compute stream waits for that work only. The main process's
+    torch calls per image are kept to that one copy (the H200 runs of 2026-12-01 found its host work per
+    pack, not the device, setting the pace);
     the pack's features come back to the host with non-blocking copies and an event that is waited on
     one pack later, when the next pack is already queued. Two timing events bracket each pack on the
     compute stream: the device's busy time, for the bound (`Meter.device_busy`; a launch gap inside a pack
@@ -569,14 +576,19 @@ class _PackRunner:
 
     def _upload(self, records: list[dict], counts: list[int]) -> torch.Tensor:
         patch_dim = self.preprocessor.patch_size**2 * 3
+        nonblocking = self.device.type == "cuda"
+        spans = list(zip(records, itertools.accumulate([0, *counts]), counts, strict=False))
         with self.side_stream():
             rows = torch.empty(sum(counts), patch_dim, dtype=torch.float32, device=self.device)
-            for record, start, n in zip(records, itertools.accumulate([0, *counts]), counts, strict=False):
-                out = rows[start : start + n]
-                if "pixels" in record:
-                    self.preprocessor.rows_from_pixels(record["pixels"].to(self.device, non_blocking=True), out)
-                else:
-                    out.copy_(record["rows"], non_blocking=True)
+            if any("rows8" in record for record in records):
+                block = torch.empty(sum(counts), patch_dim, dtype=torch.uint8, device=self.device)
+                for record, start, n in spans:
+                    if "rows8" in record:
+                        block[start : start + n].copy_(record["rows8"], non_blocking=nonblocking)
+                self.preprocessor.normalize_rows8_(rows.copy_(block))
+            for record, start, n in spans:  # float32 rows (exact path, 16-bit images) over their slots
+                if "rows" in record:
+                    rows[start : start + n].copy_(record["rows"], non_blocking=nonblocking)
         if self.copy_stream is not None:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_stream(self.copy_stream)
@@ -601,17 +613,16 @@ class _PackRunner:
             if "cls" in self.save:
                 features["cls"] = out.pooler_output.float()
             if "mean" in self.save:
-                # Each record is one single-frame image, so its segment id is its index; the layout already
-                # holds it per token on the device (no size to sync on). The patch counts are summed there
-                # too (ones, exact in float32): a tensor made from `counts` on the host would be a blocking
-                # copy, the host waiting for the whole queued forward and the next pack not launched ahead.
-                segment = out.layout.token_segment[out.layout.patch_index]
-                sums = torch.zeros(len(records), patches.shape[1], device=self.device).index_add_(
-                    0, segment, patches.float()
-                )
-                ones = torch.ones(segment.shape[0], device=self.device)
-                sizes = torch.zeros(len(records), device=self.device).index_add_(0, segment, ones)
-                features["mean"] = sums / sizes[:, None]
+                # Each record is one single-frame image, its patch tokens one contiguous run of `patches`:
+                # a segment sum, deterministic (an index_add_ adds with atomics on CUDA, in an order that
+                # changes from run to run: the same pack gave means differing in the last bits). The
+                # lengths reach the device through pinned memory, non-blocking: a copy from pageable
+                # memory could wait for the queued forward and the next pack would not be launched ahead.
+                lengths = torch.tensor(counts, dtype=torch.long)
+                if nonblocking:
+                    lengths = lengths.pin_memory().to(self.device, non_blocking=True)
+                sums = torch.segment_reduce(patches.float(), "sum", lengths=lengths, axis=0)
+                features["mean"] = sums / lengths.to(torch.float32)[:, None]
             if "patches" in self.save:
                 features["patches"] = patches.to(self.writer.patch_dtype)
             features = {k: v.to("cpu", non_blocking=nonblocking) for k, v in features.items()}
@@ -633,13 +644,14 @@ class _PackRunner:
             with self.meter.waiting_on_device():
                 event.synchronize()
             self.meter.device_busy(start.elapsed_time(event) / 1e3)
-        if "patches" in features:
-            features["patches"] = features["patches"].split(counts)
+        # One call per feature for the whole pack (split / unbind give every record's view at once), not a
+        # torch call per record and feature.
+        per_record = {k: v.split(counts) if k == "patches" else v.unbind(0) for k, v in features.items()}
         items = []
         for i, record in enumerate(records):
             h, w = record["grid"]
             fields = {"size": list(record["size"]), "grid": [1, h, w]}
-            items.append((record["path"], {k: v[i] for k, v in features.items()}, fields))
+            items.append((record["path"], {k: v[i] for k, v in per_record.items()}, fields))
         with self.meter.stage("write"):
             self.writer.add_pack(items)
         self.meter.embedded += len(records)
