@@ -248,6 +248,8 @@ def parse() -> argparse.Namespace:
     args.decodes = args.decode.split(",")
     if not set(args.sets) <= set(SETS):
         ap.error(f"--set: expected a comma-separated subset of {list(SETS)}, got {args.set!r}")
+    if args.switch_interval is not None and not args.switch_interval > 0:
+        ap.error(f"--switch-interval: expected seconds > 0, got {args.switch_interval}")
     if not set(args.decodes) <= set(DECODE_CHOICES):
         ap.error(f"--decode: expected a comma-separated subset of {list(DECODE_CHOICES)}, got {args.decode!r}")
     return args
