@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from test_embed import DATA, tiny_ckpt  # noqa: F401  (tiny_ckpt: fixture)
 from test_embed_store import photo_folder
@@ -158,3 +159,62 @@ def test_decode_workers_run_below_the_main_process():
     probe = DataLoader(_Niceness(), batch_size=None, num_workers=2, worker_init_fn=loader.worker_init_fn)
     main = os.nice(0)
     assert list(probe) == [min(main + job.WORKER_NICENESS, 19)] * 2
+
+
+def _runner(model=None) -> job._PackRunner:
+    """A CPU `_PackRunner` on PRE (the writer side is not exercised by `_upload`)."""
+    runner = job._PackRunner.__new__(job._PackRunner)
+    runner.model, runner.preprocessor, runner.device, runner.copy_stream = model, PRE, torch.device("cpu"), None
+    return runner
+
+
+def test_the_upload_of_a_pack_mixing_uint8_and_float_rows_equals_the_rows_of_each_image():
+    """The runner's upload of one pack holding 8-bit photographs (uint8 rows from the worker) and a 16-bit
+    one (float32 rows): every slot equals `Preprocessor.rows` of its image, bit for bit; a record with no
+    rows at all is refused, not left as uninitialised memory."""
+    records, refs = [], []
+    for record in open_source(DATA):
+        if record.key.endswith("corrupt.jpg"):
+            continue
+        decoded = job._cpu_rows(PRE, record.key, record.read(), pixels=True)
+        if "error" not in decoded:
+            records.append(decoded)
+            refs.append(PRE.rows(record.read(), record.key)[0])
+    assert {"rows8", "rows"} <= {k for r in records for k in r}  # both kinds in the pack
+    chunk = job.unpack_chunk(job.pack_chunk(records))
+    counts = [h * w for h, w in (r["grid"] for r in chunk)]
+    assert torch.equal(_runner()._upload(chunk, counts), torch.cat(refs))
+    bad = [{"path": "x.jpg", "grid": (1, 1), "size": (16, 16)}]
+    with pytest.raises(ValueError, match=r"x\.jpg"):
+        _runner()._upload(bad, [1])
+
+
+def test_a_pack_run_reads_nothing_back_from_the_device(tmp_path, tiny_ckpt):  # noqa: F811
+    """`_PackRunner.run` must not read a tensor's value on the host (`.item()`, a checked `segment_reduce`):
+    on CUDA that waits for the queued forward and the next pack is no longer launched ahead. Profiled on
+    the CPU, where such a read shows as `aten::_local_scalar_dense` all the same."""
+    from dinov3_packing.weights.load import load_checkpoint
+
+    model = load_checkpoint(tiny_ckpt, "cpu", torch.float32).model
+    records = [job._cpu_rows(PRE, "a.jpg", (DATA / "astronaut_rgb.jpg").read_bytes(), pixels=True)]
+    records.append(job._cpu_rows(PRE, "g.png", (DATA / "camera_gray.png").read_bytes(), pixels=True))
+    handed = []
+
+    class Sink:  # stands in for the shard writer: what reaches it is checked, nothing is written
+        patch_dtype = torch.float32
+
+        def add_pack(self, items):
+            handed.extend(items)
+
+    runner = _runner(model)
+    runner.writer, runner.save, runner.meter, runner._in_flight = Sink(), ("cls", "mean", "patches"), Meter(), None
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        runner.run(records, tokens=0)
+    reads = [e.key for e in prof.key_averages() if e.key in ("aten::item", "aten::_local_scalar_dense")]
+    assert reads == []
+    runner.finish()
+    assert [path for path, _, _ in handed] == ["a.jpg", "g.png"]
+    for (_, features, _), record in zip(handed, records, strict=True):
+        n = record["grid"][0] * record["grid"][1]
+        assert features["patches"].shape[0] == n
+        assert torch.allclose(features["mean"], features["patches"].mean(0), rtol=1e-6, atol=1e-6)

@@ -589,6 +589,8 @@ class _PackRunner:
             for record, start, n in spans:  # float32 rows (exact path, 16-bit images) over their slots
                 if "rows" in record:
                     rows[start : start + n].copy_(record["rows"], non_blocking=nonblocking)
+                elif "rows8" not in record:
+                    raise ValueError(f"{record['path']!r}: a record without rows reached the model")
         if self.copy_stream is not None:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_stream(self.copy_stream)
@@ -621,7 +623,9 @@ class _PackRunner:
                 lengths = torch.tensor(counts, dtype=torch.long)
                 if nonblocking:
                     lengths = lengths.pin_memory().to(self.device, non_blocking=True)
-                sums = torch.segment_reduce(patches.float(), "sum", lengths=lengths, axis=0)
+                # unsafe=True: the lengths are the packer's own counts (they sum to the pack's patches); the
+                # checked variant verifies them with two `.item()` calls, which wait for the forward.
+                sums = torch.segment_reduce(patches.float(), "sum", lengths=lengths, axis=0, unsafe=True)
                 features["mean"] = sums / lengths.to(torch.float32)[:, None]
             if "patches" in self.save:
                 features["patches"] = patches.to(self.writer.patch_dtype)
