@@ -168,13 +168,18 @@ def test_meter_accounts_each_stage_and_names_the_bound():
 
 
 def test_progress_moves_before_the_first_pack_and_the_summary_records_the_bound(tmp_path, tiny_ckpt, monkeypatch):  # noqa: F811
-    """One pack holds every image (the budget is large): the bar still counts each decoded chunk before it."""
-    events = []
+    """One pack holds every image (the budget is large): the bar still counts each decoded chunk before it,
+    and its line ends on the finished run (the pack ran after the last chunk: "embedded 20", not 0)."""
+    events, postfixes = [], []
 
     class Bar(job.tqdm):
         def update(self, n=1):
             events.append(("decoded", n))
             return super().update(n)
+
+        def set_postfix_str(self, s="", refresh=True):
+            postfixes.append(s)
+            return super().set_postfix_str(s, refresh)
 
     monkeypatch.setattr(job, "tqdm", Bar)
     record_forwards(monkeypatch, lambda grid: events.append(("forward", len(grid))))
@@ -182,6 +187,7 @@ def test_progress_moves_before_the_first_pack_and_the_summary_records_the_bound(
     summary = embed(src, tmp_path / "out", tiny_ckpt, batch_tokens=100_000, **{**FAST, "progress": True})
     assert events.index(("forward", 20)) == len(events) - 1 == 3  # chunks of 8, 8, 4, then the one pack
     assert [n for kind, n in events if kind == "decoded"] == [8, 8, 4]
+    assert postfixes[0].startswith("embedded 0,") and postfixes[-1].startswith("embedded 20,")
     assert summary.bound in BOUNDS and set(summary.stage_seconds) == set(STAGES)
     assert sum(summary.stage_seconds.values()) <= summary.seconds
     assert f"bound: {summary.bound} (waited on decode " in summary.line()

@@ -429,6 +429,8 @@ def embed(
                 for pack in packer.flush():
                     runner.run(pack.items, pack.tokens)
                 runner.finish()
+                if not bar.disable:  # the last packs ran after the last chunk: the bar's line ends on them
+                    bar.set_postfix_str(meter.postfix(), refresh=True)
                 with meter.stage("write"):
                     writer.close()
             # The loop's own shares, taken before the barrier: a rank waiting there for slower ranks, or the
