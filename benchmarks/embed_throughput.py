@@ -78,6 +78,8 @@ from dinov3_packing.weights.load import resolve_alias
 
 SETS = {"camera": 2000, "small": 10000, "shards": 10000}
 WARM_PACKS = 3
+TRACE_PACKS = 4
+TRACE_FROM = 30
 SHARDS = 10
 
 
@@ -180,9 +182,10 @@ class PackRecorder:
     """Wraps `job.load_checkpoint` for one `embed` call: keeps its model and, at each forward, the pack's
     `grid_thw` and the host time after the forward was launched."""
 
-    def __init__(self):
-        self.model, self.grids, self.times = None, [], []
+    def __init__(self, trace: str | None = None, trace_from: int = 0):
+        self.model, self.grids, self.times, self.calls = None, [], [], []
         self._load = job.load_checkpoint
+        self.trace, self.trace_from, self._profiler = trace, trace_from, None
 
     def __enter__(self):
         def load(*args, **kwargs):
@@ -191,9 +194,12 @@ class PackRecorder:
             forward = model.forward
 
             def recorded(hidden_states, grid_thw, *rest, **options):
+                self._step_trace()
+                called = time.perf_counter()
                 out = forward(hidden_states, grid_thw, *rest, **options)
                 self.grids.append(grid_thw.clone())
                 self.times.append(time.perf_counter())
+                self.calls.append(self.times[-1] - called)
                 return out
 
             model.forward = recorded
@@ -202,7 +208,32 @@ class PackRecorder:
         job.load_checkpoint = load
         return self
 
+    def _step_trace(self) -> None:
+        """`--trace`: torch.profiler (CPU ops of every thread, CUDA kernels) over `TRACE_PACKS` packs from
+        pack `trace_from` on, the chrome trace written to `trace`."""
+        if self.trace is None:
+            return
+        n = len(self.grids)
+        if n == self.trace_from:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler.start()
+        elif n == self.trace_from + TRACE_PACKS and self._profiler is not None:
+            self._stop_trace()
+
+    def _stop_trace(self) -> None:
+        profiler, self._profiler = self._profiler, None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        profiler.stop()
+        Path(self.trace).parent.mkdir(parents=True, exist_ok=True)
+        profiler.export_chrome_trace(self.trace)
+
     def __exit__(self, *exc):
+        if self._profiler is not None:
+            self._stop_trace()
         job.load_checkpoint = self._load
         if self.model is not None:
             del self.model.forward  # the class's forward again: the model-only passes are not recorded
@@ -233,6 +264,13 @@ def parse() -> argparse.Namespace:
         help="profile the main thread of the embed call with cProfile and write its top functions to this text "
         "file (one per set and decoder, as --json): where the host's time per pack goes. Slows the run: its "
         "figures are not comparable (the JSON says profiled)",
+    )
+    ap.add_argument(
+        "--trace",
+        default=None,
+        help="write a torch.profiler chrome trace (CPU ops of every thread, CUDA kernels) of 4 packs of the "
+        "embed run, from its 30th pack, to this file (one per set and decoder, as --json; .json.gz compresses): "
+        "what the host does while the device waits. Slows those packs: the JSON says traced",
     )
     ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--max-tokens", type=int, default=1024)
@@ -270,22 +308,33 @@ def main() -> int:
             return 0
         combos = [(name, decode) for name in args.sets for decode in args.decodes]
         for name, decode in combos:
-            json_path, profile_path = args.json, args.cprofile
+            paths = (args.json, args.cprofile, args.trace)
             if len(combos) > 1:
-                json_path, profile_path = (
-                    str(Path(p).with_name(f"{Path(p).stem}_{name}_{decode}{Path(p).suffix}")) if p else None
-                    for p in (json_path, profile_path)
-                )
+                paths = tuple(suffixed(p, f"_{name}_{decode}") if p else None for p in paths)
             try:
-                run_one(args, name, decode, root, workers, json_path, profile_path)
+                run_one(args, name, decode, root, workers, *paths)
             except Exception:  # one combination's failure is printed and the next still runs
                 failed += 1
                 traceback.print_exc()
     return 1 if failed else 0
 
 
+def suffixed(path: str, tag: str) -> str:
+    """`path` with `tag` before its suffixes: `a/b.json.gz` -> `a/b_tag.json.gz`."""
+    p = Path(path)
+    suffixes = "".join(p.suffixes)
+    return str(p.with_name(p.name[: len(p.name) - len(suffixes)] + tag + suffixes))
+
+
 def run_one(
-    args: argparse.Namespace, set_name: str, decode_choice: str, root: Path, workers: int, json_path, profile_path
+    args: argparse.Namespace,
+    set_name: str,
+    decode_choice: str,
+    root: Path,
+    workers: int,
+    json_path,
+    profile_path,
+    trace_path,
 ) -> None:
     device = torch.device(args.device)
     dtype = job.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -308,7 +357,7 @@ def run_one(
 
         # embed end to end, its packs recorded
         profiler = cProfile.Profile() if profile_path else None
-        with PackRecorder() as rec, profiler or contextlib.nullcontext():
+        with PackRecorder(trace_path, TRACE_FROM) as rec, profiler or contextlib.nullcontext():
             summary = embed(
                 src,
                 Path(tmp) / "features",
@@ -354,7 +403,22 @@ def run_one(
 
         with torch.inference_mode():
             stats = measure(model_pass, device, Timing(target_s=2.0, min_repeats=3, max_repeats=5), compiled=True)
+            # the host's time in each forward call when nothing else runs (one more pass, no sync inside)
+            replay_calls = []
+            for x, g in packs:
+                called = time.perf_counter()
+                rec.model(x, g)
+                replay_calls.append(time.perf_counter() - called)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         model_s = stats["median_s"]
+        host = {
+            "forward_call_ms_embed": 1e3 * float(np.median(rec.calls[first:])),
+            "forward_call_ms_model": 1e3 * float(np.median(replay_calls)),
+            "pack_interval_ms_embed": 1e3 * float(np.median(np.diff(rec.times[first - 1 :]))),
+            "pack_ms_model": 1e3 * model_s / len(packs),
+        }
+        traced = trace_path is not None and len(rec.grids) >= TRACE_FROM + TRACE_PACKS
 
     prefix = rec.model.num_prefix_tokens
     tokens = sum(segment_tokens(tuple(row.tolist()), prefix) for g in timed for row in g)
@@ -374,6 +438,11 @@ def run_one(
         f"{last_half:.1f})"
     )
     print(
+        f"host, median per pack: forward call {host['forward_call_ms_embed']:.2f} ms in embed, "
+        f"{host['forward_call_ms_model']:.2f} ms alone; embed's pack interval {host['pack_interval_ms_embed']:.2f} "
+        f"ms, the model alone {host['pack_ms_model']:.2f} ms per pack"
+    )
+    print(
         f"embed/model : {rates['embed'] / rates['model']:8.1%}   bound reported by embed: {summary.bound} "
         f"(device busy {summary.device_busy:.0%} of its run, main loop waiting on it {summary.device_wait:.0%})"
     )
@@ -383,6 +452,7 @@ def run_one(
         info |= {"workers": workers, "decode": decode, "compiled": compiled, "bound": summary.bound}
         info |= {"stage_s": summary.stage_seconds, "device_busy": summary.device_busy}
         info |= {"device_wait": summary.device_wait, "first_timed_pack": first, "profiled": profiler is not None}
+        info |= {"host": host, "traced": traced}
         report = {
             "meta": run_metadata(device),
             **vars(args),
