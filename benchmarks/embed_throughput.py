@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import os
 import pstats
 import random
@@ -74,6 +75,7 @@ from dinov3_packing.data.gpu_decode import DECODE_CHOICES, GpuJpegDecoder, resol
 from dinov3_packing.data.preprocess import Preprocessor
 from dinov3_packing.data.sources import open_source, work_units
 from dinov3_packing.model.archs import normalization_for
+from dinov3_packing.parallel.compile import compile_stats
 from dinov3_packing.weights.load import resolve_alias
 
 SETS = {"camera": 2000, "small": 10000, "shards": 10000}
@@ -182,10 +184,12 @@ class PackRecorder:
     """Wraps `job.load_checkpoint` for one `embed` call: keeps its model and, at each forward, the pack's
     `grid_thw` and the host time after the forward was launched."""
 
-    def __init__(self, trace: str | None = None, trace_from: int = 0):
-        self.model, self.grids, self.times, self.calls = None, [], [], []
+    def __init__(self, trace: str | None = None, trace_from: int = 0, trace_stack: bool = False):
+        self.model, self.grids, self.times, self.calls, self.graphs = None, [], [], [], []
         self._load = job.load_checkpoint
-        self.trace, self.trace_from, self._profiler = trace, trace_from, None
+        self.trace, self.trace_from, self.trace_stack, self._profiler = trace, trace_from, trace_stack, None
+        self.gc: dict[int, list[float]] = {}  # generation -> durations of its collections (s) during embed
+        self._gc_start = 0.0
 
     def __enter__(self):
         def load(*args, **kwargs):
@@ -200,13 +204,21 @@ class PackRecorder:
                 self.grids.append(grid_thw.clone())
                 self.times.append(time.perf_counter())
                 self.calls.append(self.times[-1] - called)
+                self.graphs.append(compile_stats()["unique_graphs"])
                 return out
 
             model.forward = recorded
             return loaded
 
         job.load_checkpoint = load
+        gc.callbacks.append(self._on_gc)
         return self
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.gc.setdefault(info["generation"], []).append(time.perf_counter() - self._gc_start)
 
     def _step_trace(self) -> None:
         """`--trace`: torch.profiler (CPU ops of every thread, CUDA kernels) over `TRACE_PACKS` packs from
@@ -218,7 +230,7 @@ class PackRecorder:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler = torch.profiler.profile(activities=activities, with_stack=self.trace_stack)
             self._profiler.start()
         elif n == self.trace_from + TRACE_PACKS and self._profiler is not None:
             self._stop_trace()
@@ -232,6 +244,7 @@ class PackRecorder:
         profiler.export_chrome_trace(self.trace)
 
     def __exit__(self, *exc):
+        gc.callbacks.remove(self._on_gc)
         if self._profiler is not None:
             self._stop_trace()
         job.load_checkpoint = self._load
@@ -272,6 +285,7 @@ def parse() -> argparse.Namespace:
         "embed run, from its 30th pack, to this file (one per set and decoder, as --json; .json.gz compresses): "
         "what the host does while the device waits. Slows those packs: the JSON says traced",
     )
+    ap.add_argument("--trace-stack", action="store_true", help="--trace with Python's calls (slower still)")
     ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--save", default="cls,mean")
@@ -357,7 +371,7 @@ def run_one(
 
         # embed end to end, its packs recorded
         profiler = cProfile.Profile() if profile_path else None
-        with PackRecorder(trace_path, TRACE_FROM) as rec, profiler or contextlib.nullcontext():
+        with PackRecorder(trace_path, TRACE_FROM, args.trace_stack) as rec, profiler or contextlib.nullcontext():
             summary = embed(
                 src,
                 Path(tmp) / "features",
@@ -411,12 +425,31 @@ def run_one(
                 replay_calls.append(time.perf_counter() - called)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            # ... and with the device idle before each call: the cost of launching a forward, nothing queued
+            idle_calls = []
+            for x, g in packs[:50]:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                called = time.perf_counter()
+                rec.model(x, g)
+                idle_calls.append(time.perf_counter() - called)
         model_s = stats["median_s"]
+        intervals = np.diff(rec.times[first - 1 :])
+        typical = float(np.median(intervals))
+        longest = np.argsort(intervals)[::-1][:5]
         host = {
             "forward_call_ms_embed": 1e3 * float(np.median(rec.calls[first:])),
             "forward_call_ms_model": 1e3 * float(np.median(replay_calls)),
             "pack_interval_ms_embed": 1e3 * float(np.median(np.diff(rec.times[first - 1 :]))),
             "pack_ms_model": 1e3 * model_s / len(packs),
+            "forward_call_ms_idle": 1e3 * float(np.median(idle_calls)),
+            # where embed's timed interval went beyond its typical pack: stalls, with the packs they ended
+            "pack_interval_ms_p90_p99_max": [1e3 * float(q) for q in np.quantile(intervals, [0.9, 0.99, 1.0])],
+            "stall_s": float(np.maximum(intervals - typical, 0).sum()),
+            "longest_packs": [(first + int(i), round(1e3 * float(intervals[i]), 2)) for i in longest],
+            # packs after which Dynamo had compiled a new graph (a recompilation inside the run)
+            "compiled_at_pack": [i for i in range(1, len(rec.graphs)) if rec.graphs[i] > rec.graphs[i - 1]],
+            "gc": {g: (len(d), round(1e3 * sum(d), 2), round(1e3 * max(d), 2)) for g, d in sorted(rec.gc.items())},
         }
         traced = trace_path is not None and len(rec.grids) >= TRACE_FROM + TRACE_PACKS
 
@@ -441,6 +474,12 @@ def run_one(
         f"host, median per pack: forward call {host['forward_call_ms_embed']:.2f} ms in embed, "
         f"{host['forward_call_ms_model']:.2f} ms alone; embed's pack interval {host['pack_interval_ms_embed']:.2f} "
         f"ms, the model alone {host['pack_ms_model']:.2f} ms per pack"
+    )
+    print(
+        f"stalls: {host['stall_s']:.2f} s beyond the median pack interval; longest packs (index, ms) "
+        f"{host['longest_packs']}; graphs compiled at packs {host['compiled_at_pack']}; "
+        f"gc (generation: collections, total ms, max ms) {host['gc']}; forward launch on an idle device "
+        f"{host['forward_call_ms_idle']:.2f} ms"
     )
     print(
         f"embed/model : {rates['embed'] / rates['model']:8.1%}   bound reported by embed: {summary.bound} "
