@@ -254,3 +254,40 @@ def test_default_workers_follow_the_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert job.default_workers() == 0  # one core: decode in the main process
+
+
+def test_the_heap_is_frozen_during_the_run_and_released_after_it(tmp_path, tiny_ckpt, monkeypatch):  # noqa: F811
+    """`embed` keeps the collector off the heap its first packs (and any compilation) left (`_FrozenHeap`),
+    and gives the objects back to it when it returns or fails; a process that froze objects itself keeps
+    its own state."""
+    import gc
+
+    src = photo_folder(tmp_path, 12)
+    assert gc.get_freeze_count() == 0
+    seen = []
+    record_forwards(monkeypatch, lambda grid: seen.append(gc.get_freeze_count()))
+    embed(src, tmp_path / "a", tiny_ckpt, batch_tokens=150, **FAST)
+    assert len(seen) >= 4
+    assert seen[0] == 0 and all(n > 0 for n in seen[1:]), seen  # frozen from the first pack's end on
+    assert gc.get_freeze_count() == 0
+
+    def fail_third(grid):
+        seen.append(gc.get_freeze_count())
+        if len(seen) == 3:
+            raise RuntimeError("third pack")
+
+    seen.clear()
+    record_forwards(monkeypatch, fail_third)
+    with pytest.raises(RuntimeError, match="third pack"):
+        embed(src, tmp_path / "b", tiny_ckpt, batch_tokens=150, **FAST)
+    assert seen[1] > 0 and gc.get_freeze_count() == 0
+
+    gc.freeze()  # the process's own freeze: embed neither adds to it nor undoes it
+    try:
+        mine = gc.get_freeze_count()
+        seen.clear()
+        record_forwards(monkeypatch, lambda grid: seen.append(gc.get_freeze_count()))
+        embed(src, tmp_path / "c", tiny_ckpt, batch_tokens=150, **FAST)
+        assert set(seen) == {mine} and gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()

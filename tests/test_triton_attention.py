@@ -198,3 +198,13 @@ def test_unknown_config_keys_are_refused():
     for bad in ({"BLOCK_N": 32, "FOLD_SCALE": False}, {"BLOCK_N": 32, "BLOCK_m": 64}):
         with pytest.raises(ValueError, match="config: expected keys among"):
             launch(q, q, q, cu, config=bad)
+
+
+def test_segment_search_width_is_shared_by_small_packs():
+    """Every pack of up to 64 segments runs the kernel compiled for one search width (a job's short last pack
+    compiled its own on the H200: a 0.6-1 s stall), larger ones the next power of two."""
+    from dinov3_packing.ops.triton.varlen_attention import MIN_SEGMENT_SEARCH, segment_search_width
+
+    assert MIN_SEGMENT_SEARCH == 64
+    assert {segment_search_width(n) for n in range(0, 65)} == {64}
+    assert [segment_search_width(n) for n in (65, 128, 129, 300, 4096, 4097)] == [128, 128, 256, 512, 4096, 8192]

@@ -11,9 +11,14 @@ at most one more; a program finds its segment from its id with one vector load o
 count, so no per-layout block table is built and the grid follows from shapes alone (no host sync).
 Programs past their segment's last block exit at once.
 
-The kernel is specialised on the segment count rounded up to a power of two (one compile per power
-of two). Inputs: `cu_seqlens` must start at 0, end at the token count and never decrease; that is what
-`PackedLayout` builds, and it is not re-checked here (checking values would need a device sync).
+The kernel is specialised on the width of that search, the segment count rounded up to a power of two and
+to at least `MIN_SEGMENT_SEARCH` (`segment_search_width`), and on nothing else of the pack: the segment count
+itself is not specialised (`do_not_specialize`). A new width compiles a new kernel (about a second on the
+H200), and a run sees few: every pack of up to 64 images shares one, so the short last pack of a job no
+longer compiles its own (the H200 runs of 2026-12-02 found a 0.6-1 s stall there).
+
+Inputs: `cu_seqlens` must start at 0, end at the token count and never decrease; that is what `PackedLayout`
+builds, and it is not re-checked here (checking values would need a device sync).
 
 Forward only: training goes through PyTorch's `varlen_attn` (which has a backward); the custom op's
 backward raises.
@@ -34,6 +39,13 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 # The query-block height of an explicit `config` without "BLOCK_M"; the virtual block numbering (and so the
 # grid) depends on it. The tuned configs carry their own.
 BLOCK_M = 128
+MIN_SEGMENT_SEARCH = 64
+
+
+def segment_search_width(num_segments: int) -> int:
+    """The kernel's `SEG_P2` for a pack of `num_segments` segments: the next power of two, at least
+    `MIN_SEGMENT_SEARCH` (the search masks the entries past the last segment)."""
+    return max(MIN_SEGMENT_SEARCH, 1 << max(0, num_segments - 1).bit_length())
 
 
 def triton_available() -> bool:
@@ -58,7 +70,7 @@ if triton is not None:
             ]
         ]
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_segments"])
     def _varlen_fwd_kernel(
         Q,
         K,
@@ -213,7 +225,7 @@ def launch(
         out.stride(0),
         out.stride(1),
     )
-    seg_p2 = triton.next_power_of_2(num_segments)
+    seg_p2 = segment_search_width(num_segments)
     key = (d, q.dtype, k.dtype, v.dtype, cu_seqlens.dtype, q.device)
     if config is None and key in _TUNED:
         config = _TUNED[key]
