@@ -341,3 +341,86 @@ def test_unusable_out_is_one_line_before_the_model_loads(tmp_path, tiny_ckpt, ca
             _writable_again(out)
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith("error: --out: ") and expected in err and repr(str(out)) in err
+
+
+@pytest.mark.parametrize("shard_size, shard_bytes", [(3, None), (1000, 700), (4, 1)])
+def test_packs_split_across_shards_store_what_images_one_by_one_store(tmp_path, monkeypatch, shard_size, shard_bytes):
+    """`ShardWriter.add_pack` (what `embed` hands the writer: whole packs) closes shards at the same images
+    as adding the images one by one: at `shard_size` images, or when the patch maps reach `SHARD_BYTES`, a
+    pack crossing that point split there; every image's features and manifest line the same, bit for bit."""
+    from safetensors.torch import load_file
+
+    from dinov3_packing.apps.embed import store
+
+    if shard_bytes is not None:
+        monkeypatch.setattr(store, "SHARD_BYTES", shard_bytes)
+    g = torch.Generator().manual_seed(0)
+    sizes = [7, 1, 4, 2, 5]  # images per pack
+    counts = [[int(c) for c in torch.randint(1, 9, (n,), generator=g)] for n in sizes]
+    packs, images = [], []
+    for p, cs in enumerate(counts):
+        paths = [f"p{p}_{i}.jpg" for i in range(len(cs))]
+        fields = [{"size": [10 + i, 20], "grid": [1, c, 1]} for i, c in enumerate(cs)]
+        feats = {"cls": torch.randn(len(cs), 6, generator=g), "mean": torch.randn(len(cs), 6, generator=g)}
+        feats["patches"] = torch.randn(sum(cs), 6, generator=g)
+        pack = store.PackFeatures(paths, feats, cs, fields)
+        packs.append(pack)
+        images.extend(pack.records())
+
+    def written(out: Path) -> tuple[list, list]:
+        lines = manifest_lines(out)
+        shards, rows = [], []
+        for line in lines:
+            if line["row"] == 0:
+                shards.append(line["shard"])
+            t = load_file(str(out / line["shard"]))
+            o = t["patch_offsets"]
+            n = sum(1 for other in lines if other["shard"] == line["shard"])
+            # a shard holds its images' rows and nothing more
+            assert t["cls"].shape[0] == t["mean"].shape[0] == len(o) - 1 == n
+            assert t["patches"].shape[0] == int(o[-1])
+            rows.append(
+                (
+                    line["path"],
+                    line["size"],
+                    line["grid"],
+                    t["cls"][line["row"]],
+                    t["mean"][line["row"]],
+                    t["patches"][o[line["row"]] : o[line["row"] + 1]],
+                )
+            )
+        layout = [[line["path"] for line in lines if line["shard"] == s] for s in shards]
+        return layout, rows
+
+    save = ("cls", "mean", "patches")
+    (one := tmp_path / "one").mkdir()
+    (whole := tmp_path / "whole").mkdir()
+    w = store.ShardWriter(one, 0, save, torch.float32, shard_size)
+    for path, features, fields in images:
+        w.add(path, features, **fields)
+    w.close()
+    w = store.ShardWriter(whole, 0, save, torch.float32, shard_size)
+    for pack in packs:
+        w.add_pack(pack)
+    w.close()
+    layout, rows = written(whole)
+    ref_layout, ref_rows = written(one)
+    assert layout == ref_layout and len(layout) > 1  # shards close at the same images, and more than one
+    if shard_bytes is None:
+        assert [len(s) for s in layout] == [3] * 6 + [1]
+    for got, ref in zip(rows, ref_rows, strict=True):
+        assert got[:3] == ref[:3]
+        for a, b in zip(got[3:], ref[3:], strict=True):
+            assert torch.equal(a, b)
+    # and each image's features are the ones handed over
+    by_path = {path: features for path, features, _ in images}
+    for path, _, _, cls, mean, patches in rows:
+        assert torch.equal(cls, by_path[path]["cls"]) and torch.equal(patches, by_path[path]["patches"])
+        assert torch.equal(mean, by_path[path]["mean"])
+
+
+def test_pack_features_refuse_mismatched_lengths():
+    from dinov3_packing.apps.embed.store import PackFeatures
+
+    with pytest.raises(ValueError, match="2 paths, 1 counts"):
+        PackFeatures(["a", "b"], {}, [3], [{}, {}])

@@ -203,13 +203,18 @@ def test_a_pack_run_reads_nothing_back_from_the_device(tmp_path, tiny_ckpt):  # 
     class Sink:  # stands in for the shard writer: what reaches it is checked, nothing is written
         patch_dtype = torch.float32
 
-        def add_pack(self, items):
-            handed.extend(items)
+        def add_pack(self, pack):
+            handed.extend(pack.records())
 
     runner = _runner(model)
     runner.writer, runner.save, runner.meter, runner._in_flight = Sink(), ("cls", "mean", "patches"), Meter(), None
-    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        runner.run(records, tokens=0)
+    runner.heap = job._FrozenHeap()
+    try:
+        cpu = [torch.profiler.ProfilerActivity.CPU]
+        with torch.inference_mode(), torch.profiler.profile(activities=cpu) as prof:
+            runner.run(records, tokens=0)
+    finally:
+        runner.heap.release()
     reads = [e.key for e in prof.key_averages() if e.key in ("aten::item", "aten::_local_scalar_dense")]
     assert reads == []
     runner.finish()

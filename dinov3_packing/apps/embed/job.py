@@ -53,7 +53,7 @@ from ...model.archs import normalization_for
 from ...parallel.compile import compile_model, compile_stats
 from ...weights.load import load_checkpoint, parse_device, resolve_alias
 from .progress import Meter
-from .store import FORMAT, OutputFolder
+from .store import FORMAT, OutputFolder, PackFeatures
 from .writer import BackgroundWriter
 
 SAVE_CHOICES = ("cls", "mean", "patches")
@@ -692,16 +692,12 @@ class _PackRunner:
             with self.meter.waiting_on_device():
                 event.synchronize()
             self.meter.device_busy(start.elapsed_time(event) / 1e3)
-        # One call per feature for the whole pack (split / unbind give every record's view at once), not a
-        # torch call per record and feature.
-        per_record = {k: v.split(counts) if k == "patches" else v.unbind(0) for k, v in features.items()}
-        items = []
-        for i, record in enumerate(records):
-            h, w = record["grid"]
-            fields = {"size": list(record["size"]), "grid": [1, h, w]}
-            items.append((record["path"], {k: v[i] for k, v in per_record.items()}, fields))
+        # The pack's tensors go to the writer whole: no torch call per record here or in the writer thread
+        # (each is a moment this loop may wait there for the interpreter lock).
+        fields = [{"size": list(r["size"]), "grid": [1, *r["grid"]]} for r in records]
+        pack = PackFeatures([r["path"] for r in records], features, counts, fields)
         with self.meter.stage("write"):
-            self.writer.add_pack(items)
+            self.writer.add_pack(pack)
         self.meter.embedded += len(records)
 
 

@@ -270,10 +270,37 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class PackFeatures:
+    """One pack's results as the model gave them: `features` holds one tensor per saved feature for the whole
+    pack (`cls`, `mean`: `[n, D]`, row i the i-th image's; `patches`: `[sum(counts), D]`, the images' patch
+    rows one after another, `counts[i]` of them for image i); `paths` and `fields` (its manifest line's
+    `size` and `grid`) are per image."""
+
+    paths: list[str]
+    features: dict[str, torch.Tensor]
+    counts: list[int]
+    fields: list[dict]
+
+    def __post_init__(self):
+        n = len(self.paths)
+        if len(self.counts) != n or len(self.fields) != n:
+            raise ValueError(f"PackFeatures: {n} paths, {len(self.counts)} counts, {len(self.fields)} fields")
+
+    def records(self) -> Iterable[tuple[str, dict[str, torch.Tensor], dict]]:
+        """`(path, features, fields)` per image, its features views into the pack's tensors."""
+        per = {k: v.split(self.counts) if k == "patches" else v.unbind(0) for k, v in self.features.items()}
+        for i, path in enumerate(self.paths):
+            yield path, {k: v[i] for k, v in per.items()}, self.fields[i]
+
+
 class ShardWriter:
     """Buffers one rank's features and commits them shard by shard (temp name, fsync, rename, then the
     manifest lines). Skipped files go to the manifest at once.
 
+    `add_pack(pack)` takes a pack's `PackFeatures`: a few tensor operations per pack and feature, none per
+    image (in `embed` this runs in the writer thread, and each torch call there is a moment the main loop,
+    launching the next pack, may wait for the interpreter lock). A pack crossing a shard's end is split there.
     `add(path, features, **fields)` takes one image's features (`cls`, `mean`: `[D]`; `patches`: `[h*w, D]`)
     and the fields of its manifest line (`size`, `grid`).
     """
@@ -289,17 +316,43 @@ class ShardWriter:
 
     def _reset(self) -> None:
         self._records: list[dict] = []
+        # per feature, pieces of packs (`cls`, `mean`: [k, D]; `patches`: [rows, D]), copied off the pack
         self._tensors: dict[str, list[torch.Tensor]] = {k: [] for k in self.save}
+        self._counts: list[int] = []  # patch rows per image, in order
         self._bytes = 0
 
     def add(self, path: str, features: dict[str, torch.Tensor], **fields) -> None:
-        self._records.append({"path": path, **fields})
-        for name in self.save:
-            self._tensors[name].append(features[name].clone())
+        """One image (a pack of one)."""
+        one = {k: v if k == "patches" else v[None] for k, v in features.items()}
+        counts = [features["patches"].shape[0] if "patches" in features else 1]
+        self.add_pack(PackFeatures([path], one, counts, [fields]))
+
+    def add_pack(self, pack: PackFeatures) -> None:
+        start, n = 0, len(pack.paths)
+        row_bytes = 0
         if "patches" in self.save:
-            self._bytes += features["patches"].numel() * features["patches"].element_size()
-        if len(self._records) >= self.shard_size or self._bytes >= SHARD_BYTES:
-            self.flush()
+            patches = pack.features["patches"]
+            row_bytes = patches.shape[1] * patches.element_size()
+        while start < n:
+            # the images up to the one that fills this shard (shard_size images, or SHARD_BYTES of patches)
+            end, rows = start, 0
+            while end < n:
+                rows += pack.counts[end]
+                end += 1
+                if len(self._records) + end - start >= self.shard_size or self._bytes + rows * row_bytes >= SHARD_BYTES:
+                    break
+            first_row = sum(pack.counts[:start])
+            for name in self.save:
+                whole = pack.features[name]
+                piece = whole[first_row : first_row + rows] if name == "patches" else whole[start:end]
+                # a copy: the pack's tensor (pinned memory on CUDA) is not held until the shard is written
+                self._tensors[name].append(piece.clone())
+            self._records.extend({"path": pack.paths[i], **pack.fields[i]} for i in range(start, end))
+            self._counts.extend(pack.counts[start:end])
+            self._bytes += rows * row_bytes
+            if len(self._records) >= self.shard_size or self._bytes >= SHARD_BYTES:
+                self.flush()
+            start = end
 
     def skip(self, path: str, reason: str) -> None:
         self._append([{"path": path, "status": "error", "reason": reason}])
@@ -311,13 +364,12 @@ class ShardWriter:
         shard_id = uuid.uuid4().hex
         tensors = {}
         if "cls" in self.save:
-            tensors["cls"] = torch.stack(self._tensors["cls"])
+            tensors["cls"] = torch.cat(self._tensors["cls"])
         if "mean" in self.save:
-            tensors["mean"] = torch.stack(self._tensors["mean"])
+            tensors["mean"] = torch.cat(self._tensors["mean"])
         if "patches" in self.save:
-            maps = self._tensors["patches"]
-            tensors["patches"] = torch.cat(maps).to(self.patch_dtype)
-            tensors["patch_offsets"] = torch.tensor([0] + [m.shape[0] for m in maps]).cumsum(0)
+            tensors["patches"] = torch.cat(self._tensors["patches"]).to(self.patch_dtype)
+            tensors["patch_offsets"] = torch.tensor([0, *self._counts]).cumsum(0)
         final, tmp = self.out / name, self.out / f".{name}.tmp"
         metadata = {"format": FORMAT, "shard_id": shard_id, "rows": str(len(self._records))}
         save_file(tensors, str(tmp), metadata=metadata)

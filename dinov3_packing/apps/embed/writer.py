@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Sequence
 
-import torch
-
-from .store import ShardWriter
+from .store import PackFeatures, ShardWriter
 
 _CLOSE, _ABORT = "close", "abort"
 
@@ -43,9 +40,9 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._work, name="embed-shard-writer", daemon=True)
         self._thread.start()
 
-    def add_pack(self, items: Sequence[tuple[str, dict[str, torch.Tensor], dict]]) -> None:
-        """Queue one pack's `(path, features, manifest fields)`; blocks while the queue is full."""
-        self._put(("add", list(items)))
+    def add_pack(self, pack: PackFeatures) -> None:
+        """Queue one pack's results; blocks while the queue is full."""
+        self._put(("add", pack))
 
     def skip(self, path: str, reason: str) -> None:
         self._put(("skip", path, reason))
@@ -83,8 +80,7 @@ class BackgroundWriter:
                 continue
             try:
                 if item[0] == "add":
-                    for path, features, fields in item[1]:
-                        self.writer.add(path, features, **fields)
+                    self.writer.add_pack(item[1])
                 elif item[0] == "skip":
                     self.writer.skip(item[1], item[2])
                 else:
