@@ -188,6 +188,7 @@ class PackRecorder:
         self.model, self.grids, self.times, self.calls, self.graphs = None, [], [], [], []
         self._load = job.load_checkpoint
         self.trace, self.trace_from, self.trace_stack, self._profiler = trace, trace_from, trace_stack, None
+        self.traced, self._stopped = False, None  # whether packs ran under the profiler; the one to export
         self.gc: dict[int, list[float]] = {}  # generation -> durations of its collections (s) during embed
         self._gc_start = 0.0
 
@@ -232,6 +233,7 @@ class PackRecorder:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._profiler = torch.profiler.profile(activities=activities, with_stack=self.trace_stack)
             self._profiler.start()
+            self.traced = True
         elif n == self.trace_from + TRACE_PACKS and self._profiler is not None:
             self._stop_trace()
 
@@ -240,13 +242,16 @@ class PackRecorder:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         profiler.stop()
-        Path(self.trace).parent.mkdir(parents=True, exist_ok=True)
-        profiler.export_chrome_trace(self.trace)
+        self._stopped = profiler  # written after the run (`__exit__`), outside embed's timed interval
 
     def __exit__(self, *exc):
         gc.callbacks.remove(self._on_gc)
         if self._profiler is not None:
             self._stop_trace()
+        if self._stopped is not None:
+            Path(self.trace).parent.mkdir(parents=True, exist_ok=True)
+            self._stopped.export_chrome_trace(self.trace)
+            self._stopped = None
         job.load_checkpoint = self._load
         if self.model is not None:
             del self.model.forward  # the class's forward again: the model-only passes are not recorded
@@ -285,6 +290,19 @@ def parse() -> argparse.Namespace:
         "embed run, from its 30th pack, to this file (one per set and decoder, as --json; .json.gz compresses): "
         "what the host does while the device waits. Slows those packs: the JSON says traced",
     )
+    ap.add_argument(
+        "--pin-thread",
+        choices=("on", "off"),
+        default="on",
+        help="A/B: chunks pinned by the DataLoader's pin-memory thread (on, embed's default) or copied to the "
+        "device from the workers' shared memory by the main loop (off; job.PIN_THREAD)",
+    )
+    ap.add_argument(
+        "--decode-chunk",
+        type=int,
+        default=None,
+        help=f"A/B: images per DataLoader item and work unit (job.DECODE_CHUNK, default {job.DECODE_CHUNK})",
+    )
     ap.add_argument("--trace-stack", action="store_true", help="--trace with Python's calls (slower still)")
     ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--max-tokens", type=int, default=1024)
@@ -300,6 +318,8 @@ def parse() -> argparse.Namespace:
     args.decodes = args.decode.split(",")
     if not set(args.sets) <= set(SETS):
         ap.error(f"--set: expected a comma-separated subset of {list(SETS)}, got {args.set!r}")
+    if args.decode_chunk is not None and args.decode_chunk < 1:
+        ap.error(f"--decode-chunk: expected an int >= 1, got {args.decode_chunk}")
     if args.switch_interval is not None and not args.switch_interval > 0:
         ap.error(f"--switch-interval: expected seconds > 0, got {args.switch_interval}")
     if not set(args.decodes) <= set(DECODE_CHOICES):
@@ -313,6 +333,9 @@ def main() -> int:
     workers = job.default_workers() if args.workers is None else args.workers
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
+    job.PIN_THREAD = args.pin_thread == "on"
+    if args.decode_chunk is not None:
+        job.DECODE_CHUNK = args.decode_chunk
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data or tmp)
@@ -451,7 +474,9 @@ def run_one(
             "compiled_at_pack": [i for i in range(1, len(rec.graphs)) if rec.graphs[i] > rec.graphs[i - 1]],
             "gc": {g: (len(d), round(1e3 * sum(d), 2), round(1e3 * max(d), 2)) for g, d in sorted(rec.gc.items())},
         }
-        traced = trace_path is not None and len(rec.grids) >= TRACE_FROM + TRACE_PACKS
+        traced = rec.traced
+        if trace_path is not None and not traced:
+            print(f"no trace: the run had {len(rec.grids)} packs, the trace starts at pack {TRACE_FROM}")
 
     prefix = rec.model.num_prefix_tokens
     tokens = sum(segment_tokens(tuple(row.tolist()), prefix) for g in timed for row in g)
@@ -491,7 +516,7 @@ def run_one(
         info |= {"workers": workers, "decode": decode, "compiled": compiled, "bound": summary.bound}
         info |= {"stage_s": summary.stage_seconds, "device_busy": summary.device_busy}
         info |= {"device_wait": summary.device_wait, "first_timed_pack": first, "profiled": profiler is not None}
-        info |= {"host": host, "traced": traced}
+        info |= {"host": host, "traced": traced, "decode_chunk": job.DECODE_CHUNK, "pin_thread": job.PIN_THREAD}
         report = {
             "meta": run_metadata(device),
             **vars(args),

@@ -392,20 +392,38 @@ def test_ab_trees_drive_smoke(ab, tmp_path):
 def test_embed_throughput_smoke_runs_every_combination(tmp_path):
     """Two sets (loose files and tar shards) in one process, as on the GPU: every combination writes its
     JSON, with all three rates measured on the same images and a bound `embed` can report."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "embed_throughput.py"), "--set", "small,shards", "--n", "120"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "embed_throughput.py"), "--set", "small,shards", "--n", "100"]
     cmd += ["--data", str(tmp_path / "sets"), "--ckpt", "random:vits16", "--device", "cpu", "--max-tokens", "64"]
     cmd += ["--batch-tokens", "256", "--workers", "1", "--json", str(tmp_path / "out" / "e.json")]
+    cmd += ["--decode-chunk", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("small", "shards"):
         report = json.loads((tmp_path / "out" / f"e_{name}_cpu.json").read_text())
-        assert report["set"] == name and report["n"] == 120 and report["decode"] == "cpu"
-        # the first packs are left out, and with them twice the loader's queue (1 worker x 4 chunks x 8)
-        assert 0 < report["timed_images"] <= 120 - 64
+        assert report["set"] == name and report["n"] == 100 and report["decode"] == "cpu"
+        assert report["decode_chunk"] == 4 and report["pin_thread"] is True
+        # the first packs are left out, and with them twice the loader's queue (1 worker x 4 chunks x 4)
+        assert 0 < report["timed_images"] <= 100 - 32
+        host = report["host"]
+        assert host["stall_s"] >= 0 and host["compiled_at_pack"] == [] and len(host["longest_packs"]) == 5
         assert all(report["images_per_s"][stage] > 0 for stage in ("decode", "model", "embed", "embed_last_half"))
         assert 0 <= report["device_wait"] <= 1
         assert report["bound"] in ("decode", "model", "write", "host")
         assert report["meta"]["card"] and len(report["meta"]["source_sha256"]) == 64
+
+
+def test_the_pin_thread_switch_reaches_the_loader(monkeypatch):
+    """`job.PIN_THREAD` (`embed_throughput.py --pin-thread`) decides whether the CUDA loader pins chunks in
+    its thread; on the CPU nothing is pinned either way. (Building the loader touches no device.)"""
+    from dinov3_packing.apps.embed import job
+    from dinov3_packing.data.preprocess import Preprocessor
+
+    pre = Preprocessor(max_tokens=64)
+    assert job.PIN_THREAD is True
+    assert job.decode_loader([], pre, torch.device("cuda"), 0, gpu=False).pin_memory is True
+    assert job.decode_loader([], pre, torch.device("cpu"), 0, gpu=False).pin_memory is False
+    monkeypatch.setattr(job, "PIN_THREAD", False)
+    assert job.decode_loader([], pre, torch.device("cuda"), 0, gpu=False).pin_memory is False
 
 
 def test_embed_is_timed_after_the_warm_packs_and_twice_the_loaders_queue():

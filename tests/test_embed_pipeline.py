@@ -257,9 +257,8 @@ def test_default_workers_follow_the_cores(monkeypatch):
 
 
 def test_the_heap_is_frozen_during_the_run_and_released_after_it(tmp_path, tiny_ckpt, monkeypatch):  # noqa: F811
-    """`embed` keeps the collector off the heap its first packs (and any compilation) left (`_FrozenHeap`),
-    and gives the objects back to it when it returns or fails; a process that froze objects itself keeps
-    its own state."""
+    """A real `embed` run keeps the collector off the heap its first packs left (`_FrozenHeap`), and gives
+    the objects back to it when it returns or fails."""
     import gc
 
     src = photo_folder(tmp_path, 12)
@@ -282,12 +281,39 @@ def test_the_heap_is_frozen_during_the_run_and_released_after_it(tmp_path, tiny_
         embed(src, tmp_path / "b", tiny_ckpt, batch_tokens=150, **FAST)
     assert seen[1] > 0 and gc.get_freeze_count() == 0
 
-    gc.freeze()  # the process's own freeze: embed neither adds to it nor undoes it
-    try:
-        mine = gc.get_freeze_count()
-        seen.clear()
-        record_forwards(monkeypatch, lambda grid: seen.append(gc.get_freeze_count()))
-        embed(src, tmp_path / "c", tiny_ckpt, batch_tokens=150, **FAST)
-        assert set(seen) == {mine} and gc.get_freeze_count() == mine
-    finally:
-        gc.unfreeze()
+
+def test_the_heap_freezes_after_the_first_packs_and_after_each_compilation(monkeypatch):
+    """`_FrozenHeap`'s policy, pack by pack: a full collection then a freeze after the first pack, a freeze
+    after packs 2-4, nothing after, a collection and a freeze after a pack that compiled a graph; one
+    unfreeze at the end. A process that froze objects itself is left alone."""
+    import gc
+
+    calls = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append("collect"))
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: 0)
+    # Dynamo's graph count: 0 when the run starts, 1 after pack 1 (its compile), 2 after pack 7
+    graphs = iter([0, 1, 1, 1, 1, 1, 1, 2, 2, 2])
+    monkeypatch.setattr(job, "compile_stats", lambda: {"unique_graphs": next(graphs)})
+    heap = job._FrozenHeap()
+    per_pack = []
+    for _ in range(9):
+        calls.clear()
+        heap.after_pack()
+        per_pack.append(tuple(calls))
+    collect_freeze, freeze = ("collect", "freeze"), ("freeze",)
+    assert per_pack == [collect_freeze, freeze, freeze, freeze, (), (), collect_freeze, (), ()]
+    calls.clear()
+    heap.release()
+    heap.release()
+    assert calls == ["unfreeze"]
+
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: 5)  # the process's own freeze
+    monkeypatch.setattr(job, "compile_stats", lambda: {"unique_graphs": 0})
+    calls.clear()
+    heap = job._FrozenHeap()
+    for _ in range(3):
+        heap.after_pack()
+    heap.release()
+    assert calls == []

@@ -406,6 +406,16 @@ def test_packs_split_across_shards_store_what_images_one_by_one_store(tmp_path, 
     layout, rows = written(whole)
     ref_layout, ref_rows = written(one)
     assert layout == ref_layout and len(layout) > 1  # shards close at the same images, and more than one
+    # ... which are where the rule of one image at a time closes them (the writer's code before packs)
+    expected, shard, size = [], [], 0
+    for path, features, _ in images:
+        shard.append(path)
+        size += features["patches"].numel() * 4
+        if len(shard) >= shard_size or size >= (shard_bytes or store.SHARD_BYTES):
+            expected.append(shard)
+            shard, size = [], 0
+    expected += [shard] if shard else []
+    assert layout == expected
     if shard_bytes is None:
         assert [len(s) for s in layout] == [3] * 6 + [1]
     for got, ref in zip(rows, ref_rows, strict=True):
@@ -424,3 +434,9 @@ def test_pack_features_refuse_mismatched_lengths():
 
     with pytest.raises(ValueError, match="2 paths, 1 counts"):
         PackFeatures(["a", "b"], {}, [3], [{}, {}])
+    fields = [{}, {}]
+    with pytest.raises(ValueError, match=r"'cls' of shape \(1, 4\), expected \[2, D\]"):
+        PackFeatures(["a", "b"], {"cls": torch.zeros(1, 4)}, [3, 4], fields)
+    with pytest.raises(ValueError, match=r"'patches' of shape \(5, 4\), expected \[7, D\]"):
+        PackFeatures(["a", "b"], {"patches": torch.zeros(5, 4)}, [3, 4], fields)
+    PackFeatures(["a", "b"], {"cls": torch.zeros(2, 4), "patches": torch.zeros(7, 4)}, [3, 4], fields)

@@ -208,3 +208,28 @@ def test_segment_search_width_is_shared_by_small_packs():
     assert MIN_SEGMENT_SEARCH == 64
     assert {segment_search_width(n) for n in range(0, 65)} == {64}
     assert [segment_search_width(n) for n in (65, 128, 129, 300, 4096, 4097)] == [128, 128, 256, 512, 4096, 8192]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check: needs CUDA (run on the device)")
+def test_packs_of_3_and_50_segments_share_one_compiled_kernel():
+    """On the GPU: a pack of 50 segments and a short one of 3 run the same compiled kernel (before, the
+    segment count's power of two was a specialisation: the short last pack of a run compiled its own)."""
+    from dinov3_packing.ops.triton.varlen_attention import _varlen_fwd_kernel, launch
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    config = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+    def run(n: int) -> None:
+        lens = torch.randint(40, 300, (n,), generator=g, device=dev)
+        cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(torch.int32)
+        q, k, v = torch.randn(int(cu[-1]), 3, 4, 64, generator=g, device=dev, dtype=torch.bfloat16).unbind(1)
+        launch(q, k, v, cu, config=config)
+        torch.cuda.synchronize()
+
+    run(50)  # compiles (or finds) the kernel of this config
+    cache = _varlen_fwd_kernel.device_caches[torch.cuda.current_device()][0]
+    before = len(cache)
+    run(3)
+    run(17)
+    assert len(cache) == before

@@ -62,6 +62,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # overhead while a unit's decoded images stay small (8 camera photos at 1024 patches: 6 MB of uint8 pixels).
 DECODE_CHUNK = 8
 PREFETCH_CHUNKS = 4  # chunks each decode worker may have ready ahead of the main loop
+PIN_THREAD = True
+"""On CUDA, chunks cross into pinned memory in the DataLoader's pin-memory thread (True, the default), or
+stay in the workers' shared memory and the main loop copies them to the device from there (False: no
+helper thread takes the interpreter lock per chunk, while the copies from pageable memory stage through the
+driver on the main thread's time). An A/B switch for `benchmarks/embed_throughput.py --pin-thread off`: the
+H200 traces of 2026-12-02 show the pin thread busy while the main thread's launches slowed down."""
 WORKER_NICENESS = 10
 """Added to each decode worker's nice value: with a worker per core, the main process's threads (launching
 packs, pinning chunks, writing shards) would otherwise queue behind the decoders for CPU time."""
@@ -472,13 +478,14 @@ def decode_loader(
     units: Sequence[tuple[Record, ...]], preprocessor: Preprocessor, device: torch.device, workers: int, gpu: bool
 ) -> DataLoader:
     """The DataLoader `embed` reads its chunks from (`benchmarks/embed_throughput.py` times this one too):
-    8-bit images as uint8 rows on CUDA, float32 rows on the CPU (`DecodedUnits`), pinned on CUDA."""
+    8-bit images as uint8 rows on CUDA, float32 rows on the CPU (`DecodedUnits`), pinned on CUDA (unless
+    `PIN_THREAD` is off)."""
     cuda = device.type == "cuda"
     return DataLoader(
         DecodedUnits(units, preprocessor, gpu=gpu, pixels=cuda),
         batch_size=None,
         num_workers=workers,
-        pin_memory=cuda,
+        pin_memory=cuda and PIN_THREAD,
         prefetch_factor=PREFETCH_CHUNKS if workers else None,
         in_order=False,  # a chunk is used as soon as any worker has one: features do not depend on order
         worker_init_fn=lower_priority,
@@ -562,8 +569,10 @@ class _FrozenHeap:
     loop four times in 10,000 images (12% of a ViT-L run). After each of the first `FREEZE_PACKS` packs and
     after any pack during which Dynamo compiled a graph, `gc.freeze()` moves everything alive to the
     permanent generation, which collections skip; objects are still freed by their reference counts as
-    usual. `release()` (at the end of `embed`) unfreezes them. Nothing is done when the process had already
-    frozen objects: that state is its owner's.
+    usual. Before the freeze after the first pack and after a compilation, one full collection frees the
+    cycles already unreachable (a frozen cycle would stay until `release`, with whatever tensors it holds).
+    `release()` (at the end of `embed`) unfreezes the permanent generation, also anything another thread
+    froze meanwhile. Nothing is done when the process had already frozen objects: that state is its owner's.
     """
 
     def __init__(self):
@@ -576,9 +585,12 @@ class _FrozenHeap:
             return
         self.packs += 1
         graphs = compile_stats()["unique_graphs"]
-        if self.packs <= FREEZE_PACKS or graphs != self.graphs:
+        compiled = graphs != self.graphs
+        if self.packs <= FREEZE_PACKS or compiled:
+            if self.packs == 1 or compiled:
+                gc.collect()
+            self.frozen = True  # before the freeze: an interrupt between the two still releases
             gc.freeze()
-            self.frozen = True
         self.graphs = graphs
 
     def release(self) -> None:

@@ -286,6 +286,11 @@ class PackFeatures:
         n = len(self.paths)
         if len(self.counts) != n or len(self.fields) != n:
             raise ValueError(f"PackFeatures: {n} paths, {len(self.counts)} counts, {len(self.fields)} fields")
+        # the shard's offsets come from `counts`: shapes that disagree would store rows under other images
+        for name, t in self.features.items():
+            rows = sum(self.counts) if name == "patches" else n
+            if t.ndim != 2 or t.shape[0] != rows:
+                raise ValueError(f"PackFeatures: {name!r} of shape {tuple(t.shape)}, expected [{rows}, D]")
 
     def records(self) -> Iterable[tuple[str, dict[str, torch.Tensor], dict]]:
         """`(path, features, fields)` per image, its features views into the pack's tensors."""

@@ -1,6 +1,6 @@
 """Shard writing off the critical path: a thread that owns the `ShardWriter`, fed through a bounded queue.
 
-The main loop hands over one pack's results at a time and goes back to the model; the thread stacks them,
+The main loop hands over one pack's results at a time and goes back to the model; the thread gathers them,
 writes, fsyncs and renames shards and appends manifest lines in the order the main loop handed them over,
 so the store's guarantees hold as they do in one thread (a shard's lines follow its rename). The queue
 holds at most `depth` packs: a disk slower than the model makes the main loop wait there (the `write`

@@ -14,8 +14,9 @@ Programs past their segment's last block exit at once.
 The kernel is specialised on the width of that search, the segment count rounded up to a power of two and
 to at least `MIN_SEGMENT_SEARCH` (`segment_search_width`), and on nothing else of the pack: the segment count
 itself is not specialised (`do_not_specialize`). A new width compiles a new kernel (about a second on the
-H200), and a run sees few: every pack of up to 64 images shares one, so the short last pack of a job no
-longer compiles its own (the H200 runs of 2026-12-02 found a 0.6-1 s stall there).
+H200), and a run sees few: every pack of up to 64 images shares one, so where a run's full packs hold at
+most 64 images its short last pack no longer compiles its own (the H200 runs of 2026-12-02 found a 0.6-1 s
+stall there, packs of ~22 images); packs of more images still meet a new width when one is short.
 
 Inputs: `cu_seqlens` must start at 0, end at the token count and never decrease; that is what `PackedLayout`
 builds, and it is not re-checked here (checking values would need a device sync).
