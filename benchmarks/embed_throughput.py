@@ -49,6 +49,8 @@ import argparse
 import contextlib
 import cProfile
 import gc
+import gzip
+import json
 import os
 import pstats
 import random
@@ -66,7 +68,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinov3_packing.apps.bench.timing import Timing, measure, run_metadata, write_report
+from dinov3_packing.apps.bench.timing import Timing, device_gaps, measure, run_metadata, write_report
 from dinov3_packing.apps.embed import embed, job
 from dinov3_packing.apps.embed.progress import Meter
 from dinov3_packing.data.budget import segment_tokens
@@ -189,6 +191,7 @@ class PackRecorder:
         self._load = job.load_checkpoint
         self.trace, self.trace_from, self.trace_stack, self._profiler = trace, trace_from, trace_stack, None
         self.traced, self._stopped = False, None  # whether packs ran under the profiler; the one to export
+        self.gaps: dict | None = None  # `device_gaps` of the trace
         self.gc: dict[int, list[float]] = {}  # generation -> durations of its collections (s) during embed
         self._gc_start = 0.0
 
@@ -252,6 +255,9 @@ class PackRecorder:
             Path(self.trace).parent.mkdir(parents=True, exist_ok=True)
             self._stopped.export_chrome_trace(self.trace)
             self._stopped = None
+            opener = gzip.open if self.trace.endswith(".gz") else open
+            with opener(self.trace, "rt") as f:
+                self.gaps = device_gaps(json.load(f)["traceEvents"])
         job.load_checkpoint = self._load
         if self.model is not None:
             del self.model.forward  # the class's forward again: the model-only passes are not recorded
@@ -477,6 +483,12 @@ def run_one(
         traced = rec.traced
         if trace_path is not None and not traced:
             print(f"no trace: the run had {len(rec.grids)} packs, the trace starts at pack {TRACE_FROM}")
+        if rec.gaps is not None:
+            g = rec.gaps
+            print(
+                f"trace: device busy {g['busy_us'] / 1e3:.1f} of {g['span_us'] / 1e3:.1f} ms, {g['gaps']} gaps; "
+                f"largest {[(x['gap_us'], x['before'][:30], x['after'][:30]) for x in g['largest'][:3]]}"
+            )
 
     prefix = rec.model.num_prefix_tokens
     tokens = sum(segment_tokens(tuple(row.tolist()), prefix) for g in timed for row in g)
@@ -516,6 +528,7 @@ def run_one(
         info |= {"workers": workers, "decode": decode, "compiled": compiled, "bound": summary.bound}
         info |= {"stage_s": summary.stage_seconds, "device_busy": summary.device_busy}
         info |= {"device_wait": summary.device_wait, "first_timed_pack": first, "profiled": profiler is not None}
+        info |= {"trace_gaps": rec.gaps}
         info |= {"host": host, "traced": traced, "decode_chunk": job.DECODE_CHUNK, "pin_thread": job.PIN_THREAD}
         report = {
             "meta": run_metadata(device),

@@ -15,7 +15,8 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              what was resident before it, i.e. above every loaded model's weights and this model's gradients
              of the previous step: activations and workspace; also per token), Hugging Face's
              `DINOv3ViTModel` looped per image (bf16, eager) as the baseline in the same run. Then one step
-             of today's and the new path under `torch.profiler`: GPU kernel time by class (`profile` rows).
+             of today's and the new path under `torch.profiler`: GPU kernel time by class and the device's idle gaps
+             with the host calls during them (`profile` rows).
     grads    gradients of one bf16 step on the fa4 path against the fp32 sdpa step, same weights, on the
              first 16 images of mixed-64 (an fp32 step on all 64 may not fit), eval mode (no RoPE
              augmentation, autograd still on): cosine of all gradients flattened and the lowest
@@ -28,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import random
 import re
 import sys
+import tempfile
 import traceback
 from collections import defaultdict
 
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from dinov3_packing import load_packing_model, pack
-from dinov3_packing.apps.bench.timing import measure, peak_matmul_tflops, run_metadata, write_rows
+from dinov3_packing.apps.bench.timing import device_gaps, measure, peak_matmul_tflops, run_metadata, write_rows
 from dinov3_packing.ops.attention import packed_attention
 from dinov3_packing.packing import PackedLayout
 from dinov3_packing.parallel.compile import compile_model
@@ -156,22 +159,28 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
-def profile_step(fn, dev) -> tuple[dict, list]:
-    """GPU kernel time of one call of `fn` by class (ms), and the ten longest kernels."""
+def profile_step(fn, dev) -> tuple[dict, list, dict]:
+    """GPU kernel time of one call of `fn` by class (ms), the ten longest kernels, and where the device
+    waited (`timing.device_gaps` of the call's trace: its gaps with the kernels around them and the host's
+    CUDA calls during them)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize(dev)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize(dev)
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/step.json")
+        with open(f"{tmp}/step.json") as f:
+            gaps = device_gaps(json.load(f)["traceEvents"])
     by_class, by_name = defaultdict(float), defaultdict(float)
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
             by_class[kernel_class(e.name)] += e.device_time_total / 1e3
             by_name[e.name] += e.device_time_total / 1e3
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
-    return dict(by_class), [(n[:120], ms) for n, ms in top]
+    return dict(by_class), [(n[:120], ms) for n, ms in top], gaps
 
 
 SYSTEMS = ("today", "new", "attention", "mlp", "autotune", "hf", "profile")
@@ -258,7 +267,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                 ],
             )
     for name in [n for n in (TODAY, NEW) if n in models and "profile" in systems_asked]:
-        by_class, top = profile_step(lambda m=models[name]: step(m), dev)
+        by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev)
         total = sum(by_class.values())
         write_rows(
             out,
@@ -270,6 +279,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                     "by_class_ms": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
                     "share": {k: v / total for k, v in by_class.items()},
                     "top_kernels_ms": top,
+                    "device_gaps": gaps,
                 }
             ],
         )

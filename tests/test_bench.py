@@ -441,3 +441,33 @@ def test_embed_is_timed_after_the_warm_packs_and_twice_the_loaders_queue():
     big = [torch.ones(500, 3, dtype=torch.long)] * 5  # the queue is passed at once: the warm packs still count
     assert first_timed_pack(big, workers=2) == WARM_PACKS
     assert first_timed_pack(packs[:3], workers=2) == 3  # too few: nothing left to time
+
+
+def test_device_gaps_finds_the_idle_stretches_and_the_host_calls_in_them():
+    """`timing.device_gaps` on a trace's events: overlapping kernels merge, gaps under the threshold are
+    not counted, each gap names the work around it and the runtime calls that overlap it."""
+    from dinov3_packing.apps.bench.timing import device_gaps
+
+    def ev(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        ev("kernel", "a", 0, 100),
+        ev("kernel", "b", 50, 100),  # overlaps a: busy 0-150
+        ev("gpu_memcpy", "copy", 160, 40),  # a 10 us gap: under the threshold
+        ev("kernel", "c", 700, 100),  # a 500 us gap after the copy
+        ev("kernel", "d", 830, 20),  # 30 us
+        ev("cuda_runtime", "cudaHostAlloc", 300, 300),
+        ev("cuda_runtime", "cudaLaunchKernel", 690, 5),
+        ev("cuda_runtime", "cudaLaunchKernel", 900, 5),  # after the last gap: in none
+        ev("cpu_op", "aten::mm", 0, 900),
+        {"ph": "M", "name": "thread_name"},
+    ]
+    g = device_gaps(events, min_gap_us=20)
+    assert g["span_us"] == 850 and g["busy_us"] == 150 + 40 + 100 + 20 and g["idle_us"] == 850 - 310
+    assert g["gaps"] == 2 and g["idle_in_gaps_us"] == 530
+    first, second = g["largest"]
+    assert (first["gap_us"], first["before"], first["after"]) == (500, "copy", "c")
+    assert first["host_calls"] == ["cudaHostAlloc", "cudaLaunchKernel"]
+    assert (second["gap_us"], second["before"], second["after"], second["host_calls"]) == (30, "c", "d", [])
+    assert device_gaps([ev("cpu_op", "x", 0, 5)])["gaps"] == 0

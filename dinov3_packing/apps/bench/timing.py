@@ -258,3 +258,54 @@ def write_report(path: str | Path, report: dict) -> Path:
 def read_rows(path: str | Path) -> list[dict]:
     """The rows of a JSON-lines file written by `write_rows`."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+DEVICE_EVENT_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def device_gaps(events: Iterable[dict], min_gap_us: float = 20.0, top: int = 10) -> dict:
+    """Where the device waited, from a torch.profiler chrome trace's `traceEvents` (`export_chrome_trace`).
+
+    The device's work (kernels, copies, fills: `DEVICE_EVENT_KINDS`) is merged into busy intervals; every
+    idle stretch of at least `min_gap_us` between two of them is a gap. Returns the span from the first
+    work's start to the last one's end, busy and idle time (us), the number of gaps, and the `top` largest,
+    each with the work before and after it and the CUDA runtime / driver calls the host was in during it
+    (a `cudaStreamSynchronize` or a `cudaFree` there names a host wait; none, host work between launches).
+    """
+    work, runtime = [], []
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        if e.get("cat") in DEVICE_EVENT_KINDS:
+            work.append((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", "")))
+        elif e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            runtime.append((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", "")))
+    if not work:
+        return {"span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": 0, "largest": []}
+    work.sort()
+    busy, gaps = 0.0, []
+    start, end, last = work[0][0], work[0][1], work[0][2]
+    for s, e, name in work[1:]:
+        if s > end:
+            busy += end - start
+            if s - end >= min_gap_us:
+                gaps.append((s - end, end, s, last, name))
+            start, end = s, e
+        elif e > end:
+            end = e
+        if e >= end:
+            last = name
+    busy += end - start
+    span = end - work[0][0]
+    largest = []
+    for gap, a, b, before, after in sorted(gaps, reverse=True)[:top]:
+        calls = sorted({n for s, e, n in runtime if s < b and e > a})
+        largest.append({"gap_us": round(gap, 1), "before": before[:100], "after": after[:100], "host_calls": calls})
+    return {
+        "span_us": round(span, 1),
+        "busy_us": round(busy, 1),
+        "idle_us": round(span - busy, 1),
+        "gaps": len(gaps),
+        "idle_in_gaps_us": round(sum(g[0] for g in gaps), 1),
+        "largest": largest,
+    }
