@@ -293,7 +293,7 @@ def parse() -> argparse.Namespace:
         "--trace",
         default=None,
         help="write a torch.profiler chrome trace (CPU ops of every thread, CUDA kernels) of 4 packs of the "
-        "embed run, from its 30th pack, to this file (one per set and decoder, as --json; .json.gz compresses): "
+        "embed run, from pack --trace-from on, to this file (one per set and decoder, as --json; .json.gz compresses): "
         "what the host does while the device waits. Slows those packs: the JSON says traced",
     )
     ap.add_argument(
@@ -310,6 +310,13 @@ def parse() -> argparse.Namespace:
         help=f"A/B: images per DataLoader item and work unit (job.DECODE_CHUNK, default {job.DECODE_CHUNK})",
     )
     ap.add_argument("--trace-stack", action="store_true", help="--trace with Python's calls (slower still)")
+    ap.add_argument(
+        "--trace-from",
+        type=int,
+        default=TRACE_FROM,
+        help=f"--trace: the pack the trace starts at (default {TRACE_FROM}, before the timed interval with 15 "
+        "workers; past the first timed pack, the traced packs slow the timed run)",
+    )
     ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--save", default="cls,mean")
@@ -324,6 +331,8 @@ def parse() -> argparse.Namespace:
     args.decodes = args.decode.split(",")
     if not set(args.sets) <= set(SETS):
         ap.error(f"--set: expected a comma-separated subset of {list(SETS)}, got {args.set!r}")
+    if args.trace_from < 0:
+        ap.error(f"--trace-from: expected a pack index >= 0, got {args.trace_from}")
     if args.decode_chunk is not None and args.decode_chunk < 1:
         ap.error(f"--decode-chunk: expected an int >= 1, got {args.decode_chunk}")
     if args.switch_interval is not None and not args.switch_interval > 0:
@@ -400,7 +409,7 @@ def run_one(
 
         # embed end to end, its packs recorded
         profiler = cProfile.Profile() if profile_path else None
-        with PackRecorder(trace_path, TRACE_FROM, args.trace_stack) as rec, profiler or contextlib.nullcontext():
+        with PackRecorder(trace_path, args.trace_from, args.trace_stack) as rec, profiler or contextlib.nullcontext():
             summary = embed(
                 src,
                 Path(tmp) / "features",
@@ -482,7 +491,7 @@ def run_one(
         }
         traced = rec.traced
         if trace_path is not None and not traced:
-            print(f"no trace: the run had {len(rec.grids)} packs, the trace starts at pack {TRACE_FROM}")
+            print(f"no trace: the run had {len(rec.grids)} packs, the trace starts at pack {args.trace_from}")
         if rec.gaps is not None:
             g = rec.gaps
             print(
