@@ -10,7 +10,8 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              gradients against sdpa in fp32 (max relative difference).
     train    ViT-L mixed-64 training step, compiled: today's path (attn_backend="varlen", the MLP unfused, as
              before the issue) and the new one ("auto", which takes fa4, and the fused MLP with its backward)
-             interleaved round by round, the new one also with each recompute policy; images/s, MFU (3x
+             interleaved round by round, the new one also with RoPE outside the fa4 op (`rope-outside`) and
+             with each recompute policy; images/s, MFU (3x
              forward FLOPs over the measured bf16 matmul peak), memory (`step_mem_gib`: the step's peak above
              what was resident before it, i.e. above every loaded model's weights and this model's gradients
              of the previous step: activations and workspace; also per token), Hugging Face's
@@ -21,7 +22,8 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              first 16 images of mixed-64 (an fp32 step on all 64 may not fit), eval mode (no RoPE
              augmentation, autograd still on): cosine of all gradients flattened and the lowest
              per-parameter cosine (target >= 0.99).
-    infer    inference, 4 x 2048 px, compiled: "auto" (fa4 past FA4_INFERENCE_MIN_SEQLEN) vs "triton".
+    infer    inference, 4 x 2048 px, compiled: "auto" (fa4 past FA4_INFERENCE_MIN_SEQLEN) vs "triton", and
+             "auto" with RoPE outside the fa4 op (`fused_rope=False`).
 A part that fails writes an `error` row with its traceback and the next part runs.
 """
 
@@ -49,6 +51,7 @@ from dinov3_packing.parallel.recompute import apply_recompute
 from dinov3_packing.weights.load import reference_model
 
 TODAY, NEW = "today: varlen, MLP unfused", "new: auto (fa4), fused MLP"
+ROPE_OUTSIDE = "new, RoPE outside the fa4 op (fused_rope=False)"
 PARTS = ("grads", "infer", "kernels", "train")  # the short parts first: train compiles four models (~6 min)
 PREFIX = 5  # CLS + 4 registers
 
@@ -146,6 +149,7 @@ KERNEL_CLASSES = (
     ("attention triton", r"_varlen_fwd_kernel|_attn_fwd"),
     ("attention other (sdpa, mem-efficient)", r"fmha|efficient_attention"),
     ("fused up-proj+GELU", r"linear_gelu"),
+    ("RoPE kernel (ops/triton/rope.py)", r"_rope_kernel"),
     ("GEMM (cuBLAS/CUTLASS)", r"gemm|nvjet|sm90_xmma|cutlass|cublas|Kernel2|splitK"),
     ("inductor fused (norms, RoPE, GELU, adds)", r"^triton_"),
     ("copies, fills, reductions", r"elementwise|reduce|copy|fill|memcpy|memset|cat|index"),
@@ -183,9 +187,11 @@ def profile_step(fn, dev) -> tuple[dict, list, dict]:
     return dict(by_class), [(n[:120], ms) for n, ms in top], gaps
 
 
-SYSTEMS = ("today", "new", "attention", "mlp", "autotune", "hf", "profile")
-"""`--systems` of the train part: today's path, the new one, the new one with each recompute policy, the new
-one under max-autotune-no-cudagraphs, the Hugging Face loop, the profile of today's and the new step."""
+SYSTEMS = ("today", "new", "rope-outside", "attention", "mlp", "autotune", "hf", "profile")
+"""`--systems` of the train part: today's path, the new one, the new one with RoPE outside the fa4 op
+(`fused_rope=False`, as before ops/triton/rope.py), the new one with each recompute policy, the new one under
+max-autotune-no-cudagraphs, the Hugging Face loop, the profile of today's and the new step (and of
+rope-outside's when it runs)."""
 DEFAULT_SYSTEMS = ("today", "new", "attention", "mlp", "hf", "profile")
 
 
@@ -198,6 +204,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
     every = {  # key: (name, attn_backend, fused_mlp, recompute policy, compile mode)
         "today": (TODAY, "varlen", False, None, None),
         "new": (NEW, "auto", None, None, None),
+        "rope-outside": (ROPE_OUTSIDE, "auto", None, None, None),
         "attention": ("new + recompute attention", "auto", None, "attention", None),
         "mlp": ("new + recompute mlp", "auto", None, "mlp", None),
         # inductor's Triton GEMM templates, whose epilogues can take the GELU backward (slow compile)
@@ -210,6 +217,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
     models = {}
     for name, (backend, fused, policy) in systems.items():
         model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend, fused_mlp=fused)
+        model.fused_rope = name != ROPE_OUTSIDE
         models[name] = compile_model(apply_recompute(model.train(), policy), mode=modes[name])
     flops = 3 * forward_flops(next(iter(models.values())), grid)
 
@@ -266,7 +274,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                     }
                 ],
             )
-    for name in [n for n in (TODAY, NEW) if n in models and "profile" in systems_asked]:
+    for name in [n for n in (TODAY, NEW, ROPE_OUTSIDE) if n in models and "profile" in systems_asked]:
         by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev)
         total = sum(by_class.values())
         write_rows(
@@ -311,8 +319,11 @@ def infer(out: str | None) -> None:
     hs, grid = pack([torch.randn(3, 2048, 2048, generator=g) for _ in range(4)], 16)
     hs = hs.to(dev, torch.bfloat16)
     models = {}
-    for backend in ("auto", "triton"):  # compiled once each, then timed in interleaved rounds
-        models[backend] = compile_model(load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend))
+    # compiled once each, then timed in interleaved rounds; "auto, rope outside": fused_rope=False
+    for name in ("auto", "triton", "auto, rope outside"):
+        model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=name.split(",")[0])
+        model.fused_rope = name == "auto"
+        models[name] = compile_model(model)
     for r in range(3):
         for backend, model in models.items():
             with torch.no_grad():
@@ -325,6 +336,7 @@ def infer(out: str | None) -> None:
                         "part": "infer",
                         "round": r,
                         "attn_backend": backend,
+                        "fused_rope": model.fused_rope,
                         "runs": chosen,
                         "images_per_s": 4 / stats["median_s"],
                         "forward_ms": stats["median_s"] * 1e3,

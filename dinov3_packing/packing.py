@@ -273,6 +273,8 @@ class PackedBatch:
             sign; prefix rows have cos = 1, sin = 0.
         attention: the concrete attention kernel (`ops.resolve_attention`).
         fused_mlp: whether the MLPs run the fused up-projection + GELU kernel (`ops.fused_mlp_runs`).
+        fused_rope: whether attention kernels with RoPE inside their op ("fa4") rotate q and k there
+            (`DINOv3ViTPackingModel.fused_rope`); the others always rotate first.
         dropout: attention dropout for this forward (0 outside training).
         inference: autograd does not record this forward (blocks may use cached fused weights).
         chunks: when not empty, the block stack runs over each of these groups of whole segments in turn
@@ -284,6 +286,7 @@ class PackedBatch:
     sin: torch.Tensor
     attention: str
     fused_mlp: bool = False
+    fused_rope: bool = True
     dropout: float = 0.0
     inference: bool = True
     chunks: tuple[PackedChunk, ...] = ()

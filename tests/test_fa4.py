@@ -77,9 +77,12 @@ def _flash_attn_bwd(
     num_stages_Q=2, num_stages_dO=2, SdP_swapAB=False, dKV_swapAB=False, dQ_swapAB=False,
     AtomLayoutMSdP=2, AtomLayoutNdKV=2, AtomLayoutMdQ=2, V_in_regs=False, cu_seqlens_q=None,
     cu_seqlens_k=None, seqused_q=None, seqused_k=None, max_seqlen_q=None, max_seqlen_k=None,
+    deterministic=False, dq=None, dk=None, dv=None,
 ):
     assert not causal and lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
-    CALLS.append("backward")
+    outs = (dq, dk, dv)
+    assert all(t is None for t in outs) or all(t is not None and t.shape == q.shape for t in outs)
+    CALLS.append("backward" if dq is None else "backward into given tensors")
     # The attention backward from the saved output and log-sum-exp, as the real kernel computes it (this
     # runs below autograd, inside the wrapper's backward op).
     grads = []
@@ -90,7 +93,12 @@ def _flash_attn_bwd(
         dp = dos @ vs.transpose(-1, -2)
         ds = p * (dp - (dos * os).sum(-1, keepdim=True))
         grads.append([ds @ ks * softmax_scale, ds.transpose(-1, -2) @ qs * softmax_scale, p.transpose(-1, -2) @ dos])
-    return tuple(torch.cat([g[i] for g in grads], dim=1).transpose(0, 1) for i in range(3))
+    got = tuple(torch.cat([g[i] for g in grads], dim=1).transpose(0, 1) for i in range(3))
+    if dq is None:
+        return got
+    for given, g in zip(outs, got):
+        given.copy_(g)
+    return outs
 """
 
 
@@ -200,10 +208,11 @@ def test_model_passes_the_longest_segment_to_resolution(monkeypatch):
 
 
 def test_ops_are_registered_with_autograd_and_fake():
-    for name in ("fa4_varlen", "fa4_varlen_backward"):
+    for name in ("fa4_varlen", "fa4_varlen_backward", "fa4_rope_varlen", "fa4_rope_varlen_backward"):
         assert hasattr(torch.ops.dinov3_packing, name)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dinov3_packing::{name}", "Meta")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("dinov3_packing::fa4_varlen", "Autograd")
+    for name in ("fa4_varlen", "fa4_rope_varlen"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dinov3_packing::{name}", "Autograd")
 
 
 def test_fake_gives_the_kernels_shapes():
@@ -215,6 +224,11 @@ def test_fake_gives_the_kernels_shapes():
         assert lse.shape == (16, 300) and lse.dtype == torch.float32
         grads = torch.ops.dinov3_packing.fa4_varlen_backward(out, q, k, v, out, lse, cu, 201)
         assert [g.shape for g in grads] == [q.shape] * 3
+        qkv, cos = torch.empty(300, 3, 16, 64, dtype=BF16), torch.empty(300, 64, dtype=BF16)
+        out, lse, qk = torch.ops.dinov3_packing.fa4_rope_varlen(qkv, cos, cos, cu, 201)
+        assert out.shape == (300, 16, 64) and lse.shape == (16, 300) and qk.shape == (300, 2, 16, 64)
+        dqkv = torch.ops.dinov3_packing.fa4_rope_varlen_backward(out, qkv, qk, out, lse, cos, cos, cu, 201)
+        assert dqkv.shape == qkv.shape and dqkv.dtype == BF16
 
 
 def _qkv(layout, heads=4, head_dim=8, seed=0):
@@ -236,20 +250,84 @@ def test_forward_and_backward_match_sdpa(stand_in):
         assert_close(got, want)
 
 
+def _rope_tables(layout, head_dim=8, seed=3):
+    """Tables of RoPE's shape and sign convention: cos and sin of angles whose halves repeat, sin signed
+    `cat(-sin_1, sin_2)`, the prefix-free rows of a real model (any angles test the rotation)."""
+    g = torch.Generator().manual_seed(seed)
+    angles = torch.rand(layout.num_tokens, head_dim // 2, generator=g).mul(6.3).repeat(1, 2)
+    sin = angles.sin()
+    return angles.cos(), torch.cat([-sin[:, : head_dim // 2], sin[:, head_dim // 2 :]], dim=1)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_rope_op_equals_rope_then_attention(stand_in, monkeypatch, direct):
+    """`fa4_rope_attention` (RoPE inside the op, its inverse inside the backward) gives the output and the
+    fused q/k/v gradient of `apply_rope` then the unfused fa4 op under autograd (the same kernel, so what is
+    compared is the rotation and the assembly of the gradient), whether the backward kernel writes into the
+    gradient's planes (`DIRECT_GRADS`) or allocates its own."""
+    from dinov3_packing.ops import fa4
+    from dinov3_packing.ops.attention import apply_rope
+    from dinov3_packing.ops.fa4 import fa4_rope_attention
+
+    monkeypatch.setattr(fa4, "DIRECT_GRADS", direct)
+    layout = PackedLayout.build([(1, 2, 3), (2, 1, 1), (1, 4, 4)], 5, "cpu")
+    cos, sin = _rope_tables(layout)
+    g = torch.Generator().manual_seed(4)
+    qkv0 = torch.randn(layout.num_tokens, 3, 4, 8, generator=g) * 3
+    grad_out = torch.randn(layout.num_tokens, 4, 8, generator=g)
+    results = {}
+    for name in ("fused", "unfused"):
+        qkv = qkv0.clone().requires_grad_(True)
+        if name == "fused":
+            out = fa4_rope_attention(qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen)
+        else:
+            qk = apply_rope(qkv[:, :2], cos, sin)
+            out = packed_attention(qk[:, 0], qk[:, 1], qkv[:, 2], layout, "fa4")
+        out.backward(grad_out)
+        results[name] = (out.detach(), qkv.grad)
+    assert stand_in == ["forward", "backward into given tensors" if direct else "backward", "forward", "backward"]
+    for got, want in zip(results["fused"], results["unfused"], strict=True):
+        assert_close(got, want)
+    # The gradient is not trivially equal: v's plane, q's and k's all carry attention's gradient.
+    assert all(results["fused"][1][:, p].abs().max() > 1e-3 for p in range(3))
+
+
+def test_rope_op_refuses_gradients_for_the_tables(stand_in):
+    from dinov3_packing.ops.fa4 import fa4_rope_attention
+
+    layout = PackedLayout.build([(1, 2, 3)], 5, "cpu")
+    cos, sin = _rope_tables(layout)
+    qkv = torch.randn(layout.num_tokens, 3, 4, 8, requires_grad=True)
+    out = fa4_rope_attention(qkv, cos, sin.requires_grad_(True), layout.cu_seqlens, layout.max_seqlen)
+    with pytest.raises(RuntimeError, match="no gradient for the RoPE tables"):
+        out.sum().backward()
+
+
+def test_opcheck_rope_op(stand_in):
+    layout = PackedLayout.build([(1, 2, 3), (1, 3, 3)], 5, "cpu")
+    cos, sin = _rope_tables(layout)
+    qkv = torch.randn(layout.num_tokens, 3, 4, 8, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.dinov3_packing.fa4_rope_varlen.default, (qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen)
+    )
+
+
 def test_opcheck(stand_in):
     layout = PackedLayout.build([(1, 2, 3), (1, 3, 3)], 5, "cpu")
     q, k, v = _qkv(layout)
     torch.library.opcheck(torch.ops.dinov3_packing.fa4_varlen.default, (q, k, v, layout.cu_seqlens, layout.max_seqlen))
 
 
-def test_model_gradients_through_fa4_match_sdpa(stand_in):
-    """A whole model's training step with every block's attention on the fa4 op equals the sdpa one. No RoPE
-    augmentation (it draws from the global RNG), and q, k scaled up so attention is far from uniform and
-    its gradient matters."""
+@pytest.mark.parametrize("fused_rope", [True, False])
+def test_model_gradients_through_fa4_match_sdpa(stand_in, fused_rope):
+    """A whole model's training step with every block's attention on the fa4 op equals the sdpa one, with
+    RoPE inside the op (`fused_rope`, the default) and outside it. No RoPE augmentation (it draws from the
+    global RNG), and q, k scaled up so attention is far from uniform and its gradient matters."""
     hidden_states, grid = pack(random_images([(2, 3), (1, 1), (2, 2, 1), (3, 3)], 16, seed=2), 16)
     grads = {}
     for backend in ("fa4", "sdpa"):
         model = random_packing_model(tiny_config(pos_embed_rescale=None), seed=0).train()
+        model.fused_rope = fused_rope
         with torch.no_grad():
             for layer in model.model.layer:
                 layer.attention.q_proj.weight.mul_(10)
@@ -258,16 +336,22 @@ def test_model_gradients_through_fa4_match_sdpa(stand_in):
         out = model(hidden_states, grid)
         (out.last_hidden_state.pow(2).sum() + out.pooler_output.sum()).backward()
         grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert stand_in.count("backward") == model.config.num_hidden_layers
+    calls = "backward into given tensors" if fused_rope else "backward"
+    assert stand_in.count(calls) == len(stand_in) - stand_in.count("forward") == model.config.num_hidden_layers
     assert grads["fa4"].keys() == grads["sdpa"].keys() and len(grads["sdpa"]) > 20
     for name, want in grads["sdpa"].items():
         assert_close(grads["fa4"][name], want)
 
 
-def test_compiles_to_one_opaque_call_without_recompiling():
-    """Under FakeTensorMode (no kernel runs, no package needed): the forward graph holds the fa4 op once and
-    nothing of the kernel, the backward graph the backward op once, and packs of other sizes and longest
-    segments compile nothing after the second (which makes max_seqlen symbolic)."""
+@pytest.mark.parametrize("rope", [False, True], ids=["fa4_varlen", "fa4_rope_varlen"])
+def test_compiles_to_one_opaque_call_without_recompiling(rope):
+    """Under FakeTensorMode (no kernel runs, no package needed): the forward graph holds the fa4 op (or the
+    op with RoPE inside) once and nothing of the kernel, the backward graph its backward op once, and packs
+    of other sizes and longest segments compile nothing after the second (which makes max_seqlen
+    symbolic)."""
+    from dinov3_packing.ops.fa4 import fa4_rope_attention
+
+    torch._dynamo.reset()  # Dynamo remembers which arguments turned dynamic per code object, `step`'s included
     graphs = {"dynamo": [], "forward": [], "backward": []}
 
     def keep(kind):
@@ -282,6 +366,9 @@ def test_compiles_to_one_opaque_call_without_recompiling():
         return aot_module_simplified(gm, example_inputs, fw_compiler=keep("forward"), bw_compiler=keep("backward"))
 
     def step(q, k, v, cu, n):
+        if rope:  # q, k, v stand for the fused projection's planes and the two RoPE tables here
+            qkv = torch.stack([q, k, v], dim=1)
+            return fa4_rope_attention(qkv, q[:, 0].detach(), k[:, 0].detach(), cu, n).sum()
         return fa4_varlen_attention(q, k, v, cu, n).sum()
 
     fn = torch.compile(step, backend=backend, fullgraph=True)
@@ -301,5 +388,54 @@ def test_compiles_to_one_opaque_call_without_recompiling():
     def calls(gm):
         return [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "dinov3_packing" in str(n.target)]
 
-    assert calls(graphs["forward"][-1]) == ["dinov3_packing.fa4_varlen.default"]
-    assert calls(graphs["backward"][-1]) == ["dinov3_packing.fa4_varlen_backward.default"]
+    op = "fa4_rope_varlen" if rope else "fa4_varlen"
+    assert calls(graphs["forward"][-1]) == [f"dinov3_packing.{op}.default"]
+    assert calls(graphs["backward"][-1]) == [f"dinov3_packing.{op}_backward.default"]
+
+
+def _real_fa4_on_hopper() -> bool:
+    return (
+        torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0) and attention._fa4_missing() is None
+    )
+
+
+@pytest.mark.skipif(not _real_fa4_on_hopper(), reason="GPU check: needs flash-attn-4 on an SM90+ GPU (the device)")
+@pytest.mark.parametrize("direct", [True, False])
+def test_gpu_rope_op_matches_the_unfused_path(monkeypatch, direct):
+    """The real kernels, bf16, ViT-L heads, mixed segment lengths: the fused op's output and q/k/v gradient
+    against RoPE + the unfused op, both measured against the fp32 "sdpa" path of the same inputs. The fused
+    path may differ from the unfused one by the rounding of the rotation (fp32, rounded once in both, FMA
+    contraction aside), so each of its errors against fp32 must stay within 1.05x the unfused path's plus
+    1e-4 of the reference's scale, and the two bf16 results must agree to a row cosine of 0.9999."""
+    from dinov3_packing.ops import fa4
+    from dinov3_packing.ops.attention import apply_rope
+    from dinov3_packing.ops.fa4 import fa4_rope_attention
+
+    monkeypatch.setattr(fa4, "DIRECT_GRADS", direct)
+    layout = PackedLayout.build([(1, 14, 14), (1, 32, 20), (1, 7, 9), (1, 48, 48)], 5, CUDA)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    n, heads, d = layout.num_tokens, 16, 64
+    angles = torch.rand(n, d // 2, generator=g, device=CUDA).mul(6.3).repeat(1, 2)
+    sin = angles.sin()
+    cos32, sin32 = angles.cos(), torch.cat([-sin[:, : d // 2], sin[:, d // 2 :]], dim=1)
+    qkv0 = torch.randn(n, 3, heads, d, generator=g, device=CUDA) * 2
+    grad_out = torch.randn(n, heads, d, generator=g, device=CUDA)
+    results = {}
+    for name, dtype in (("fused", BF16), ("unfused", BF16), ("fp32", torch.float32)):
+        qkv = qkv0.to(dtype).requires_grad_(True)
+        cos, sin = cos32.to(dtype), sin32.to(dtype)
+        if name == "fused":
+            out = fa4_rope_attention(qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen)
+        else:
+            qk = apply_rope(qkv[:, :2], cos, sin)
+            out = packed_attention(qk[:, 0], qk[:, 1], qkv[:, 2], layout, "fa4" if dtype == BF16 else "sdpa")
+        out.backward(grad_out.to(dtype))
+        results[name] = [out.detach().float(), qkv.grad.float()]
+    ref = results["fp32"]
+    for i, what in enumerate(("output", "q/k/v gradient")):
+        fused, unfused = results["fused"][i], results["unfused"][i]
+        scale = ref[i].abs().max()
+        err_fused, err_unfused = ((t - ref[i]).abs().max().item() for t in (fused, unfused))
+        assert err_fused <= 1.05 * err_unfused + 1e-4 * scale, (what, err_fused, err_unfused)
+        rows = torch.nn.functional.cosine_similarity(fused.flatten(0, -2), unfused.flatten(0, -2), dim=-1)
+        assert rows.min().item() >= 0.9999, (what, rows.min().item())

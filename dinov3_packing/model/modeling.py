@@ -61,6 +61,11 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             (e.g. a LoRA adapter) runs its module instead, so nothing attached to it is bypassed. True on a
             gated MLP or another activation raises ValueError. Settable after construction (validated the
             same way).
+        fused_rope: with the "fa4" kernel, rotate q and k inside its op (one Triton pass) and, in training,
+            have its backward write the fused q/k/v gradient and un-rotate it in place (`ops/fa4.py`); the
+            other kernels always take q and k rotated by an elementwise op. Default True; False keeps RoPE
+            outside the op (what torch.compile fuses on its own), for comparison. Settable after
+            construction.
 
     Attributes:
         cpu_chunk_tokens: on the CPU, without autograd and in eval mode, the blocks run over consecutive whole
@@ -77,16 +82,34 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
     recompute_policy: str | None = None
     _can_record_outputs: dict = {}  # noqa: RUF012 - overrides the parent's output-capturing hooks with none
 
-    def __init__(self, config: DINOv3ViTConfig, attn_backend: str = "auto", fused_mlp: bool | None = None):
+    def __init__(
+        self,
+        config: DINOv3ViTConfig,
+        attn_backend: str = "auto",
+        fused_mlp: bool | None = None,
+        fused_rope: bool = True,
+    ):
         super().__init__(config)
         self.attn_backend = check_attention_backend(attn_backend)
         self.fused_mlp = fused_mlp  # validated by the property below
+        self.fused_rope = fused_rope
         self.cpu_chunk_tokens = CPU_CHUNK_TOKENS
         self.embeddings = DINOv3ViTPackedEmbeddings(config)
         self.rope_embeddings = DINOv3ViTPackedRopeEmbedding(config)
         self.model = DINOv3ViTPackedEncoder(config)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
+
+    @property
+    def fused_rope(self) -> bool:
+        """With the "fa4" kernel, RoPE runs inside its op (forward and backward)."""
+        return self._fused_rope
+
+    @fused_rope.setter
+    def fused_rope(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"fused_rope: expected a bool, got {type(value).__name__}")
+        self._fused_rope = value
 
     @property
     def fused_mlp(self) -> bool:
@@ -143,6 +166,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             sin=sin,
             attention=self.resolved_attn_backend(inference=inference, max_seqlen=layout.max_seqlen),
             fused_mlp=fused_mlp_runs(self.fused_mlp, device, dtype),
+            fused_rope=self.fused_rope,
             dropout=self.config.attention_dropout if self.training else 0.0,
             inference=inference,
         )

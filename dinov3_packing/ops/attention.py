@@ -92,6 +92,12 @@ def _run_fa4(q, k, v, layout: PackedLayout, dropout_p: float) -> torch.Tensor:
     return fa4_varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen)
 
 
+def _run_fa4_qkv(qkv, cos, sin, layout: PackedLayout, dropout_p: float) -> torch.Tensor:
+    from .fa4 import fa4_rope_attention
+
+    return fa4_rope_attention(qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen)
+
+
 def _run_triton(q, k, v, layout: PackedLayout, dropout_p: float) -> torch.Tensor:
     from .triton.varlen_attention import triton_varlen_attention
 
@@ -122,6 +128,9 @@ class Backend:
         min_capability: the lowest CUDA compute capability it runs on (None: any).
         inference_min_seqlen: "auto" takes it for a forward without autograd only when the pack's longest
             segment has at least this many tokens (training takes it whatever the lengths).
+        run_qkv: `(qkv, cos, sin, layout, dropout_p) -> out`, the kernel with RoPE inside (`qkv [tokens, 3,
+            heads, head_dim]`, the RoPE tables), which `attend` calls instead of RoPE + `run` when the batch
+            allows it (`PackedBatch.fused_rope`); None: the kernel takes rotated q and k only.
     """
 
     name: str
@@ -134,6 +143,7 @@ class Backend:
     head_dims: str = "any head_dim"
     min_capability: tuple[int, int] | None = None
     inference_min_seqlen: int = 0
+    run_qkv: Callable[..., torch.Tensor] | None = None
 
 
 # FlashAttention-4's forward against this package's Triton kernel, ViT-L heads, bf16, on the H200
@@ -159,6 +169,7 @@ _REGISTRY: dict[str, Backend] = {
             "a head_dim that is a multiple of 8 in 8..256",
             min_capability=(9, 0),
             inference_min_seqlen=FA4_INFERENCE_MIN_SEQLEN,
+            run_qkv=_run_fa4_qkv,
         ),
         Backend("varlen", _run_varlen, True, True, False, _missing("torch.nn.attention.varlen", "PyTorch >= 2.10")),
         # flash-attn-4 installs `flash_attn.cute` into the same `flash_attn` namespace: look for FA2's own module.
@@ -272,7 +283,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attend(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """RoPE on q and k (rows with cos = 1, sin = 0 stay unrotated), then attention per segment.
+    """RoPE on q and k (rows with cos = 1, sin = 0 stay unrotated), then attention per segment: inside the
+    kernel's op where it has one (`Backend.run_qkv`, "fa4") and `batch.fused_rope` is set, else as below.
 
     Args:
         qkv: `[num_tokens, 3, heads, head_dim]`, the fused projection's output.
@@ -284,6 +296,9 @@ def attend(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     RoPE is one elementwise pass over q and k (fused by torch.compile); rotating inside the Triton kernel
     was measured slower on the H100 (benchmarks/results/RESULTS.md).
     """
+    run_qkv = _REGISTRY[batch.attention].run_qkv if batch.fused_rope else None
+    if run_qkv is not None:
+        return run_qkv(qkv, batch.cos, batch.sin, batch.layout, batch.dropout).flatten(1)
     qk = apply_rope(qkv[:, :2], batch.cos, batch.sin)
     out = packed_attention(qk[:, 0], qk[:, 1], qkv[:, 2], batch.layout, batch.attention, batch.dropout)
     return out.flatten(1)

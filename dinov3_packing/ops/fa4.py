@@ -8,21 +8,31 @@ Dynamo cannot trace), and the fake implementations give shapes from q, k and v a
 image sizes changes only tensor sizes and `max_seqlen`, both symbolic after warm-up, so it does not
 recompile. The flash-attn-4 package is imported at the first real call only; registering the ops needs
 torch alone.
+
+`fa4_rope_attention(qkv, cos, sin, cu_seqlens, max_seqlen)` is the same attention taking the fused q/k/v
+projection and the RoPE tables (ops `dinov3_packing::fa4_rope_varlen` and its backward): it rotates q and k
+with one Triton pass (`ops/triton/rope.py`) before the forward kernel, and in the backward has the kernel
+write dq, dk and dv straight into the planes of one `[tokens, 3, heads, head_dim]` gradient and un-rotates
+the q and k planes in place. Without it, torch.compile builds that gradient from three tensors in an
+elementwise kernel of its own, which on the H200 cost 15.7 ms of a 295 ms ViT-L training step
+(benchmarks/results/RESULTS.md). `DIRECT_GRADS = False` lets the kernel allocate its gradients instead (one
+more copy of dv and a read of dq and dk), for a flash-attn-4 release that refuses strided outputs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .triton.rope import rope_planes
+
+DIRECT_GRADS = True
+
 
 def _scale(q: torch.Tensor) -> float:
     return q.shape[-1] ** -0.5
 
 
-@torch.library.custom_op("dinov3_packing::fa4_varlen", mutates_args=())
-def _fa4_varlen(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, cu_seqlens, max_seqlen):
     from flash_attn.cute import flash_attn_varlen_func
 
     # The package's own autograd Function must not record here: the op's registered backward replaces it.
@@ -42,6 +52,34 @@ def _fa4_varlen(
     return out, lse
 
 
+def _backward_kernel(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, **grads):
+    """flash-attn-4's varlen backward; `grads`: dq, dk, dv tensors for it to write into (else it allocates)."""
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    return _flash_attn_bwd(
+        q,
+        k,
+        v,
+        out,
+        grad_out,
+        lse,
+        softmax_scale=_scale(q),
+        causal=False,
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
+        **grads,
+    )
+
+
+@torch.library.custom_op("dinov3_packing::fa4_varlen", mutates_args=())
+def _fa4_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, cu_seqlens, max_seqlen)
+
+
 @_fa4_varlen.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen):
     # flash-attn-4's varlen log-sum-exp is fp32 [heads, total_q] (flash_attn_varlen_func's docstring).
@@ -59,22 +97,7 @@ def _fa4_varlen_backward(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from flash_attn.cute.interface import _flash_attn_bwd
-
-    dq, dk, dv = _flash_attn_bwd(
-        q,
-        k,
-        v,
-        out,
-        grad_out,
-        lse,
-        softmax_scale=_scale(q),
-        causal=False,
-        cu_seqlens_q=cu_seqlens,
-        cu_seqlens_k=cu_seqlens,
-        max_seqlen_q=max_seqlen,
-        max_seqlen_k=max_seqlen,
-    )
+    dq, dk, dv = _backward_kernel(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen)
     return dq, dk, dv
 
 
@@ -114,3 +137,91 @@ def fa4_varlen_attention(
         `[num_tokens, heads, head_dim]`.
     """
     return torch.ops.dinov3_packing.fa4_varlen(q, k, v, cu_seqlens, max_seqlen)[0]
+
+
+@torch.library.custom_op("dinov3_packing::fa4_rope_varlen", mutates_args=())
+def _fa4_rope_varlen(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tokens, _, heads, head_dim = qkv.shape
+    qk = qkv.new_empty((tokens, 2, heads, head_dim))
+    rope_planes(qkv[:, :2], qk, cos, sin)
+    out, lse = _forward(qk[:, 0], qk[:, 1], qkv[:, 2], cu_seqlens, max_seqlen)
+    return out, lse, qk
+
+
+@_fa4_rope_varlen.register_fake
+def _(qkv, cos, sin, cu_seqlens, max_seqlen):
+    tokens, _, heads, head_dim = qkv.shape
+    return (
+        qkv.new_empty((tokens, heads, head_dim)),
+        qkv.new_empty((heads, tokens), dtype=torch.float32),
+        qkv.new_empty((tokens, 2, heads, head_dim)),
+    )
+
+
+@torch.library.custom_op("dinov3_packing::fa4_rope_varlen_backward", mutates_args=())
+def _fa4_rope_varlen_backward(
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    qk: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+) -> torch.Tensor:
+    dqkv = qkv.new_empty(qkv.shape)
+    q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
+    if DIRECT_GRADS:
+        _backward_kernel(
+            grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, dq=dqkv[:, 0], dk=dqkv[:, 1], dv=dqkv[:, 2]
+        )
+        rope_planes(dqkv[:, :2], dqkv[:, :2], cos, sin, inverse=True)
+    else:
+        dq, dk, dv = _backward_kernel(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen)
+        rope_planes(dq.unsqueeze(1), dqkv[:, :1], cos, sin, inverse=True)
+        rope_planes(dk.unsqueeze(1), dqkv[:, 1:2], cos, sin, inverse=True)
+        dqkv[:, 2].copy_(dv)
+    return dqkv
+
+
+@_fa4_rope_varlen_backward.register_fake
+def _(grad_out, qkv, qk, out, lse, cos, sin, cu_seqlens, max_seqlen):
+    return qkv.new_empty(qkv.shape)
+
+
+def _rope_setup_context(ctx, inputs, output):
+    qkv, cos, sin, cu_seqlens, max_seqlen = inputs
+    out, lse, qk = output
+    ctx.save_for_backward(qkv, qk, out, lse, cos, sin, cu_seqlens)
+    ctx.max_seqlen = max_seqlen
+
+
+def _rope_backward(ctx, grad_out, grad_lse, grad_qk):
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        raise RuntimeError("dinov3_packing::fa4_rope_varlen has no gradient for the RoPE tables (cos, sin)")
+    qkv, qk, out, lse, cos, sin, cu_seqlens = ctx.saved_tensors
+    # lse and the rotated q/k are outputs for the backward's sake: nothing else reads them.
+    dqkv = _fa4_rope_varlen_backward(grad_out.contiguous(), qkv, qk, out, lse, cos, sin, cu_seqlens, ctx.max_seqlen)
+    return dqkv, None, None, None, None
+
+
+_fa4_rope_varlen.register_autograd(_rope_backward, setup_context=_rope_setup_context)
+
+
+def fa4_rope_attention(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+) -> torch.Tensor:
+    """RoPE on q and k (`ops.attention.apply_rope`'s formula and tables), then `fa4_varlen_attention`.
+
+    Args:
+        qkv: `[num_tokens, 3, heads, head_dim]` (the fused projection; unit stride in head_dim).
+        cos, sin: `[num_tokens, head_dim]` RoPE tables (`PackedBatch.cos`, `.sin`), without gradients.
+        cu_seqlens, max_seqlen: as for `fa4_varlen_attention`.
+
+    Returns:
+        `[num_tokens, heads, head_dim]`.
+    """
+    return torch.ops.dinov3_packing.fa4_rope_varlen(qkv, cos, sin, cu_seqlens, max_seqlen)[0]
