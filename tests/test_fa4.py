@@ -405,8 +405,11 @@ def test_gpu_rope_op_matches_the_unfused_path(monkeypatch, direct):
     """The real kernels, bf16, ViT-L heads, mixed segment lengths: the fused op's output and q/k/v gradient
     against RoPE + the unfused op, both measured against the fp32 "sdpa" path of the same inputs. The fused
     path may differ from the unfused one by the rounding of the rotation (fp32, rounded once in both, FMA
-    contraction aside), so each of its errors against fp32 must stay within 1.05x the unfused path's plus
-    1e-4 of the reference's scale, and the two bf16 results must agree to a row cosine of 0.9999."""
+    contraction aside), so against fp32 its largest error must stay within 1.05x the unfused path's plus 1e-4
+    of the reference's scale, and its lowest row cosine's distance from 1 within 1.05x the unfused path's
+    plus 1e-5. (The two bf16 paths are not compared with each other: with q and k this large, one ulp of a
+    rotated q moves a sharp softmax row; on the H200 their outputs' lowest row cosine was 0.9983 while both
+    were as close to fp32 as each other.)"""
     from dinov3_packing.ops import fa4
     from dinov3_packing.ops.attention import apply_rope
     from dinov3_packing.ops.fa4 import fa4_rope_attention
@@ -436,6 +439,10 @@ def test_gpu_rope_op_matches_the_unfused_path(monkeypatch, direct):
         fused, unfused = results["fused"][i], results["unfused"][i]
         scale = ref[i].abs().max()
         err_fused, err_unfused = ((t - ref[i]).abs().max().item() for t in (fused, unfused))
+        cos_fused, cos_unfused = (
+            torch.nn.functional.cosine_similarity(t.flatten(0, -2), ref[i].flatten(0, -2), dim=-1).min().item()
+            for t in (fused, unfused)
+        )
+        print(what, "max error vs fp32", err_fused, err_unfused, "min row cosine vs fp32", cos_fused, cos_unfused)
         assert err_fused <= 1.05 * err_unfused + 1e-4 * scale, (what, err_fused, err_unfused)
-        rows = torch.nn.functional.cosine_similarity(fused.flatten(0, -2), unfused.flatten(0, -2), dim=-1)
-        assert rows.min().item() >= 0.9999, (what, rows.min().item())
+        assert 1 - cos_fused <= 1.05 * (1 - cos_unfused) + 1e-5, (what, cos_fused, cos_unfused)
