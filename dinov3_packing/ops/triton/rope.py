@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from ..attention import apply_rope, swap_halves
+
 try:
     import triton
     import triton.language as tl
@@ -36,17 +38,14 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 BLOCK_T = 32
 
 
-def _swap_halves(x: torch.Tensor) -> torch.Tensor:
-    return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
-
-
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """`rope_planes`' result with torch ops (a new tensor), for `x [tokens, ..., head_dim]` and tables
-    `[tokens, head_dim]`: `x * cos + swap_halves(x) * sin`, or for the inverse `x * cos + swap_halves(x * sin)`
-    (the gradient autograd computes for the forward)."""
+    `[tokens, head_dim]`: `ops.attention.apply_rope`, or for the inverse `x * cos + swap_halves(x * sin)`
+    (the gradient autograd computes for it)."""
+    if not inverse:
+        return apply_rope(x, cos, sin)
     shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
-    c, s = cos.view(shape), sin.view(shape)
-    return x * c + (_swap_halves(x * s) if inverse else _swap_halves(x) * s)
+    return x * cos.view(shape) + swap_halves(x * sin.view(shape))
 
 
 def check_planes(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
