@@ -401,6 +401,7 @@ def run_one(
         decode = resolve_decode(decode_choice, device, pre.exact)
         # decode: embed's decode side, one warm pass, then one timed pass on a fresh loader
         gpu = GpuJpegDecoder(pre, device) if decode == "gpu" else None
+        gpu_backend = gpu.backend if gpu is not None else None
         units = work_units(records, max_records=job.DECODE_CHUNK)
         assert decode_pass(units, pre, device, workers, gpu)[0] == len(records)
         total, decoded, decode_s = decode_pass(units, pre, device, workers, gpu)
@@ -539,6 +540,7 @@ def run_one(
         info |= {"device_wait": summary.device_wait, "first_timed_pack": first, "profiled": profiler is not None}
         info |= {"trace_gaps": rec.gaps}
         info |= {"host": host, "traced": traced, "decode_chunk": job.DECODE_CHUNK, "pin_thread": job.PIN_THREAD}
+        info |= {"gpu_decoder": gpu_backend, "gpu_decode_thread": job.GPU_DECODE_THREAD}
         report = {
             "meta": run_metadata(device),
             **vars(args),

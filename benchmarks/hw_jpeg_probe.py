@@ -8,8 +8,10 @@ of resizing one decoded image to a ViT-L 1024-patch target.
 
     python benchmarks/hw_jpeg_probe.py --out results.jsonl [--n 256]
 
-nvImageCodec (`nvidia-nvimgcodec-cu13`, with `nvidia-nvjpeg`) is not a dependency of the package: this
-probe decides whether it should become an optional one.
+nvImageCodec (`nvidia-nvimgcodec-cu13` with `nvidia-nvjpeg`) is an optional accelerator of `embed --decode
+gpu` (`data/gpu_decode.py`, the `[nvjpeg]` extra). A ctypes binding of nvJPEG's own hardware backend (for its
+1/2..1/8 scale factors) was tried in commit cbd1f63 and dropped: on the H200 it decoded the first image of a
+decoder right and then garbage (RESULTS.md, 2026-12-02, sixth session).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import io
 import json
 import sys
+import tempfile
 import threading
 import time
 from multiprocessing import Pool
@@ -30,6 +33,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import embed_throughput as et
+
+from dinov3_packing.data.gpu_decode import box_reduce
 
 
 def emit(out, **row):
@@ -51,10 +56,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=256)
-    ap.add_argument("--folder", default="/tmp/hwcam")
-    ap.add_argument("--parts", default="nvjpeg,nvimgcodec", help="comma-separated subset of nvjpeg,nvimgcodec")
+    ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "hwcam"))
     args = ap.parse_args()
-    parts = args.parts.split(",")
     out = open(args.out, "a")
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,10 +75,6 @@ def main() -> int:
         gpu=torch.cuda.get_device_name(),
     )
 
-    if "nvjpeg" in parts:
-        probe_nvjpeg(out, blobs)
-    if "nvimgcodec" not in parts:
-        return 0
     from nvidia import nvimgcodec
 
     emit(
@@ -95,7 +94,7 @@ def main() -> int:
             dec = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(kind)])
             for batch in (16, 64):
 
-                def run(batch=batch):
+                def run(batch=batch, dec=dec):
                     got = []
                     for i in range(0, len(blobs), batch):
                         imgs = dec.decode(blobs[i : i + batch], params=params)
@@ -202,6 +201,9 @@ def main() -> int:
             hwc.permute(2, 0, 1)[None].half(), size=target, mode="bilinear", antialias=True
         ),
         "float32 area": lambda: F.interpolate(hwc.permute(2, 0, 1)[None].float(), size=target, mode="area"),
+        "gpu_decode.box_reduce 4x4 (float16) + float32 bilinear aa (embed's GPU path)": lambda: F.interpolate(
+            box_reduce(hwc.permute(2, 0, 1), 4)[None], size=target, mode="bilinear", antialias=True
+        ),
         "uint8 bilinear aa": lambda: F.interpolate(
             hwc.permute(2, 0, 1)[None].contiguous(), size=target, mode="bilinear", antialias=True
         ),
@@ -213,151 +215,6 @@ def main() -> int:
         except Exception as e:
             emit(out, part="resize", way=name, error=f"{type(e).__name__}: {e}"[:300])
     return 0
-
-
-def probe_nvjpeg(out, blobs) -> None:
-    """dinov3_packing.data.nvjpeg (nvJPEG's hardware backend through ctypes): pixels against Pillow's at each
-    scale (odd sizes included: are the last row and column written?), speed per scale, the host time of
-    a batch's call (does it block?), a matmul's rate while it decodes in a thread, the resize after it."""
-    from dinov3_packing.data import nvjpeg
-
-    emit(out, part="nvjpeg", missing=nvjpeg.hardware_decoding_missing())
-    dec = nvjpeg.HardwareJpegDecoder("cuda")
-    emit(out, part="nvjpeg", engines=dec.engines, cores_per_engine=dec.cores_per_engine)
-    photo = Image.open(et.sample_image_paths()[0]).convert("RGB")
-    pipelined = nvjpeg.HardwareJpegDecoder("cuda", flags=0)
-    for w, h in ((1001, 751), (4032, 3024), (333, 517)):
-        buf = io.BytesIO()
-        photo.resize((w, h), Image.BICUBIC).save(buf, "JPEG", quality=90)
-        data = buf.getvalue()
-        for scale in nvjpeg.SCALES:
-            im = Image.open(io.BytesIO(data))
-            if scale > 1:
-                im.draft("RGB", (w // scale, h // scale))
-            ref = np.asarray(im.convert("RGB")).astype(int)
-            for variant in ("as is", "sync", "init+sync", "new decoder", "pipelined"):
-                try:
-                    if variant == "new decoder":
-                        d_ = nvjpeg.HardwareJpegDecoder("cuda")
-                    elif variant == "pipelined":
-                        d_ = pipelined
-                    else:
-                        d_ = dec
-                    if variant == "init+sync":
-                        d_._batch = 0
-                    t = d_.decode([data], [(h, w)], [scale])[0]
-                    if variant != "as is":
-                        torch.cuda.synchronize()
-                    got = t.cpu().numpy().astype(int)
-                except Exception as e:
-                    emit(out, part="nvjpeg_pixels", size=[h, w], scale=scale, variant=variant, error=str(e))
-                    continue
-                row = {
-                    "part": "nvjpeg_pixels",
-                    "size": [h, w],
-                    "scale": scale,
-                    "variant": variant,
-                    "got": list(got.shape),
-                    "pillow": list(ref.shape),
-                }
-                if got.shape == ref.shape:
-                    d = np.abs(got - ref)
-                    row.update(
-                        mean=round(float(d.mean()), 4),
-                        max=int(d.max()),
-                        last_row_max=int(d[-1].max()),
-                        last_col_max=int(d[:, -1].max()),
-                    )
-                emit(out, **row)
-    dec = nvjpeg.HardwareJpegDecoder("cuda")
-    sizes = [tuple(reversed(Image.open(io.BytesIO(b)).size)) for b in blobs]
-    got = dec.decode(blobs[:8], sizes[:8], [4] * 8)
-    torch.cuda.synchronize()
-    for b, g in zip(blobs[:8], got):
-        im = Image.open(io.BytesIO(b))
-        im.draft("RGB", (im.width // 4, im.height // 4))
-        ref = np.asarray(im.convert("RGB")).astype(int)
-        emit(
-            out,
-            part="nvjpeg_batch_pixels",
-            shape=list(g.shape),
-            mean=round(float(np.abs(g.cpu().numpy().astype(int) - ref).mean()), 4)
-            if tuple(g.shape) == ref.shape
-            else None,
-        )
-    datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-    for scale in nvjpeg.SCALES:
-        for batch in (16, 64):
-            host = []
-
-            def run(scale=scale, batch=batch, host=host):
-                for i in range(0, len(datas), batch):
-                    t0 = time.perf_counter()
-                    dec.decode(datas[i : i + batch], sizes[i : i + batch], [scale] * len(datas[i : i + batch]))
-                    host.append(time.perf_counter() - t0)
-
-            try:
-                run()
-                host.clear()
-                s = timed(run)
-            except Exception as e:
-                emit(out, part="nvjpeg_speed", scale=scale, batch=batch, error=str(e))
-                continue
-            emit(
-                out,
-                part="nvjpeg_speed",
-                scale=scale,
-                batch=batch,
-                img_s=round(len(datas) / s, 1),
-                host_share=round(sum(host) / s, 3),
-            )
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-
-    def mm_rate(seconds):
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            for _ in range(10):
-                a @ a
-            torch.cuda.synchronize()
-            n += 10
-        return 2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12
-
-    mm_rate(1.0)
-    alone = mm_rate(4.0)
-    for scale in (1, 4):
-        stop, count, stream = threading.Event(), [0], torch.cuda.Stream()
-
-        def loop(stop=stop, count=count, stream=stream, scale=scale):
-            with torch.cuda.stream(stream):
-                while not stop.is_set():
-                    outs = dec.decode(datas[:64], sizes[:64], [scale] * 64)
-                    stream.synchronize()
-                    count[0] += len(outs)
-
-        th = threading.Thread(target=loop)
-        th.start()
-        time.sleep(1.0)
-        c0, t0 = count[0], time.perf_counter()
-        busy = mm_rate(4.0)
-        rate = (count[0] - c0) / (time.perf_counter() - t0)
-        stop.set()
-        th.join()
-        emit(
-            out,
-            part="nvjpeg_contention",
-            scale=scale,
-            matmul_alone_tflops=round(alone, 1),
-            matmul_with_decode_tflops=round(busy, 1),
-            decode_img_s_meanwhile=round(rate, 1),
-        )
-    x = torch.randint(0, 256, (756, 1008, 3), dtype=torch.uint8, device="cuda")
-    for name, fn in {
-        "1/4 scale: float32 bilinear aa to 432x576": lambda: F.interpolate(
-            x.permute(2, 0, 1)[None].float(), size=(432, 576), mode="bilinear", antialias=True
-        ),
-    }.items():
-        fn()
-        emit(out, part="resize", way=name, ms=round(timed(fn, 50) * 1e3, 4))
 
 
 if __name__ == "__main__":

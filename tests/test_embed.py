@@ -128,8 +128,14 @@ def test_resume_repairs_what_a_kill_leaves(tmp_path, single_run):
     assert len(redone) == 2 and not (out / ".shard-000-000009.safetensors.tmp").exists()
     assert_complete(out, list_images(DATA))
     before, after = EmbedReader(single_run[0]), EmbedReader(out)
+    # Images kept from the first run are its bytes; the redone ones ran in other packs (other matrix shapes
+    # in the CPU's GEMMs: on one Xeon of 2026-12-02 one element moved by 1 ulp), so they agree to the
+    # summation-order tolerance of the HF parity tests, conftest's 1e-5 relative.
     for path in before.paths:
-        assert torch.equal(before.get(path, "patches"), after.get(path, "patches"))
+        if path in redone:
+            assert_close(after.get(path, "patches"), before.get(path, "patches"))
+        else:
+            assert torch.equal(before.get(path, "patches"), after.get(path, "patches")), path
 
 
 def test_resume_after_sigkill(tmp_path, tiny_ckpt):
@@ -170,10 +176,13 @@ def test_torchrun_two_processes_equal_one(tmp_path, single_run):
     assert {p.name for p in out.glob("manifest-*.jsonl")} == {"manifest-000.jsonl", "manifest-001.jsonl"}
     one, two = EmbedReader(single_run[0]), EmbedReader(out)
     assert one.paths == two.paths and one.skipped == two.skipped
+    # Each rank packs its half of the images: other packs than the one-process run's, other matrix shapes in
+    # the CPU's GEMMs (bitwise equal on some CPUs, 1 ulp apart on one Xeon of 2026-12-02), so the features
+    # agree to the summation-order tolerance of the HF parity tests (conftest's 1e-5 relative).
     for path in one.paths:
         assert one.record(path)["grid"] == two.record(path)["grid"]
         for kind in ("cls", "mean", "patches"):
-            assert torch.equal(one.get(path, kind), two.get(path, kind)), (path, kind)
+            assert_close(two.get(path, kind), one.get(path, kind))
     assert_complete(out, list_images(DATA))
     # a refusal (other settings) stops every rank: non-zero exit, no rank left waiting at a barrier
     refused = subprocess.run([*cmd, "--save", "cls"], capture_output=True, text=True, timeout=120, env=env)

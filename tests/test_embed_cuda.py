@@ -224,3 +224,32 @@ def test_one_process_on_cuda_1_times_and_waits_on_cuda_1(tmp_path, monkeypatch):
     assert got.keys() == ref.keys()
     for key, value in ref.items():
         assert_close(got[key], value, rel_tol=1e-5)
+
+
+def test_gpu_decoding_features_stay_close_to_the_exact_path(tmp_path):
+    """`embed(decode="gpu")` (nvImageCodec's hardware decoder where installed, else torchvision's nvJPEG;
+    the helper thread, `job.GPU_DECODE_THREAD`) against `embed(exact=True)` on the CPU's decode, fp32, the
+    bundled photos and two camera-size JPEGs (one EXIF-rotated; block mean 4 x 4 on the device): the same
+    bounds as the CPU fast path's (min token cosine >= 0.999, min CLS cosine >= 0.99999)."""
+    from test_decode import camera_jpeg
+
+    from dinov3_packing.data.files import sample_image_paths
+    from dinov3_packing.data.gpu_decode import GpuJpegDecoder
+
+    src = tmp_path / "src"
+    src.mkdir()
+    photos = sample_image_paths()
+    camera_jpeg(src / "cam_a.jpg", photos[0], (4032, 3024))
+    camera_jpeg(src / "cam_b.jpg", photos[3], (3024, 4032), 6)
+    for p in photos:
+        (src / p.name).write_bytes(p.read_bytes())
+    run = dict(RUN, max_tokens=1024, batch_tokens=4096)
+    backend = GpuJpegDecoder(Preprocessor(max_tokens=1024), "cuda").backend
+    embed(src, tmp_path / "gpu", CKPT, device="cuda", dtype=torch.float32, decode="gpu", **run)
+    embed(src, tmp_path / "exact", CKPT, device="cuda", dtype=torch.float32, exact=True, **run)
+    got, ref = features(tmp_path / "gpu"), features(tmp_path / "exact")
+    assert got.keys() == ref.keys()
+    cls = min(torch.cosine_similarity(got[k], ref[k], dim=-1).min().item() for k in ref if k[1] == "cls")
+    tokens = min(torch.cosine_similarity(got[k], ref[k], dim=-1).min().item() for k in ref if k[1] == "patches")
+    print(f"\nGPU decoding ({backend}) vs exact, {CKPT} fp32: min token cosine {tokens:.6f}, min CLS cosine {cls:.8f}")
+    assert tokens >= 0.999 and cls >= 0.99999

@@ -9,8 +9,10 @@ the GPU path repeats (tolerance 1e-5 relative: the normalization is folded into 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -154,3 +156,170 @@ def test_the_pixel_path_is_part_of_the_settings(tmp_path):
     assert (settings["exact"], settings["max_pixels"], settings["decode"]) == (False, 64_000_000, "cpu")
     with pytest.raises(ValueError, match=r"other settings.*'exact': \(False, True\)"):
         job.embed(src, out, "random:vits16", exact=True, **options)
+
+
+def test_box_factor_keeps_both_sides_at_or_above_the_target():
+    assert gpu_decode.box_factor((3024, 4032), (432, 576)) == 4  # 1/8 would give 378 rows < 432
+    assert gpu_decode.box_factor((4032, 3024), (576, 432)) == 4
+    assert gpu_decode.box_factor((130, 150), (64, 64)) == 2
+    assert gpu_decode.box_factor((1000, 1000), (125, 125)) == 8
+    assert gpu_decode.box_factor((100, 100), (60, 60)) == 1  # under twice the target: no block average
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_box_reduce_is_the_block_mean(k):
+    g = torch.Generator().manual_seed(k)
+    hwc = torch.randint(0, 256, (37, 53, 3), dtype=torch.uint8, generator=g)
+    chw = hwc.permute(2, 0, 1)  # a strided view, as the hardware decoder's interleaved output is taken
+    h, w = 37 // k, 53 // k
+    blocks = hwc.numpy()[: h * k, : w * k].astype(np.float64).reshape(h, k, w, k, 3)
+    expected = torch.from_numpy(blocks.mean(axis=(1, 3))).permute(2, 0, 1).float()
+    got = gpu_decode.box_reduce(chw, k)
+    assert got.shape == (3, h, w) and got.dtype == torch.float32
+    assert_close(got, expected)
+
+
+def test_large_jpeg_is_block_averaged_then_resized():
+    """An image over twice its target: the rows are the k x k block mean of the decoded pixels, resized with
+    antialiased bilinear filtering and normalized (each step computed here from Pillow's decoded pixels)."""
+    big = Image.open(DATA / "more" / "hubble_wide.jpg").convert("RGB").resize((1603, 1201), Image.BICUBIC)
+    data = jpeg_bytes(big, 6)  # stored turned: the block mean is taken on the upright pixels
+    plan = plan_jpeg(data, "big", PRE)
+    k = gpu_decode.box_factor(plan.original, plan.target)
+    assert k >= 2
+    ((rows, grid),) = cpu_decoder().decode([plan])
+    decoded = torchvision_io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    up = upright(decoded, 6).numpy().astype(np.float64)
+    h, w = up.shape[1] // k, up.shape[2] // k
+    mean = torch.from_numpy(up[:, : h * k, : w * k].reshape(3, h, k, w, k).mean(axis=(2, 4))).float()
+    x = torch.nn.functional.interpolate(mean[None], size=plan.target, mode="bilinear", antialias=True)[0]
+    x = (x / 255 - torch.tensor(PRE.mean)[:, None, None]) / torch.tensor(PRE.std)[:, None, None]
+    from dinov3_packing.packing import patchify
+
+    assert grid == (plan.target[0] // 16, plan.target[1] // 16)
+    assert_close(rows, patchify(x, 16))
+
+
+def test_decoder_results_may_hold_per_image_failures():
+    """A decode function that returns an exception in an image's place (nvImageCodec returns None for a
+    JPEG its hardware decoder cannot take, `hardware_decode_fn` turns it into a ValueError): that image
+    alone takes the CPU path."""
+    good, other = ASTRONAUT.read_bytes(), jpeg_bytes(Image.open(ASTRONAUT), 3)
+
+    def decode(data, device):
+        out = torchvision_io.decode_jpeg(data, mode=torchvision_io.ImageReadMode.RGB, device=device)
+        return [ValueError("no") if d.numpy().tobytes() == other else o for d, o in zip(data, out, strict=True)]
+
+    units = job.DecodedUnits([], PRE, gpu=True)
+    chunk = [units.decoded("a.jpg", good), units.decoded("b.jpg", other)]
+    out = {r["path"]: r for r in job.decode_on_device(GpuJpegDecoder(PRE, "cpu", decode_fn=decode), PRE, chunk)}
+    assert_close(out["a.jpg"]["rows"], EXACT.rows(good)[0])
+    assert_close(out["b.jpg"]["rows"], PRE.rows(other)[0])  # the CPU's default path
+
+
+def test_the_hardware_decoder_is_taken_when_it_can_be_made(monkeypatch):
+    made = []
+    monkeypatch.setattr(gpu_decode, "require_gpu_decoding", lambda device: None)
+    monkeypatch.setattr(gpu_decode, "nvimgcodec_missing", lambda: None)
+    monkeypatch.setattr(gpu_decode, "hardware_decode_fn", lambda device: made.append(device) or "hw")
+    assert GpuJpegDecoder(PRE, "cpu").backend == "nvimgcodec-hardware" and made
+    assert GpuJpegDecoder(PRE, "cpu").decode_fn == "hw"
+
+    def no_engines(device):
+        raise RuntimeError("Could not create decoder")
+
+    monkeypatch.setattr(gpu_decode, "hardware_decode_fn", no_engines)
+    with pytest.warns(UserWarning, match="Could not create decoder"):
+        assert GpuJpegDecoder(PRE, "cpu").backend == "torchvision-nvjpeg"
+    monkeypatch.setattr(gpu_decode, "nvimgcodec_missing", lambda: "not installed")
+    assert GpuJpegDecoder(PRE, "cpu").backend == "torchvision-nvjpeg"
+
+
+def _packed_chunks(n_chunks: int) -> tuple[list[dict], list[str]]:
+    units = job.DecodedUnits([], PRE, gpu=True)
+    files = [ASTRONAUT.read_bytes(), jpeg_bytes(Image.open(ASTRONAUT), 6), (DATA / "coffee_palette.png").read_bytes()]
+    chunks, keys = [], []
+    for c in range(n_chunks):
+        chunk = [units.decoded(f"{c}-{i}", data) for i, data in enumerate(files)]
+        keys += [r["path"] for r in chunk]
+        chunks.append(job.pack_chunk(chunk))
+    return chunks, keys
+
+
+def test_the_decode_thread_gives_the_main_loops_chunks():
+    """`decoded_chunks` with the helper thread (the CUDA default) against the main-loop decoding: the same
+    chunks in the same order, the same rows; the time waiting for it is counted as decode."""
+    chunks, keys = _packed_chunks(5)
+    gpu = cpu_decoder()
+    meter = job.Meter()
+    threaded = list(job._decoded_in_thread(iter(chunks), meter, gpu, PRE, contextlib.nullcontext))
+    inline = [job.decode_on_device(gpu, PRE, job.unpack_chunk(c)) for c in chunks]
+    assert [r["path"] for c in threaded for r in c] == keys
+    for a, b in zip((r for c in threaded for r in c), (r for c in inline for r in c), strict=True):
+        assert a["grid"] == b["grid"]
+        assert torch.equal(a["rows"], b["rows"])
+    assert meter.seconds["decode"] > 0
+
+
+def test_the_decode_thread_raises_in_the_main_loop_and_stops_with_it():
+    chunks, _ = _packed_chunks(50)
+    gpu = cpu_decoder()
+
+    def failing():
+        yield chunks[0]
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(job._decoded_in_thread(failing(), job.Meter(), gpu, PRE, contextlib.nullcontext))
+    read = []
+
+    def counted():
+        for c in chunks:
+            read.append(1)
+            yield c
+
+    gen = job._decoded_in_thread(counted(), job.Meter(), gpu, PRE, contextlib.nullcontext)
+    next(gen)
+    gen.close()  # the main loop stops (an error, Ctrl-C): the thread stops reading
+    assert not any(t.name == "embed-gpu-decode" and t.is_alive() for t in threading.enumerate())
+    assert len(read) <= 1 + job.GPU_DECODE_AHEAD + 1
+
+
+def test_gpu_path_features_stay_close_to_the_exact_path(tmp_path):
+    """fp32 `random:vits16`, the GPU path's arithmetic (block mean for images over twice their target, then
+    the float resize) on torchvision's CPU decode, against the exact path, image by image: camera-size
+    photos (4032 x 3024 and an EXIF-rotated 3024 x 4032, block mean 4 x 4) at max_tokens=1024 and the
+    bundled photos (no block mean: their rows equal the exact path's, above). The same bounds as the CPU
+    fast path's (`test_decode.py`: min token cosine >= 0.999, min CLS cosine >= 0.99999); the measured
+    values are printed and recorded in docs/preprocess.md."""
+    from test_decode import camera_jpeg
+
+    from dinov3_packing.data.files import sample_image_paths
+    from dinov3_packing.weights.load import load_packing_model
+
+    photos = sample_image_paths()
+    files = [
+        camera_jpeg(tmp_path / "a.jpg", photos[0], (4032, 3024)),
+        camera_jpeg(tmp_path / "b.jpg", photos[3], (3024, 4032), 6),
+    ]
+    files += list(photos)
+    datas = [f.read_bytes() for f in files]
+    plans = [plan_jpeg(d, str(f), PRE) for d, f in zip(datas, files, strict=True)]
+    assert [gpu_decode.box_factor(p.original, p.target) for p in plans[:2]] == [4, 4]
+    decoded = cpu_decoder().decode(plans)
+    exact = [EXACT.rows(d) for d in datas]
+    assert [g for _, g in decoded] == [tuple(e[1]) for e in exact]
+    model = load_packing_model("random:vits16")
+    grid = torch.tensor([(1, *g) for _, g in decoded])
+    with torch.no_grad():
+        fast = model(torch.cat([r for r, _ in decoded]), grid)
+        ref = model(torch.cat([e[0] for e in exact]), grid)
+    token_cos = torch.nn.functional.cosine_similarity(fast.last_hidden_state, ref.last_hidden_state, dim=-1)
+    cls_cos = torch.nn.functional.cosine_similarity(fast.pooler_output, ref.pooler_output, dim=-1)
+    camera_tokens = int(grid[0].prod() + grid[1].prod()) + 2 * (model.num_prefix_tokens)
+    print(
+        f"\nGPU path (block mean + float resize) vs exact, random:vits16 fp32: min token cosine "
+        f"{token_cos.min():.6f} (camera JPEGs {token_cos[:camera_tokens].min():.6f}), min CLS cosine "
+        f"{cls_cos.min():.8f}"
+    )
+    assert token_cos.min() >= 0.999 and cls_cos.min() >= 0.99999

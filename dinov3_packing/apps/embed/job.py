@@ -32,7 +32,9 @@ import gc
 import itertools
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +70,12 @@ stay in the workers' shared memory and the main loop copies them to the device f
 helper thread takes the interpreter lock per chunk, while the copies from pageable memory stage through the
 driver on the main thread's time). An A/B switch for `benchmarks/embed_throughput.py --pin-thread off`: the
 H200 traces of 2026-12-02 show the pin thread busy while the main thread's launches slowed down."""
+GPU_DECODE_THREAD = True
+"""With GPU decoding on CUDA, chunks are decoded on the device in a helper thread on its own stream, one
+chunk ahead of the main loop (True, the default; `GPU_DECODE_AHEAD` chunks at most), so the decoder's host
+calls (a batched hardware decode returns when its images are decoded) do not hold up the launch of the next
+pack; False decodes in the main loop, on the side stream (the earlier behaviour, an A/B switch)."""
+GPU_DECODE_AHEAD = 2
 WORKER_NICENESS = 10
 """Added to each decode worker's nice value: with a worker per core, the main process's threads (launching
 packs, pinning chunks, writing shards) would otherwise queue behind the decoders for CPU time."""
@@ -508,13 +516,91 @@ def decoded_chunks(
     side_stream: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> Iterator[list[dict]]:
     """The decode side of the main loop: each chunk from `loader` unpacked, its JPEG jobs decoded on the
-    device (in `side_stream()`), the time it waited for and spent on them counted as stage "decode"."""
+    device (in `side_stream()`, or in a helper thread: `GPU_DECODE_THREAD`), the time it waited for and
+    spent on them counted as stage "decode"."""
+    if gpu is not None and GPU_DECODE_THREAD:
+        yield from _decoded_in_thread(loader, meter, gpu, preprocessor, side_stream)
+        return
     for item in meter.timed("decode", iter(loader)):
         chunk = unpack_chunk(item)
         if gpu is not None:
             with meter.stage("decode"), side_stream():
                 chunk = decode_on_device(gpu, preprocessor, chunk)
         yield chunk
+
+
+_DONE = object()
+
+
+def _decoded_in_thread(
+    loader: DataLoader,
+    meter: Meter,
+    gpu: GpuJpegDecoder,
+    preprocessor: Preprocessor,
+    side_stream: Callable[[], contextlib.AbstractContextManager],
+) -> Iterator[list[dict]]:
+    """`decoded_chunks` with the device decoding in a helper thread: it reads `loader`, decodes each chunk's
+    jobs on a stream of its own and records an event; the main loop makes the side stream (where the next
+    pack's rows are assembled) wait for that event and marks the decoded tensors as used there, so the
+    allocator does not hand their memory back to the thread before the side stream is done with them. An
+    exception in the thread reaches the main loop; stopping the main loop stops the thread."""
+    ready: queue.Queue = queue.Queue(maxsize=GPU_DECODE_AHEAD)
+    stop = threading.Event()
+    cuda = gpu.device.type == "cuda"  # the CPU runs the same thread without streams (the tests do)
+    stream = torch.cuda.Stream(gpu.device) if cuda else None
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            with contextlib.ExitStack() as on_device, torch.inference_mode():
+                if cuda:
+                    on_device.enter_context(torch.cuda.device(gpu.device))
+                    on_device.enter_context(torch.cuda.stream(stream))
+                for item in loader:
+                    chunk = decode_on_device(gpu, preprocessor, unpack_chunk(item))
+                    done = None
+                    if cuda:
+                        done = torch.cuda.Event()
+                        done.record(stream)
+                    if not put((chunk, done)):
+                        return
+            put(_DONE)
+        except BaseException as e:  # handed to the main loop, which raises it
+            put(e)
+
+    thread = threading.Thread(target=work, name="embed-gpu-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with meter.stage("decode"):
+                item = ready.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            chunk, done = item
+            if done is None:
+                yield chunk
+                continue
+            with side_stream():
+                side = torch.cuda.current_stream(gpu.device)
+                side.wait_event(done)
+                for record in chunk:
+                    rows = record.get("rows")
+                    if rows is not None and rows.is_cuda:
+                        rows.record_stream(side)
+            yield chunk
+    finally:
+        stop.set()
+        thread.join(timeout=60)  # it stops at its next chunk; a loader stuck on a dead worker raises there
 
 
 def decode_on_device(gpu: GpuJpegDecoder, preprocessor: Preprocessor, chunk: list[dict]) -> list[dict]:
