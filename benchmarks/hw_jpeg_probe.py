@@ -34,6 +34,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import embed_throughput as et
 
+from dinov3_packing.apps.bench.timing import run_metadata
 from dinov3_packing.data.gpu_decode import box_reduce
 
 
@@ -59,6 +60,7 @@ def main() -> int:
     ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "hwcam"))
     args = ap.parse_args()
     out = open(args.out, "a")
+    emit(out, part="meta", **run_metadata(torch.device("cuda")))
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
