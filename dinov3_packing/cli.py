@@ -151,8 +151,9 @@ def add_embed(parser: argparse.ArgumentParser) -> None:
         "--decode",
         choices=DECODE_CHOICES,
         default=DECODE,
-        help=f"where JPEGs are decoded: cpu (DataLoader workers), gpu (nvJPEG on the model's CUDA device, needs "
-        f"torchvision; other files on the CPU), auto (gpu where it can run); default {DECODE}",
+        help=f"where JPEGs are decoded: cpu (DataLoader workers), gpu (on the model's CUDA device: its hardware "
+        f"JPEG engines where nvImageCodec is installed, the [nvjpeg] extra, else nvJPEG; needs torchvision; "
+        f"other files on the CPU), auto (gpu where it can run); default {DECODE}",
     )
     parser.add_argument(
         "--image-column",
