@@ -166,7 +166,18 @@ def test_resume_after_sigkill(tmp_path, tiny_ckpt):
 
 def test_torchrun_two_processes_equal_one(tmp_path, single_run):
     out = tmp_path / "two"
-    cmd = ["torchrun", "--nproc_per_node", "2", "-m", "dinov3_packing", "embed", str(DATA), "--out", str(out)]
+    cmd = [
+        "torchrun",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "dinov3_packing",
+        "embed",
+        str(DATA),
+        "--out",
+        str(out),
+    ]
     cmd += ["--ckpt", CKPT, "--batch-tokens", "300", "--shard-size", "3", "--workers", "1", "--device", "cpu"]
     cmd += ["--no-progress"]
     cmd += ["--save", "cls,mean,patches", "--patch-dtype", "float32", "--allow-skipped"]

@@ -247,7 +247,17 @@ def test_torchrun_ranks_share_one_lock_and_a_refusal_stops_all(tmp_path, tiny_ck
     other = OutputFolder(out)
     other.acquire({}, overwrite=True)
     try:
-        cmd = ["torchrun", "--nproc_per_node", "2", str(script), str(src), str(out), tiny_ckpt, str(tmp_path / "rank")]
+        cmd = [
+            "torchrun",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(src),
+            str(out),
+            tiny_ckpt,
+            str(tmp_path / "rank"),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     finally:
