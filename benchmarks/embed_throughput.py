@@ -274,6 +274,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--dtype", choices=list(job.DTYPES), default=None, help="default bfloat16 on CUDA, else float32")
     ap.add_argument("--decode", default="cpu", help=f"decoder(s), comma-separated, of {list(DECODE_CHOICES)}")
     ap.add_argument("--no-compile", action="store_true", help="eager model (default: compiled on CUDA)")
+    ap.add_argument(
+        "--no-cuda-graphs", action="store_true", help="no CUDA graphs (default: embed's, on with the compiled model)"
+    )
     ap.add_argument("--workers", type=int, default=None, help="decoding processes (default: embed's, cores - 1)")
     ap.add_argument(
         "--switch-interval",
@@ -422,6 +425,7 @@ def run_one(
                 dtype=dtype,
                 decode=decode,
                 compile=compile_,
+                cuda_graphs=False if args.no_cuda_graphs else None,
                 workers=workers,
                 progress=False,
             )
@@ -510,7 +514,8 @@ def run_one(
     print(f"{len(records)} images; timed: {images} images in {len(packs)} packs, {tokens / images:.0f} tokens/image")
     print(f"pack fill {fill:.1%}")
     compiled = device.type == "cuda" if compile_ is None else compile_
-    print(f"workers {workers}, decode {decode}, compiled {compiled}")
+    graphs = getattr(rec.model, "stack_graphs", None)
+    print(f"workers {workers}, decode {decode}, compiled {compiled}, CUDA graphs recorded {graphs and graphs.recorded}")
     print(f"decode only : {rates['decode']:8.1f} images/s  (embed's decode side, after its first chunk)")
     print(f"model only  : {rates['model']:8.1f} images/s  ({tokens / model_s:,.0f} tokens/s, same packs, median)")
     print(
@@ -535,7 +540,14 @@ def run_one(
     if json_path:
         info = {"set": set_name, "n": len(records), "timed_images": images, "timed_tokens": tokens}
         info |= {"timed_packs": len(packs), "fill": fill}
-        info |= {"workers": workers, "decode": decode, "compiled": compiled, "bound": summary.bound}
+        graphs = getattr(rec.model, "stack_graphs", None)
+        info |= {
+            "workers": workers,
+            "decode": decode,
+            "compiled": compiled,
+            "cuda_graphs_recorded": None if graphs is None else graphs.recorded,
+            "bound": summary.bound,
+        }
         info |= {"stage_s": summary.stage_seconds, "device_busy": summary.device_busy}
         info |= {"device_wait": summary.device_wait, "first_timed_pack": first, "profiled": profiler is not None}
         info |= {"trace_gaps": rec.gaps}

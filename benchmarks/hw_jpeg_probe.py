@@ -6,7 +6,11 @@ nvImageCodec backend (hardware, GPU, hybrid) and for torchvision's batched nvJPE
 Pillow's; a bf16 matmul's TFLOP/s alone and while the hardware decoder runs in another thread; the GPU cost
 of resizing one decoded image to a ViT-L 1024-patch target.
 
-    python benchmarks/hw_jpeg_probe.py --out results.jsonl [--n 256]
+    python benchmarks/hw_jpeg_probe.py --out results.jsonl [--n 256] [--parts decode,contention,resize,gil]
+
+Part `gil` separates the two ways a decoding thread can slow the model: it holds the interpreter lock (the main
+thread's Python loop runs slower: the model's launches would), or its kernels share the SMs (a queue of
+matmuls launched at once, timed by CUDA events, takes longer while it decodes).
 
 nvImageCodec (`nvidia-nvimgcodec-cu13` with `nvidia-nvjpeg`) is an optional accelerator of `embed --decode
 gpu` (`data/gpu_decode.py`, the `[nvjpeg]` extra). A ctypes binding of nvJPEG's own hardware backend (for its
@@ -58,7 +62,9 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "hwcam"))
+    ap.add_argument("--parts", default="decode,contention,resize,gil")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     out = open(args.out, "a")
     emit(out, part="meta", **run_metadata(torch.device("cuda")))
     folder = Path(args.folder)
@@ -88,7 +94,7 @@ def main() -> int:
     ref = np.asarray(Image.open(io.BytesIO(blobs[0])).convert("RGB"))
     params = nvimgcodec.DecodeParams(apply_exif_orientation=True, color_spec=nvimgcodec.ColorSpec.SRGB)
     results = {}
-    for name in ("HW_GPU_ONLY", "GPU_ONLY", "HYBRID_CPU_GPU", "CPU_ONLY"):
+    for name in ("HW_GPU_ONLY", "GPU_ONLY", "HYBRID_CPU_GPU", "CPU_ONLY") if "decode" in parts else ():
         kind = getattr(nvimgcodec.BackendKind, name, None)
         if kind is None:
             continue
@@ -132,6 +138,8 @@ def main() -> int:
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        if "decode" not in parts:
+            raise LookupError("part decode not asked for")
         datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
         for batch in (16, 64):
 
@@ -157,9 +165,10 @@ def main() -> int:
             n += 10
         return 2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12
 
-    mm_rate(1.0)
-    alone = mm_rate(4.0)
-    for name in ("HW_GPU_ONLY", "GPU_ONLY"):
+    if "contention" in parts:
+        mm_rate(1.0)
+        alone = mm_rate(4.0)
+    for name in ("HW_GPU_ONLY", "GPU_ONLY") if "contention" in parts else ():
         try:
             dec = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, name))])
             stop, count = threading.Event(), [0]
@@ -210,13 +219,107 @@ def main() -> int:
             hwc.permute(2, 0, 1)[None].contiguous(), size=target, mode="bilinear", antialias=True
         ),
     }
-    for name, fn in ways.items():
+    for name, fn in ways.items() if "resize" in parts else ():
         try:
             fn()
             emit(out, part="resize", way=name, ms=round(timed(fn, 50) * 1e3, 4))
         except Exception as e:
             emit(out, part="resize", way=name, error=f"{type(e).__name__}: {e}"[:300])
+    if "gil" in parts:
+        gil_part(out, blobs, nvimgcodec, params, a)
     return 0
+
+
+def python_rate(seconds: float) -> float:
+    """Iterations per second of a pure-Python loop in this thread (it needs the interpreter lock throughout)."""
+    n, t0 = 0, time.perf_counter()
+    while (t := time.perf_counter()) - t0 < seconds:
+        for _ in range(1000):
+            n += 1
+    return n / (t - t0)
+
+
+def queued_matmul_s(a: torch.Tensor, n: int) -> float:
+    """Device seconds of `n` bf16 matmuls launched at once on the current stream (CUDA events): the SMs' share,
+    with no host in the way once they are queued."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        a @ a
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def gil_part(out, blobs, nvimgcodec, params, a) -> None:
+    """The interpreter lock and the SMs while a helper thread decodes 16 camera JPEGs at a time, three ways:
+    nvImageCodec's hardware decoder alone, `GpuJpegDecoder.decode` (decode + block mean + resize + normalize +
+    patchify, embed's GPU path) and torchvision's nvJPEG."""
+    from dinov3_packing.data.gpu_decode import GpuJpegDecoder, plan_jpeg
+    from dinov3_packing.data.preprocess import Preprocessor
+
+    pre = Preprocessor(max_tokens=1024)
+    jobs = [plan_jpeg(b, f"{i}.jpg", pre) for i, b in enumerate(blobs[:16])]
+    datas = [j.data for j in jobs]
+    dec = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)])
+    gpu = GpuJpegDecoder(pre, "cuda")
+
+    def hw(stream):
+        imgs = dec.decode(blobs[:16], params=params, cuda_stream=stream.cuda_stream)
+        return [torch.as_tensor(im, device="cuda") for im in imgs]
+
+    def pipeline(stream):
+        return gpu.decode(jobs)
+
+    def tv(stream):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device="cuda")
+
+    python_rate(0.5)
+    alone_py = python_rate(3.0)
+    queued_matmul_s(a, 50)
+    n_mm = 600
+    alone_mm = queued_matmul_s(a, n_mm)
+    for name, fn in (("nvimgcodec-hardware", hw), ("GpuJpegDecoder.decode", pipeline), ("torchvision", tv)):
+        try:
+            stream = torch.cuda.Stream()
+            stop, count, busy_s = threading.Event(), [0], [0.0]
+
+            def loop(fn=fn, stream=stream, stop=stop, count=count, busy_s=busy_s):
+                with torch.cuda.stream(stream):
+                    while not stop.is_set():
+                        t = time.thread_time()
+                        fn(stream)
+                        busy_s[0] += time.thread_time() - t
+                        stream.synchronize()
+                        count[0] += 16
+
+            th = threading.Thread(target=loop)
+            th.start()
+            time.sleep(1.0)
+            c0, cpu0, t0 = count[0], busy_s[0], time.perf_counter()
+            py = python_rate(3.0)
+            mm = queued_matmul_s(a, n_mm)
+            wall = time.perf_counter() - t0
+            rate, thread_cpu = (count[0] - c0) / wall, busy_s[0] - cpu0
+            stop.set()
+            th.join()
+            emit(
+                out,
+                part="gil",
+                thread=name,
+                python_loop_alone=round(alone_py),
+                python_loop_with_thread=round(py),
+                python_share_left=round(py / alone_py, 3),
+                queued_matmul_alone_s=round(alone_mm, 4),
+                queued_matmul_with_thread_s=round(mm, 4),
+                matmul_slowdown=round(mm / alone_mm, 3),
+                thread_img_s=round(rate, 1),
+                thread_cpu_ms_per_img=round(thread_cpu / max(count[0] - c0, 1) * 1e3, 3),
+            )
+        except Exception as e:
+            emit(out, part="gil", thread=name, error=f"{type(e).__name__}: {e}"[:400])
 
 
 if __name__ == "__main__":

@@ -175,6 +175,12 @@ def add_embed(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-compile", action="store_true", help="run the model eagerly (default: compiled on CUDA)")
     parser.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="launch the blocks' kernels one by one (default on CUDA with the compiled model: the block stack "
+        "replays as CUDA graphs, one per padded pack shape)",
+    )
+    parser.add_argument(
         "--workers",
         type=_non_negative_int,
         default=None,
@@ -221,6 +227,7 @@ def run_embed(args: argparse.Namespace) -> int:
             attn_backend=args.attn_backend,
             fused_mlp=False if args.no_fused_mlp else None,
             compile=False if args.no_compile else None,
+            cuda_graphs=False if args.no_cuda_graphs else None,
             workers=args.workers,
             shard_size=args.shard_size,
             overwrite=args.overwrite,

@@ -73,6 +73,8 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             computation on activations that stay in the CPU's caches (docs/cpu.md: packs of many images are
             otherwise slower than Hugging Face's per-image loop). None: always the whole pack. Compiled
             blocks and other devices always take the whole pack.
+        stack_graphs: set by `parallel.graphs.enable_cuda_graphs`: inference forwards on CUDA replay the block
+            stack as CUDA graphs, one per padded pack shape (None: the kernels are launched one by one).
         recompute_policy: the part of every block that `parallel.recompute.apply_recompute` recomputes in
             backward (None: nothing). Set by that function only; while it is set, transformers' gradient
             checkpointing refuses to turn on (see `_set_gradient_checkpointing`).
@@ -80,6 +82,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
 
     main_input_name = "hidden_states"
     recompute_policy: str | None = None
+    stack_graphs = None  # a `parallel.graphs.StackGraphs` replays the blocks (`enable_cuda_graphs`)
     _can_record_outputs: dict = {}  # noqa: RUF012 - overrides the parent's output-capturing hooks with none
 
     def __init__(
@@ -254,7 +257,11 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         # Blocks after the selected hidden state are skipped unless every hidden state is asked for.
         selected = None if select_layer is None else select_layer % (num_layers + 1)
         stop = num_layers if selected is None or output_hidden_states else selected
-        x, states = self.model(x, batch, stop, output_hidden_states)
+        graphs = self.stack_graphs
+        if graphs is not None and graphs.takes(x, batch, output_hidden_states):
+            x, states = graphs(x, batch, stop), None
+        else:
+            x, states = self.model(x, batch, stop, output_hidden_states)
         if selected is None:
             out = self.norm(x)
         else:

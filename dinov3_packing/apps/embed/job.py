@@ -53,6 +53,7 @@ from ...data.preprocess import POLICIES, Preprocessor
 from ...data.sources import Record, open_source, read_records, work_units
 from ...model.archs import normalization_for
 from ...parallel.compile import compile_model, compile_stats
+from ...parallel.graphs import enable_cuda_graphs
 from ...weights.load import load_checkpoint, parse_device, resolve_alias
 from .progress import Meter
 from .store import FORMAT, OutputFolder, PackFeatures
@@ -281,6 +282,7 @@ def embed(
     attn_backend: str = "auto",
     fused_mlp: bool | None = None,
     compile: bool | None = None,
+    cuda_graphs: bool | None = None,
     workers: int | None = None,
     shard_size: int = 1000,
     overwrite: bool = False,
@@ -316,6 +318,9 @@ def embed(
         attn_backend, fused_mlp: the model's (`DINOv3ViTPackingModel`); `fused_mlp=False` keeps cuBLAS + GELU
             in the MLPs instead of the fused Triton kernel.
         compile: compile the model (`parallel.compile.compile_model`); None (default): on CUDA only.
+        cuda_graphs: replay the block stack as CUDA graphs, one per padded pack shape
+            (`parallel.graphs.enable_cuda_graphs`: one launch per pack instead of hundreds); None (default):
+            on CUDA with the compiled model. True off CUDA raises ValueError.
         workers: DataLoader decoding processes per rank (0: decode in the main process); None (default):
             `default_workers()`, the cores this process may use (shared by the ranks on this host) less one.
         shard_size: images per shard (a shard also closes at 1 GiB of patch maps).
@@ -347,8 +352,9 @@ def embed(
         raise ValueError(f"oversize: expected one of {OVERSIZE}, got {oversize!r}")
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
-    if compile is not None and not isinstance(compile, bool):
-        raise TypeError(f"compile: expected True, False or None, got {compile!r}")
+    for arg, value in (("compile", compile), ("cuda_graphs", cuda_graphs)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{arg}: expected True, False or None, got {value!r}")
     check_max_pixels(max_pixels)
     if not isinstance(ckpt, str):
         raise TypeError(f"ckpt: expected a checkpoint name or path, got {type(ckpt).__name__}")
@@ -386,8 +392,13 @@ def embed(
         # Rank 0 holds the lock for every rank of the job; a refusal there stops all of them.
         _on_rank0(world, rank, lambda: store.acquire(settings, overwrite))
         model = load_checkpoint(name, device, dtype, attn_backend, fused_mlp).model
-        if device.type == "cuda" if compile is None else compile:
+        compiled = device.type == "cuda" if compile is None else compile
+        if compiled:
             compile_model(model)
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs: CUDA graphs need a CUDA device, the model runs on {str(device)!r}")
+        if compiled and device.type == "cuda" if cuda_graphs is None else cuda_graphs:
+            enable_cuda_graphs(model)
         preprocessor = Preprocessor(
             patch_size=model.patch_size,
             mean=mean,
