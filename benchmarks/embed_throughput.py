@@ -148,7 +148,7 @@ def build_set(name: str, n: int, root: Path, procs: int) -> str:
     return str(shards / f"{{000..{SHARDS - 1:03d}}}.tar")
 
 
-def decode_pass(units, pre, device, workers, gpu) -> tuple[int, int, float]:
+def decode_pass(units, pre, device, workers, gpu, cpu_share=0.0) -> tuple[int, int, float]:
     """One pass of `embed`'s decode side over `units` on a fresh loader: (images, images after the first
     chunk, seconds from that chunk's arrival to the device's last decoding work)."""
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -156,7 +156,7 @@ def decode_pass(units, pre, device, workers, gpu) -> tuple[int, int, float]:
     def side_stream():
         return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
 
-    loader = job.decode_loader(units, pre, device, workers, gpu=gpu is not None)
+    loader = job.decode_loader(units, pre, device, workers, gpu=gpu is not None, cpu_share=cpu_share)
     images, first, start = 0, 0, None
     # As in embed: the model's device is current while the loader runs (its pin-memory thread pins for it).
     current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -186,7 +186,14 @@ class PackRecorder:
     """Wraps `job.load_checkpoint` for one `embed` call: keeps its model and, at each forward, the pack's
     `grid_thw` and the host time after the forward was launched."""
 
-    def __init__(self, trace: str | None = None, trace_from: int = 0, trace_stack: bool = False):
+    def __init__(
+        self,
+        trace: str | None = None,
+        trace_from: int = 0,
+        trace_stack: bool = False,
+        cprofile: cProfile.Profile | None = None,
+    ):
+        self.cprofile = cprofile  # enabled at pack `trace_from` (after compiling and recording), disabled at exit
         self.model, self.grids, self.times, self.calls, self.graphs = None, [], [], [], []
         self._load = job.load_checkpoint
         self.trace, self.trace_from, self.trace_stack, self._profiler = trace, trace_from, trace_stack, None
@@ -227,9 +234,11 @@ class PackRecorder:
     def _step_trace(self) -> None:
         """`--trace`: torch.profiler (CPU ops of every thread, CUDA kernels) over `TRACE_PACKS` packs from
         pack `trace_from` on, the chrome trace written to `trace`."""
+        n = len(self.grids)
+        if self.cprofile is not None and n == self.trace_from:
+            self.cprofile.enable()
         if self.trace is None:
             return
-        n = len(self.grids)
         if n == self.trace_from:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
@@ -248,6 +257,8 @@ class PackRecorder:
         self._stopped = profiler  # written after the run (`__exit__`), outside embed's timed interval
 
     def __exit__(self, *exc):
+        if self.cprofile is not None:
+            self.cprofile.disable()
         gc.callbacks.remove(self._on_gc)
         if self._profiler is not None:
             self._stop_trace()
@@ -288,7 +299,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument(
         "--cprofile",
         default=None,
-        help="profile the main thread of the embed call with cProfile and write its top functions to this text "
+        help="profile the main thread of the embed call with cProfile from pack --trace-from to its end (warm-up, "
+        "compiling and recording outside it) and write its top functions to this text "
         "file (one per set and decoder, as --json): where the host's time per pack goes. Slows the run: its "
         "figures are not comparable (the JSON says profiled)",
     )
@@ -311,6 +323,12 @@ def parse() -> argparse.Namespace:
         type=int,
         default=None,
         help=f"A/B: images per DataLoader item and work unit (job.DECODE_CHUNK, default {job.DECODE_CHUNK})",
+    )
+    ap.add_argument(
+        "--cpu-decode-share",
+        default="0",
+        help="with --decode gpu: the share(s), comma-separated, of JPEGs the workers decode on the CPU instead "
+        "(embed's cpu_decode_share); each is a run of its own",
     )
     ap.add_argument("--trace-stack", action="store_true", help="--trace with Python's calls (slower still)")
     ap.add_argument(
@@ -340,6 +358,12 @@ def parse() -> argparse.Namespace:
         ap.error(f"--decode-chunk: expected an int >= 1, got {args.decode_chunk}")
     if args.switch_interval is not None and not args.switch_interval > 0:
         ap.error(f"--switch-interval: expected seconds > 0, got {args.switch_interval}")
+    try:
+        args.shares = [float(x) for x in args.cpu_decode_share.split(",")]
+    except ValueError:
+        args.shares = None
+    if not args.shares or not all(0 <= x <= 1 for x in args.shares):
+        ap.error(f"--cpu-decode-share: expected comma-separated numbers from 0 to 1, got {args.cpu_decode_share!r}")
     if not set(args.decodes) <= set(DECODE_CHOICES):
         ap.error(f"--decode: expected a comma-separated subset of {list(DECODE_CHOICES)}, got {args.decode!r}")
     return args
@@ -361,13 +385,19 @@ def main() -> int:
             build_set(name, args.n or SETS[name], root, max(1, workers))
         if args.build_only:
             return 0
-        combos = [(name, decode) for name in args.sets for decode in args.decodes]
-        for name, decode in combos:
+        combos = [
+            (name, decode, share)
+            for name in args.sets
+            for decode in args.decodes
+            for share in (args.shares if decode != "cpu" else [0.0])
+        ]
+        for name, decode, share in combos:
             paths = (args.json, args.cprofile, args.trace)
             if len(combos) > 1:
-                paths = tuple(suffixed(p, f"_{name}_{decode}") if p else None for p in paths)
+                tag = f"_{name}_{decode}" + (f"_cpu{share:g}" if len(args.shares) > 1 and decode != "cpu" else "")
+                paths = tuple(suffixed(p, tag) if p else None for p in paths)
             try:
-                run_one(args, name, decode, root, workers, *paths)
+                run_one(args, name, decode, root, workers, *paths, cpu_share=share)
             except Exception:  # one combination's failure is printed and the next still runs
                 failed += 1
                 traceback.print_exc()
@@ -390,6 +420,7 @@ def run_one(
     json_path,
     profile_path,
     trace_path,
+    cpu_share: float = 0.0,
 ) -> None:
     device = torch.device(args.device)
     dtype = job.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -406,14 +437,15 @@ def run_one(
         gpu = GpuJpegDecoder(pre, device) if decode == "gpu" else None
         gpu_backend = gpu.backend if gpu is not None else None
         units = work_units(records, max_records=job.DECODE_CHUNK)
-        assert decode_pass(units, pre, device, workers, gpu)[0] == len(records)
-        total, decoded, decode_s = decode_pass(units, pre, device, workers, gpu)
+        share = cpu_share if decode == "gpu" else 0.0
+        assert decode_pass(units, pre, device, workers, gpu, share)[0] == len(records)
+        total, decoded, decode_s = decode_pass(units, pre, device, workers, gpu, share)
         assert total == len(records)
         gpu = None
 
         # embed end to end, its packs recorded
         profiler = cProfile.Profile() if profile_path else None
-        with PackRecorder(trace_path, args.trace_from, args.trace_stack) as rec, profiler or contextlib.nullcontext():
+        with PackRecorder(trace_path, args.trace_from, args.trace_stack, profiler) as rec:
             summary = embed(
                 src,
                 Path(tmp) / "features",
@@ -424,6 +456,7 @@ def run_one(
                 device=device,
                 dtype=dtype,
                 decode=decode,
+                cpu_decode_share=share,
                 compile=compile_,
                 cuda_graphs=False if args.no_cuda_graphs else None,
                 workers=workers,
@@ -433,7 +466,10 @@ def run_one(
         if profiler is not None:
             Path(profile_path).parent.mkdir(parents=True, exist_ok=True)
             with open(profile_path, "w") as f:
-                f.write(f"# cProfile of embed's main thread: {set_name}, decode {decode}, {args.ckpt}\n")
+                f.write(
+                    f"# cProfile of embed's main thread from pack {args.trace_from} to the end: {set_name}, "
+                    f"decode {decode}, {args.ckpt}\n"
+                )
                 for key in ("tottime", "cumulative"):
                     pstats.Stats(profiler, stream=f).sort_stats(key).print_stats(45)
         assert summary.embedded == len(records) and not summary.skipped, summary.line()
@@ -515,7 +551,11 @@ def run_one(
     print(f"pack fill {fill:.1%}")
     compiled = device.type == "cuda" if compile_ is None else compile_
     graphs = getattr(rec.model, "stack_graphs", None)
-    print(f"workers {workers}, decode {decode}, compiled {compiled}, CUDA graphs recorded {graphs and graphs.recorded}")
+    share_text = f" (CPU share {share:g})" if share else ""
+    print(
+        f"workers {workers}, decode {decode}{share_text}, compiled {compiled}, CUDA graphs recorded "
+        f"{graphs and graphs.recorded}"
+    )
     print(f"decode only : {rates['decode']:8.1f} images/s  (embed's decode side, after its first chunk)")
     print(f"model only  : {rates['model']:8.1f} images/s  ({tokens / model_s:,.0f} tokens/s, same packs, median)")
     print(
@@ -552,7 +592,7 @@ def run_one(
         info |= {"device_wait": summary.device_wait, "first_timed_pack": first, "profiled": profiler is not None}
         info |= {"trace_gaps": rec.gaps}
         info |= {"host": host, "traced": traced, "decode_chunk": job.DECODE_CHUNK, "pin_thread": job.PIN_THREAD}
-        info |= {"gpu_decoder": gpu_backend, "gpu_decode_thread": job.GPU_DECODE_THREAD}
+        info |= {"gpu_decoder": gpu_backend, "gpu_decode_thread": job.GPU_DECODE_THREAD, "cpu_decode_share": share}
         report = {
             "meta": run_metadata(device),
             **vars(args),

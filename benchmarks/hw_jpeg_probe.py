@@ -204,6 +204,15 @@ def main() -> int:
     # GPU resize of one decoded 4032x3024 image to 432x576 (ViT-L, 1024 patches), several ways
     hwc = torch.randint(0, 256, (3024, 4032, 3), dtype=torch.uint8, device="cuda")
     target = (432, 576)
+    from dinov3_packing.data.gpu_decode import GpuJpegDecoder, JpegJob
+    from dinov3_packing.data.preprocess import Preprocessor
+
+    rows_decoder = GpuJpegDecoder(Preprocessor(max_tokens=1024), "cuda", decode_fn=lambda data, device: [])
+    job = JpegJob("probe", torch.empty(0, dtype=torch.uint8), 1, (3024, 4032), target)
+
+    def rows_of(pixels):
+        return rows_decoder._rows(pixels.permute(2, 0, 1), job)
+
     ways = {
         "float32 bilinear aa": lambda: F.interpolate(
             hwc.permute(2, 0, 1)[None].float(), size=target, mode="bilinear", antialias=True
@@ -212,9 +221,14 @@ def main() -> int:
             hwc.permute(2, 0, 1)[None].half(), size=target, mode="bilinear", antialias=True
         ),
         "float32 area": lambda: F.interpolate(hwc.permute(2, 0, 1)[None].float(), size=target, mode="area"),
-        "gpu_decode.box_reduce 4x4 (float16) + float32 bilinear aa (embed's GPU path)": lambda: F.interpolate(
+        "float16 copy + avg_pool2d 4x4 + float32 bilinear aa (embed's GPU path to 2026-12-02)": lambda: F.interpolate(
+            F.avg_pool2d(hwc.permute(2, 0, 1)[None].half(), 4).float(), size=target, mode="bilinear", antialias=True
+        ),
+        "gpu_decode.box_reduce 4x4 alone (float32 sum of the bytes)": lambda: box_reduce(hwc.permute(2, 0, 1), 4),
+        "gpu_decode.box_reduce 4x4 + float32 bilinear aa (embed's GPU path)": lambda: F.interpolate(
             box_reduce(hwc.permute(2, 0, 1), 4)[None], size=target, mode="bilinear", antialias=True
         ),
+        "gpu_decode.GpuJpegDecoder._rows (box_reduce + resize + normalize + patchify)": lambda: rows_of(hwc),
         "uint8 bilinear aa": lambda: F.interpolate(
             hwc.permute(2, 0, 1)[None].contiguous(), size=target, mode="bilinear", antialias=True
         ),

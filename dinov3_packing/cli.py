@@ -53,6 +53,17 @@ def _int_at_least(low: int, what: str):
     return parse
 
 
+def _share(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
 _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "an integer >= 0")
 
@@ -156,6 +167,14 @@ def add_embed(parser: argparse.ArgumentParser) -> None:
         f"other files on the CPU), auto (gpu where it can run); default {DECODE}",
     )
     parser.add_argument(
+        "--cpu-decode-share",
+        type=_share,
+        default=0.0,
+        metavar="F",
+        help="with --decode gpu: the fraction of JPEGs the workers decode on the CPU instead (picked by a hash of "
+        "each key, the same on every run), to use the cores GPU decoding leaves idle; default 0",
+    )
+    parser.add_argument(
         "--image-column",
         default=IMAGE_COLUMN,
         help=f"parquet sources: the column of encoded images (default {IMAGE_COLUMN})",
@@ -219,6 +238,7 @@ def run_embed(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             exact=True if args.exact else None,
             decode=args.decode,
+            cpu_decode_share=args.cpu_decode_share,
             image_column=args.image_column,
             batch_tokens=args.batch_tokens,
             oversize=args.oversize,

@@ -119,6 +119,43 @@ def test_graphs_are_not_taken_on_the_cpu_and_the_forward_is_unchanged(tiny):
     assert model.stack_graphs is None
 
 
+def test_the_weights_key_sees_every_kind_of_weight_change(tiny):
+    """The graphs are recorded against the stack's weights where they are: `_weights_key` (read every call,
+    the modules walked once) changes with an in-place update, a new `.data`, a Parameter assigned or put
+    straight into a module's dict, a replaced submodule, and a new fused q/k/v cache; it stays put otherwise."""
+    model = DINOv3ViTPackingModel(tiny()).eval()
+    graphs = StackGraphs(model)
+    stack = model.model
+    keys = [graphs._weights_key()]
+
+    def changed() -> bool:
+        keys.append(graphs._weights_key())
+        return keys[-1] != keys[-2]
+
+    assert not changed()
+    up = stack.layer[0].mlp.up_proj
+    with torch.no_grad():
+        up.weight.mul_(0.5)
+    assert changed()
+    up.weight.data = up.weight.data.clone()
+    assert changed()
+    up.weight = torch.nn.Parameter(up.weight.detach().clone())
+    assert changed()
+    up._parameters["bias"] = torch.nn.Parameter(up.bias.detach().clone())
+    assert changed()
+    stack.layer[1].mlp.down_proj = torch.nn.Linear(up.out_features, up.in_features)
+    assert changed()
+    new = stack.layer[1].mlp.down_proj
+    new.weight = torch.nn.Parameter(new.weight.detach().clone())  # a tensor of the new submodule is watched too
+    assert changed()
+    with torch.inference_mode():
+        model.packed_batch(PackedLayout.build(torch.tensor([[1, 2, 2]]), model.num_prefix_tokens, "cpu"))
+    assert changed()  # the fused q/k/v caches were made
+    with torch.inference_mode():
+        model.packed_batch(PackedLayout.build(torch.tensor([[1, 2, 2]]), model.num_prefix_tokens, "cpu"))
+    assert not changed()  # and kept
+
+
 def test_enable_cuda_graphs_checks_its_arguments(tiny):
     with pytest.raises(TypeError, match="model: expected a DINOv3ViTPackingModel"):
         enable_cuda_graphs(torch.nn.Linear(2, 2))

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import warnings
 
 import pytest
@@ -67,8 +68,8 @@ def rows_path(monkeypatch) -> None:
     """Make `embed` read float32 rows made in the workers (the CPU path) instead of uint8 pixels."""
     real = job.decode_loader
 
-    def loader(units, preprocessor, device, workers, gpu):
-        loader = real(units, preprocessor, device, workers, gpu)
+    def loader(units, preprocessor, device, workers, gpu, cpu_share=0.0):
+        loader = real(units, preprocessor, device, workers, gpu, cpu_share)
         loader.dataset.pixels = False
         return loader
 
@@ -252,4 +253,41 @@ def test_gpu_decoding_features_stay_close_to_the_exact_path(tmp_path):
     cls = min(torch.cosine_similarity(got[k], ref[k], dim=-1).min().item() for k in ref if k[1] == "cls")
     tokens = min(torch.cosine_similarity(got[k], ref[k], dim=-1).min().item() for k in ref if k[1] == "patches")
     print(f"\nGPU decoding ({backend}) vs exact, {CKPT} fp32: min token cosine {tokens:.6f}, min CLS cosine {cls:.8f}")
+    assert tokens >= 0.999 and cls >= 0.99999
+
+
+def test_a_cpu_share_with_gpu_decoding_is_recorded_and_stays_close(tmp_path):
+    """`embed(decode="gpu", cpu_decode_share=0.5)`: the workers decode about half the JPEGs (by key), the
+    device the rest; run.json records the share, a resume with another share is refused, and the features
+    stay within the fast path's bounds against the exact path (fp32)."""
+    from test_decode import camera_jpeg
+
+    from dinov3_packing.apps.embed import job
+    from dinov3_packing.data.files import sample_image_paths
+    from dinov3_packing.data.sources import open_source
+
+    src = tmp_path / "src"
+    src.mkdir()
+    photos = sample_image_paths()
+    # two files of each path, named so (the pick hashes each key, here the file's absolute path)
+    names = [f"cam_{i}.jpg" for i in range(64)]
+    picked = [n for n in names if job.takes_cpu_share(str(src.resolve() / n), 0.5)]
+    names = picked[:2] + [n for n in names if n not in picked][:2]
+    for i, name in enumerate(names):
+        camera_jpeg(src / name, photos[i % len(photos)], (4032, 3024) if i % 2 else (3024, 4032))
+    keys = [r.key for r in open_source(src)]
+    assert sorted(keys) == sorted(str(src.resolve() / n) for n in names)
+    assert sum(job.takes_cpu_share(k, 0.5) for k in keys) == 2  # both paths are taken
+    run = dict(RUN, max_tokens=1024, batch_tokens=4096)
+    out = tmp_path / "gpu"
+    embed(src, out, CKPT, device="cuda", dtype=torch.float32, decode="gpu", cpu_decode_share=0.5, **run)
+    assert json.loads((out / "run.json").read_text())["cpu_decode_share"] == 0.5
+    with pytest.raises(ValueError, match=r"other settings.*'cpu_decode_share': \(0.5, None\)"):
+        embed(src, out, CKPT, device="cuda", dtype=torch.float32, decode="gpu", **run)
+    embed(src, tmp_path / "exact", CKPT, device="cuda", dtype=torch.float32, exact=True, **run)
+    got, ref = features(out), features(tmp_path / "exact")
+    assert got.keys() == ref.keys()
+    cls = min(torch.cosine_similarity(got[k], ref[k], dim=-1).min().item() for k in ref if k[1] == "cls")
+    tokens = min(torch.cosine_similarity(got[k], ref[k], dim=-1).min().item() for k in ref if k[1] == "patches")
+    print(f"\nGPU decoding with a CPU share of 0.5 vs exact: min token cosine {tokens:.6f}, min CLS cosine {cls:.8f}")
     assert tokens >= 0.999 and cls >= 0.99999

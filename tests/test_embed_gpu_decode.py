@@ -166,32 +166,36 @@ def test_box_factor_keeps_both_sides_at_or_above_the_target():
     assert gpu_decode.box_factor((100, 100), (60, 60)) == 1  # under twice the target: no block average
 
 
+@pytest.mark.parametrize("orientation", [1, 6, 7])
 @pytest.mark.parametrize("k", [2, 4, 8])
-def test_box_reduce_is_the_block_mean(k):
+def test_box_reduce_is_the_exact_block_mean(k, orientation):
+    """The block mean of any strided view (the decoder's interleaved pixels, turned upright as a view), exact:
+    float32 holds every sum of at most 64 bytes and the division by k * k."""
     g = torch.Generator().manual_seed(k)
     hwc = torch.randint(0, 256, (37, 53, 3), dtype=torch.uint8, generator=g)
-    chw = hwc.permute(2, 0, 1)  # a strided view, as the hardware decoder's interleaved output is taken
-    h, w = 37 // k, 53 // k
-    blocks = hwc.numpy()[: h * k, : w * k].astype(np.float64).reshape(h, k, w, k, 3)
+    chw = upright(hwc.permute(2, 0, 1), orientation)  # a strided view, as the hardware decoder's output is taken
+    pixels = chw.permute(1, 2, 0).numpy()
+    h, w = pixels.shape[0] // k, pixels.shape[1] // k
+    blocks = pixels[: h * k, : w * k].astype(np.float64).reshape(h, k, w, k, 3)
     expected = torch.from_numpy(blocks.mean(axis=(1, 3))).permute(2, 0, 1).float()
     got = gpu_decode.box_reduce(chw, k)
     assert got.shape == (3, h, w) and got.dtype == torch.float32
-    assert_close(got, expected)
+    assert torch.equal(got, expected)
 
 
 def test_large_jpeg_is_block_averaged_then_resized():
-    """An image over twice its target: the rows are the k x k block mean of the decoded pixels, resized with
-    antialiased bilinear filtering and normalized (each step computed here from Pillow's decoded pixels)."""
+    """An image over twice its target: the rows are the k x k block mean of the decoded pixels as stored,
+    turned upright, resized with antialiased bilinear filtering and normalized (each step computed here)."""
     big = Image.open(DATA / "more" / "hubble_wide.jpg").convert("RGB").resize((1603, 1201), Image.BICUBIC)
-    data = jpeg_bytes(big, 6)  # stored turned: the block mean is taken on the upright pixels
+    data = jpeg_bytes(big, 6)  # stored turned: the block mean is taken as stored, then turned upright
     plan = plan_jpeg(data, "big", PRE)
     k = gpu_decode.box_factor(plan.original, plan.target)
     assert k >= 2
     ((rows, grid),) = cpu_decoder().decode([plan])
     decoded = torchvision_io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    up = upright(decoded, 6).numpy().astype(np.float64)
-    h, w = up.shape[1] // k, up.shape[2] // k
-    mean = torch.from_numpy(up[:, : h * k, : w * k].reshape(3, h, k, w, k).mean(axis=(2, 4))).float()
+    stored = decoded.numpy().astype(np.float64)  # the block mean as stored, then turned upright
+    h, w = stored.shape[1] // k, stored.shape[2] // k
+    mean = upright(torch.from_numpy(stored[:, : h * k, : w * k].reshape(3, h, k, w, k).mean(axis=(2, 4))).float(), 6)
     x = torch.nn.functional.interpolate(mean[None], size=plan.target, mode="bilinear", antialias=True)[0]
     x = (x / 255 - torch.tensor(PRE.mean)[:, None, None]) / torch.tensor(PRE.std)[:, None, None]
     from dinov3_packing.packing import patchify
@@ -323,3 +327,57 @@ def test_gpu_path_features_stay_close_to_the_exact_path(tmp_path):
         f"{cls_cos.min():.8f}"
     )
     assert token_cos.min() >= 0.999 and cls_cos.min() >= 0.99999
+
+
+def test_the_cpu_share_is_picked_by_key():
+    """`embed(cpu_decode_share=...)`: which JPEGs the workers decode although the GPU decodes depends on the
+    key alone (the same records on every run and resume), takes about the share asked for, and a larger share
+    takes every key a smaller one took."""
+    keys = [f"/data/photos/{i:05d}.jpg" for i in range(4000)]
+    assert not any(job.takes_cpu_share(k, 0.0) for k in keys)
+    assert all(job.takes_cpu_share(k, 1.0) for k in keys)
+    picked = {share: {k for k in keys if job.takes_cpu_share(k, share)} for share in (0.2, 0.5)}
+    assert 0.17 < len(picked[0.2]) / len(keys) < 0.23 and 0.46 < len(picked[0.5]) / len(keys) < 0.54
+    assert picked[0.2] < picked[0.5]
+    assert picked[0.2] == {k for k in keys if job.takes_cpu_share(k, 0.2)}
+
+
+def test_a_cpu_share_of_jpegs_is_decoded_in_the_worker():
+    """With GPU decoding and a CPU share, the picked JPEGs leave the worker as the CPU path's rows (uint8
+    rows on CUDA, float rows here), the others as jobs for the device."""
+    data = ASTRONAUT.read_bytes()
+    keys = [f"img{i}.jpg" for i in range(40)]
+    units = job.DecodedUnits([], PRE, gpu=True, cpu_share=0.5)
+    chunk = [units.decoded(key, data) for key in keys]
+    on_cpu = [job.takes_cpu_share(k, 0.5) for k in keys]
+    assert 0 < sum(on_cpu) < len(keys)
+    assert [("rows" in r, "job" in r) for r in chunk] == [(c, not c) for c in on_cpu]
+    ref_rows, ref_grid, _ = PRE.rows(data)
+    for record in (r for r, c in zip(chunk, on_cpu, strict=True) if c):
+        assert record["grid"] == ref_grid and torch.equal(record["rows"], ref_rows)
+    pixels = job.DecodedUnits([], PRE, gpu=True, pixels=True, cpu_share=1.0).decoded("a.jpg", data)
+    assert pixels["rows8"].dtype == torch.uint8 and "job" not in pixels
+
+
+@pytest.mark.parametrize(
+    ("share", "error", "match"),
+    [
+        (-0.1, ValueError, r"cpu_decode_share: expected a number from 0 to 1, got -0.1"),
+        (1.5, ValueError, r"cpu_decode_share: expected a number from 0 to 1, got 1.5"),
+        ("0.5", TypeError, r"cpu_decode_share: expected a number from 0 to 1, got '0.5'"),
+        (True, TypeError, r"cpu_decode_share: expected a number"),
+    ],
+)
+def test_a_bad_cpu_share_is_refused_before_compute(tmp_path, share, error, match):
+    with pytest.raises(error, match=match):
+        job.embed(DATA, tmp_path / "out", "random:vits16", device="cpu", cpu_decode_share=share, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_refuses_a_bad_cpu_share_in_one_line(tmp_path, capfd):
+    args = ["embed", str(DATA), "--ckpt", "random:vits16", "--out", str(tmp_path / "o"), "--cpu-decode-share", "2"]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capfd.readouterr().err.strip()
+    assert "--cpu-decode-share: expected a number from 0 to 1, got '2'" in err and "\n" not in err

@@ -93,8 +93,8 @@ def test_pixels_decoded_in_workers_give_the_features_of_rows(tmp_path, tiny_ckpt
     embed(src, rows, tiny_ckpt, workers=1, batch_tokens=200, **FAST)
     real = job.decode_loader
 
-    def pixels_loader(units, preprocessor, device, workers, gpu):
-        loader = real(units, preprocessor, device, workers, gpu)
+    def pixels_loader(units, preprocessor, device, workers, gpu, cpu_share=0.0):
+        loader = real(units, preprocessor, device, workers, gpu, cpu_share)
         loader.dataset.pixels = True  # what CUDA gets: uint8 pixels, rows made in the runner
         return loader
 

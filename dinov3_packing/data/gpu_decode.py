@@ -14,11 +14,12 @@ pixels with antialiased bilinear filtering to the target the plan names and norm
 batch cannot decode is decoded alone, and one that still fails comes back as its exception, for the caller
 to take the CPU path. An image at least twice its target in both sides is first averaged over k x k
 blocks (k = 2, 4 or 8, the largest that keeps both sides >= the target: what the CPU path's JPEG draft
-decoding does in the DCT), in half precision, then resized: resizing a 12 MP photo straight from its
-36 M float pixels cost 0.35 ms of the SMs per image on the H200 (`benchmarks/hw_jpeg_probe.py`), a quarter
-of the ViT-L forward's time per image. Otherwise the arithmetic is the exact path's (rescale 1/255, resize
-floats, normalize); the decoded pixels may differ from libjpeg's by a level, so the exact path
-(`exact=True`, the `fixed` policy) always decodes on the CPU.
+decoding does in the DCT; as stored, before it is turned upright), exactly and in one pass over the bytes
+(`ops.triton.box_mean`), then resized: resizing a 12 MP photo straight from its 36 M float pixels cost
+0.35 ms of the SMs per image on the H200 (`benchmarks/hw_jpeg_probe.py`), a quarter of the ViT-L
+forward's time per image. Otherwise the
+arithmetic is the exact path's (rescale 1/255, resize floats, normalize); the decoded pixels may differ
+from libjpeg's by a level, so the exact path (`exact=True`, the `fixed` policy) always decodes on the CPU.
 
 torchvision is optional, and nvImageCodec (`nvidia-nvimgcodec-cu13` / `-cu12` with `nvidia-nvjpeg`) an
 optional accelerator on top of it: `require_gpu_decoding` says what is missing when GPU decoding is asked
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..ops.triton.box_mean import box_mean
 from ..packing import patchify
 from .decode import open_image, upright_size
 from .preprocess import Preprocessor
@@ -103,10 +105,9 @@ def box_factor(size: tuple[int, int], target: tuple[int, int]) -> int:
 
 def box_reduce(x: torch.Tensor, k: int) -> torch.Tensor:
     """`[C, H, W]` uint8 pixels (any strides) averaged over k x k blocks: float32 `[C, H // k, W // k]` (the
-    last `H % k` rows and `W % k` columns are dropped). On CUDA in half precision (integers to 255 are exact
-    in it; the average is accumulated in float32 and rounded once, within 1/16 of a level)."""
-    dtype = torch.float16 if x.is_cuda else torch.float32
-    return F.avg_pool2d(x[None].to(dtype), k)[0].float()
+    last `H % k` rows and `W % k` columns are dropped), exact (`ops.triton.box_mean`: one Triton pass on
+    CUDA, torch ops elsewhere)."""
+    return box_mean(x, k)
 
 
 def nvimgcodec_missing() -> str | None:
@@ -135,7 +136,7 @@ def hardware_decode_fn(device: torch.device) -> Callable[..., list[torch.Tensor 
 
     def decode(data: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
         stream = torch.cuda.current_stream(device).cuda_stream
-        images = decoder.decode([d.numpy().tobytes() for d in data], params=params, cuda_stream=stream)
+        images = decoder.decode([_encoded(d) for d in data], params=params, cuda_stream=stream)
         return [
             ValueError("the hardware JPEG decoder could not decode it")
             if im is None
@@ -144,6 +145,18 @@ def hardware_decode_fn(device: torch.device) -> Callable[..., list[torch.Tensor 
         ]
 
     return decode
+
+
+def _encoded(data: torch.Tensor):
+    """A JPEG's bytes for nvImageCodec without a copy: a `CodeStream` over the tensor's memory as a numpy array
+    (the tensor outlives the call), a copy of its bytes where this nvImageCodec takes none."""
+    from nvidia import nvimgcodec
+
+    array = data.numpy()
+    try:
+        return nvimgcodec.CodeStream(array)
+    except TypeError:
+        return array.tobytes()
 
 
 def gpu_decoding_missing() -> str | None:
@@ -249,11 +262,12 @@ class GpuJpegDecoder:
     def _rows(self, pixels: torch.Tensor, job: JpegJob) -> tuple[torch.Tensor, tuple[int, int]] | Exception:
         if pixels.ndim != 3 or pixels.shape[0] != 3:
             return ValueError(f"{job.key}: decoded to {tuple(pixels.shape)}, expected 3 colour planes")
-        x = upright(pixels, job.orientation)
-        if tuple(x.shape[1:]) != job.original:
+        if tuple(upright(pixels, job.orientation).shape[1:]) != job.original:
             return ValueError(f"{job.key}: decoded to {tuple(pixels.shape)}, the header says {job.original} upright")
+        # The block mean is taken as the pixels are stored (the rows and columns left over are at the
+        # stored bottom and right) and the small result turned upright.
         k = box_factor(job.original, job.target)
-        x = box_reduce(x, k) if k > 1 else x.float()
+        x = upright(box_reduce(pixels, k) if k > 1 else pixels.float(), job.orientation)
         if tuple(x.shape[1:]) != job.target:
             x = F.interpolate(x[None], size=job.target, mode="bilinear", align_corners=False, antialias=True)[0]
         x = x * self._scale + self._shift

@@ -36,6 +36,7 @@ import queue
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -154,9 +155,15 @@ class DecodedUnits(IterableDataset):
     """
 
     def __init__(
-        self, units: Sequence[tuple[Record, ...]], preprocessor: Preprocessor, gpu: bool = False, pixels: bool = False
+        self,
+        units: Sequence[tuple[Record, ...]],
+        preprocessor: Preprocessor,
+        gpu: bool = False,
+        pixels: bool = False,
+        cpu_share: float = 0.0,
     ):
         self.units, self.preprocessor, self.gpu, self.pixels = list(units), preprocessor, gpu, pixels
+        self.cpu_share = cpu_share
 
     def __iter__(self):
         info = get_worker_info()
@@ -174,9 +181,19 @@ class DecodedUnits(IterableDataset):
     def decoded(self, key: str, data: bytes | Exception) -> dict:
         if isinstance(data, Exception):
             return {"path": key, "error": _reason(data)}
-        if self.gpu and (job := plan_jpeg(data, key, self.preprocessor)) is not None:
-            return {"path": key, "job": job}
+        if self.gpu and not takes_cpu_share(key, self.cpu_share):
+            if (job := plan_jpeg(data, key, self.preprocessor)) is not None:
+                return {"path": key, "job": job}
         return _cpu_rows(self.preprocessor, key, data, self.pixels)
+
+
+def takes_cpu_share(key: str, share: float) -> bool:
+    """Whether the record `key` is among the `share` of JPEGs decoded on the CPU although the GPU decodes
+    (`embed(cpu_decode_share=...)`): a hash of the key against the share, so a rerun or a resume picks the
+    same records and a record's features do not depend on which worker or when it was read."""
+    if share <= 0:
+        return False
+    return share >= 1 or zlib.crc32(key.encode("utf-8", "surrogateescape")) < share * 2**32
 
 
 def _cpu_rows(preprocessor: Preprocessor, key: str, data: bytes, pixels: bool = False) -> dict:
@@ -275,6 +292,7 @@ def embed(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     exact: bool | None = None,
     decode: str = "cpu",
+    cpu_decode_share: float = 0.0,
     batch_tokens: int = 16384,
     oversize: str = "own",
     device: torch.device | str | None = None,
@@ -311,6 +329,11 @@ def embed(
         decode: "cpu" (default: Pillow in the DataLoader workers), "gpu" (JPEGs through nvJPEG on the model's
             CUDA device, other files and failures on the CPU; needs torchvision), "auto" (the GPU where it
             can run, else the CPU). The exact path always decodes on the CPU.
+        cpu_decode_share: with GPU decoding, the fraction of JPEGs (0 to 1) the DataLoader workers decode on
+            the CPU instead, to put the cores the GPU path leaves idle to work (`takes_cpu_share`: picked by
+            a hash of the key, the same records on every run). The two paths' pixels differ slightly (both
+            within the fast path's bounds against the exact one); run.json records the share, and a resume
+            must use the same.
         batch_tokens: token budget of one forward (prefix tokens included), see `budget.py`.
         oversize: an image above `batch_tokens`: "own" runs it in a pack of its own and reports it (key and
             tokens, once), "error" stops the run with a ValueError naming it.
@@ -356,6 +379,10 @@ def embed(
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{arg}: expected True, False or None, got {value!r}")
     check_max_pixels(max_pixels)
+    if not isinstance(cpu_decode_share, (int, float)) or isinstance(cpu_decode_share, bool):
+        raise TypeError(f"cpu_decode_share: expected a number from 0 to 1, got {cpu_decode_share!r}")
+    if not 0 <= cpu_decode_share <= 1:
+        raise ValueError(f"cpu_decode_share: expected a number from 0 to 1, got {cpu_decode_share!r}")
     if not isinstance(ckpt, str):
         raise TypeError(f"ckpt: expected a checkpoint name or path, got {type(ckpt).__name__}")
     # Checks the resizing arguments before the model loads; the real one takes the model's patch size.
@@ -389,6 +416,9 @@ def embed(
             "save": list(save),
             "patch_dtype": str(patch_dtype).removeprefix("torch.") if "patches" in save else None,
         }
+        cpu_share = float(cpu_decode_share) if decode == "gpu" else 0.0
+        if cpu_share:  # only when set: run folders made before the option still resume
+            settings["cpu_decode_share"] = cpu_share
         # Rank 0 holds the lock for every rank of the job; a refusal there stops all of them.
         _on_rank0(world, rank, lambda: store.acquire(settings, overwrite))
         model = load_checkpoint(name, device, dtype, attn_backend, fused_mlp).model
@@ -426,7 +456,7 @@ def embed(
         writer = BackgroundWriter(store.writer(rank, save, patch_dtype, shard_size))
         packer = TokenBudgetPacker(batch_tokens, oversize="own")
         alone: dict[str, int] = {}
-        loader = decode_loader(mine, preprocessor, device, workers, gpu=gpu is not None)
+        loader = decode_loader(mine, preprocessor, device, workers, gpu=gpu is not None, cpu_share=cpu_share)
         bar = tqdm(total=count, unit="img", disable=not progress or rank != 0, dynamic_ncols=True, smoothing=0.05)
         meter = Meter()  # from here on the main loop's time is accounted stage by stage
         runner = _PackRunner(model, preprocessor, writer, save, meter)
@@ -494,14 +524,19 @@ def embed(
 
 
 def decode_loader(
-    units: Sequence[tuple[Record, ...]], preprocessor: Preprocessor, device: torch.device, workers: int, gpu: bool
+    units: Sequence[tuple[Record, ...]],
+    preprocessor: Preprocessor,
+    device: torch.device,
+    workers: int,
+    gpu: bool,
+    cpu_share: float = 0.0,
 ) -> DataLoader:
     """The DataLoader `embed` reads its chunks from (`benchmarks/embed_throughput.py` times this one too):
     8-bit images as uint8 rows on CUDA, float32 rows on the CPU (`DecodedUnits`), pinned on CUDA (unless
     `PIN_THREAD` is off)."""
     cuda = device.type == "cuda"
     return DataLoader(
-        DecodedUnits(units, preprocessor, gpu=gpu, pixels=cuda),
+        DecodedUnits(units, preprocessor, gpu=gpu, pixels=cuda, cpu_share=cpu_share),
         batch_size=None,
         num_workers=workers,
         pin_memory=cuda and PIN_THREAD,

@@ -186,7 +186,8 @@ class OutputFolder:
                     f"out: {str(run_file)!r} is not valid JSON ({e}); pass overwrite=True to start over"
                 ) from None
             if previous != settings:
-                diff = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+                keys = [*settings, *(k for k in previous if k not in settings)]  # a setting either side lacks too
+                diff = {k: (previous.get(k), settings.get(k)) for k in keys if previous.get(k) != settings.get(k)}
                 raise ValueError(
                     f"out: {str(self.out)!r} holds results of a run with other settings ({diff}); pass overwrite=True "
                     "to start over, or use another folder"
