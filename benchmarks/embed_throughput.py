@@ -326,9 +326,9 @@ def parse() -> argparse.Namespace:
     )
     ap.add_argument(
         "--cpu-decode-share",
-        default="0",
+        default=None,
         help="with --decode gpu: the share(s), comma-separated, of JPEGs the workers decode on the CPU instead "
-        "(embed's cpu_decode_share); each is a run of its own",
+        f"(embed's cpu_decode_share, default {job.CPU_DECODE_SHARE}); each is a run of its own",
     )
     ap.add_argument("--trace-stack", action="store_true", help="--trace with Python's calls (slower still)")
     ap.add_argument(
@@ -359,7 +359,8 @@ def parse() -> argparse.Namespace:
     if args.switch_interval is not None and not args.switch_interval > 0:
         ap.error(f"--switch-interval: expected seconds > 0, got {args.switch_interval}")
     try:
-        args.shares = [float(x) for x in args.cpu_decode_share.split(",")]
+        text = str(job.CPU_DECODE_SHARE) if args.cpu_decode_share is None else args.cpu_decode_share
+        args.shares = [float(x) for x in text.split(",")]
     except ValueError:
         args.shares = None
     if not args.shares or not all(0 <= x <= 1 for x in args.shares):

@@ -30,6 +30,7 @@ MAX_PIXELS = 64_000_000
 # `data.gpu_decode.DECODE_CHOICES` and the defaults of `apps.embed.embed` (same test).
 DECODE_CHOICES = ("cpu", "gpu", "auto")
 DECODE = "cpu"
+CPU_DECODE_SHARE = 0.35  # `apps.embed.job.CPU_DECODE_SHARE`
 IMAGE_COLUMN = "image"
 
 
@@ -169,10 +170,10 @@ def add_embed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu-decode-share",
         type=_share,
-        default=0.0,
+        default=None,
         metavar="F",
         help="with --decode gpu: the fraction of JPEGs the workers decode on the CPU instead (picked by a hash of "
-        "each key, the same on every run), to use the cores GPU decoding leaves idle; default 0",
+        f"each key, the same on every run), to use the cores GPU decoding leaves idle; default {CPU_DECODE_SHARE}",
     )
     parser.add_argument(
         "--image-column",

@@ -51,15 +51,23 @@ def test_parsing_imports_no_torch_and_copies_agree():
     defaults = inspect.signature(embed).parameters
     assert cli.DECODE_CHOICES == DECODE_CHOICES and cli.DECODE == defaults["decode"].default
     assert cli.IMAGE_COLUMN == defaults["image_column"].default
+    from dinov3_packing.apps.embed import job
+
+    assert cli.CPU_DECODE_SHARE == job.CPU_DECODE_SHARE and defaults["cpu_decode_share"].default is None
 
 
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        ([], {"compile": None, "exact": None, "decode": "cpu", "image_column": "image", "workers": None}),
         (
-            ["--no-compile", "--exact", "--decode", "auto", "--image-column", "jpg", "--workers", "3"],
-            {"compile": False, "exact": True, "decode": "auto", "image_column": "jpg", "workers": 3},
+            [],
+            {"compile": None, "exact": None, "decode": "cpu", "image_column": "image", "workers": None}
+            | {"cpu_decode_share": None},
+        ),
+        (
+            "--no-compile --exact --decode auto --image-column jpg --workers 3 --cpu-decode-share 0.2".split(),
+            {"compile": False, "exact": True, "decode": "auto", "image_column": "jpg", "workers": 3}
+            | {"cpu_decode_share": 0.2},
         ),
     ],
 )

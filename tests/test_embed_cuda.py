@@ -228,10 +228,11 @@ def test_one_process_on_cuda_1_times_and_waits_on_cuda_1(tmp_path, monkeypatch):
 
 
 def test_gpu_decoding_features_stay_close_to_the_exact_path(tmp_path):
-    """`embed(decode="gpu")` (nvImageCodec's hardware decoder where installed, else torchvision's nvJPEG;
-    the helper thread, `job.GPU_DECODE_THREAD`) against `embed(exact=True)` on the CPU's decode, fp32, the
-    bundled photos and two camera-size JPEGs (one EXIF-rotated; block mean 4 x 4 on the device): the same
-    bounds as the CPU fast path's (min token cosine >= 0.999, min CLS cosine >= 0.99999)."""
+    """`embed(decode="gpu", cpu_decode_share=0)` (every JPEG on the device: nvImageCodec's hardware decoder
+    where installed, else torchvision's nvJPEG; the helper thread, `job.GPU_DECODE_THREAD`) against
+    `embed(exact=True)` on the CPU's decode, fp32, the bundled photos and two camera-size JPEGs (one
+    EXIF-rotated; block mean 4 x 4 on the device): the same bounds as the CPU fast path's (min token cosine
+    >= 0.999, min CLS cosine >= 0.99999)."""
     from test_decode import camera_jpeg
 
     from dinov3_packing.data.files import sample_image_paths
@@ -246,7 +247,7 @@ def test_gpu_decoding_features_stay_close_to_the_exact_path(tmp_path):
         (src / p.name).write_bytes(p.read_bytes())
     run = dict(RUN, max_tokens=1024, batch_tokens=4096)
     backend = GpuJpegDecoder(Preprocessor(max_tokens=1024), "cuda").backend
-    embed(src, tmp_path / "gpu", CKPT, device="cuda", dtype=torch.float32, decode="gpu", **run)
+    embed(src, tmp_path / "gpu", CKPT, device="cuda", dtype=torch.float32, decode="gpu", cpu_decode_share=0, **run)
     embed(src, tmp_path / "exact", CKPT, device="cuda", dtype=torch.float32, exact=True, **run)
     got, ref = features(tmp_path / "gpu"), features(tmp_path / "exact")
     assert got.keys() == ref.keys()
@@ -283,7 +284,9 @@ def test_a_cpu_share_with_gpu_decoding_is_recorded_and_stays_close(tmp_path):
     embed(src, out, CKPT, device="cuda", dtype=torch.float32, decode="gpu", cpu_decode_share=0.5, **run)
     assert json.loads((out / "run.json").read_text())["cpu_decode_share"] == 0.5
     with pytest.raises(ValueError, match=r"other settings.*'cpu_decode_share': \(0.5, None\)"):
-        embed(src, out, CKPT, device="cuda", dtype=torch.float32, decode="gpu", **run)
+        embed(src, out, CKPT, device="cuda", dtype=torch.float32, decode="gpu", cpu_decode_share=0, **run)
+    with pytest.raises(ValueError, match=r"other settings.*'cpu_decode_share': \(0.5, 0.35\)"):
+        embed(src, out, CKPT, device="cuda", dtype=torch.float32, decode="gpu", **run)  # the default share
     embed(src, tmp_path / "exact", CKPT, device="cuda", dtype=torch.float32, exact=True, **run)
     got, ref = features(out), features(tmp_path / "exact")
     assert got.keys() == ref.keys()

@@ -78,6 +78,10 @@ chunk ahead of the main loop (True, the default; `GPU_DECODE_AHEAD` chunks at mo
 calls (a batched hardware decode returns when its images are decoded) do not hold up the launch of the next
 pack; False decodes in the main loop, on the side stream (the earlier behaviour, an A/B switch)."""
 GPU_DECODE_AHEAD = 2
+CPU_DECODE_SHARE = 0.35
+"""`embed(cpu_decode_share=None)` with GPU decoding: the share of JPEGs the workers decode on the CPU. The
+best of 0, 0.35 and 0.5 on the H200 (16 vCPUs) with ViT-L on 12 MP camera photos, 2026-12-03: 55.6%, 85.2%
+and 72.3% of the model alone (benchmarks/results/RESULTS.md)."""
 WORKER_NICENESS = 10
 """Added to each decode worker's nice value: with a worker per core, the main process's threads (launching
 packs, pinning chunks, writing shards) would otherwise queue behind the decoders for CPU time."""
@@ -292,7 +296,7 @@ def embed(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     exact: bool | None = None,
     decode: str = "cpu",
-    cpu_decode_share: float = 0.0,
+    cpu_decode_share: float | None = None,
     batch_tokens: int = 16384,
     oversize: str = "own",
     device: torch.device | str | None = None,
@@ -333,7 +337,7 @@ def embed(
             the CPU instead, to put the cores the GPU path leaves idle to work (`takes_cpu_share`: picked by
             a hash of the key, the same records on every run). The two paths' pixels differ slightly (both
             within the fast path's bounds against the exact one); run.json records the share, and a resume
-            must use the same.
+            must use the same. None (default): `CPU_DECODE_SHARE` with GPU decoding.
         batch_tokens: token budget of one forward (prefix tokens included), see `budget.py`.
         oversize: an image above `batch_tokens`: "own" runs it in a pack of its own and reports it (key and
             tokens, once), "error" stops the run with a ValueError naming it.
@@ -379,6 +383,8 @@ def embed(
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{arg}: expected True, False or None, got {value!r}")
     check_max_pixels(max_pixels)
+    if cpu_decode_share is None:
+        cpu_decode_share = CPU_DECODE_SHARE
     if not isinstance(cpu_decode_share, (int, float)) or isinstance(cpu_decode_share, bool):
         raise TypeError(f"cpu_decode_share: expected a number from 0 to 1, got {cpu_decode_share!r}")
     if not 0 <= cpu_decode_share <= 1:
