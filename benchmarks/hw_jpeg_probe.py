@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import embed_throughput as et
 
 from dinov3_packing.apps.bench.timing import run_metadata
-from dinov3_packing.data.gpu_decode import box_reduce
+from dinov3_packing.ops.triton.box_mean import box_mean
 
 
 def emit(out, **row):
@@ -224,11 +224,11 @@ def main() -> int:
         "float16 copy + avg_pool2d 4x4 + float32 bilinear aa (embed's GPU path to 2026-12-02)": lambda: F.interpolate(
             F.avg_pool2d(hwc.permute(2, 0, 1)[None].half(), 4).float(), size=target, mode="bilinear", antialias=True
         ),
-        "gpu_decode.box_reduce 4x4 alone (float32 sum of the bytes)": lambda: box_reduce(hwc.permute(2, 0, 1), 4),
-        "gpu_decode.box_reduce 4x4 + float32 bilinear aa (embed's GPU path)": lambda: F.interpolate(
-            box_reduce(hwc.permute(2, 0, 1), 4)[None], size=target, mode="bilinear", antialias=True
+        "ops.triton.box_mean 4x4 alone": lambda: box_mean(hwc.permute(2, 0, 1), 4),
+        "ops.triton.box_mean 4x4 + float32 bilinear aa (embed's GPU path)": lambda: F.interpolate(
+            box_mean(hwc.permute(2, 0, 1), 4)[None], size=target, mode="bilinear", antialias=True
         ),
-        "gpu_decode.GpuJpegDecoder._rows (box_reduce + resize + normalize + patchify)": lambda: rows_of(hwc),
+        "gpu_decode.GpuJpegDecoder._rows (box_mean + resize + normalize + patchify)": lambda: rows_of(hwc),
         "uint8 bilinear aa": lambda: F.interpolate(
             hwc.permute(2, 0, 1)[None].contiguous(), size=target, mode="bilinear", antialias=True
         ),

@@ -166,23 +166,6 @@ def test_box_factor_keeps_both_sides_at_or_above_the_target():
     assert gpu_decode.box_factor((100, 100), (60, 60)) == 1  # under twice the target: no block average
 
 
-@pytest.mark.parametrize("orientation", [1, 6, 7])
-@pytest.mark.parametrize("k", [2, 4, 8])
-def test_box_reduce_is_the_exact_block_mean(k, orientation):
-    """The block mean of any strided view (the decoder's interleaved pixels, turned upright as a view), exact:
-    float32 holds every sum of at most 64 bytes and the division by k * k."""
-    g = torch.Generator().manual_seed(k)
-    hwc = torch.randint(0, 256, (37, 53, 3), dtype=torch.uint8, generator=g)
-    chw = upright(hwc.permute(2, 0, 1), orientation)  # a strided view, as the hardware decoder's output is taken
-    pixels = chw.permute(1, 2, 0).numpy()
-    h, w = pixels.shape[0] // k, pixels.shape[1] // k
-    blocks = pixels[: h * k, : w * k].astype(np.float64).reshape(h, k, w, k, 3)
-    expected = torch.from_numpy(blocks.mean(axis=(1, 3))).permute(2, 0, 1).float()
-    got = gpu_decode.box_reduce(chw, k)
-    assert got.shape == (3, h, w) and got.dtype == torch.float32
-    assert torch.equal(got, expected)
-
-
 def test_large_jpeg_is_block_averaged_then_resized():
     """An image over twice its target: the rows are the k x k block mean of the decoded pixels as stored,
     turned upright, resized with antialiased bilinear filtering and normalized (each step computed here)."""

@@ -103,13 +103,6 @@ def box_factor(size: tuple[int, int], target: tuple[int, int]) -> int:
     return 1
 
 
-def box_reduce(x: torch.Tensor, k: int) -> torch.Tensor:
-    """`[C, H, W]` uint8 pixels (any strides) averaged over k x k blocks: float32 `[C, H // k, W // k]` (the
-    last `H % k` rows and `W % k` columns are dropped), exact (`ops.triton.box_mean`: one Triton pass on
-    CUDA, torch ops elsewhere)."""
-    return box_mean(x, k)
-
-
 def nvimgcodec_missing() -> str | None:
     """Why nvImageCodec's hardware decoder cannot be tried here (None when the package imports)."""
     try:
@@ -267,7 +260,7 @@ class GpuJpegDecoder:
         # The block mean is taken as the pixels are stored (the rows and columns left over are at the
         # stored bottom and right) and the small result turned upright.
         k = box_factor(job.original, job.target)
-        x = upright(box_reduce(pixels, k) if k > 1 else pixels.float(), job.orientation)
+        x = upright(box_mean(pixels, k) if k > 1 else pixels.float(), job.orientation)
         if tuple(x.shape[1:]) != job.target:
             x = F.interpolate(x[None], size=job.target, mode="bilinear", align_corners=False, antialias=True)[0]
         x = x * self._scale + self._shift
