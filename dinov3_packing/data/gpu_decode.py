@@ -17,9 +17,9 @@ blocks (k = 2, 4 or 8, the largest that keeps both sides >= the target: what the
 decoding does in the DCT; as stored, before it is turned upright), exactly and in one pass over the bytes
 (`ops.triton.box_mean`), then resized: resizing a 12 MP photo straight from its 36 M float pixels cost
 0.35 ms of the SMs per image on the H200 (`benchmarks/hw_jpeg_probe.py`), a quarter of the ViT-L
-forward's time per image. Otherwise the
-arithmetic is the exact path's (rescale 1/255, resize floats, normalize); the decoded pixels may differ
-from libjpeg's by a level, so the exact path (`exact=True`, the `fixed` policy) always decodes on the CPU.
+forward's time per image. Otherwise the arithmetic is the exact path's (rescale 1/255, resize floats,
+normalize); the decoded pixels may differ from libjpeg's by a level, so the exact path (`exact=True`, the
+`fixed` policy) always decodes on the CPU.
 
 torchvision is optional, and nvImageCodec (`nvidia-nvimgcodec-cu13` / `-cu12` with `nvidia-nvjpeg`) an
 optional accelerator on top of it: `require_gpu_decoding` says what is missing when GPU decoding is asked

@@ -335,9 +335,9 @@ def embed(
             can run, else the CPU). The exact path always decodes on the CPU.
         cpu_decode_share: with GPU decoding, the fraction of JPEGs (0 to 1) the DataLoader workers decode on
             the CPU instead, to put the cores the GPU path leaves idle to work (`takes_cpu_share`: picked by
-            a hash of the key, the same records on every run). The two paths' pixels differ slightly (both
-            within the fast path's bounds against the exact one); run.json records the share, and a resume
-            must use the same. None (default): `CPU_DECODE_SHARE` with GPU decoding.
+            a hash of the key, the same records on every run). The two paths' pixels differ slightly (how far
+            each moves the features from the exact path: docs/preprocess.md); run.json records the share,
+            and a resume must use the same. None (default): `CPU_DECODE_SHARE` with GPU decoding.
         batch_tokens: token budget of one forward (prefix tokens included), see `budget.py`.
         oversize: an image above `batch_tokens`: "own" runs it in a pack of its own and reports it (key and
             tokens, once), "error" stops the run with a ValueError naming it.
