@@ -471,3 +471,17 @@ def test_device_gaps_finds_the_idle_stretches_and_the_host_calls_in_them():
     assert first["host_calls"] == ["cudaHostAlloc", "cudaLaunchKernel"]
     assert (second["gap_us"], second["before"], second["after"], second["host_calls"]) == (30, "c", "d", [])
     assert device_gaps([ev("cpu_op", "x", 0, 5)])["gaps"] == 0
+
+
+def test_loader_receive_smoke(tmp_path):
+    """benchmarks/loader_receive.py on the CPU: a row per chunk size, every image received each pass."""
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "loader_receive.py"), "--chunks", "4,8", "--n", "24"]
+    subprocess.run([*cmd, "--workers", "1", "--rounds", "1", "--out", str(out)], check=True, capture_output=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["part"] == "meta"
+    receive = [r for r in rows if r["part"] == "receive"]
+    assert [r["chunk"] for r in receive] == [4, 8] and all(r["images"] == 24 for r in receive)
+    assert all(r["main_cpu_ms_per_image_median"] > 0 for r in receive)
+    bad = subprocess.run([*cmd[:2], "--chunks", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--chunks: expected comma-separated positive ints" in bad.stderr
