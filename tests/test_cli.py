@@ -170,13 +170,24 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path, tiny_ckpt):  # noqa: F
     out = tmp_path / "out"
     args = ["--ckpt", tiny_ckpt, "--workers", "1", "--shard-size", "1", "--batch-tokens", "80", "--no-progress"]
     cmd = [sys.executable, "-m", "dinov3_packing", "embed", str(src), "--out", str(out), "--device", "cpu", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # PYTHONFAULTHANDLER: should the run not exit after the interrupt, SIGABRT makes it print every
+    # thread's stack, and the failure shows where it hung (it did once in CI, 2026-12-03, not reproduced).
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(read_manifest(out)) < 2 and proc.poll() is None:
         time.sleep(0.005)
     assert proc.poll() is None, f"finished before the interrupt: {proc.stderr.read()[-2000:]}"
     os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    try:
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        proc.wait(timeout=30)
+        pytest.fail(f"still running 60 s after the interrupt; its stacks:\n{proc.stderr.read()[-8000:]}")
+    assert code == 130
     line = one_line(proc.stderr.read())
     assert line.startswith("interrupted: ") and f"kept in {out};" in line and "run the same command again" in line
     assert len(read_manifest(out)) < 30
