@@ -19,7 +19,7 @@ How each figure is measured (images/s over the whole set; every stage sees the s
              float32 rows: it read below `embed` end to end.
     embed    `embed()` end to end (decode, packing, copies, forwards, shards written). Timed from the host's
              return from a pack's forward call to embed's return, the pack being the first after which
-             both `WARM_PACKS` packs and twice the loader's queue (workers x `job.PREFETCH_CHUNKS` x
+             both `WARM_PACKS` packs and twice the loader's queue (workers x `job.prefetch_chunks()` x
              `job.DECODE_CHUNK` images) have gone through: worker start, model load, compilation and
              first-call kernel tuning fall in those first packs and are left out, with their images, and so
              are the images the workers decoded ahead while the model compiled (a full queue drains at the
@@ -173,7 +173,7 @@ def decode_pass(units, pre, device, workers, gpu, cpu_share=0.0) -> tuple[int, i
 def first_timed_pack(grids: list[torch.Tensor], workers: int) -> int:
     """The index of the first pack `embed` is timed from: after `WARM_PACKS` packs and twice the images
     the loader can hold decoded ahead (module docstring); len(grids) when there are not that many."""
-    queue = max(1, workers) * job.PREFETCH_CHUNKS * job.DECODE_CHUNK
+    queue = max(1, workers) * job.prefetch_chunks() * job.DECODE_CHUNK
     seen = 0
     for i, grid in enumerate(grids):
         if i >= WARM_PACKS and seen >= 2 * queue:

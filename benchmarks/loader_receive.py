@@ -51,7 +51,7 @@ def receive_pass(src: Path, chunk: int, workers: int) -> tuple[int, float, float
         job.DecodedUnits(units, Preprocessor(max_tokens=1024), gpu=False, pixels=True),
         batch_size=None,
         num_workers=workers,
-        prefetch_factor=job.PREFETCH_CHUNKS,
+        prefetch_factor=job.prefetch_chunks(),
         in_order=False,
     )
     images, cpu, wall = 0, time.process_time(), time.perf_counter()

@@ -434,7 +434,7 @@ def test_embed_is_timed_after_the_warm_packs_and_twice_the_loaders_queue():
         sys.path.remove(str(ROOT / "benchmarks"))
     from dinov3_packing.apps.embed import job
 
-    queue = 2 * job.PREFETCH_CHUNKS * job.DECODE_CHUNK  # two workers
+    queue = 2 * job.prefetch_chunks() * job.DECODE_CHUNK  # two workers
     packs = [torch.ones(10, 3, dtype=torch.long)] * 40  # ten images each
     first = first_timed_pack(packs, workers=2)
     assert first >= WARM_PACKS and 10 * first >= 2 * queue and 10 * (first - 1) < 2 * queue

@@ -65,7 +65,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Records per DataLoader item and per work unit of loose files and tar members: amortizes inter-process
 # overhead while a unit's decoded images stay small (8 camera photos at 1024 patches: 6 MB of uint8 pixels).
 DECODE_CHUNK = 8
-PREFETCH_CHUNKS = 4  # chunks each decode worker may have ready ahead of the main loop
+PREFETCH_IMAGES = 32
+"""Images each decode worker may have ready ahead of the main loop, in whole chunks (`prefetch_chunks`): 4
+chunks of `DECODE_CHUNK` 8, 2 (the least that keeps a worker busy while one waits) from 16 images a chunk."""
 PIN_THREAD = True
 """On CUDA, chunks cross into pinned memory in the DataLoader's pin-memory thread (True, the default), or
 stay in the workers' shared memory and the main loop copies them to the device from there (False: no
@@ -546,10 +548,16 @@ def decode_loader(
         batch_size=None,
         num_workers=workers,
         pin_memory=cuda and PIN_THREAD,
-        prefetch_factor=PREFETCH_CHUNKS if workers else None,
+        prefetch_factor=prefetch_chunks() if workers else None,
         in_order=False,  # a chunk is used as soon as any worker has one: features do not depend on order
         worker_init_fn=lower_priority,
     )
+
+
+def prefetch_chunks() -> int:
+    """The chunks each decode worker may have ready ahead: `PREFETCH_IMAGES` in chunks of `DECODE_CHUNK`, at
+    least 2."""
+    return max(2, -(-PREFETCH_IMAGES // DECODE_CHUNK))
 
 
 def lower_priority(worker_id: int) -> None:
