@@ -206,3 +206,77 @@ def test_graph_replays_match_the_launched_kernels_on_cuda():
         launched = model(*packs[0]).last_hidden_state.float()
     assert graphs.recorded == recorded + 1
     assert_close(changed, launched, rel_tol=2e-2, min_cos=0.9999)
+
+
+def _device_work_during_capture(model, errors: list) -> list:
+    """Runs 3 pack shapes through `model` with CUDA graphs on while, in the middle of each shape's capture,
+    another thread allocates new device memory on a stream of its own (cudaMalloc), synchronizes that
+    stream and pins host memory (cudaHostAlloc): what embed's GPU decoding and pin-memory threads do at any
+    time. A hook on the first block hands over to that thread while the capture is under way and waits for
+    it. Returns the thread's rounds done during captures; its exceptions go to `errors`."""
+    import threading
+
+    go, done, stop = threading.Event(), threading.Event(), threading.Event()
+    rounds = []
+
+    def other_thread():
+        stream = torch.cuda.Stream()
+        size = 64 << 20
+        while not stop.is_set():
+            if not go.wait(timeout=0.05):
+                continue
+            go.clear()
+            try:
+                with torch.cuda.stream(stream):
+                    size += 1 << 20  # a size the allocator has not cached: a cudaMalloc
+                    torch.empty(size, dtype=torch.uint8, device="cuda").fill_(1)
+                    stream.synchronize()
+                    torch.empty(size >> 8, dtype=torch.uint8).pin_memory()
+                rounds.append(size)
+            except Exception as e:
+                errors.append(e)
+            finally:
+                done.set()
+
+    def during_capture(module, args):
+        if torch.cuda.is_current_stream_capturing():
+            done.clear()
+            go.set()
+            assert done.wait(timeout=30), "the other thread did not answer"
+
+    thread = threading.Thread(target=other_thread, daemon=True)
+    thread.start()
+    hook = model.model.layer[0].register_forward_pre_hook(during_capture)
+    g = torch.Generator().manual_seed(1)
+    outs = []
+    try:
+        with torch.inference_mode():
+            graphs = enable_cuda_graphs(model)
+            for n in (3, 17, 40):
+                hw = torch.randint(4, 40, (n, 2), generator=g)
+                grid = torch.cat([torch.ones(n, 1, dtype=torch.long), hw], 1)
+                rows = torch.randn(int((hw[:, 0] * hw[:, 1]).sum()), model.patch_dim, generator=g).cuda()
+                outs.append((model(rows, grid).last_hidden_state.float(), rows, grid))
+            assert graphs.recorded == 3
+            hook.remove()
+            disable_cuda_graphs(model)
+            for got, rows, grid in outs:
+                assert_close(got, model(rows, grid).last_hidden_state.float(), rel_tol=2e-2, min_cos=0.9999)
+    finally:
+        hook.remove()
+        stop.set()
+        thread.join(timeout=30)
+    return rounds
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_shape_records_while_another_thread_works_on_the_device():
+    """A capture is not broken by another thread's device calls (`graphs.CAPTURE_ERROR_MODE`), and that
+    thread's calls succeed; the replays equal the launched kernels (bf16)."""
+    from dinov3_packing.weights.load import load_checkpoint
+
+    model = load_checkpoint("random:vits16", "cuda", torch.bfloat16).model
+    errors: list = []
+    rounds = _device_work_during_capture(model, errors)
+    assert not errors
+    assert len(rounds) == 3  # the other thread worked during each of the three captures

@@ -12,7 +12,8 @@ through every block), and the segments past it are empty. Every block's work is 
 which stays inside each segment, so the real tokens come out as without padding (`padded_stack_inputs`,
 checked on the CPU through the Triton kernel's interpreter in `tests/test_cuda_graphs.py`). Packs of at most
 64 images and 16,384 tokens meet at most 16384 / 512 = 32 shapes; each is recorded once (a warm-up run and a
-capture), all in one memory pool.
+capture), all in one memory pool. Other threads may use the device while a shape is recorded
+(`CAPTURE_ERROR_MODE`).
 
 What replays: the blocks only, for forwards autograd does not record, with the "triton" attention kernel
 (its grid and arguments follow from the shapes and `cu_seqlens` on the device; kernels taking the longest
@@ -33,6 +34,14 @@ from ..packing import PackedBatch, PackedLayout
 
 GRAPH_ATTENTION = ("triton",)  # kernels whose launch depends on shapes and device tensors only
 TOKEN_BUCKET = 512
+CAPTURE_ERROR_MODE = "thread_local"
+"""`torch.cuda.graph(capture_error_mode=...)`: only the recording thread is barred from calls that are unsafe
+during a capture (cudaMalloc, synchronizations). Other threads go on working on the device meanwhile:
+`embed`'s GPU decoding thread (nvImageCodec, torch's allocator) and the DataLoader's pin-memory thread. In
+the default mode ("global") their calls invalidated the capture: on the H200 (2026-12-03) a second `embed`
+call in one process, whose warm model recorded its first shape while the decoding thread ran, stopped with
+"operation failed due to a previous error during capture". Their work is on streams of their own, which
+the capture does not record, and their allocations come from the allocator's other pools."""
 
 
 def bucket_tokens(tokens: int, token_bucket: int = TOKEN_BUCKET) -> int:
@@ -106,7 +115,7 @@ class _Graph:
                 stack(inputs.x, inputs.batch, num_layers, False)
         torch.cuda.current_stream(inputs.x.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
             self.out, _ = stack(inputs.x, inputs.batch, num_layers, False)
 
     def run(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
