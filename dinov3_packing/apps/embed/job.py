@@ -83,7 +83,8 @@ GPU_DECODE_AHEAD = 2
 CPU_DECODE_SHARE = 0.35
 """`embed(cpu_decode_share=None)` with GPU decoding: the share of JPEGs the workers decode on the CPU. The
 best of 0, 0.35 and 0.5 on the H200 (16 vCPUs) with ViT-L on 12 MP camera photos, 2026-12-03: 55.6%, 85.2%
-and 72.3% of the model alone (benchmarks/results/RESULTS.md)."""
+and 72.3% of the model alone; on 6,000 photos (ninth session) 0.35 gave 91.4% and 90.6%, 0.4-0.45 with 32
+images a chunk 84-85% (benchmarks/results/RESULTS.md)."""
 WORKER_NICENESS = 10
 """Added to each decode worker's nice value: with a worker per core, the main process's threads (launching
 packs, pinning chunks, writing shards) would otherwise queue behind the decoders for CPU time."""
