@@ -10,8 +10,8 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              gradients against sdpa in fp32 (max relative difference).
     train    ViT-L mixed-64 training step, compiled: today's path (attn_backend="varlen", the MLP unfused, as
              before the issue) and the new one ("auto", which takes fa4, and the fused MLP with its backward)
-             interleaved round by round, the new one also with RoPE outside the fa4 op (`rope-outside`) and
-             with each recompute policy; images/s, MFU (3x
+             interleaved round by round, the new one also with RoPE outside the fa4 op (`rope-outside`), with
+             the MLP's GELU backward unfused (`gelu-composed`) and with each recompute policy; images/s, MFU (3x
              forward FLOPs over the measured bf16 matmul peak), memory (`step_mem_gib`: the step's peak above
              what was resident before it, i.e. above every loaded model's weights and this model's gradients
              of the previous step: activations and workspace; also per token), Hugging Face's
@@ -24,6 +24,10 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              per-parameter cosine (target >= 0.99).
     infer    inference, 4 x 2048 px, compiled: "auto" (fa4 past FA4_INFERENCE_MIN_SEQLEN) vs "triton", and
              "auto" with RoPE outside the fa4 op (`fused_rope=False`).
+    mlp-grad the MLP backward's product through the down-projection and the GELU derivative at ViT-L widths on
+             mixed-64's tokens (60,038 x 1024 -> 4096, bf16): the `gelu_grad` kernel (its epilogue also sums the
+             bias gradient) against cuBLAS + ATen's gelu_backward + the bias sum, eager and compiled; each
+             against fp32 (relative L2 error of both outputs). Needs no flash-attn-4.
 A part that fails writes an `error` row with its traceback and the next part runs.
 """
 
@@ -52,7 +56,8 @@ from dinov3_packing.weights.load import reference_model
 
 TODAY, NEW = "today: varlen, MLP unfused", "new: auto (fa4), fused MLP"
 ROPE_OUTSIDE = "new, RoPE outside the fa4 op (fused_rope=False)"
-PARTS = ("grads", "infer", "kernels", "train")  # the short parts first: train compiles four models (~6 min)
+GELU_COMPOSED = "new, GELU backward unfused (up-projection kernel + down_proj module, as before gelu_mlp)"
+PARTS = ("grads", "infer", "kernels", "mlp-grad", "train")  # short parts first: train compiles models (~70 s each)
 PREFIX = 5  # CLS + 4 registers
 
 
@@ -148,7 +153,7 @@ KERNEL_CLASSES = (
     ("attention FA2/FA3 (varlen)", r"flash_fwd|flash_bwd|pytorch_flash|FlashAttn"),
     ("attention triton", r"_varlen_fwd_kernel|_attn_fwd"),
     ("attention other (sdpa, mem-efficient)", r"fmha|efficient_attention"),
-    ("fused up-proj+GELU", r"linear_gelu"),
+    ("fused MLP GEMMs (up-proj+GELU fwd, GELU-grad bwd)", r"linear_gelu"),
     ("RoPE kernel (ops/triton/rope.py)", r"_rope_kernel"),
     ("GEMM (cuBLAS/CUTLASS)", r"gemm|nvjet|sm90_xmma|cutlass|cublas|Kernel2|splitK"),
     ("inductor fused (norms, RoPE, GELU, adds)", r"^triton_"),
@@ -187,11 +192,13 @@ def profile_step(fn, dev) -> tuple[dict, list, dict]:
     return dict(by_class), [(n[:120], ms) for n, ms in top], gaps
 
 
-SYSTEMS = ("today", "new", "rope-outside", "attention", "mlp", "autotune", "hf", "profile")
+SYSTEMS = ("today", "new", "rope-outside", "gelu-composed", "attention", "mlp", "autotune", "hf", "profile")
 """`--systems` of the train part: today's path, the new one, the new one with RoPE outside the fa4 op
-(`fused_rope=False`, as before ops/triton/rope.py), the new one with each recompute policy, the new one under
-max-autotune-no-cudagraphs, the Hugging Face loop, the profile of today's and the new step (and of
-rope-outside's when it runs)."""
+(`fused_rope=False`, as before ops/triton/rope.py), the new one with the MLP's training op replaced by the
+composition it replaced (`gelu-composed`: the up-projection kernel, then the down_proj module and a separate GELU
+backward; a no-op forward hook on each down_proj keeps `ops.mlp` on that path), the new one with each recompute
+policy, the new one under max-autotune-no-cudagraphs, the Hugging Face loop, the profile of today's and the new
+step (and of rope-outside's and gelu-composed's when they run)."""
 DEFAULT_SYSTEMS = ("today", "new", "attention", "mlp", "hf", "profile")
 
 
@@ -205,6 +212,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "today": (TODAY, "varlen", False, None, None),
         "new": (NEW, "auto", None, None, None),
         "rope-outside": (ROPE_OUTSIDE, "auto", None, None, None),
+        "gelu-composed": (GELU_COMPOSED, "auto", None, None, None),
         "attention": ("new + recompute attention", "auto", None, "attention", None),
         "mlp": ("new + recompute mlp", "auto", None, "mlp", None),
         # inductor's Triton GEMM templates, whose epilogues can take the GELU backward (slow compile)
@@ -218,6 +226,9 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
     for name, (backend, fused, policy) in systems.items():
         model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend, fused_mlp=fused)
         model.fused_rope = name != ROPE_OUTSIDE
+        if name == GELU_COMPOSED:
+            for block in model.model.layer:
+                block.mlp.down_proj.register_forward_hook(lambda module, args, output: None)
         models[name] = compile_model(apply_recompute(model.train(), policy), mode=modes[name])
     flops = 3 * forward_flops(next(iter(models.values())), grid)
 
@@ -274,7 +285,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                     }
                 ],
             )
-    for name in [n for n in (TODAY, NEW, ROPE_OUTSIDE) if n in models and "profile" in systems_asked]:
+    for name in [n for n in (TODAY, NEW, ROPE_OUTSIDE, GELU_COMPOSED) if n in models and "profile" in systems_asked]:
         by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev)
         total = sum(by_class.values())
         write_rows(
@@ -292,6 +303,36 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
             ],
         )
         models[name].zero_grad(set_to_none=True)
+
+
+def mlp_grad(out: str | None, tokens: int = 60_038) -> None:
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    grad_out = torch.randn(tokens, 1024, device=dev, generator=g).to(dt)
+    down_weight = (torch.randn(1024, 4096, device=dev, generator=g) / 64).to(dt)
+    pre = (2 * torch.randn(tokens, 4096, device=dev, generator=g)).to(dt)
+
+    def composed(grad_out, down_weight, pre):
+        grad_pre = torch.ops.aten.gelu_backward(grad_out @ down_weight, pre)
+        return grad_pre, grad_pre.sum(0)
+
+    systems = {
+        "gelu_grad kernel": lambda: torch.ops.dinov3_packing.gelu_grad(grad_out, down_weight, pre, True),
+        "cuBLAS + gelu_backward + sum, eager": lambda: composed(grad_out, down_weight, pre),
+        "cuBLAS + gelu_backward + sum, compiled": functools.partial(
+            torch.compile(composed), grad_out, down_weight, pre
+        ),
+    }
+    ref = composed(grad_out.float(), down_weight.float(), pre.float())
+    flops = 2 * tokens * 1024 * 4096
+    for name, fn in systems.items():
+        got = fn()
+        errors = [((a.float() - r).norm() / r.norm()).item() for a, r in zip(got, ref, strict=True)]
+        stats = measure(fn, dev)
+        row = {"part": "mlp-grad", "system": name, "ms": stats["median_s"] * 1e3}
+        row |= {"tflops": flops / stats["median_s"] / 1e12, "rel_l2_grad_pre": errors[0], "rel_l2_grad_bias": errors[1]}
+        print(row)
+        write_rows(out, [row])
 
 
 def grads(out: str | None) -> None:
@@ -374,7 +415,7 @@ def main() -> int:
         torch._dynamo.reset()  # each part's graphs count alone against Dynamo's recompile limit
         try:
             run = {"kernels": kernels, "train": functools.partial(train, systems_asked=systems)}
-            run |= {"grads": grads, "infer": infer}
+            run |= {"grads": grads, "infer": infer, "mlp-grad": mlp_grad}
             run[part](args.out)
         except Exception:  # one part's failure is recorded and the next part still runs
             failed += 1

@@ -2,9 +2,11 @@
 
 `feed_forward(mlp, x, batch)` runs a block's MLP module, or, when `batch.fused_mlp` is set and the module is
 a plain Hugging Face GELU MLP, its up-projection, bias and exact GELU as one Triton GEMM
-(`ops/triton/linear_gelu.py`, with a backward, so training takes it too) followed by the module's own
-down-projection; with `recompute=True` (`parallel.recompute`'s "mlp" policy) either path runs under
-non-reentrant checkpoint. `fused_mlp_setting` validates the model's `fused_mlp=` option; `fused_mlp_runs` is
+(`ops/triton/linear_gelu.py`) followed by the module's own down-projection. When autograd records and the
+down-projection is a plain `nn.Linear` too, the whole MLP runs as one custom op (`gelu_mlp`) whose backward
+fuses the GELU derivative and the up-projection's bias gradient into the GEMM that carries the gradient back
+through the down-projection (`gelu_grad`). With `recompute=True` (`parallel.recompute`'s "mlp" policy) any
+path runs under non-reentrant checkpoint. `fused_mlp_setting` validates the model's `fused_mlp=` option; `fused_mlp_runs` is
 the device/dtype gate.
 
 Every check here runs inside `torch.compile`'s region, and Dynamo reuses a graph for any module that passes
@@ -89,10 +91,90 @@ def _runs_forward(module: nn.Module, function) -> bool:
     return isinstance(forward, types.MethodType) and forward.__self__ is module and forward.__func__ is function
 
 
+def _down_is_plain(mlp: nn.Module) -> bool:
+    """Whether the down-projection is a plain `nn.Linear` with nothing attached, so that the training op may run
+    its product itself (`_is_plain` has checked the rest of the MLP and the global hooks)."""
+    down = mlp.down_proj
+    if type(down) is not nn.Linear or not _runs_forward(down, _LINEAR_FORWARD):
+        return False
+    return not (down._forward_hooks or down._forward_pre_hooks)
+
+
+def _records(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+
+
 def _run(mlp: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    if fused:
-        return mlp.down_proj(linear_gelu(x, mlp.up_proj.weight, mlp.up_proj.bias))
-    return mlp(x)
+    if not fused:
+        return mlp(x)
+    up, down = mlp.up_proj, mlp.down_proj
+    if _down_is_plain(mlp) and _records(x, up.weight, up.bias, down.weight, down.bias):
+        return gelu_mlp(x, up.weight, up.bias, down.weight, down.bias)
+    return down(linear_gelu(x, up.weight, up.bias))
+
+
+@torch.library.custom_op("dinov3_packing::gelu_mlp", mutates_args=())
+def _gelu_mlp_op(
+    x: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(down(gelu(up(x))), gelu(up(x)), up(x))``: the fused up-projection kernel storing the pre-activation, then
+    the down-projection (cuBLAS). The last two outputs are what the backward reads; nothing else should."""
+    h, pre = torch.ops.dinov3_packing.linear_gelu(x, up_weight, up_bias, True)
+    return F.linear(h, down_weight, down_bias), h, pre
+
+
+@_gelu_mlp_op.register_fake
+def _(x, up_weight, up_bias, down_weight, down_bias):
+    hidden = x.new_empty((*x.shape[:-1], up_weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], down_weight.shape[0])), hidden, torch.empty_like(hidden)
+
+
+def _gelu_mlp_setup_context(ctx, inputs, output) -> None:
+    x, up_weight, up_bias, down_weight, down_bias = inputs
+    _, h, pre = output
+    ctx.has_up_bias, ctx.has_down_bias = up_bias is not None, down_bias is not None
+    ctx.save_for_backward(x, up_weight, down_weight, h, pre)
+    ctx.mark_non_differentiable(h, pre)
+
+
+def _gelu_mlp_backward(ctx, grad_out: torch.Tensor, _grad_h, _grad_pre):
+    """The two linears' gradients, with the product through the down-projection and the GELU derivative as one
+    kernel (`gelu_grad`: its epilogue multiplies by gelu'(pre) and sums the up-projection's bias gradient), so
+    neither the gradient of the GELU output nor a separate elementwise pass over the 4D-wide activations remains."""
+    x, up_weight, down_weight, h, pre = ctx.saved_tensors
+    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+    g = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_w2 = g.t() @ h.reshape(-1, h.shape[-1]) if need_w2 else None
+    grad_b2 = g.sum(0) if ctx.has_down_bias and need_b2 else None
+    grad_x = grad_w1 = grad_b1 = None
+    if need_x or need_w1 or need_b1:
+        bias_grad = ctx.has_up_bias and need_b1
+        grad_pre, grad_b = torch.ops.dinov3_packing.gelu_grad(g, down_weight, pre.reshape(-1, pre.shape[-1]), bias_grad)
+        grad_x = (grad_pre @ up_weight).reshape(x.shape) if need_x else None
+        grad_w1 = grad_pre.t() @ x.reshape(-1, x.shape[-1]) if need_w1 else None
+        grad_b1 = grad_b if bias_grad else None
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+_gelu_mlp_op.register_autograd(_gelu_mlp_backward, setup_context=_gelu_mlp_setup_context)
+
+
+def gelu_mlp(
+    x: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``F.linear(F.gelu(F.linear(x, up_weight, up_bias)), down_weight, down_bias)`` (exact GELU) as one custom op
+    whose backward fuses the GELU derivative into the down-projection's input-gradient GEMM
+    (``torch.ops.dinov3_packing.gelu_grad``). For training: it keeps the GELU output and the pre-activation for the
+    backward, as the unfused MLP does (the down-projection's input and the GELU's)."""
+    return torch.ops.dinov3_packing.gelu_mlp(x, up_weight, up_bias, down_weight, down_bias)[0]
 
 
 def feed_forward(mlp: nn.Module, x: torch.Tensor, batch: PackedBatch, recompute: bool = False) -> torch.Tensor:

@@ -79,6 +79,14 @@ CONFIGS: list[dict] = [
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=4, EPI_SUBTILE=True, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=16, EPI_SUBTILE=True, num_warps=8, num_stages=4),
 ]
+# The GELU-backward GEMM (GRAD): its epilogue also reads a pre-activation tile through TMA, so 128x256 tiles take 3
+# stages (4 would pass the 227 KB of shared memory with the epilogue's buffers).
+GRAD_CONFIGS: list[dict] = [
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=True, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=False, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=True, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=4, EPI_SUBTILE=True, num_warps=8, num_stages=3),
+]
 # Pointer kernel (unaligned shapes, pre-Hopper GPUs).
 PTR_CONFIGS: list[dict] = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
@@ -140,6 +148,67 @@ if triton is not None:
         return pid_m, pid_n
 
     @triton.jit
+    def _gelu_grad(v):
+        """Exact GELU derivative ``Phi(v) + v * phi(v)`` of an fp32 tensor (normal CDF and density).
+
+        The CDF comes from the tail ``e = 2**-(t * Q'(t) + 1)`` of :func:`_gelu_folded` (``e`` is ``1 - Phi(|v|)``):
+        ``Phi(v) = 1 - e`` for v >= 0 and ``e`` below. The density term is clamped to |v| <= 16, where it has long
+        underflowed to 0, so that +-inf give 1 and 0 instead of ``inf * 0``.
+        """
+        t = tl.minimum(tl.abs(v), 5.656854249492381)
+        q = -5.128408924816711e-07
+        q = q * t + 9.55991799855837e-06
+        q = q * t - 7.497192748298707e-05
+        q = q * t + 0.00028434165869839473
+        q = q * t - 1.4980165308372113e-05
+        q = q * t - 0.006931130308657882
+        q = q * t + 0.05243477306021378
+        q = q * t + 0.459221452474594
+        q = q * t + 1.151104274111107
+        e = tl.exp2(-(q * t + 1.0))
+        cdf = tl.where(v >= 0.0, 1.0 - e, e)
+        vc = tl.minimum(tl.maximum(v, -16.0), 16.0)
+        # 1/sqrt(2*pi) * 2**(-v^2 * log2(e) / 2)
+        return cdf + vc * 0.3989422804014327 * tl.exp2(vc * vc * -0.7213475204444817)
+
+    @triton.jit
+    def _epilogue(
+        acc,
+        off_m,
+        off_n,
+        y_desc,
+        p_desc,
+        b_ptr,
+        N,
+        HAS_BIAS: tl.constexpr,
+        STORE_PRE: tl.constexpr,
+        EVEN_N: tl.constexpr,
+        GRAD: tl.constexpr,
+        WIDTH: tl.constexpr,
+    ):
+        """Store one [BLOCK_M, WIDTH] accumulator tile at (off_m, off_n).
+
+        Forward: y = gelu(acc + bias), and the pre-activation acc + bias when STORE_PRE. GRAD: y = acc * gelu'(pre)
+        with `pre` read through `p_desc`, and, when HAS_BIAS, the tile's column sums of y (fp32, before rounding)
+        added atomically to the fp32 bias gradient at `b_ptr`. Rows past M were loaded as zeros (TMA fill), so they
+        add nothing to the sums.
+        """
+        offs_n = off_n + tl.arange(0, WIDTH)
+        if GRAD:
+            g = acc * _gelu_grad(p_desc.load([off_m, off_n]).to(tl.float32))
+            if HAS_BIAS:
+                if EVEN_N:
+                    tl.atomic_add(b_ptr + offs_n, tl.sum(g, axis=0))
+                else:
+                    tl.atomic_add(b_ptr + offs_n, tl.sum(g, axis=0), mask=offs_n < N)
+            y_desc.store([off_m, off_n], g.to(y_desc.dtype))
+        else:
+            v = _add_bias(acc, b_ptr, offs_n, N, HAS_BIAS, EVEN_N)
+            if STORE_PRE:
+                p_desc.store([off_m, off_n], v.to(p_desc.dtype))
+            y_desc.store([off_m, off_n], _gelu_folded(v).to(y_desc.dtype))
+
+    @triton.jit
     def _linear_gelu_tma_kernel(
         x_desc,
         w_desc,
@@ -158,9 +227,14 @@ if triton is not None:
         GROUP_M: tl.constexpr,
         EPI_SUBTILE: tl.constexpr,
         NUM_SMS: tl.constexpr,
+        GRAD: tl.constexpr = False,
     ):
-        """Persistent: program p handles tiles p, p + NUM_SMS, ...; y = gelu(x @ w^T + b) through TMA, and the
-        pre-activation x @ w^T + b through `p_desc` when STORE_PRE."""
+        """Persistent: program p handles tiles p, p + NUM_SMS, ...
+
+        Forward (GRAD False): y = gelu(x @ w^T + b) with w [N, K], and the pre-activation through `p_desc` when
+        STORE_PRE. GRAD: y = (x @ w) * gelu'(pre) with w [K, N] (the down-projection's weight as it is stored) and
+        the bias gradient into `b_ptr` when HAS_BIAS (see `_epilogue`).
+        """
         start_pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -177,8 +251,10 @@ if triton is not None:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for ki in range(k_tiles):
                 a = x_desc.load([off_m, ki * BLOCK_K])
-                b = w_desc.load([off_n, ki * BLOCK_K])
-                acc = tl.dot(a, b.T, acc)
+                if GRAD:
+                    acc = tl.dot(a, w_desc.load([ki * BLOCK_K, off_n]), acc)
+                else:
+                    acc = tl.dot(a, w_desc.load([off_n, ki * BLOCK_K]).T, acc)
 
             tile_id_c += NUM_SMS
             pid_m, pid_n = _tile_pid(tile_id_c, num_pid_in_group, num_pid_m, GROUP_M)
@@ -187,20 +263,13 @@ if triton is not None:
             if EPI_SUBTILE:
                 halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
                 acc0, acc1 = tl.split(halves)
-                offs0 = off_n + tl.arange(0, BLOCK_N // 2)
-                v0 = _add_bias(acc0, b_ptr, offs0, N, HAS_BIAS, EVEN_N)
-                if STORE_PRE:
-                    p_desc.store([off_m, off_n], v0.to(p_desc.dtype))
-                y_desc.store([off_m, off_n], _gelu_folded(v0).to(y_desc.dtype))
-                v1 = _add_bias(acc1, b_ptr, offs0 + BLOCK_N // 2, N, HAS_BIAS, EVEN_N)
-                if STORE_PRE:
-                    p_desc.store([off_m, off_n + BLOCK_N // 2], v1.to(p_desc.dtype))
-                y_desc.store([off_m, off_n + BLOCK_N // 2], _gelu_folded(v1).to(y_desc.dtype))
+                off_n1 = off_n + BLOCK_N // 2
+                _epilogue(acc0, off_m, off_n, y_desc, p_desc, b_ptr, N, HAS_BIAS, STORE_PRE, EVEN_N, GRAD, BLOCK_N // 2)
+                _epilogue(
+                    acc1, off_m, off_n1, y_desc, p_desc, b_ptr, N, HAS_BIAS, STORE_PRE, EVEN_N, GRAD, BLOCK_N // 2
+                )
             else:
-                v = _add_bias(acc, b_ptr, off_n + tl.arange(0, BLOCK_N), N, HAS_BIAS, EVEN_N)
-                if STORE_PRE:
-                    p_desc.store([off_m, off_n], v.to(p_desc.dtype))
-                y_desc.store([off_m, off_n], _gelu_folded(v).to(y_desc.dtype))
+                _epilogue(acc, off_m, off_n, y_desc, p_desc, b_ptr, N, HAS_BIAS, STORE_PRE, EVEN_N, GRAD, BLOCK_N)
 
     @triton.jit
     def _linear_gelu_ptr_kernel(
@@ -261,7 +330,7 @@ if triton is not None:
         """Autotune pre-hook: the descriptors' block shapes follow the config being run."""
         bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
         nargs["x_desc"].block_shape = [bm, bk]
-        nargs["w_desc"].block_shape = [bn, bk]
+        nargs["w_desc"].block_shape = [bk, bn] if nargs.get("GRAD") else [bn, bk]
         nargs["y_desc"].block_shape = [bm, bn // 2 if nargs["EPI_SUBTILE"] else bn]
         nargs["p_desc"].block_shape = nargs["y_desc"].block_shape
 
@@ -270,9 +339,14 @@ if triton is not None:
         return triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=pre_hook)
 
     # STORE_PRE is part of the key: the second store changes the epilogue's cost and shared memory.
+    _even_n = triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})(_linear_gelu_tma_kernel)
     _tma_autotuned = triton.autotune(
         configs=[_triton_config(c, _set_desc_blocks) for c in CONFIGS], key=["N", "K", "STORE_PRE"]
-    )(triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})(_linear_gelu_tma_kernel))
+    )(_even_n)
+    # The backward's kernel (GRAD) loads the pre-activation in its epilogue: its own list, shallower pipelines.
+    _grad_autotuned = triton.autotune(
+        configs=[_triton_config(c, _set_desc_blocks) for c in GRAD_CONFIGS], key=["N", "K", "HAS_BIAS"]
+    )(_even_n)
     _ptr_autotuned = triton.autotune(configs=[_triton_config(c) for c in PTR_CONFIGS], key=["N", "K", "STORE_PRE"])(
         triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_linear_gelu_ptr_kernel)
     )
@@ -307,6 +381,38 @@ _TUNING_LOCK = threading.Lock()
 def _tma_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, store_pre: bool) -> tuple:
     bias_dtype = None if bias is None else bias.dtype
     return (weight.shape[0], x.shape[1], store_pre, x.dtype, weight.dtype, bias_dtype, x.device)
+
+
+def _launch_tma(x, weight, y, p, b, flags: dict, config: dict | None, key: tuple, grad: bool) -> None:
+    """Launch the persistent TMA kernel: `config`, else the config tuned earlier for `key`, else the autotuner
+    (whose choice is kept under `key`). `weight` is [N, K] for the forward and [K, N] for `grad`."""
+    M, K = x.shape
+    N = y.shape[1]
+    num_sms = _device_info(x.device)[0]
+    if config is None and key in _TUNED_TMA:
+        config = _TUNED_TMA[key]
+    c = dict(config or (GRAD_CONFIGS if grad else CONFIGS)[0])  # the descriptors' blocks; the pre-hook resets them
+    bn_store = c["BLOCK_N"] // 2 if c.get("EPI_SUBTILE") else c["BLOCK_N"]
+    x_desc = TensorDescriptor.from_tensor(x, [c["BLOCK_M"], c["BLOCK_K"]])
+    w_desc = TensorDescriptor.from_tensor(
+        weight, [c["BLOCK_K"], c["BLOCK_N"]] if grad else [c["BLOCK_N"], c["BLOCK_K"]]
+    )
+    y_desc = TensorDescriptor.from_tensor(y, [c["BLOCK_M"], bn_store])
+    p_desc = TensorDescriptor.from_tensor(p, [c["BLOCK_M"], bn_store]) if p is not y else y_desc
+
+    def grid(meta):
+        return (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+    args = (x_desc, w_desc, y_desc, p_desc, b, M, N, K)
+    if config is None:
+        tuner = _grad_autotuned if grad else _tma_autotuned
+        with _TUNING_LOCK:  # `best_config` is the autotuner's last choice: read it before another launch
+            tuner[grid](*args, **flags, NUM_SMS=num_sms, GRAD=grad)
+            best = tuner.best_config
+            _TUNED_TMA[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+    else:
+        even_n = N % c["BLOCK_N"] == 0
+        _linear_gelu_tma_kernel[grid](*args, **flags, EVEN_N=even_n, NUM_SMS=num_sms, GRAD=grad, **c)
 
 
 def launch_linear_gelu(
@@ -365,7 +471,7 @@ def launch_linear_gelu(
     p_arg = pre_out if store_pre else y  # never written when STORE_PRE is False
     flags = dict(HAS_BIAS=bias is not None, STORE_PRE=store_pre)
 
-    num_sms, has_tma = _device_info(x.device)
+    has_tma = _device_info(x.device)[1]
     use_tma = TensorDescriptor is not None and has_tma and _tma_compatible(x, weight, y, p_arg)
     if kernel == "tma" and not use_tma:
         raise ValueError("linear_gelu: the TMA kernel needs Triton >= 3.4, sm_90+ and 16-byte aligned rows")
@@ -373,27 +479,7 @@ def launch_linear_gelu(
         use_tma = False
 
     if use_tma:
-        key = _tma_key(x, weight, bias, store_pre)
-        if config is None and key in _TUNED_TMA:
-            config = _TUNED_TMA[key]
-        c = dict(config or CONFIGS[0])  # block shapes for the descriptors; the autotuner's pre-hook resets them
-        bn_store = c["BLOCK_N"] // 2 if c.get("EPI_SUBTILE") else c["BLOCK_N"]
-        x_desc = TensorDescriptor.from_tensor(x, [c["BLOCK_M"], c["BLOCK_K"]])
-        w_desc = TensorDescriptor.from_tensor(weight, [c["BLOCK_N"], c["BLOCK_K"]])
-        y_desc = TensorDescriptor.from_tensor(y, [c["BLOCK_M"], bn_store])
-        p_desc = TensorDescriptor.from_tensor(p_arg, [c["BLOCK_M"], bn_store]) if store_pre else y_desc
-
-        def grid(meta):
-            return (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
-
-        args = (x_desc, w_desc, y_desc, p_desc, b_arg, M, N, K)
-        if config is None:
-            with _TUNING_LOCK:  # `best_config` is the autotuner's last choice: read it before another launch
-                _tma_autotuned[grid](*args, **flags, NUM_SMS=num_sms)
-                best = _tma_autotuned.best_config
-                _TUNED_TMA[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
-        else:
-            _linear_gelu_tma_kernel[grid](*args, **flags, EVEN_N=N % c["BLOCK_N"] == 0, NUM_SMS=num_sms, **c)
+        _launch_tma(x, weight, y, p_arg, b_arg, flags, config, _tma_key(x, weight, bias, store_pre), grad=False)
         return y
 
     def grid(meta):
@@ -406,6 +492,60 @@ def launch_linear_gelu(
         c = {k: v for k, v in config.items() if k != "EPI_SUBTILE"}
         _linear_gelu_ptr_kernel[grid](*args, **flags, EVEN_K=K % c["BLOCK_K"] == 0, **c)
     return y
+
+
+def launch_gelu_grad(
+    grad_out: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, bias_grad: bool, config: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The GELU MLP's backward through its activation, one TMA GEMM: ``grad_pre = (grad_out @ weight) *
+    gelu'(pre)`` (exact erf derivative, one rounding from fp32) and, with ``bias_grad``, the up-projection's bias
+    gradient ``grad_pre.sum(0)`` summed in fp32 from the unrounded products (atomic adds per tile, so its last bits
+    may differ between runs), in ``pre``'s dtype.
+
+    ``grad_out`` ``[M, K]`` (the MLP output's gradient), ``weight`` ``[K, N]`` (the down-projection's weight as
+    ``nn.Linear`` stores it), ``pre`` ``[M, N]`` (the saved pre-activation). Needs what the forward's TMA kernel
+    needs (sm_90+, Triton's TensorDescriptor, 16-byte aligned rows); ``config``: one entry of
+    :data:`GRAD_CONFIGS`, else autotuned. Runs under ``TRITON_INTERPRET=1`` on CPU tensors (pass ``config``).
+    """
+    if triton is None or TensorDescriptor is None:
+        raise RuntimeError("gelu_grad kernel needs Triton >= 3.4, which is not installed")
+    M, K = grad_out.shape
+    N = weight.shape[1]
+    if weight.shape[0] != K or pre.shape != (M, N):
+        raise ValueError(
+            f"gelu_grad: grad_out {tuple(grad_out.shape)}, weight {tuple(weight.shape)} and pre {tuple(pre.shape)} "
+            "do not match ([M, K], [K, N], [M, N])"
+        )
+    grad_out, weight, pre = grad_out.contiguous(), weight.contiguous(), pre.contiguous()
+    grad_pre = torch.empty_like(pre)
+    if not (_device_info(grad_out.device)[1] and _tma_compatible(grad_out, weight, pre, grad_pre)):
+        raise ValueError("gelu_grad: the TMA kernel needs sm_90+ and 16-byte aligned rows")
+    grad_b = torch.zeros(N, device=pre.device, dtype=torch.float32) if bias_grad else None
+    if M and N:
+        if K == 0:
+            grad_pre.zero_()
+        else:
+            key = ("grad", N, K, bias_grad, grad_out.dtype, weight.dtype, pre.dtype, pre.device)
+            flags = dict(HAS_BIAS=bias_grad, STORE_PRE=False)
+            b_arg = grad_b if bias_grad else grad_pre  # never written without bias_grad
+            _launch_tma(grad_out, weight, grad_pre, pre, b_arg, flags, config, key, grad=True)
+    return grad_pre, None if grad_b is None else grad_b.to(pre.dtype)
+
+
+def gelu_grad_supported(grad_out: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor) -> bool:
+    """True when :func:`gelu_grad` runs the Triton kernel: CUDA tensors of one fp16/bf16 dtype on one sm_90+
+    device (the kernel is TMA-only), 2-D shapes that match, 16-byte aligned rows; not under the interpreter."""
+    if triton is None or TensorDescriptor is None or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    tensors = (grad_out, weight, pre)
+    if not all(t.is_cuda and t.device == pre.device and t.dtype == pre.dtype for t in tensors):
+        return False
+    if pre.dtype not in _KERNEL_DTYPES or not all(t.dim() == 2 for t in tensors):
+        return False
+    M, K = grad_out.shape
+    if weight.shape[0] != K or pre.shape != (M, weight.shape[1]) or not _device_info(pre.device)[1]:
+        return False
+    return all((t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
 
 
 def linear_gelu_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -476,6 +616,27 @@ def _backward(ctx, grad_y: torch.Tensor, _grad_pre: torch.Tensor | None):
 
 
 _linear_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("dinov3_packing::gelu_grad", mutates_args=())
+def _gelu_grad_op(
+    grad_out: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, bias_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_pre, grad_bias)``: ``grad_pre = (grad_out @ weight) * gelu'(pre)`` for 2-D ``grad_out [M, K]``,
+    ``weight [K, N]``, ``pre [M, N]``, and ``grad_pre.sum(0)`` when ``bias_grad`` (else an empty tensor). The Triton
+    kernel (:func:`launch_gelu_grad`) where :func:`gelu_grad_supported`, else the torch ops (a matmul, ATen's
+    ``gelu_backward``, a sum: what autograd through the unfused MLP runs)."""
+    if gelu_grad_supported(grad_out, weight, pre):
+        grad_pre, grad_b = launch_gelu_grad(grad_out, weight, pre, bias_grad)
+    else:
+        grad_pre = torch.ops.aten.gelu_backward(grad_out @ weight, pre)
+        grad_b = grad_pre.sum(0) if bias_grad else None
+    return grad_pre, pre.new_empty(0) if grad_b is None else grad_b
+
+
+@_gelu_grad_op.register_fake
+def _(grad_out: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, bias_grad: bool):
+    return torch.empty_like(pre), pre.new_empty(pre.shape[1] if bias_grad else 0)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
