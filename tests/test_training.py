@@ -205,6 +205,75 @@ def test_rope_augmentation_matches_hf_for_one_image_and_per_image():
     assert (both - eval_out).abs().max() > 100 * 1e-5 * eval_out.abs().max()
 
 
+_MIXED_HW = [(3, 2), (1, 1), (48, 14), (14, 48), (37, 29), (2, 5)] * 7  # 42 segments: repeats, 1x1, non-square
+
+
+def test_packed_patch_coords_are_hf_coordinates_bit_for_bit():
+    from transformers.models.dinov3_vit.modeling_dinov3_vit import get_patches_center_coordinates
+
+    from dinov3_packing.model.layers import packed_patch_coords
+
+    cpu = torch.device("cpu")
+    ref = torch.cat([get_patches_center_coordinates(h, w, torch.float32, cpu) for h, w in _MIXED_HW])
+    got = packed_patch_coords(_MIXED_HW, cpu)
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+
+
+def test_training_rope_tables_equal_hf_augmentation_image_by_image():
+    """The training-mode angles of a 42-segment pack, built for all segments at once, against Hugging Face's
+    augmentation run image after image from the same seed (each segment's own shift, jitter, rescale, drawn in
+    HF's order): equal bit for bit (the same fp32 operations on the same draws; the draws' exp runs on a strided
+    [segments, 2] slice here, element by element as on HF's [2] tensor)."""
+    import math
+
+    from transformers.models.dinov3_vit.modeling_dinov3_vit import (
+        augment_patches_center_coordinates,
+        get_patches_center_coordinates,
+    )
+
+    from dinov3_packing.model.layers import DINOv3ViTPackedRopeEmbedding
+    from dinov3_packing.packing import PackedLayout
+
+    aug = dict(pos_embed_shift=0.1, pos_embed_jitter=1.3, pos_embed_rescale=2.0)
+    rope = DINOv3ViTPackedRopeEmbedding(tiny_config(**aug)).train()
+    layout = PackedLayout.build([(1, h, w) for h, w in _MIXED_HW], rope.num_prefix, "cpu")
+    torch.manual_seed(11)
+    got = rope.augmented_angles(layout, None)
+    torch.manual_seed(11)
+    parts = []
+    for h, w in _MIXED_HW:
+        coords = get_patches_center_coordinates(h, w, torch.float32, torch.device("cpu"))
+        coords = augment_patches_center_coordinates(coords, shift=0.1, jitter=1.3, rescale=2.0)
+        angles = (2 * math.pi * coords[:, :, None] * rope.inv_freq[None, None, :]).flatten(1, 2).tile(2)
+        parts.append(torch.cat([angles.new_zeros(rope.num_prefix, angles.shape[1]), angles]))
+    assert torch.equal(got, torch.cat(parts))
+
+
+def test_training_rope_tables_cost_a_few_ops_beyond_the_draws():
+    """Building the augmented tables runs the per-segment draws (three per segment) and a fixed number of ops
+    for the whole pack, not ~20 ops per segment as a loop over images would (on the GPU each is a launch, and a
+    64-image ViT-L step left the device waiting on them)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dinov3_packing.model.layers import DINOv3ViTPackedRopeEmbedding
+    from dinov3_packing.packing import PackedLayout
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket not in (torch.ops.aten.view, torch.ops.aten.slice, torch.ops.aten.select):
+                Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    aug = dict(pos_embed_shift=0.1, pos_embed_jitter=1.3, pos_embed_rescale=2.0)
+    rope = DINOv3ViTPackedRopeEmbedding(tiny_config(**aug)).train()
+    layout = PackedLayout.build([(1, h, w) for h, w in _MIXED_HW], rope.num_prefix, "cpu")
+    with Count():
+        rope(layout, torch.float32)
+    assert 3 * len(_MIXED_HW) <= Count.ops <= 3 * len(_MIXED_HW) + 40, Count.ops
+
+
 def test_rope_generator_makes_augmentation_reproducible():
     model, _ = _models(GELU, sharp=True, pos_embed_shift=0.1, pos_embed_rescale=2.0)
     hidden_states, grid = pack(_images([(2, 3), (2, 2)]), 16)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +47,26 @@ class DINOv3ViTPackedEmbeddings(DINOv3ViTEmbeddings):
         prefix = torch.cat([self.cls_token[0], self.register_tokens[0]]).to(patches.dtype)
         prefix_rows = prefix.expand(layout.num_segments, -1, -1).flatten(0, 1)
         return torch.cat([prefix_rows, patches])[layout.token_source]
+
+
+def packed_patch_coords(segment_hw: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """`[num_patches, 2]` fp32 (y, x) patch-centre coordinates in [-1, 1] of every segment in turn, in raster
+    order: `get_patches_center_coordinates(h, w)` of each segment, concatenated, with the same fp32 operations
+    ((i + 0.5) / n, then 2 * c - 1), so the same bits; computed on the host and sent in one copy that does not
+    block it."""
+    hs = np.array([h for h, _ in segment_hw], dtype=np.int64)
+    ws = np.array([w for _, w in segment_hw], dtype=np.int64)
+    counts = hs * ws
+    starts = np.cumsum(counts) - counts
+    index = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)
+    w_tok = np.repeat(ws, counts)
+    centre = np.stack([index // w_tok, index % w_tok], axis=1).astype(np.float32) + np.float32(0.5)
+    coords = centre / np.stack([np.repeat(hs, counts), w_tok], axis=1).astype(np.float32)
+    coords = np.float32(2.0) * coords - np.float32(1.0)
+    out = torch.from_numpy(coords)
+    if device.type == "cuda":
+        return out.pin_memory().to(device, non_blocking=True)
+    return out.to(device)
 
 
 class DINOv3ViTPackedRopeEmbedding(DINOv3ViTRopePositionEmbedding):
@@ -88,31 +109,47 @@ class DINOv3ViTPackedRopeEmbedding(DINOv3ViTRopePositionEmbedding):
     def patch_coords(self, h: int, w: int) -> torch.Tensor:
         return get_patches_center_coordinates(h, w, dtype=torch.float32, device=self.inv_freq.device)
 
-    def augmented_coords(self, h: int, w: int, generator: torch.Generator | None) -> torch.Tensor:
-        """Training-time coordinate augmentation for one segment, drawn as Hugging Face draws it for one
-        image (shift, then jitter, then rescale), from `generator` or the global RNG."""
-        cfg, coords = self.config, self.patch_coords(h, w)
-        draw = {"device": coords.device, "dtype": coords.dtype}
-        if cfg.pos_embed_shift is not None:
-            s = cfg.pos_embed_shift
-            coords = coords + torch.empty(1, 2, **draw).uniform_(-s, s, generator=generator)
-        if cfg.pos_embed_jitter is not None:
-            r = math.log(cfg.pos_embed_jitter)
-            coords = coords * torch.empty(1, 2, **draw).uniform_(-r, r, generator=generator).exp()
-        if cfg.pos_embed_rescale is not None:
-            r = math.log(cfg.pos_embed_rescale)
-            coords = coords * torch.empty(1, **draw).uniform_(-r, r, generator=generator).exp()
-        return coords
+    def augmented_angles(self, layout: PackedLayout, generator: torch.Generator | None) -> torch.Tensor:
+        """Angles `[num_tokens, head_dim]` of a training forward: every segment's patch coordinates augmented by
+        a draw of its own (shift, then jitter, then rescale, from `generator` or the global RNG), in segment
+        order, as Hugging Face draws them for one image after another; prefix rows are zero.
+
+        Only the draws go segment by segment (their random streams must be Hugging Face's); the coordinates
+        and angles of all segments are computed at once, so a pack of many images costs a few kernels instead
+        of some twenty per image (which left the GPU waiting on the host at the start of every step).
+        """
+        cfg, device = self.config, self.inv_freq.device
+        coords = packed_patch_coords(layout.segment_hw, device)
+        segment = layout.token_segment[layout.patch_index]
+        n = layout.num_segments
+        draws = torch.empty(n, 5, device=device, dtype=torch.float32)  # shift y, x; log jitter y, x; log rescale
+        shift, jitter, rescale = cfg.pos_embed_shift, cfg.pos_embed_jitter, cfg.pos_embed_rescale
+        for i in range(n):
+            if shift is not None:
+                draws[i, 0:2].uniform_(-shift, shift, generator=generator)
+            if jitter is not None:
+                draws[i, 2:4].uniform_(-math.log(jitter), math.log(jitter), generator=generator)
+            if rescale is not None:
+                draws[i, 4:5].uniform_(-math.log(rescale), math.log(rescale), generator=generator)
+        if shift is not None:
+            coords = coords + draws[:, 0:2][segment]
+        if jitter is not None:
+            coords = coords * draws[:, 2:4].exp()[segment]
+        if rescale is not None:
+            coords = coords * draws[:, 4:5].exp()[segment]
+        angles = 2 * math.pi * coords[:, :, None] * self.inv_freq[None, None, :]
+        angles = angles.flatten(1, 2).tile(2)
+        prefix_rows = angles.new_zeros(layout.prefix_index.numel(), angles.shape[1])
+        return torch.cat([prefix_rows, angles])[layout.token_source]
 
     def forward(
         self, layout: PackedLayout, dtype: torch.dtype, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training:
             # A fresh draw per segment and forward; never cached.
-            segments = [self.segment_angles(h, w, self.augmented_coords(h, w, generator)) for h, w in layout.segment_hw]
+            angles = self.augmented_angles(layout, generator)
         else:
-            segments = [self.segment_angles(h, w) for h, w in layout.segment_hw]
-        angles = torch.cat(segments)
+            angles = torch.cat([self.segment_angles(h, w) for h, w in layout.segment_hw])
         # rotate_half(x) * sin == swap_halves(x) * sin_signed, with sin_signed = cat(-sin_1, sin_2): the
         # sign moves into the table (exactly: negation is exact), and the layers avoid a cat and a neg.
         sin = angles.sin()
