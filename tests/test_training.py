@@ -219,11 +219,22 @@ def test_packed_patch_coords_are_hf_coordinates_bit_for_bit():
     assert got.dtype == torch.float32 and torch.equal(got, ref)
 
 
-def test_training_rope_tables_equal_hf_augmentation_image_by_image():
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check: needs CUDA (run on the device)"),
+        ),
+    ],
+)
+def test_training_rope_tables_equal_hf_augmentation_image_by_image(device):
     """The training-mode angles of a 42-segment pack, built for all segments at once, against Hugging Face's
     augmentation run image after image from the same seed (each segment's own shift, jitter, rescale, drawn in
     HF's order): equal bit for bit (the same fp32 operations on the same draws; the draws' exp runs on a strided
-    [segments, 2] slice here, element by element as on HF's [2] tensor)."""
+    [segments, 2] slice here, element by element as on HF's [2] tensor). On CUDA the draws fill 2-element slices
+    of one buffer, which must take the same Philox numbers as HF's fresh [1, 2] tensors."""
     import math
 
     from transformers.models.dinov3_vit.modeling_dinov3_vit import (
@@ -235,14 +246,14 @@ def test_training_rope_tables_equal_hf_augmentation_image_by_image():
     from dinov3_packing.packing import PackedLayout
 
     aug = dict(pos_embed_shift=0.1, pos_embed_jitter=1.3, pos_embed_rescale=2.0)
-    rope = DINOv3ViTPackedRopeEmbedding(tiny_config(**aug)).train()
-    layout = PackedLayout.build([(1, h, w) for h, w in _MIXED_HW], rope.num_prefix, "cpu")
+    rope = DINOv3ViTPackedRopeEmbedding(tiny_config(**aug)).train().to(device)
+    layout = PackedLayout.build([(1, h, w) for h, w in _MIXED_HW], rope.num_prefix, device)
     torch.manual_seed(11)
     got = rope.augmented_angles(layout, None)
     torch.manual_seed(11)
     parts = []
     for h, w in _MIXED_HW:
-        coords = get_patches_center_coordinates(h, w, torch.float32, torch.device("cpu"))
+        coords = get_patches_center_coordinates(h, w, torch.float32, torch.device(device))
         coords = augment_patches_center_coordinates(coords, shift=0.1, jitter=1.3, rescale=2.0)
         angles = (2 * math.pi * coords[:, :, None] * rope.inv_freq[None, None, :]).flatten(1, 2).tile(2)
         parts.append(torch.cat([angles.new_zeros(rope.num_prefix, angles.shape[1]), angles]))
