@@ -10,11 +10,33 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-import torch.nn.functional as F
-from transformers import DINOv3ViTConfig
 
+def _threads_per_worker() -> int | None:
+    """Under pytest-xdist (`-n auto`: one worker process per core), torch's default of one intra-op thread
+    per core in every worker puts twice as many busy threads as cores on a 2-core machine, and OpenMP's
+    threads then wait on descheduled partners. Measured on two cores (2026-12-06), `-n auto`: the whole
+    suite 301 s with two threads per worker, 202 s with one; test_parity_real_photographs 3.6 s against
+    1.6 s, and 51 s in a run while another process kept the cores busy (1.2 s alone). Each worker gets
+    its share of the cores instead, and so do the subprocesses it starts (OMP_NUM_THREADS is inherited);
+    an OMP_NUM_THREADS set by the caller is left as it is."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // workers)
+
+
+_THREADS = _threads_per_worker()
+if _THREADS is not None:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)  # before torch starts its thread pool; for subprocesses too
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import DINOv3ViTConfig  # noqa: E402
+
+if _THREADS is not None:
+    torch.set_num_threads(_THREADS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 
 REL_TOL = 1e-5

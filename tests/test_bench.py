@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_embed import tiny_ckpt  # noqa: F401  (fixture: a saved tiny random model)
 from torch import nn
 
 from dinov3_packing.apps.bench.timing import (
@@ -389,11 +390,13 @@ def test_ab_trees_drive_smoke(ab, tmp_path):
 
 
 @pytest.mark.slow
-def test_embed_throughput_smoke_runs_every_combination(tmp_path):
+def test_embed_throughput_smoke_runs_every_combination(tmp_path, tiny_ckpt):  # noqa: F811
     """Two sets (loose files and tar shards) in one process, as on the GPU: every combination writes its
-    JSON, with all three rates measured on the same images and a bound `embed` can report."""
+    JSON, with all three rates measured on the same images and a bound `embed` can report. The model is a
+    tiny saved checkpoint: the script's paths do not depend on its size, and random:vits16 made this the
+    suite's slowest test (25 s against 7 s on the 2-core runner, most of it the model passes it times)."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "embed_throughput.py"), "--set", "small,shards", "--n", "100"]
-    cmd += ["--data", str(tmp_path / "sets"), "--ckpt", "random:vits16", "--device", "cpu", "--max-tokens", "64"]
+    cmd += ["--data", str(tmp_path / "sets"), "--ckpt", tiny_ckpt, "--device", "cpu", "--max-tokens", "64"]
     cmd += ["--batch-tokens", "256", "--workers", "1", "--json", str(tmp_path / "out" / "e.json")]
     cmd += ["--decode-chunk", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
