@@ -54,8 +54,7 @@ INTERPRETER_CASES = [
 ]
 
 # The backward's GEMM (`launch_gelu_grad`, GRAD): (name, dtype, M, K, N, bias gradient, config): tails in M, N and
-# K, both epilogue forms, the pre-activation loaded before the K loop (PREFETCH_PRE), with and without the bias
-# gradient's atomic column sums, and production configs.
+# K, both epilogue forms, with and without the bias gradient's atomic column sums, and production configs.
 GRAD_CASES = [
     ("grad_fp32_tails", "float32", 130, 72, 200, True, _SMALL_TMA),
     ("grad_fp32_nosub", "float32", 130, 72, 200, True, _SMALL_NOSUB),
@@ -63,8 +62,6 @@ GRAD_CASES = [
     ("grad_fp16_tails", "float16", 130, 72, 200, True, _SMALL_TMA),
     ("grad_fp16_prod0", "float16", 300, 128, 512, True, lg.GRAD_CONFIGS[0]),
     ("grad_fp16_prod1", "float16", 130, 64, 256, True, lg.GRAD_CONFIGS[1]),
-    ("grad_fp32_prefetch", "float32", 130, 72, 200, True, dict(_SMALL_NOSUB, PREFETCH_PRE=True)),
-    ("grad_fp16_prefetch_prod4", "float16", 300, 128, 320, True, lg.GRAD_CONFIGS[4]),
 ]
 
 _INTERPRETER_SCRIPT = textwrap.dedent(

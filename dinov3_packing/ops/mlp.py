@@ -6,13 +6,16 @@ a plain Hugging Face GELU MLP, its up-projection, bias and exact GELU as one Tri
 down-projection is a plain `nn.Linear` too, the whole MLP runs as one custom op (`gelu_mlp`) whose backward
 fuses the GELU derivative and the up-projection's bias gradient into the GEMM that carries the gradient back
 through the down-projection (`gelu_grad`). With `recompute=True` (`parallel.recompute`'s "mlp" policy) any
-path runs under non-reentrant checkpoint. `fused_mlp_setting` validates the model's `fused_mlp=` option; `fused_mlp_runs` is
-the device/dtype gate.
+path runs under non-reentrant checkpoint. `fused_mlp_setting` validates the model's `fused_mlp=` option;
+`fused_mlp_runs` is the device/dtype gate.
 
 Every check here runs inside `torch.compile`'s region, and Dynamo reuses a graph for any module that passes
-the graph's guards, a module of another model of the same config included. So each check reads only what
-Dynamo guards: types, hook dicts, a batch field, and attributes looked up as Python looks them up (not
-`vars()`, whose contents Dynamo does not guard).
+the graph's guards, a module of another model of the same config included. So each check reads what Dynamo
+guards: types, a batch field, and attributes looked up as Python looks them up (not `vars()`, whose contents
+Dynamo does not guard). Module hooks are the exception: by default (`torch._dynamo.config.
+skip_nnmodule_hook_guards`) Dynamo does not guard them, so a hook added after a model of the same config was
+compiled may not be seen there (on the H100, a model whose down-projections had a forward hook ran another
+model's graph without recompiling); attach hooks before the first compiled call, or change a module's type.
 """
 
 from __future__ import annotations

@@ -89,12 +89,6 @@ GRAD_CONFIGS: list[dict] = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=False, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=True, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=4, EPI_SUBTILE=True, num_warps=8, num_stages=3),
-    dict(
-        BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=False, PREFETCH_PRE=True, num_warps=8, num_stages=4
-    ),
-    dict(
-        BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=False, PREFETCH_PRE=True, num_warps=8, num_stages=3
-    ),
 ]
 # Pointer kernel (unaligned shapes, pre-Hopper GPUs).
 PTR_CONFIGS: list[dict] = [
@@ -183,7 +177,6 @@ if triton is not None:
     @triton.jit
     def _epilogue(
         acc,
-        pre,
         off_m,
         off_n,
         y_desc,
@@ -198,14 +191,14 @@ if triton is not None:
     ):
         """Store one [BLOCK_M, WIDTH] accumulator tile at (off_m, off_n).
 
-        Forward: y = gelu(acc + bias), and the pre-activation acc + bias through `p_desc` when STORE_PRE (`pre` is
-        unused). GRAD: y = acc * gelu'(pre) for the pre-activation tile `pre`, and, when HAS_BIAS, the tile's column
-        sums of y (fp32, before rounding) added atomically to the fp32 bias gradient at `b_ptr`. Rows past M were
-        loaded as zeros (TMA fill), so they add nothing to the sums.
+        Forward: y = gelu(acc + bias), and the pre-activation acc + bias when STORE_PRE. GRAD: y = acc * gelu'(pre)
+        with `pre` read through `p_desc`, and, when HAS_BIAS, the tile's column sums of y (fp32, before rounding)
+        added atomically to the fp32 bias gradient at `b_ptr`. Rows past M were loaded as zeros (TMA fill), so they
+        add nothing to the sums.
         """
         offs_n = off_n + tl.arange(0, WIDTH)
         if GRAD:
-            g = acc * _gelu_grad(pre.to(tl.float32))
+            g = acc * _gelu_grad(p_desc.load([off_m, off_n]).to(tl.float32))
             if HAS_BIAS:
                 if EVEN_N:
                     tl.atomic_add(b_ptr + offs_n, tl.sum(g, axis=0))
@@ -238,15 +231,12 @@ if triton is not None:
         EPI_SUBTILE: tl.constexpr,
         NUM_SMS: tl.constexpr,
         GRAD: tl.constexpr = False,
-        PREFETCH_PRE: tl.constexpr = False,
     ):
         """Persistent: program p handles tiles p, p + NUM_SMS, ...
 
         Forward (GRAD False): y = gelu(x @ w^T + b) with w [N, K], and the pre-activation through `p_desc` when
         STORE_PRE. GRAD: y = (x @ w) * gelu'(pre) with w [K, N] (the down-projection's weight as it is stored) and
-        the bias gradient into `b_ptr` when HAS_BIAS (see `_epilogue`). PREFETCH_PRE (GRAD, whole-tile epilogue):
-        the tile's pre-activation is loaded before its K loop, so the load is in flight during the products
-        instead of stalling the epilogue.
+        the bias gradient into `b_ptr` when HAS_BIAS (see `_epilogue`).
         """
         start_pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -261,8 +251,6 @@ if triton is not None:
             pid_m, pid_n = _tile_pid(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
             off_m = pid_m * BLOCK_M
             off_n = pid_n * BLOCK_N
-            if PREFETCH_PRE:
-                pre_tile = p_desc.load([off_m, off_n])
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for ki in range(k_tiles):
                 a = x_desc.load([off_m, ki * BLOCK_K])
@@ -279,24 +267,12 @@ if triton is not None:
                 halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
                 acc0, acc1 = tl.split(halves)
                 off_n1 = off_n + BLOCK_N // 2
-                pre0, pre1 = acc0, acc1  # read only with GRAD
-                if GRAD:
-                    pre0 = p_desc.load([off_m, off_n])
-                    pre1 = p_desc.load([off_m, off_n1])
+                _epilogue(acc0, off_m, off_n, y_desc, p_desc, b_ptr, N, HAS_BIAS, STORE_PRE, EVEN_N, GRAD, BLOCK_N // 2)
                 _epilogue(
-                    acc0, pre0, off_m, off_n, y_desc, p_desc, b_ptr, N, HAS_BIAS, STORE_PRE, EVEN_N, GRAD, BLOCK_N // 2
-                )
-                _epilogue(
-                    acc1, pre1, off_m, off_n1, y_desc, p_desc, b_ptr, N, HAS_BIAS, STORE_PRE, EVEN_N, GRAD, BLOCK_N // 2
+                    acc1, off_m, off_n1, y_desc, p_desc, b_ptr, N, HAS_BIAS, STORE_PRE, EVEN_N, GRAD, BLOCK_N // 2
                 )
             else:
-                pre = acc  # read only with GRAD
-                if GRAD:
-                    if PREFETCH_PRE:
-                        pre = pre_tile
-                    else:
-                        pre = p_desc.load([off_m, off_n])
-                _epilogue(acc, pre, off_m, off_n, y_desc, p_desc, b_ptr, N, HAS_BIAS, STORE_PRE, EVEN_N, GRAD, BLOCK_N)
+                _epilogue(acc, off_m, off_n, y_desc, p_desc, b_ptr, N, HAS_BIAS, STORE_PRE, EVEN_N, GRAD, BLOCK_N)
 
     @triton.jit
     def _linear_gelu_ptr_kernel(
