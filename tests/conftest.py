@@ -88,3 +88,21 @@ def random_images(sizes, patch_size: int, seed: int = 0, channels: int = 3) -> l
 def reference_per_image(ref, images, **kwargs) -> list:
     """Hugging Face `DINOv3ViTModel` run image by image (a clip's frames as one batch): one output each."""
     return [ref(img if img.ndim == 4 else img[None], **kwargs) for img in images]
+
+
+def capturing_aot_backend():
+    """A `torch.compile` backend through AOTAutograd (as Inductor gets its graphs) that keeps the forward and the
+    backward FX graph it is handed, in the returned dict under "forward" and "backward", and runs them as they are."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def capture(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    return aot_autograd(fw_compiler=capture("forward"), bw_compiler=capture("backward")), graphs

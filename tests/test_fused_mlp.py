@@ -14,6 +14,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import capturing_aot_backend
 
 from dinov3_packing.model.modeling import DINOv3ViTPackingModel
 from dinov3_packing.ops.mlp import fused_mlp_runs, gelu_mlp
@@ -358,19 +359,7 @@ def test_compiled_training_runs_the_op_forward_and_gelu_grad_backward():
     """Under torch.compile with autograd (AOTAutograd, as Inductor runs it) the forward graph holds `gelu_mlp`
     once and the backward graph `gelu_grad` once, with no gelu_backward left beside it; gradients equal eager
     autograd through the unfused MLP."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {}
-
-    def capture(name):
-        def compiler(gm, example_inputs):
-            graphs[name] = gm
-            return make_boxed_func(gm.forward)
-
-        return compiler
-
-    backend = aot_autograd(fw_compiler=capture("forward"), bw_compiler=capture("backward"))
+    backend, graphs = capturing_aot_backend()
     fn = torch.compile(lambda *a: gelu_mlp(*a).square().sum(), backend=backend)
     leaves = _mlp_leaves(torch.float32, True)
     got = torch.autograd.grad(fn(*leaves), leaves)

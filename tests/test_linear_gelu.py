@@ -20,6 +20,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import capturing_aot_backend
 from triton_interpreter import run_interpreted
 
 from dinov3_packing.ops.triton import linear_gelu as lg
@@ -549,20 +550,8 @@ def test_compile_trains_through_the_op(monkeypatch):
     """Under torch.compile with autograd (AOTAutograd, as Inductor runs it) the forward graph holds the op once,
     with save_pre set, and the backward graph runs the registered formula (ATen's gelu_backward, no second call of
     the op): gradients equal eager autograd of the reference. The gate is forced open with a torch-ops launcher."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
     calls = _force_kernel_path(monkeypatch)
-    graphs = {}
-
-    def capture(name):
-        def compiler(gm, example_inputs):
-            graphs[name] = gm
-            return make_boxed_func(gm.forward)
-
-        return compiler
-
-    backend = aot_autograd(fw_compiler=capture("forward"), bw_compiler=capture("backward"))
+    backend, graphs = capturing_aot_backend()
     fn = torch.compile(lambda x, w, b: lg.linear_gelu(x, w, b).square().sum(), backend=backend)
     x, w, b = _inputs(M=9, K=64, N=48, requires_grad=True)
     got = torch.autograd.grad(fn(x, w, b), (x, w, b))

@@ -106,6 +106,23 @@ def linear_gelu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 if triton is not None:
 
     @triton.jit
+    def _normal_tail(v):
+        """``(t', E / 2)`` for an fp32 tensor: ``t' = min(|v|, 4 * sqrt(2))`` and the standard normal tail
+        ``1 - Phi(|v|) = 2**(-(t' * Q'(t') + 1))`` (floored past 4 * sqrt(2)), the shared term of the GELU and its
+        derivative (see :func:`_gelu_folded` for the polynomial)."""
+        t = tl.minimum(tl.abs(v), 5.656854249492381)
+        q = -5.128408924816711e-07
+        q = q * t + 9.55991799855837e-06
+        q = q * t - 7.497192748298707e-05
+        q = q * t + 0.00028434165869839473
+        q = q * t - 1.4980165308372113e-05
+        q = q * t - 0.006931130308657882
+        q = q * t + 0.05243477306021378
+        q = q * t + 0.459221452474594
+        q = q * t + 1.151104274111107
+        return t, tl.exp2(-(q * t + 1.0))
+
+    @triton.jit
     def _gelu_folded(v):
         """Exact GELU ``0.5 * v * (1 + erf(v / sqrt(2)))`` of an fp32 tensor, within 3e-7 absolute (module docstring).
 
@@ -117,17 +134,7 @@ if triton is not None:
         E has reached its floor, and t' keeps the negative tail bounded (|v| * E would grow with |v| and give NaN
         at +inf).
         """
-        t = tl.minimum(tl.abs(v), 5.656854249492381)
-        q = -5.128408924816711e-07
-        q = q * t + 9.55991799855837e-06
-        q = q * t - 7.497192748298707e-05
-        q = q * t + 0.00028434165869839473
-        q = q * t - 1.4980165308372113e-05
-        q = q * t - 0.006931130308657882
-        q = q * t + 0.05243477306021378
-        q = q * t + 0.459221452474594
-        q = q * t + 1.151104274111107
-        e = tl.exp2(-(q * t + 1.0))
+        t, e = _normal_tail(v)
         return tl.maximum(v, 0.0) - t * e
 
     @triton.jit
@@ -154,21 +161,11 @@ if triton is not None:
     def _gelu_grad(v):
         """Exact GELU derivative ``Phi(v) + v * phi(v)`` of an fp32 tensor (normal CDF and density).
 
-        The CDF comes from the tail ``e = 2**-(t * Q'(t) + 1)`` of :func:`_gelu_folded` (``e`` is ``1 - Phi(|v|)``):
+        The CDF comes from the tail ``e`` of :func:`_normal_tail` (``e`` is ``1 - Phi(|v|)``):
         ``Phi(v) = 1 - e`` for v >= 0 and ``e`` below. The density term is clamped to |v| <= 16, where it has long
         underflowed to 0, so that +-inf give 1 and 0 instead of ``inf * 0``.
         """
-        t = tl.minimum(tl.abs(v), 5.656854249492381)
-        q = -5.128408924816711e-07
-        q = q * t + 9.55991799855837e-06
-        q = q * t - 7.497192748298707e-05
-        q = q * t + 0.00028434165869839473
-        q = q * t - 1.4980165308372113e-05
-        q = q * t - 0.006931130308657882
-        q = q * t + 0.05243477306021378
-        q = q * t + 0.459221452474594
-        q = q * t + 1.151104274111107
-        e = tl.exp2(-(q * t + 1.0))
+        _, e = _normal_tail(v)
         cdf = tl.where(v >= 0.0, 1.0 - e, e)
         vc = tl.minimum(tl.maximum(v, -16.0), 16.0)
         # 1/sqrt(2*pi) * 2**(-v^2 * log2(e) / 2)
