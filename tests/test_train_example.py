@@ -28,7 +28,10 @@ ARGS += ["--optimizer", "sgd", "--lr", "0.3"]
 
 
 def _run(nproc: int, out: Path, *extra: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack. One clean-clone CI run of 460f2b2
+    # lost rank 0 of the 2-process run to SIGABRT ("terminate called without an active exception", nothing else);
+    # it passed in the next CI run and in three runs beside other tests.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", str(SCRIPT)]
     cmd += [*ARGS, *extra, "--out", str(out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
