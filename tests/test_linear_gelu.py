@@ -353,6 +353,14 @@ def test_gelu_grad_epilogue_accuracy(interpreter_results):
     assert pos_inf == 1.0 and 0.0 <= neg_inf < 1e-8, r
 
 
+def test_gelu_grad_launcher_names_mismatched_shapes():
+    g, w, pre = torch.empty(5, 64), torch.empty(64, 96), torch.empty(5, 96)
+    for args in ((g, w.t(), pre), (g, w, pre[:, :48]), (g[:4], w, pre)):
+        with pytest.raises(ValueError, match=r"gelu_grad: grad_out .* do not match \(\[M, K\], \[K, N\], \[M, N\]\)"):
+            lg.launch_gelu_grad(*args, True)
+    assert not lg.gelu_grad_supported(g, w, pre)  # CPU tensors never take the kernel
+
+
 def test_even_n_rule_of_the_autotuned_tma_kernel():
     """The autotuned TMA kernel drops the bias mask only when N is a multiple of the config's BLOCK_N (a wrong
     EVEN_N reads past the bias; the clipped TMA store would hide it from an output comparison)."""
