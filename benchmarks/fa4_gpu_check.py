@@ -23,7 +23,8 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              augmentation, autograd still on): cosine of all gradients flattened and the lowest
              per-parameter cosine (target >= 0.99).
     infer    inference, 4 x 2048 px, compiled: "auto" (fa4 past FA4_INFERENCE_MIN_SEQLEN) vs "triton", and
-             "auto" with RoPE outside the fa4 op (`fused_rope=False`).
+             "auto" with RoPE outside the fa4 op (`fused_rope=False`); then one forward of "auto" and of
+             "triton" under `torch.profiler` (`infer-profile` rows: kernel time by class, device gaps).
     mlp-grad the MLP backward's product through the down-projection and the GELU derivative at ViT-L widths on
              mixed-64's tokens (60,038 x 1024 -> 4096, bf16): the `gelu_grad` kernel (its epilogue also sums the
              bias gradient) against cuBLAS + ATen's gelu_backward + the bias sum, eager and compiled; each
@@ -397,6 +398,15 @@ def infer(out: str | None) -> None:
                     }
                 ],
             )
+    # Where each forward's time goes (kernel classes, device gaps): the fa4 path's time outside its attention
+    # kernel against the Triton path's is the open question of the 2048 px target.
+    for backend in ("auto", "triton"):
+        with torch.no_grad():
+            by_class, top, gaps = profile_step(lambda m=models[backend]: m(hs, grid), dev)
+        total = sum(by_class.values())
+        row = {"part": "infer-profile", "attn_backend": backend, "gpu_ms": total, "top_kernels_ms": top}
+        row |= {"by_class_ms": dict(sorted(by_class.items(), key=lambda kv: -kv[1])), "device_gaps": gaps}
+        write_rows(out, [row])
 
 
 def main() -> int:
