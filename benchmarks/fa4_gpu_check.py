@@ -36,9 +36,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gzip
 import json
+import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import traceback
@@ -170,10 +173,13 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
-def profile_step(fn, dev) -> tuple[dict, list, dict]:
+TRACE_DIR: str | None = None  # --trace-dir: where profile_step keeps each profiled call's gzipped Chrome trace
+
+
+def profile_step(fn, dev, name: str = "step") -> tuple[dict, list, dict]:
     """GPU kernel time of one call of `fn` by class (ms), the ten longest kernels, and where the device
     waited (`timing.device_gaps` of the call's trace: its gaps with the kernels around them and the host's
-    CUDA calls during them)."""
+    CUDA calls during them). With `TRACE_DIR` set, the trace is also kept there as `<name>.json.gz`."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -185,6 +191,11 @@ def profile_step(fn, dev) -> tuple[dict, list, dict]:
         prof.export_chrome_trace(f"{tmp}/step.json")
         with open(f"{tmp}/step.json") as f:
             gaps = device_gaps(json.load(f)["traceEvents"])
+        if TRACE_DIR is not None:
+            os.makedirs(TRACE_DIR, exist_ok=True)
+            slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+            with open(f"{tmp}/step.json", "rb") as f, gzip.open(f"{TRACE_DIR}/{slug}.json.gz", "wb") as z:
+                shutil.copyfileobj(f, z)
     by_class, by_name = defaultdict(float), defaultdict(float)
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
@@ -300,7 +311,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                 ],
             )
     for name in [n for n in (TODAY, NEW, ROPE_OUTSIDE, GELU_COMPOSED) if n in models and "profile" in systems_asked]:
-        by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev)
+        by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev, f"train {name}")
         total = sum(by_class.values())
         write_rows(
             out,
@@ -402,7 +413,7 @@ def infer(out: str | None) -> None:
     # kernel against the Triton path's is the open question of the 2048 px target.
     for backend in ("auto", "triton"):
         with torch.no_grad():
-            by_class, top, gaps = profile_step(lambda m=models[backend]: m(hs, grid), dev)
+            by_class, top, gaps = profile_step(lambda m=models[backend]: m(hs, grid), dev, f"infer {backend}")
         total = sum(by_class.values())
         row = {"part": "infer-profile", "attn_backend": backend, "gpu_ms": total, "top_kernels_ms": top}
         row |= {"by_class_ms": dict(sorted(by_class.items(), key=lambda kv: -kv[1])), "device_gaps": gaps}
@@ -423,7 +434,10 @@ def main() -> int:
         default=",".join(DEFAULT_SYSTEMS),
         help=f"train: comma-separated subset of {SYSTEMS} (each model compiles for ~70 s)",
     )
+    parser.add_argument("--trace-dir", default=None, help="keep each profiled call's Chrome trace here (gzipped)")
     args = parser.parse_args()
+    global TRACE_DIR
+    TRACE_DIR = args.trace_dir
     parts = args.parts.split(",")
     if not set(parts) <= set(PARTS):
         parser.error(f"--parts: expected a comma-separated subset of {PARTS}, got {args.parts!r}")
