@@ -62,6 +62,7 @@ from dinov3_packing.weights.load import reference_model
 TODAY, NEW = "today: varlen, MLP unfused", "new: auto (fa4), fused MLP"
 ROPE_OUTSIDE = "new, RoPE outside the fa4 op (fused_rope=False)"
 GELU_COMPOSED = "new, GELU backward unfused (up-projection kernel + down_proj module, as before gelu_mlp)"
+QUACK = "new, MLP GEMMs from quack-kernels (mlp_gemms='quack')"
 PARTS = ("grads", "infer", "kernels", "mlp-grad", "train")  # short parts first: train compiles models (~70 s each)
 PREFIX = 5  # CLS + 4 registers
 
@@ -217,13 +218,14 @@ class _ComposedLinear(torch.nn.Linear):
         return other
 
 
-SYSTEMS = ("today", "new", "rope-outside", "gelu-composed", "attention", "mlp", "autotune", "hf", "profile")
+SYSTEMS = ("today", "new", "quack", "rope-outside", "gelu-composed", "attention", "mlp", "autotune", "hf", "profile")
 """`--systems` of the train part: today's path, the new one, the new one with RoPE outside the fa4 op
 (`fused_rope=False`, as before ops/triton/rope.py), the new one with the MLP's training op replaced by the
 composition it replaced (`gelu-composed`: the up-projection kernel, then the down_proj module and a separate GELU
 backward; each down_proj replaced by an `nn.Linear` subclass keeps `ops.mlp` on that path), the new one with each
-recompute policy, the new one under max-autotune-no-cudagraphs, the Hugging Face loop, the profile of today's and
-the new step (and of rope-outside's and gelu-composed's when they run)."""
+recompute policy, the new one under max-autotune-no-cudagraphs, the new one with quack-kernels' MLP GEMMs
+(`quack`), the Hugging Face loop, the profile of today's and the new step (and of quack's, rope-outside's and
+gelu-composed's when they run)."""
 DEFAULT_SYSTEMS = ("today", "new", "attention", "mlp", "hf", "profile")
 
 
@@ -238,6 +240,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "new": (NEW, "auto", None, None, None),
         "rope-outside": (ROPE_OUTSIDE, "auto", None, None, None),
         "gelu-composed": (GELU_COMPOSED, "auto", None, None, None),
+        "quack": (QUACK, "auto", None, None, None),
         "attention": ("new + recompute attention", "auto", None, "attention", None),
         "mlp": ("new + recompute mlp", "auto", None, "mlp", None),
         # inductor's Triton GEMM templates, whose epilogues can take the GELU backward (slow compile)
@@ -251,6 +254,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
     for name, (backend, fused, policy) in systems.items():
         model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend, fused_mlp=fused)
         model.fused_rope = name != ROPE_OUTSIDE
+        model.mlp_gemms = "quack" if name == QUACK else "triton"
         if name == GELU_COMPOSED:
             for block in model.model.layer:
                 block.mlp.down_proj = _ComposedLinear.of(block.mlp.down_proj)
@@ -310,7 +314,9 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                     }
                 ],
             )
-    for name in [n for n in (TODAY, NEW, ROPE_OUTSIDE, GELU_COMPOSED) if n in models and "profile" in systems_asked]:
+    for name in [
+        n for n in (TODAY, NEW, QUACK, ROPE_OUTSIDE, GELU_COMPOSED) if n in models and "profile" in systems_asked
+    ]:
         by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev, f"train {name}")
         total = sum(by_class.values())
         write_rows(

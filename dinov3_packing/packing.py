@@ -275,6 +275,8 @@ class PackedBatch:
         fused_mlp: whether the MLPs run the fused up-projection + GELU kernel (`ops.fused_mlp_runs`).
         fused_rope: whether attention kernels with RoPE inside their op ("fa4") rotate q and k there
             (`DINOv3ViTPackingModel.fused_rope`); the others always rotate first.
+        mlp_gemms: the GEMM kernels of the fused MLP's training op, one of `ops.mlp.MLP_GEMMS`
+            (`ops.resolve_mlp_gemms`).
         dropout: attention dropout for this forward (0 outside training).
         inference: autograd does not record this forward (blocks may use cached fused weights).
         chunks: when not empty, the block stack runs over each of these groups of whole segments in turn
@@ -287,6 +289,7 @@ class PackedBatch:
     attention: str
     fused_mlp: bool = False
     fused_rope: bool = True
+    mlp_gemms: str = "triton"
     dropout: float = 0.0
     inference: bool = True
     chunks: tuple[PackedChunk, ...] = ()

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from conftest import capturing_aot_backend
 
 from dinov3_packing.model.modeling import DINOv3ViTPackingModel
-from dinov3_packing.ops.mlp import fused_mlp_runs, gelu_mlp
+from dinov3_packing.ops.mlp import MLP_GEMMS, fused_mlp_runs, gelu_mlp, resolve_mlp_gemms
+from dinov3_packing.ops.quack import quack_gemms_available
 from dinov3_packing.ops.triton import linear_gelu as lg
 from dinov3_packing.ops.triton.linear_gelu import linear_gelu
 from dinov3_packing.packing import PackedLayout
@@ -32,7 +33,8 @@ def _batch(model, layout, fused_mlp: bool):
 def fused_calls(monkeypatch) -> list:
     """The up-projection weight shapes the fused paths are called with, in order: `ops.mlp.linear_gelu` (the
     kernel, then the down-projection module) and `ops.mlp.gelu_mlp` (the whole MLP as one op, when autograd
-    records); `fused_calls.ops` names which of the two each call took ("linear_gelu" / "gelu_mlp")."""
+    records); `fused_calls.ops` names which of the two each call took ("linear_gelu" / "gelu_mlp"), and
+    `fused_calls.gemms` the `gemms` argument of each `gelu_mlp` call."""
     from dinov3_packing.ops import mlp as modeling
 
     calls = _Calls()
@@ -42,9 +44,10 @@ def fused_calls(monkeypatch) -> list:
         calls.add("linear_gelu", weight.shape)
         return linear_gelu(x, weight, bias)
 
-    def counting_gelu_mlp(x, up_weight, up_bias, down_weight, down_bias):
+    def counting_gelu_mlp(x, up_weight, up_bias, down_weight, down_bias, gemms):
         calls.add("gelu_mlp", up_weight.shape)
-        return gelu_mlp(x, up_weight, up_bias, down_weight, down_bias)
+        calls.gemms.append(gemms)
+        return gelu_mlp(x, up_weight, up_bias, down_weight, down_bias, gemms)
 
     monkeypatch.setattr(modeling, "linear_gelu", counting_linear_gelu)
     monkeypatch.setattr(modeling, "gelu_mlp", counting_gelu_mlp)
@@ -55,6 +58,7 @@ class _Calls(list):
     def __init__(self):
         super().__init__()
         self.ops = []
+        self.gemms = []
 
     def add(self, op: str, shape) -> None:
         self.ops.append(op)
@@ -216,7 +220,10 @@ def test_fused_mlp_gate_is_device_and_dtype_only(enabled, device, dtype, expecte
     assert fused_mlp_runs(enabled, torch.device(device), dtype) is expected
 
 
-def test_training_through_the_fused_op_equals_the_module_path(tiny, fused_calls, monkeypatch):
+@pytest.mark.parametrize("gemms", MLP_GEMMS)
+def test_training_through_the_fused_op_equals_the_module_path(tiny, fused_calls, monkeypatch, gemms):
+    """Either GEMM choice of the training op (on the CPU: the Triton launcher replaced by the torch ops, quack's
+    ops on their torch fallback) gives the module path's output and gradients bit for bit."""
     launches = []
 
     def torch_launch(x, w, b, config=None, *, pre_out=None):
@@ -237,12 +244,13 @@ def test_training_through_the_fused_op_equals_the_module_path(tiny, fused_calls,
     results = []
     for fused in (False, True):
         model.zero_grad(set_to_none=True)
-        out, _ = model.model(x, dataclasses.replace(batch, fused_mlp=fused))
+        out, _ = model.model(x, dataclasses.replace(batch, fused_mlp=fused, mlp_gemms=gemms))
         out.square().mean().backward()
         results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (plain, plain_grads), (fused, fused_grads) = results
-    # Both blocks took the training op, whose up-projection kernel kept its pre-activation.
-    assert fused_calls.ops == ["gelu_mlp"] * 2 and launches == [True, True]
+    # Both blocks took the training op with the batch's GEMMs; the Triton up-projection kept its pre-activation.
+    assert fused_calls.ops == ["gelu_mlp"] * 2 and fused_calls.gemms == [gemms] * 2
+    assert launches == ([True, True] if gemms == "triton" else [])
     assert torch.equal(fused, plain)
     assert fused_grads.keys() == plain_grads.keys()
     assert any("up_proj" in n for n in fused_grads)
@@ -306,14 +314,16 @@ def _unfused_mlp(x, w1, b1, w2, b2):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("lead", [(37,), (2, 19)])
-def test_gelu_mlp_op_equals_autograd_of_the_unfused_mlp(dtype, bias, lead):
+@pytest.mark.parametrize("gemms", MLP_GEMMS)
+def test_gelu_mlp_op_equals_autograd_of_the_unfused_mlp(dtype, bias, lead, gemms):
     """On the CPU the op runs its torch path (`linear_gelu`'s fallback, a linear; in backward a matmul, ATen's
-    gelu_backward and the sums: `gelu_grad`'s fallback): the ATen kernels autograd runs through the unfused MLP on
-    the same values, so output and gradients must be equal bit for bit, over leading dims of x."""
+    gelu_backward and the sums: `gelu_grad`'s fallback; with "quack", quack's ops' fallbacks, which recompute the
+    GELU output from the pre-activation by the same F.gelu): the ATen kernels autograd runs through the unfused
+    MLP on the same values, so output and gradients must be equal bit for bit, over leading dims of x."""
     leaves = _mlp_leaves(dtype, bias, lead)
     given = [t for t in leaves if t is not None]
     grad_out = torch.randn(*lead, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
-    y = gelu_mlp(*leaves)
+    y = gelu_mlp(*leaves, gemms=gemms)
     ref = _unfused_mlp(*leaves)
     assert torch.equal(y, ref)
     got = torch.autograd.grad(y, given, grad_out)
@@ -322,24 +332,27 @@ def test_gelu_mlp_op_equals_autograd_of_the_unfused_mlp(dtype, bias, lead):
         assert a.dtype == dtype and torch.equal(a, b)
 
 
-def test_gelu_mlp_op_gradcheck_fp64_and_frozen_weights():
-    """Finite differences (gradcheck's defaults) in fp64; and with the weights frozen (a LoRA-style tower), only
-    x gets a gradient, the unfused MLP's."""
+@pytest.mark.parametrize("gemms", MLP_GEMMS)
+def test_gelu_mlp_op_gradcheck_fp64_and_frozen_weights(gemms):
+    """Finite differences (gradcheck's defaults) in fp64; with the weights frozen (a LoRA-style tower), only x gets
+    a gradient, the unfused MLP's; with only the down-projection trainable, only its weight and bias do (the path
+    where no backward GEMM recomputes the GELU output that "quack" did not keep)."""
     leaves = _mlp_leaves(torch.float64, True, (2, 5), d=8, hidden=6)
-    assert torch.autograd.gradcheck(gelu_mlp, leaves)
-    x, w1, b1, w2, b2 = (t.detach() for t in leaves)
-    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: gelu_mlp(*a, gemms=gemms), leaves)
     grad_out = torch.randn(2, 5, 8, dtype=torch.float64)
-    (got,) = torch.autograd.grad(gelu_mlp(x, w1, b1, w2, b2), (x,), grad_out)
-    (want,) = torch.autograd.grad(_unfused_mlp(x, w1, b1, w2, b2), (x,), grad_out)
-    assert torch.equal(got, want)
+    for trainable in ((0,), (3, 4)):
+        leaves = [t.detach().requires_grad_(i in trainable) for i, t in enumerate(leaves)]
+        given = [leaves[i] for i in trainable]
+        got = torch.autograd.grad(gelu_mlp(*leaves, gemms=gemms), given, grad_out)
+        want = torch.autograd.grad(_unfused_mlp(*leaves), given, grad_out)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def test_gelu_mlp_and_gelu_grad_ops_are_registered_with_fakes_and_autograd():
     mlp_op = torch.ops.dinov3_packing.gelu_mlp
     assert str(mlp_op.default._schema) == (
         "dinov3_packing::gelu_mlp(Tensor x, Tensor up_weight, Tensor? up_bias, Tensor down_weight, "
-        "Tensor? down_bias) -> (Tensor, Tensor, Tensor)"
+        'Tensor? down_bias, str gemms="triton") -> (Tensor, Tensor, Tensor)'
     )
     grad_op = torch.ops.dinov3_packing.gelu_grad
     assert str(grad_op.default._schema) == (
@@ -353,37 +366,103 @@ def test_gelu_mlp_and_gelu_grad_ops_are_registered_with_fakes_and_autograd():
     grad_out, pre = torch.randn(5, 64, generator=g), torch.randn(5, 96, generator=g)
     torch.library.opcheck(grad_op, (grad_out, w2, pre, True))
     torch.library.opcheck(grad_op, (grad_out, w2, pre, False))
+    torch.library.opcheck(mlp_op, (*leaves, "quack"))
+
+
+def test_quack_ops_are_registered_with_fakes():
+    act = torch.ops.dinov3_packing.quack_linear_gelu
+    assert str(act.default._schema) == (
+        "dinov3_packing::quack_linear_gelu(Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor)"
+    )
+    dact = torch.ops.dinov3_packing.quack_gelu_grad
+    assert str(dact.default._schema) == (
+        "dinov3_packing::quack_gelu_grad(Tensor grad_out, Tensor weight, Tensor pre, bool bias_grad) "
+        "-> (Tensor, Tensor, Tensor)"
+    )
+    g = torch.Generator().manual_seed(7)
+    x, w1, b1 = torch.randn(5, 64, generator=g), torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    torch.library.opcheck(act, (x, w1, b1))
+    torch.library.opcheck(act, (x, w1, None))
+    y, pre = act(x, w1, b1)
+    assert torch.equal(pre, F.linear(x, w1, b1)) and torch.equal(y, F.gelu(pre))
+    grad_out, w2 = torch.randn(5, 64, generator=g), torch.randn(64, 96, generator=g)
+    for bias_grad in (True, False):
+        torch.library.opcheck(dact, (grad_out, w2, pre, bias_grad))
+    grad_pre, h, grad_b = dact(grad_out, w2, pre, True)
+    assert torch.equal(grad_pre, torch.ops.aten.gelu_backward(grad_out @ w2, pre))
+    assert torch.equal(h, y) and torch.equal(grad_b, grad_pre.sum(0))
+    assert dact(grad_out, w2, pre, False)[2].numel() == 0
+
+
+def test_mlp_gemms_option_is_validated_and_resolved(tiny):
+    """`mlp_gemms`: a str of "auto", "triton", "quack" (TypeError / ValueError naming it otherwise). Where the fused
+    MLP does not run (CPU) every choice resolves to "triton"; where it runs, "auto" takes quack only where quack
+    runs, and an explicit "quack" where it cannot raises before compute."""
+    model = DINOv3ViTPackingModel(tiny(num_hidden_layers=1))
+    assert model.mlp_gemms == "triton"
+    with pytest.raises(TypeError, match="mlp_gemms"):
+        model.mlp_gemms = None
+    with pytest.raises(ValueError, match="mlp_gemms: expected 'auto' or one of"):
+        model.mlp_gemms = "cublas"
+    with pytest.raises(ValueError, match="mlp_gemms"):
+        DINOv3ViTPackingModel(tiny(num_hidden_layers=1), mlp_gemms="fast")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for value in ("auto", "triton", "quack"):
+        assert resolve_mlp_gemms(value, cpu, fused=False) == "triton"
+    assert not quack_gemms_available(cpu)
+    if not quack_gemms_available(cuda):  # no GPU here, or no quack: what a machine without them must do
+        assert resolve_mlp_gemms("auto", cuda, fused=True) == "triton"
+        with pytest.raises(ValueError, match=r"mlp_gemms='quack': needs quack-kernels"):
+            resolve_mlp_gemms("quack", cuda, fused=True)
+    else:
+        assert resolve_mlp_gemms("auto", cuda, fused=True) == "quack"
+    model.mlp_gemms = "quack"
+    layout = PackedLayout.build([(1, 2, 3)], model.num_prefix_tokens, "cpu")
+    assert model.packed_batch(layout, inference=False).mlp_gemms == "triton"  # the CPU runs no fused MLP
 
 
 def test_compiled_training_runs_the_op_forward_and_gelu_grad_backward():
     """Under torch.compile with autograd (AOTAutograd, as Inductor runs it) the forward graph holds `gelu_mlp`
-    once and the backward graph `gelu_grad` once, with no gelu_backward left beside it; gradients equal eager
-    autograd through the unfused MLP."""
-    backend, graphs = capturing_aot_backend()
-    fn = torch.compile(lambda *a: gelu_mlp(*a).square().sum(), backend=backend)
-    leaves = _mlp_leaves(torch.float32, True)
-    got = torch.autograd.grad(fn(*leaves), leaves)
-    want = torch.autograd.grad(_unfused_mlp(*leaves).square().sum(), leaves)
-    for a, b in zip(got, want, strict=True):
-        assert torch.equal(a, b)
+    once and the backward graph one GELU-gradient GEMM op (`gelu_grad`, or `quack_gelu_grad` for "quack"), with no
+    gelu_backward left beside it; gradients equal eager autograd through the unfused MLP. With "quack" the forward
+    keeps one tensor less for the backward (the GELU output, which its backward GEMM recomputes)."""
 
     def targets(gm):
         return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
-    mlp_op, grad_op = torch.ops.dinov3_packing.gelu_mlp.default, torch.ops.dinov3_packing.gelu_grad.default
-    assert targets(graphs["forward"]).count(mlp_op) == 1
-    backward = targets(graphs["backward"])
-    assert backward.count(grad_op) == 1 and torch.ops.aten.gelu_backward.default not in backward
+    saved = {}
+    for gemms, grad_op in (("triton", "gelu_grad"), ("quack", "quack_gelu_grad")):
+        backend, graphs = capturing_aot_backend()
+        fn = torch.compile(lambda *a, gemms=gemms: gelu_mlp(*a, gemms=gemms).square().sum(), backend=backend)
+        leaves = _mlp_leaves(torch.float32, True)
+        got = torch.autograd.grad(fn(*leaves), leaves)
+        want = torch.autograd.grad(_unfused_mlp(*leaves).square().sum(), leaves)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+        assert targets(graphs["forward"]).count(torch.ops.dinov3_packing.gelu_mlp.default) == 1
+        backward = targets(graphs["backward"])
+        grad_ops = {name: getattr(torch.ops.dinov3_packing, name).default for name in ("gelu_grad", "quack_gelu_grad")}
+        assert {name: backward.count(op) for name, op in grad_ops.items()} == {
+            name: int(name == grad_op) for name in grad_ops
+        }
+        assert torch.ops.aten.gelu_backward.default not in backward
+        (output,) = [n for n in graphs["forward"].graph.nodes if n.op == "output"]
+        saved[gemms] = len(output.args[0]) - 1  # the loss, then what the backward reads
+    assert saved["quack"] == saved["triton"] - 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check: needs CUDA (run on the device)")
-def test_gpu_gelu_mlp_gradients_against_fp32():
-    """The training op on the GPU (the up-projection kernel forward, `gelu_grad`'s kernel backward), bf16, at ViT-L
-    widths, each output and gradient against the fp32 unfused MLP on the same (rounded) inputs: relative L2 error
-    within 1.1x the unfused bf16 path's own error against that reference (the fused kernels round once where the
-    unfused path rounds twice, so they should be no worse) and below 1e-2."""
+@pytest.mark.parametrize("gemms", MLP_GEMMS)
+def test_gpu_gelu_mlp_gradients_against_fp32(gemms):
+    """The training op on the GPU (the up-projection GEMM with the GELU forward, the GELU-gradient GEMM backward:
+    the Triton kernels or quack's), bf16, at ViT-L widths, each output and gradient against the fp32 unfused MLP on
+    the same (rounded) inputs: relative L2 error within 1.1x the unfused bf16 path's own error against that
+    reference (the fused kernels round once where the unfused path rounds twice, so they should be no worse) and
+    below 1e-2."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the gelu_grad kernel is TMA-only (sm_90+)")
+    if gemms == "quack" and not quack_gemms_available(torch.device("cuda")):
+        pytest.skip("quack-kernels is not installed here (the hopper extra)")
     assert lg.gelu_grad_supported(
         torch.empty(8, 1024, device="cuda", dtype=torch.bfloat16),
         torch.empty(1024, 4096, device="cuda", dtype=torch.bfloat16),
@@ -399,7 +478,7 @@ def test_gpu_gelu_mlp_gradients_against_fp32():
         return [y.float(), *(g.float() for g in torch.autograd.grad(y, leaves, grad_out.to(dtype)))]
 
     ref = run(_unfused_mlp, torch.float32)
-    fused = run(gelu_mlp, torch.bfloat16)
+    fused = run(lambda *a: gelu_mlp(*a, gemms=gemms), torch.bfloat16)
     unfused = run(_unfused_mlp, torch.bfloat16)
     names = ("out", "x", "up_weight", "up_bias", "down_weight", "down_bias")
     for name, f, u, r in zip(names, fused, unfused, ref, strict=True):

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTPreTrainedModel
 
 from ..ops.attention import check_attention_backend, resolve_attention
-from ..ops.mlp import fused_mlp_runs, fused_mlp_setting
+from ..ops.mlp import fused_mlp_runs, fused_mlp_setting, mlp_gemms_setting, resolve_mlp_gemms
 from ..packing import PackedBatch, PackedLayout, validate_packed_input
 from .layers import DINOv3ViTPackedEmbeddings, DINOv3ViTPackedEncoder, DINOv3ViTPackedRopeEmbedding
 
@@ -66,6 +66,12 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             other kernels always take q and k rotated by an elementwise op. Default True; False keeps RoPE
             outside the op (what torch.compile fuses on its own), for comparison. Settable after
             construction.
+        mlp_gemms: the GEMM kernels of the fused MLP when autograd records (training): "triton" (default; this
+            package's kernels: `ops/triton/linear_gelu.py`), "quack" (quack-kernels' warp-specialized GEMMs with
+            the GELU and its derivative in their epilogues, `ops/quack.py`, from the `hopper` extra; the forward
+            then keeps one 4D-wide activation less per block), or "auto" (quack where it runs: Hopper with the
+            package installed). "quack" where the fused MLP runs but quack cannot raises ValueError at the
+            forward. Settable after construction.
 
     Attributes:
         cpu_chunk_tokens: on the CPU, without autograd and in eval mode, the blocks run over consecutive whole
@@ -91,11 +97,13 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         attn_backend: str = "auto",
         fused_mlp: bool | None = None,
         fused_rope: bool = True,
+        mlp_gemms: str = "triton",
     ):
         super().__init__(config)
         self.attn_backend = check_attention_backend(attn_backend)
         self.fused_mlp = fused_mlp  # validated by the property below
         self.fused_rope = fused_rope
+        self.mlp_gemms = mlp_gemms
         self.cpu_chunk_tokens = CPU_CHUNK_TOKENS
         self.embeddings = DINOv3ViTPackedEmbeddings(config)
         self.rope_embeddings = DINOv3ViTPackedRopeEmbedding(config)
@@ -113,6 +121,15 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         if not isinstance(value, bool):
             raise TypeError(f"fused_rope: expected a bool, got {type(value).__name__}")
         self._fused_rope = value
+
+    @property
+    def mlp_gemms(self) -> str:
+        """The GEMM kernels of the fused MLP in training: "auto", "triton" or "quack" (see the class docstring)."""
+        return self._mlp_gemms
+
+    @mlp_gemms.setter
+    def mlp_gemms(self, value: str) -> None:
+        self._mlp_gemms = mlp_gemms_setting(value)
 
     @property
     def fused_mlp(self) -> bool:
@@ -163,13 +180,15 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             for layer in self.model.layer:
                 layer.attention.refresh_fused_qkv()
         cos, sin = self.rope_embeddings(layout, dtype, rope_generator)
+        fused = fused_mlp_runs(self.fused_mlp, device, dtype)
         batch = PackedBatch(
             layout=layout,
             cos=cos,
             sin=sin,
             attention=self.resolved_attn_backend(inference=inference, max_seqlen=layout.max_seqlen),
-            fused_mlp=fused_mlp_runs(self.fused_mlp, device, dtype),
+            fused_mlp=fused,
             fused_rope=self.fused_rope,
+            mlp_gemms="triton" if inference else resolve_mlp_gemms(self.mlp_gemms, device, fused),
             dropout=self.config.attention_dropout if self.training else 0.0,
             inference=inference,
         )

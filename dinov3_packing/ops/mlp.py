@@ -31,6 +31,7 @@ from transformers.activations import GELUActivation
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTMLP
 
 from ..packing import PackedBatch
+from .quack import quack_gemms_available  # the module also registers the quack ops the training op calls
 from .triton.linear_gelu import linear_gelu
 
 
@@ -107,13 +108,44 @@ def _records(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
 
 
-def _run(mlp: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+def _run(mlp: nn.Module, x: torch.Tensor, fused: bool, gemms: str) -> torch.Tensor:
     if not fused:
         return mlp(x)
     up, down = mlp.up_proj, mlp.down_proj
     if _down_is_plain(mlp) and _records(x, up.weight, up.bias, down.weight, down.bias):
-        return gelu_mlp(x, up.weight, up.bias, down.weight, down.bias)
+        return gelu_mlp(x, up.weight, up.bias, down.weight, down.bias, gemms)
     return down(linear_gelu(x, up.weight, up.bias))
+
+
+MLP_GEMMS = ("triton", "quack")
+"""The GEMM kernels of the training op `gelu_mlp`: "triton" (`ops/triton/linear_gelu.py`: the forward keeps the
+GELU output and the pre-activation, the backward is `gelu_grad`) or "quack" (`ops/quack.py`: quack-kernels' GEMMs
+with the GELU in their epilogues; the forward keeps only the pre-activation and the backward recomputes the GELU
+output in its GEMM's epilogue)."""
+
+
+def mlp_gemms_setting(value: str) -> str:
+    """The model's `mlp_gemms` option, validated: "auto" or one of `MLP_GEMMS`."""
+    if not isinstance(value, str):
+        raise TypeError(f"mlp_gemms: expected a str, got {type(value).__name__}")
+    if value not in ("auto", *MLP_GEMMS):
+        raise ValueError(f"mlp_gemms: expected 'auto' or one of {MLP_GEMMS}, got {value!r}")
+    return value
+
+
+def resolve_mlp_gemms(value: str, device: torch.device, fused: bool) -> str:
+    """The GEMMs the training op runs on `device` (`fused`: the fused MLP runs there, `fused_mlp_runs`): "auto" is
+    "quack" where quack-kernels runs (`ops.quack.quack_gemms_available`: Hopper with the package installed), else
+    "triton"; "quack" asked for where the fused MLP runs but quack cannot raises ValueError."""
+    if value == "triton" or not fused:
+        return "triton"
+    available = quack_gemms_available(device)
+    if value == "quack" and not available:
+        raise ValueError(
+            f"mlp_gemms='quack': needs quack-kernels (pip install \"dinov3-packing[hopper]\") and a CUDA device of "
+            f"compute capability 9.x; the model is on {device}"
+        )
+    return "quack" if available else "triton"
 
 
 @torch.library.custom_op("dinov3_packing::gelu_mlp", mutates_args=())
@@ -123,44 +155,59 @@ def _gelu_mlp_op(
     up_bias: torch.Tensor | None,
     down_weight: torch.Tensor,
     down_bias: torch.Tensor | None,
+    gemms: str = "triton",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(down(gelu(up(x))), gelu(up(x)), up(x))``: the fused up-projection kernel storing the pre-activation, then
-    the down-projection (cuBLAS). The last two outputs are what the backward reads; nothing else should."""
-    h, pre = torch.ops.dinov3_packing.linear_gelu(x, up_weight, up_bias, True)
+    """``(down(gelu(up(x))), gelu(up(x)), up(x))``: the up-projection GEMM with the GELU in its epilogue, storing
+    the pre-activation too (`gemms`: the Triton kernel or quack's), then the down-projection (cuBLAS). The last
+    two outputs are what the backward may read; nothing else should."""
+    if gemms == "quack":
+        h, pre = torch.ops.dinov3_packing.quack_linear_gelu(x.reshape(-1, x.shape[-1]), up_weight, up_bias)
+        h, pre = h.view(*x.shape[:-1], -1), pre.view(*x.shape[:-1], -1)
+    else:
+        h, pre = torch.ops.dinov3_packing.linear_gelu(x, up_weight, up_bias, True)
     return F.linear(h, down_weight, down_bias), h, pre
 
 
 @_gelu_mlp_op.register_fake
-def _(x, up_weight, up_bias, down_weight, down_bias):
+def _(x, up_weight, up_bias, down_weight, down_bias, gemms="triton"):
     hidden = x.new_empty((*x.shape[:-1], up_weight.shape[0]))
     return x.new_empty((*x.shape[:-1], down_weight.shape[0])), hidden, torch.empty_like(hidden)
 
 
 def _gelu_mlp_setup_context(ctx, inputs, output) -> None:
-    x, up_weight, up_bias, down_weight, down_bias = inputs
+    x, up_weight, up_bias, down_weight, down_bias, gemms = inputs
     _, h, pre = output
-    ctx.has_up_bias, ctx.has_down_bias = up_bias is not None, down_bias is not None
-    ctx.save_for_backward(x, up_weight, down_weight, h, pre)
+    ctx.has_up_bias, ctx.has_down_bias, ctx.gemms = up_bias is not None, down_bias is not None, gemms
+    # quack's backward GEMM recomputes the GELU output: the forward's is not kept.
+    ctx.save_for_backward(x, up_weight, down_weight, None if gemms == "quack" else h, pre)
     ctx.mark_non_differentiable(h, pre)
 
 
 def _gelu_mlp_backward(ctx, grad_out: torch.Tensor, _grad_h, _grad_pre):
     """The two linears' gradients, with the product through the down-projection and the GELU derivative as one
-    kernel (`gelu_grad`: its epilogue multiplies by gelu'(pre) and sums the up-projection's bias gradient), so
-    neither the gradient of the GELU output nor a separate elementwise pass over the 4D-wide activations remains."""
+    GEMM (`gelu_grad`, or `quack_gelu_grad`, which also recomputes the GELU output for the down-projection's weight
+    gradient), whose epilogue multiplies by gelu'(pre); so neither the gradient of the GELU output nor a separate
+    elementwise pass over the 4D-wide activations remains."""
     x, up_weight, down_weight, h, pre = ctx.saved_tensors
-    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
     g = grad_out.reshape(-1, grad_out.shape[-1])
+    pre = pre.reshape(-1, pre.shape[-1])
+    grad_x = grad_w1 = grad_b1 = grad_pre = None
+    bias_grad = ctx.has_up_bias and need_b1
+    if need_x or need_w1 or need_b1:
+        if ctx.gemms == "quack":
+            grad_pre, h, grad_b = torch.ops.dinov3_packing.quack_gelu_grad(g, down_weight, pre, bias_grad)
+        else:
+            grad_pre, grad_b = torch.ops.dinov3_packing.gelu_grad(g, down_weight, pre, bias_grad)
+        grad_b1 = grad_b if bias_grad else None
+    elif h is None and need_w2:  # quack's forward kept no GELU output, and no GEMM above recomputed it
+        h = F.gelu(pre)
     grad_w2 = g.t() @ h.reshape(-1, h.shape[-1]) if need_w2 else None
     grad_b2 = g.sum(0) if ctx.has_down_bias and need_b2 else None
-    grad_x = grad_w1 = grad_b1 = None
-    if need_x or need_w1 or need_b1:
-        bias_grad = ctx.has_up_bias and need_b1
-        grad_pre, grad_b = torch.ops.dinov3_packing.gelu_grad(g, down_weight, pre.reshape(-1, pre.shape[-1]), bias_grad)
+    if grad_pre is not None:
         grad_x = (grad_pre @ up_weight).reshape(x.shape) if need_x else None
         grad_w1 = grad_pre.t() @ x.reshape(-1, x.shape[-1]) if need_w1 else None
-        grad_b1 = grad_b if bias_grad else None
-    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
 _gelu_mlp_op.register_autograd(_gelu_mlp_backward, setup_context=_gelu_mlp_setup_context)
@@ -172,12 +219,18 @@ def gelu_mlp(
     up_bias: torch.Tensor | None,
     down_weight: torch.Tensor,
     down_bias: torch.Tensor | None,
+    gemms: str = "triton",
 ) -> torch.Tensor:
     """``F.linear(F.gelu(F.linear(x, up_weight, up_bias)), down_weight, down_bias)`` (exact GELU) as one custom op
-    whose backward fuses the GELU derivative into the down-projection's input-gradient GEMM
-    (``torch.ops.dinov3_packing.gelu_grad``). For training: it keeps the GELU output and the pre-activation for the
-    backward, as the unfused MLP does (the down-projection's input and the GELU's)."""
-    return torch.ops.dinov3_packing.gelu_mlp(x, up_weight, up_bias, down_weight, down_bias)[0]
+    whose backward fuses the GELU derivative into the down-projection's input-gradient GEMM. For training.
+
+    `gemms` (`MLP_GEMMS`): "triton" keeps the GELU output and the pre-activation for the backward, as the unfused
+    MLP does, and runs ``torch.ops.dinov3_packing.gelu_grad`` there; "quack" keeps the pre-activation only and runs
+    ``torch.ops.dinov3_packing.quack_gelu_grad``, which recomputes the GELU output in the same GEMM. Both fall
+    back to the torch ops where their kernels cannot run."""
+    if gemms not in MLP_GEMMS:
+        raise ValueError(f"gemms: expected one of {MLP_GEMMS}, got {gemms!r}")
+    return torch.ops.dinov3_packing.gelu_mlp(x, up_weight, up_bias, down_weight, down_bias, gemms)[0]
 
 
 def feed_forward(mlp: nn.Module, x: torch.Tensor, batch: PackedBatch, recompute: bool = False) -> torch.Tensor:
@@ -191,5 +244,5 @@ def feed_forward(mlp: nn.Module, x: torch.Tensor, batch: PackedBatch, recompute:
     # when a hook was added or removed in between (the other path would rebuild other saved tensors).
     fused = batch.fused_mlp and _is_plain(mlp)
     if recompute and torch.is_grad_enabled():
-        return checkpoint(_run, mlp, x, fused, use_reentrant=False)
-    return _run(mlp, x, fused)
+        return checkpoint(_run, mlp, x, fused, batch.mlp_gemms, use_reentrant=False)
+    return _run(mlp, x, fused, batch.mlp_gemms)

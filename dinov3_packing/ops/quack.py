@@ -1,0 +1,108 @@
+"""The MLP's GEMMs with the GELU in their epilogues, from quack-kernels (CuTe-DSL, warp-specialized Hopper GEMMs).
+
+quack-kernels is a dependency of flash-attn-4, so the `dinov3-packing[hopper]` extra brings it. Its SM90 GEMMs run
+the epilogue of one tile while the tensor cores work on the next (ping-pong warp groups), where this package's
+Triton kernel (`ops/triton/linear_gelu.py`) runs its epilogue between two tiles' main loops. Two ops, each one
+call for `torch.compile`:
+
+- `dinov3_packing::quack_linear_gelu(x, weight, bias) -> (y, pre)`: ``pre = x @ weight.T + bias`` and ``y =
+  gelu(pre)`` (exact erf GELU) from one GEMM (`quack.gemm_interface.gemm_act`, activation ``"gelu_erf"``).
+- `dinov3_packing::quack_gelu_grad(grad_out, weight, pre, bias_grad) -> (grad_pre, y, grad_bias)`: ``grad_pre =
+  (grad_out @ weight) * gelu'(pre)`` and ``y = gelu(pre)`` recomputed from one GEMM (`gemm_dact`), and
+  ``grad_pre.sum(0)`` when ``bias_grad``. Because the backward recomputes the GELU output for the
+  down-projection's weight gradient, the training op need not keep it (one ``[tokens, 4D]`` activation less per
+  block).
+
+Both fall back to the torch ops (CPU, other dtypes, quack missing) with the same outputs, so the ops, their
+fakes and the training op that uses them are tested without a GPU. quack's GELU evaluates erf with a fast
+polynomial (Abramowitz-Stegun 7.1.26 with approximate reciprocal and exp2: ~5e-7 absolute in fp32), far below
+the bf16 rounding of its outputs; `benchmarks/fa4_gpu_check.py --parts mlp-quack` measures both ops against
+fp32 and against the Triton kernels.
+
+quack is imported at the first GPU call only. Its epilogue cache keys recognise installed packages by a
+``site-packages`` (or ``dist-packages``) directory in their path: installed elsewhere (``pip install --target
+DIR`` with a DIR not so named), building its GELU epilogue fails inside quack (quack 0.6.5).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _quack_importable() -> bool:
+    try:
+        import quack.gemm_interface  # noqa: F401
+    except Exception:  # not installed, or a build without its CUDA libraries
+        return False
+    return True
+
+
+def quack_gemms_available(device: torch.device) -> bool:
+    """Whether quack's GEMMs can run on `device`: a CUDA device of compute capability 9.x (Hopper, where they were
+    measured against the Triton kernels) with quack-kernels importable."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 9 and _quack_importable()
+
+
+def _runs_quack(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors take quack's kernels: CUDA, one fp16/bf16 dtype, 2-D with unit inner stride and
+    16-byte aligned rows (TMA), on a device `quack_gemms_available` accepts."""
+    first = tensors[0]
+    if not first.is_cuda or first.dtype not in _DTYPES:
+        return False
+    for t in tensors:
+        if t.device != first.device or t.dtype != first.dtype or t.dim() != 2:
+            return False
+        if t.stride(-1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return quack_gemms_available(first.device)
+
+
+@torch.library.custom_op("dinov3_packing::quack_linear_gelu", mutates_args=())
+def _quack_linear_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gelu(pre), pre)`` with ``pre = x @ weight.T + bias`` for 2-D ``x [M, K]``, ``weight [N, K]``."""
+    if _runs_quack(x, weight) and (bias is None or (bias.device == x.device and bias.dtype == x.dtype)):
+        from quack.gemm_interface import gemm_act
+
+        pre, y = gemm_act(x, weight.t(), bias=bias, activation="gelu_erf", store_preact=True, tuned=False)
+        return y, pre
+    pre = F.linear(x, weight, bias)
+    return F.gelu(pre), pre
+
+
+@_quack_linear_gelu.register_fake
+def _(x, weight, bias):
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    return y, torch.empty_like(y)
+
+
+@torch.library.custom_op("dinov3_packing::quack_gelu_grad", mutates_args=())
+def _quack_gelu_grad(
+    grad_out: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, bias_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_pre, gelu(pre), grad_pre.sum(0) or an empty tensor)`` with ``grad_pre = (grad_out @ weight) *
+    gelu'(pre)`` for 2-D ``grad_out [M, K]``, ``weight [K, N]``, ``pre [M, N]``."""
+    if _runs_quack(grad_out, weight, pre):
+        from quack.gemm_interface import gemm_dact
+
+        grad_pre, y = gemm_dact(grad_out, weight, pre, activation="gelu_erf", tuned=False)
+    else:
+        grad_pre = torch.ops.aten.gelu_backward(grad_out @ weight, pre)
+        y = F.gelu(pre)
+    # The sum of the rounded grad_pre, accumulated in fp32 by ATen (what autograd of the unfused MLP computes).
+    grad_b = grad_pre.sum(0) if bias_grad else pre.new_empty(0)
+    return grad_pre, y, grad_b
+
+
+@_quack_gelu_grad.register_fake
+def _(grad_out, weight, pre, bias_grad):
+    return torch.empty_like(pre), torch.empty_like(pre), pre.new_empty(pre.shape[1] if bias_grad else 0)
