@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from dinov3_packing import load_packing_model, pack
 from dinov3_packing.apps.bench.timing import device_gaps, measure, peak_matmul_tflops, run_metadata, write_rows
 from dinov3_packing.ops.attention import packed_attention
+from dinov3_packing.ops.quack import quack_gemms_available
 from dinov3_packing.ops.triton.linear_gelu import tuned_configs
 from dinov3_packing.packing import PackedLayout
 from dinov3_packing.parallel.compile import compile_model
@@ -246,6 +247,9 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         # inductor's Triton GEMM templates, whose epilogues can take the GELU backward (slow compile)
         "autotune": ("new, mode max-autotune-no-cudagraphs", "auto", None, None, "max-autotune-no-cudagraphs"),
     }
+    if "quack" in systems_asked and not quack_gemms_available(dev):
+        write_rows(out, [{"part": "train", "system": QUACK, "skipped": "quack-kernels cannot run here"}])
+        systems_asked = tuple(k for k in systems_asked if k != "quack")
     systems = {every[k][0]: every[k][1:4] for k in every if k in systems_asked}
     modes = {every[k][0]: every[k][4] for k in every if k in systems_asked}
     if not systems:
