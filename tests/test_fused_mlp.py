@@ -412,7 +412,7 @@ def test_mlp_gemms_option_is_validated_and_resolved(tiny):
     assert not quack_gemms_available(cpu)
     if not quack_gemms_available(cuda):  # no GPU here, or no quack: what a machine without them must do
         assert resolve_mlp_gemms("auto", cuda, fused=True) == "triton"
-        with pytest.raises(ValueError, match=r"mlp_gemms='quack': needs quack-kernels"):
+        with pytest.raises(ValueError, match=r"mlp_gemms='quack': .*dinov3-packing\[hopper\]"):
             resolve_mlp_gemms("quack", cuda, fused=True)
     else:
         assert resolve_mlp_gemms("auto", cuda, fused=True) == "quack"
@@ -486,3 +486,31 @@ def test_gpu_gelu_mlp_gradients_against_fp32(gemms):
         err_u = ((u - r).norm() / r.norm()).item()
         print(f"{name}: fused {err_f:.2e}, unfused {err_u:.2e}")
         assert err_f <= 1e-2 and err_f <= 1.1 * err_u, (name, err_f, err_u)
+
+
+@pytest.mark.parametrize(
+    ("root", "usable"),
+    [("/usr/lib/python3/site-packages", True), ("/opt/venv/lib/dist-packages", True), ("/opt/wheels/site", False)],
+)
+def test_quack_is_refused_outside_site_packages(monkeypatch, root, usable):
+    """quack 0.6.5 builds its GELU epilogues only when its code lies under a site-packages (or dist-packages)
+    directory: stand-in `quack` and `cutlass` modules at each kind of place, and `quack_missing` says so by name."""
+    import sys
+    import types
+
+    from dinov3_packing.ops import quack as q
+
+    for name in ("quack", "quack.gemm_interface", "cutlass"):
+        module = types.ModuleType(name)
+        module.__file__ = f"{root}/{name.replace('.', '/')}/__init__.py"
+        monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["quack"].gemm_interface = sys.modules["quack.gemm_interface"]
+    q.quack_missing.cache_clear()
+    try:
+        reason = q.quack_missing()
+    finally:
+        q.quack_missing.cache_clear()
+    if usable:
+        assert reason is None
+    else:
+        assert "quack is installed at /opt/wheels/site/quack, outside a site-packages directory" in reason

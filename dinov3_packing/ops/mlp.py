@@ -31,7 +31,7 @@ from transformers.activations import GELUActivation
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTMLP
 
 from ..packing import PackedBatch
-from .quack import quack_gemms_available  # the module also registers the quack ops the training op calls
+from .quack import quack_gemms_available, quack_missing  # the module also registers the quack ops the training op calls
 from .triton.linear_gelu import linear_gelu
 
 
@@ -141,10 +141,8 @@ def resolve_mlp_gemms(value: str, device: torch.device, fused: bool) -> str:
         return "triton"
     available = quack_gemms_available(device)
     if value == "quack" and not available:
-        raise ValueError(
-            f"mlp_gemms='quack': needs quack-kernels (pip install \"dinov3-packing[hopper]\") and a CUDA device of "
-            f"compute capability 9.x; the model is on {device}"
-        )
+        reason = quack_missing() or f"a CUDA device of compute capability 9.x; the model is on {device}"
+        raise ValueError(f"mlp_gemms='quack': {reason} (pip install \"dinov3-packing[hopper]\")")
     return "quack" if available else "triton"
 
 

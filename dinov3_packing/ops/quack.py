@@ -27,6 +27,7 @@ DIR`` with a DIR not so named), building its GELU epilogue fails inside quack (q
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -35,20 +36,33 @@ _DTYPES = (torch.float16, torch.bfloat16)
 
 
 @functools.cache
-def _quack_importable() -> bool:
+def quack_missing() -> str | None:
+    """Why quack's GEMMs cannot be used in this environment (None: they can): not installed, or installed outside a
+    ``site-packages`` / ``dist-packages`` directory, where quack 0.6.5 fails to build its GELU epilogues (it
+    recognises installed code by that directory name; see the module docstring)."""
     try:
-        import quack.gemm_interface  # noqa: F401
-    except Exception:  # not installed, or a build without its CUDA libraries
-        return False
-    return True
+        import quack.gemm_interface
+    except Exception as e:  # not installed, or a build without its CUDA libraries
+        return f"needs quack-kernels, which cannot be imported ({type(e).__name__}: {e})"
+    import cutlass
+    import quack
+
+    for module in (quack, cutlass):
+        where = os.path.realpath(module.__file__)
+        if f"{os.sep}site-packages{os.sep}" not in where and f"{os.sep}dist-packages{os.sep}" not in where:
+            return (
+                f"{module.__name__} is installed at {os.path.dirname(where)}, outside a site-packages directory, "
+                "where quack-kernels 0.6.5 cannot build its GELU epilogues"
+            )
+    return None
 
 
 def quack_gemms_available(device: torch.device) -> bool:
     """Whether quack's GEMMs can run on `device`: a CUDA device of compute capability 9.x (Hopper, where they were
-    measured against the Triton kernels) with quack-kernels importable."""
+    measured against the Triton kernels) with quack-kernels usable (`quack_missing`)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device)[0] == 9 and _quack_importable()
+    return torch.cuda.get_device_capability(device)[0] == 9 and quack_missing() is None
 
 
 def _runs_quack(*tensors: torch.Tensor) -> bool:
