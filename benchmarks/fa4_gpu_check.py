@@ -27,8 +27,12 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              "triton" under `torch.profiler` (`infer-profile` rows: kernel time by class, device gaps).
     mlp-grad the MLP backward's product through the down-projection and the GELU derivative at ViT-L widths on
              mixed-64's tokens (60,038 x 1024 -> 4096, bf16): the `gelu_grad` kernel (its epilogue also sums the
-             bias gradient) against cuBLAS + ATen's gelu_backward + the bias sum, eager and compiled; each
-             against fp32 (relative L2 error of both outputs). Needs no flash-attn-4.
+             bias gradient) against cuBLAS + ATen's gelu_backward + the bias sum, eager and compiled, and, where
+             quack-kernels runs, `quack_gelu_grad` (`ops/quack.py`); each against fp32 (relative L2 error of
+             both outputs). Needs no flash-attn-4.
+    mlp-fwd  the MLP's up-projection + bias + exact GELU at the same sizes: the `linear_gelu` kernel keeping the
+             pre-activation (training) and not (inference), cuBLAS + GELU eager and compiled, and quack's
+             `quack_linear_gelu` where it runs; each against fp32. Needs no flash-attn-4.
 A part that fails writes an `error` row with its traceback and the next part runs.
 """
 
@@ -64,7 +68,14 @@ TODAY, NEW = "today: varlen, MLP unfused", "new: auto (fa4), fused MLP"
 ROPE_OUTSIDE = "new, RoPE outside the fa4 op (fused_rope=False)"
 GELU_COMPOSED = "new, GELU backward unfused (up-projection kernel + down_proj module, as before gelu_mlp)"
 QUACK = "new, MLP GEMMs from quack-kernels (mlp_gemms='quack')"
-PARTS = ("grads", "infer", "kernels", "mlp-grad", "train")  # short parts first: train compiles models (~70 s each)
+PARTS = (
+    "grads",
+    "infer",
+    "kernels",
+    "mlp-fwd",
+    "mlp-grad",
+    "train",
+)  # short parts first: train compiles models (~70 s each)
 PREFIX = 5  # CLS + 4 registers
 
 
@@ -340,8 +351,24 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         models[name].zero_grad(set_to_none=True)
 
 
-def mlp_grad(out: str | None, tokens: int = 60_038) -> None:
-    dev, dt = torch.device("cuda"), torch.bfloat16
+def _rel_errors(got, ref) -> list[float]:
+    """Relative L2 error of each output in `got` against the first `len(got)` of `ref`."""
+    return [((a.float() - r).norm() / r.norm()).item() for a, r in zip(got, ref, strict=False)]
+
+
+def _mlp_rows(out, part: str, systems: dict, ref, flops: float, names: tuple[str, ...], dev) -> None:
+    """Time each system (`measure`) and write its row: ms, TFLOP/s of the GEMM, relative L2 error of each output
+    (`names`) against the fp32 reference `ref`."""
+    for name, fn in systems.items():
+        errors = _rel_errors(fn()[: len(ref)], ref)  # a system with fewer outputs is compared on those
+        stats = measure(fn, dev)
+        row = {"part": part, "system": name, "ms": stats["median_s"] * 1e3, "tflops": flops / stats["median_s"] / 1e12}
+        row |= {f"rel_l2_{n}": e for n, e in zip(names, errors, strict=False)} | {"tuned": tuned_configs()}
+        write_rows(out, [row])
+
+
+def mlp_grad(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
+    dev, dt = torch.device(dev), torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     grad_out = torch.randn(tokens, 1024, device=dev, generator=g).to(dt)
     down_weight = (torch.randn(1024, 4096, device=dev, generator=g) / 64).to(dt)
@@ -358,16 +385,36 @@ def mlp_grad(out: str | None, tokens: int = 60_038) -> None:
             torch.compile(composed), grad_out, down_weight, pre
         ),
     }
+    if quack_gemms_available(dev):  # quack's dact GEMM also writes gelu(pre) (the training op's recomputed output)
+        grad = torch.ops.dinov3_packing.quack_gelu_grad
+        systems["quack gemm_dact (+ gelu(pre) output) + sum"] = lambda: grad(grad_out, down_weight, pre, True)[::2]
     ref = composed(grad_out.float(), down_weight.float(), pre.float())
-    flops = 2 * tokens * 1024 * 4096
-    for name, fn in systems.items():
-        got = fn()
-        errors = [((a.float() - r).norm() / r.norm()).item() for a, r in zip(got, ref, strict=True)]
-        stats = measure(fn, dev)
-        row = {"part": "mlp-grad", "system": name, "ms": stats["median_s"] * 1e3, "tuned": tuned_configs()}
-        row |= {"tflops": flops / stats["median_s"] / 1e12, "rel_l2_grad_pre": errors[0], "rel_l2_grad_bias": errors[1]}
-        print(row)
-        write_rows(out, [row])
+    _mlp_rows(out, "mlp-grad", systems, ref, 2 * tokens * 1024 * 4096, ("grad_pre", "grad_bias"), dev)
+
+
+def mlp_fwd(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
+    dev, dt = torch.device(dev), torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(tokens, 1024, device=dev, generator=g).to(dt)
+    weight = (torch.randn(4096, 1024, device=dev, generator=g) / 32).to(dt)
+    bias = (torch.randn(4096, device=dev, generator=g) / 10).to(dt)
+
+    def composed(x, weight, bias):
+        pre = F.linear(x, weight, bias)
+        return F.gelu(pre), pre
+
+    systems = {
+        "linear_gelu kernel, keeps pre (training)": lambda: torch.ops.dinov3_packing.linear_gelu(x, weight, bias, True),
+        "linear_gelu kernel (inference)": lambda: torch.ops.dinov3_packing.linear_gelu(x, weight, bias, False)[:1],
+        "cuBLAS + gelu, eager": lambda: composed(x, weight, bias),
+        "cuBLAS + gelu, compiled": functools.partial(torch.compile(composed), x, weight, bias),
+    }
+    if quack_gemms_available(dev):
+        systems["quack gemm_act, keeps pre (training)"] = functools.partial(
+            torch.ops.dinov3_packing.quack_linear_gelu, x, weight, bias
+        )
+    ref = composed(x.float(), weight.float(), bias.float())
+    _mlp_rows(out, "mlp-fwd", systems, ref, 2 * tokens * 1024 * 4096, ("y", "pre"), dev)
 
 
 def grads(out: str | None) -> None:
@@ -462,7 +509,7 @@ def main() -> int:
         torch._dynamo.reset()  # each part's graphs count alone against Dynamo's recompile limit
         try:
             run = {"kernels": kernels, "train": functools.partial(train, systems_asked=systems)}
-            run |= {"grads": grads, "infer": infer, "mlp-grad": mlp_grad}
+            run |= {"grads": grads, "infer": infer, "mlp-fwd": mlp_fwd, "mlp-grad": mlp_grad}
             run[part](args.out)
         except Exception:  # one part's failure is recorded and the next part still runs
             failed += 1
