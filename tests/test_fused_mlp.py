@@ -514,3 +514,30 @@ def test_quack_is_refused_outside_site_packages(monkeypatch, root, usable):
         assert reason is None
     else:
         assert "quack is installed at /opt/wheels/site/quack, outside a site-packages directory" in reason
+
+
+def test_quack_training_op_keeps_one_hidden_activation_less_per_block(tiny):
+    """The bytes autograd holds for backward after a training forward of the block stack (every saved tensor's
+    storage once, parameters excluded): with quack's GEMMs exactly one `[tokens, intermediate]` tensor less per
+    block than with the Triton kernels (the GELU output, which quack's backward GEMM recomputes)."""
+    torch.manual_seed(0)
+    model = DINOv3ViTPackingModel(tiny(num_hidden_layers=3)).train()
+    layout = PackedLayout.build([(1, 2, 3), (1, 3, 1)], model.num_prefix_tokens, "cpu")
+    x = torch.randn(layout.num_tokens, model.config.hidden_size, requires_grad=True)
+    batch = model.packed_batch(layout, inference=False)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+    for gemms in MLP_GEMMS:
+        storages = {}
+
+        def pack_hook(t, storages=storages):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+            out, _ = model.model(x, dataclasses.replace(batch, fused_mlp=True, mlp_gemms=gemms))
+        out.square().mean().backward()  # what was kept is enough for backward
+        saved[gemms] = sum(storages.values())
+    hidden = layout.num_tokens * model.config.intermediate_size * x.element_size()
+    assert saved["triton"] - saved["quack"] == 3 * hidden
