@@ -276,7 +276,7 @@ class PackedBatch:
         fused_rope: whether attention kernels with RoPE inside their op ("fa4") rotate q and k there
             (`DINOv3ViTPackingModel.fused_rope`); the others always rotate first.
         mlp_gemms: the GEMM kernels of the fused MLP's training op, one of `ops.mlp.MLP_GEMMS`
-            (`ops.resolve_mlp_gemms`).
+            (`ops.mlp.resolve_mlp_gemms`).
         dropout: attention dropout for this forward (0 outside training).
         inference: autograd does not record this forward (blocks may use cached fused weights).
         chunks: when not empty, the block stack runs over each of these groups of whole segments in turn

@@ -16,8 +16,8 @@ call for `torch.compile`:
 Both fall back to the torch ops (CPU, other dtypes, quack missing) with the same outputs, so the ops, their
 fakes and the training op that uses them are tested without a GPU. quack's GELU evaluates erf with a fast
 polynomial (Abramowitz-Stegun 7.1.26 with approximate reciprocal and exp2: ~5e-7 absolute in fp32), far below
-the bf16 rounding of its outputs; `benchmarks/fa4_gpu_check.py --parts mlp-quack` measures both ops against
-fp32 and against the Triton kernels.
+the bf16 rounding of its outputs; `benchmarks/fa4_gpu_check.py --parts mlp-fwd,mlp-grad` times both ops
+against the Triton kernels and measures their errors against fp32.
 
 quack is imported at the first GPU call only. Its epilogue cache keys recognise installed packages by a
 ``site-packages`` (or ``dist-packages``) directory in their path: installed elsewhere (``pip install --target
