@@ -464,6 +464,9 @@ def test_device_gaps_finds_the_idle_stretches_and_the_host_calls_in_them():
         ev("cuda_runtime", "cudaLaunchKernel", 690, 5),
         ev("cuda_runtime", "cudaLaunchKernel", 900, 5),  # after the last gap: in none
         ev("cpu_op", "aten::mm", 0, 900),
+        ev("cpu_op", "aten::pin_memory", 250, 400),  # inside aten::mm, around the first gap's middle (450)
+        ev("cpu_op", "autograd::engine::evaluate_function: MmBackward0", 810, 60),  # the backward from here on
+        ev("cpu_op", "aten::mm", 812, 40),  # innermost at the second gap's middle (815)
         {"ph": "M", "name": "thread_name"},
     ]
     g = device_gaps(events, min_gap_us=20)
@@ -473,6 +476,9 @@ def test_device_gaps_finds_the_idle_stretches_and_the_host_calls_in_them():
     assert (first["gap_us"], first["before"], first["after"]) == (500, "copy", "c")
     assert first["host_calls"] == ["cudaHostAlloc", "cudaLaunchKernel"]
     assert (second["gap_us"], second["before"], second["after"], second["host_calls"]) == (30, "c", "d", [])
+    assert (first["host_op"], second["host_op"]) == ("aten::pin_memory", "aten::mm")
+    assert g["idle_by_phase_us"] == {"forward": 500, "backward": 30}
+    assert g["idle_by_host_op_us"] == [["aten::pin_memory", 500], ["aten::mm", 30]]
     assert device_gaps([ev("cpu_op", "x", 0, 5)])["gaps"] == 0
 
 

@@ -14,6 +14,7 @@ region) and `time.perf_counter` on the CPU.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import importlib.metadata
 import json
@@ -263,26 +264,52 @@ def read_rows(path: str | Path) -> list[dict]:
 DEVICE_EVENT_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
+HOST_OP_KINDS = ("cpu_op", "user_annotation")
+BACKWARD_MARK = "autograd::engine::evaluate_function"  # the name torch.profiler gives each backward node's run
+
+
+def _innermost(ops: list[tuple[float, float, str]], starts: list[float], t: float, reach: int = 5000) -> str:
+    """The host op running at time `t` that started last (the innermost), from `ops` sorted by start; "-" if none
+    within `reach` ops before `t`."""
+    i = bisect.bisect_right(starts, t)
+    for _, end, name in reversed(ops[max(0, i - reach) : i]):
+        if end >= t:
+            return name
+    return "-"
+
+
 def device_gaps(events: Iterable[dict], min_gap_us: float = 20.0, top: int = 10) -> dict:
     """Where the device waited, from a torch.profiler chrome trace's `traceEvents` (`export_chrome_trace`).
 
     The device's work (kernels, copies, fills: `DEVICE_EVENT_KINDS`) is merged into busy intervals; every
     idle stretch of at least `min_gap_us` between two of them is a gap. Returns the span from the first
     work's start to the last one's end, busy and idle time (us), the number of gaps, and the `top` largest,
-    each with the work before and after it and the CUDA runtime / driver calls the host was in during it
-    (a `cudaStreamSynchronize` or a `cudaFree` there names a host wait; none, host work between launches).
+    each with the work before and after it, the CUDA runtime / driver calls the host was in during it (a
+    `cudaStreamSynchronize` or a `cudaFree` there names a host wait; none, host work between launches) and the
+    host op it was in at the gap's middle (`host_op`: the innermost `cpu_op` / `user_annotation`). The gaps'
+    idle time is also split by what the host was doing then: by phase (`idle_by_phase_us`: "backward" from the
+    host's first autograd-engine event on, else "forward") and by host op (`idle_by_host_op_us`, the `top`
+    largest, `[name, us]`).
     """
-    work, runtime = [], []
+    work, runtime, ops = [], [], []
+    backward_from = math.inf
     for e in events:
         if e.get("ph") != "X" or "dur" not in e:
             continue
+        span = (float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", ""))
         if e.get("cat") in DEVICE_EVENT_KINDS:
-            work.append((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", "")))
+            work.append(span)
         elif e.get("cat") in ("cuda_runtime", "cuda_driver"):
-            runtime.append((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", "")))
+            runtime.append(span)
+        elif e.get("cat") in HOST_OP_KINDS:
+            ops.append(span)
+            if span[2].startswith(BACKWARD_MARK):
+                backward_from = min(backward_from, span[0])
     if not work:
         return {"span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": 0, "largest": []}
     work.sort()
+    ops.sort()
+    starts = [o[0] for o in ops]
     busy, gaps = 0.0, []
     start, end, last = work[0][0], work[0][1], work[0][2]
     for s, e, name in work[1:]:
@@ -297,15 +324,32 @@ def device_gaps(events: Iterable[dict], min_gap_us: float = 20.0, top: int = 10)
             last = name
     busy += end - start
     span = end - work[0][0]
+    by_phase, by_op, host_op = {"forward": 0.0, "backward": 0.0}, {}, {}
+    for gap, a, b, *_ in gaps:
+        middle = (a + b) / 2
+        host_op[(a, b)] = op = _innermost(ops, starts, middle)
+        by_phase["backward" if middle >= backward_from else "forward"] += gap
+        by_op[op] = by_op.get(op, 0.0) + gap
     largest = []
     for gap, a, b, before, after in sorted(gaps, reverse=True)[:top]:
         calls = sorted({n for s, e, n in runtime if s < b and e > a})
-        largest.append({"gap_us": round(gap, 1), "before": before[:100], "after": after[:100], "host_calls": calls})
+        largest.append(
+            {
+                "gap_us": round(gap, 1),
+                "before": before[:100],
+                "after": after[:100],
+                "host_calls": calls,
+                "host_op": host_op[(a, b)][:100],
+            }
+        )
+    ranked = sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
     return {
         "span_us": round(span, 1),
         "busy_us": round(busy, 1),
         "idle_us": round(span - busy, 1),
         "gaps": len(gaps),
         "idle_in_gaps_us": round(sum(g[0] for g in gaps), 1),
+        "idle_by_phase_us": {k: round(v, 1) for k, v in by_phase.items()},
+        "idle_by_host_op_us": [[name[:100], round(us, 1)] for name, us in ranked],
         "largest": largest,
     }
