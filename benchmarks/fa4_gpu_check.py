@@ -367,6 +367,44 @@ def _mlp_rows(out, part: str, systems: dict, ref, flops: float, names: tuple[str
         write_rows(out, [row])
 
 
+def _quack_configs() -> dict:
+    """quack's default tile (`ops.quack.CONFIGS` None) and two others for the MLP's GEMMs (N = 4096 is no multiple
+    of the default's 192 columns)."""
+    from quack.gemm_config import GemmConfig
+
+    def tile(m, n, pingpong, cluster_m, cluster_n):
+        return GemmConfig(
+            tile_m=m,
+            tile_n=n,
+            pingpong=pingpong,
+            cluster_m=cluster_m,
+            cluster_n=cluster_n,
+            is_dynamic_persistent=False,
+            device_capacity=9,
+        )
+
+    return {
+        "default": None,
+        "128x256 coop 2x1": tile(128, 256, False, 2, 1),
+        "256x128 coop 1x2": tile(256, 128, False, 1, 2),
+    }
+
+
+def _with_quack_config(kind: str, config, fn):
+    """`fn` run with `ops.quack.CONFIGS[kind]` set to `config` (restored after each call)."""
+    from dinov3_packing.ops import quack
+
+    def run():
+        saved = quack.CONFIGS[kind]
+        quack.CONFIGS[kind] = config
+        try:
+            return fn()
+        finally:
+            quack.CONFIGS[kind] = saved
+
+    return run
+
+
 def mlp_grad(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
     dev, dt = torch.device(dev), torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
@@ -387,7 +425,10 @@ def mlp_grad(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
     }
     if quack_gemms_available(dev):  # quack's dact GEMM also writes gelu(pre) (the training op's recomputed output)
         grad = torch.ops.dinov3_packing.quack_gelu_grad
-        systems["quack gemm_dact (+ gelu(pre) output) + sum"] = lambda: grad(grad_out, down_weight, pre, True)[::2]
+        for tile, config in _quack_configs().items():
+            systems[f"quack gemm_dact {tile} (+ gelu(pre) output) + sum"] = _with_quack_config(
+                "dact", config, lambda: grad(grad_out, down_weight, pre, True)[::2]
+            )
     ref = composed(grad_out.float(), down_weight.float(), pre.float())
     _mlp_rows(out, "mlp-grad", systems, ref, 2 * tokens * 1024 * 4096, ("grad_pre", "grad_bias"), dev)
 
@@ -410,9 +451,9 @@ def mlp_fwd(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
         "cuBLAS + gelu, compiled": functools.partial(torch.compile(composed), x, weight, bias),
     }
     if quack_gemms_available(dev):
-        systems["quack gemm_act, keeps pre (training)"] = functools.partial(
-            torch.ops.dinov3_packing.quack_linear_gelu, x, weight, bias
-        )
+        act = functools.partial(torch.ops.dinov3_packing.quack_linear_gelu, x, weight, bias)
+        for tile, config in _quack_configs().items():
+            systems[f"quack gemm_act {tile}, keeps pre (training)"] = _with_quack_config("act", config, act)
     ref = composed(x.float(), weight.float(), bias.float())
     _mlp_rows(out, "mlp-fwd", systems, ref, 2 * tokens * 1024 * 4096, ("y", "pre"), dev)
 

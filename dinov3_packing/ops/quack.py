@@ -34,6 +34,11 @@ import torch.nn.functional as F
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
+CONFIGS: dict[str, object | None] = {"act": None, "dact": None}
+"""A `quack.gemm_config.GemmConfig` for `gemm_act` ("act") and `gemm_dact` ("dact"), or None for quack's default
+(``tuned=False``: its SM90 default tile; never ``tuned=True``, whose autotuner keys on the token count and would
+sweep its configs again for every pack size). For benchmarks that compare tile shapes."""
+
 
 @functools.cache
 def quack_missing() -> str | None:
@@ -87,7 +92,8 @@ def _quack_linear_gelu(
     if _runs_quack(x, weight) and (bias is None or (bias.device == x.device and bias.dtype == x.dtype)):
         from quack.gemm_interface import gemm_act
 
-        pre, y = gemm_act(x, weight.t(), bias=bias, activation="gelu_erf", store_preact=True, tuned=False)
+        choice = {"tuned": False} if CONFIGS["act"] is None else {"config": CONFIGS["act"]}
+        pre, y = gemm_act(x, weight.t(), bias=bias, activation="gelu_erf", store_preact=True, **choice)
         return y, pre
     pre = F.linear(x, weight, bias)
     return F.gelu(pre), pre
@@ -108,7 +114,8 @@ def _quack_gelu_grad(
     if _runs_quack(grad_out, weight, pre):
         from quack.gemm_interface import gemm_dact
 
-        grad_pre, y = gemm_dact(grad_out, weight, pre, activation="gelu_erf", tuned=False)
+        choice = {"tuned": False} if CONFIGS["dact"] is None else {"config": CONFIGS["dact"]}
+        grad_pre, y = gemm_dact(grad_out, weight, pre, activation="gelu_erf", **choice)
     else:
         grad_pre = torch.ops.aten.gelu_backward(grad_out @ weight, pre)
         y = F.gelu(pre)
