@@ -30,6 +30,10 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              bias gradient) against cuBLAS + ATen's gelu_backward + the bias sum, eager and compiled, and, where
              quack-kernels runs, `quack_gelu_grad` (`ops/quack.py`); each against fp32 (relative L2 error of
              both outputs). Needs no flash-attn-4.
+    fa4-tiles fa4's forward kernel on 4 x 2048 px and mixed-64 segment lengths with other SM90 tiles than its
+             heuristic's (192 x 128, P in registers, intra-warpgroup overlap) through `_flash_attn_fwd`'s `tile_mn`,
+             `mma_pv_is_rs` and `intra_wg_overlap`: ms, TFLOP/s, max relative difference of the output against the
+             default tile's (the 2048 px inference target wants a faster attention kernel than the default).
     mlp-fwd  the MLP's up-projection + bias + exact GELU at the same sizes: the `linear_gelu` kernel keeping the
              pre-activation (training) and not (inference), cuBLAS + GELU eager and compiled, and quack's
              `quack_linear_gelu` where it runs; each against fp32. Needs no flash-attn-4.
@@ -69,6 +73,7 @@ ROPE_OUTSIDE = "new, RoPE outside the fa4 op (fused_rope=False)"
 GELU_COMPOSED = "new, GELU backward unfused (up-projection kernel + down_proj module, as before gelu_mlp)"
 QUACK = "new, MLP GEMMs from quack-kernels (mlp_gemms='quack')"
 PARTS = (
+    "fa4-tiles",
     "grads",
     "infer",
     "kernels",
@@ -138,6 +143,48 @@ def kernels(out: str | None) -> None:
             results[backend] = (o, qs.grad, ks.grad, vs.grad)
         errors = {f"rel_{n}": rel(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), *results.values(), strict=True)}
         write_rows(out, [{"part": "kernels", "lengths": name, "check": "fa4 bf16 vs sdpa fp32", **errors}])
+
+
+FA4_TILES = {  # name: _flash_attn_fwd keyword overrides (SM90, head_dim 64)
+    "default (192x128, rs, overlap)": {},
+    "192x192": {"tile_mn": (192, 192)},
+    "128x128": {"tile_mn": (128, 128)},
+    "128x192": {"tile_mn": (128, 192)},
+    "128x256": {"tile_mn": (128, 256)},
+    "192x128, no rs": {"mma_pv_is_rs": False},
+    "192x128, no overlap": {"intra_wg_overlap": False},
+}
+
+
+def _fa4_fwd(q, k, v, layout: PackedLayout, **tile) -> torch.Tensor:
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    cu, n = layout.cu_seqlens, layout.max_seqlen
+    lengths = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n)
+    return _flash_attn_fwd(q, k, v, **lengths, softmax_scale=0.125, causal=False, return_lse=True, **tile)[0]
+
+
+def fa4_tiles(out: str | None) -> None:
+    dev = torch.device("cuda")
+    for name in ("4x2048px", "mixed-64"):
+        lengths = LENGTHS[name]
+        layout = layout_of(lengths, dev)
+        fwd_flops = sum(4 * n * n * 64 * 16 for n in lengths)
+        g = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = (torch.randn(layout.num_tokens, 16, 64, device=dev, generator=g).bfloat16() for _ in range(3))
+        ref = _fa4_fwd(q, k, v, layout)
+        for tile, kw in FA4_TILES.items():
+            row = {"part": "fa4-tiles", "lengths": name, "tile": tile}
+            fn = functools.partial(_fa4_fwd, q, k, v, layout, **kw)
+            try:
+                diff = rel(fn(), ref)
+                with torch.no_grad():
+                    stats = measure(fn, dev)
+            except Exception:  # a tile this kernel cannot build is its row
+                write_rows(out, [row | {"error": traceback.format_exc()[-2000:]}])
+                continue
+            row |= {"fwd_ms": stats["median_s"] * 1e3, "fwd_tflops": fwd_flops / stats["median_s"] / 1e12}
+            write_rows(out, [row | {"rel_vs_default": diff}])
 
 
 def forward_flops(model, grid) -> float:
@@ -561,7 +608,7 @@ def main() -> int:
     for part in parts:
         torch._dynamo.reset()  # each part's graphs count alone against Dynamo's recompile limit
         try:
-            run = {"kernels": kernels, "train": functools.partial(train, systems_asked=systems)}
+            run = {"kernels": kernels, "train": functools.partial(train, systems_asked=systems), "fa4-tiles": fa4_tiles}
             run |= {"grads": grads, "infer": infer, "mlp-fwd": mlp_fwd, "mlp-grad": mlp_grad}
             run[part](args.out)
         except Exception:  # one part's failure is recorded and the next part still runs
