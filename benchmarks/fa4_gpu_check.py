@@ -22,9 +22,10 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              first 16 images of mixed-64 (an fp32 step on all 64 may not fit), eval mode (no RoPE
              augmentation, autograd still on): cosine of all gradients flattened and the lowest
              per-parameter cosine (target >= 0.99).
-    infer    inference, 4 x 2048 px, compiled: "auto" (fa4 past FA4_INFERENCE_MIN_SEQLEN) vs "triton", and
-             "auto" with RoPE outside the fa4 op (`fused_rope=False`); then one forward of "auto" and of
-             "triton" under `torch.profiler` (`infer-profile` rows: kernel time by class, device gaps).
+    infer    inference, 4 x 2048 px, compiled: "auto" (fa4 past FA4_INFERENCE_MIN_SEQLEN) vs "triton" (RoPE
+             outside the fa4 op, `fused_rope=False`, measured the same on the H200, 2026-12-02, and no longer
+             run); then one forward of "auto" and of "triton" under `torch.profiler` (`infer-profile` rows:
+             kernel time by class, device gaps).
     mlp-grad the MLP backward's product through the down-projection and the GELU derivative at ViT-L widths on
              mixed-64's tokens (60,038 x 1024 -> 4096, bf16): the `gelu_grad` kernel (its epilogue also sums the
              bias gradient) against cuBLAS + ATen's gelu_backward + the bias sum, eager and compiled, and, where
@@ -542,11 +543,8 @@ def infer(out: str | None) -> None:
     hs, grid = pack([torch.randn(3, 2048, 2048, generator=g) for _ in range(4)], 16)
     hs = hs.to(dev, torch.bfloat16)
     models = {}
-    # compiled once each, then timed in interleaved rounds; "auto, rope outside": fused_rope=False
-    for name in ("auto", "triton", "auto, rope outside"):
-        model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=name.split(",")[0])
-        model.fused_rope = name == "auto"
-        models[name] = compile_model(model)
+    for name in ("auto", "triton"):  # compiled once each, then timed in interleaved rounds
+        models[name] = compile_model(load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=name))
     for r in range(3):
         for backend, model in models.items():
             with torch.no_grad():
