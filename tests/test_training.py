@@ -208,27 +208,47 @@ def test_rope_augmentation_matches_hf_for_one_image_and_per_image():
 _MIXED_HW = [(3, 2), (1, 1), (48, 14), (14, 48), (37, 29), (2, 5)] * 7  # 42 segments: repeats, 1x1, non-square
 
 
-def test_packed_patch_coords_are_hf_coordinates_bit_for_bit():
+_DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check: needs CUDA (run on the device)"),
+    ),
+]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_packed_patch_coords_are_hf_coordinates_bit_for_bit(device):
     from transformers.models.dinov3_vit.modeling_dinov3_vit import get_patches_center_coordinates
 
     from dinov3_packing.model.layers import packed_patch_coords
 
-    cpu = torch.device("cpu")
-    ref = torch.cat([get_patches_center_coordinates(h, w, torch.float32, cpu) for h, w in _MIXED_HW])
-    got = packed_patch_coords(_MIXED_HW, cpu)
+    dev = torch.device(device)
+    ref = torch.cat([get_patches_center_coordinates(h, w, torch.float32, dev) for h, w in _MIXED_HW])
+    got = packed_patch_coords(_MIXED_HW, dev)
     assert got.dtype == torch.float32 and torch.equal(got, ref)
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check: needs CUDA (run on the device)"),
-        ),
-    ],
-)
+def test_packed_patch_coords_divide_as_aten_does_on_cuda():
+    """On CUDA, ATen computes Hugging Face's `arange(0.5, n) / n` as a product with the fp32 reciprocal of `n`
+    (`div_true_kernel_cuda`, a host-scalar divisor), not as a division: the coordinates built for a CUDA device
+    follow that rule (here against the rule written out in torch on the CPU; the CUDA run of the next test checks
+    it against Hugging Face on the GPU), and the rule matters for these sizes (some coordinates differ)."""
+    from dinov3_packing.model.layers import _packed_patch_coords
+
+    def aten_cuda_rule(n):
+        return torch.arange(0.5, n, dtype=torch.float32) * (torch.tensor(1.0) / torch.tensor(float(n)))
+
+    parts = []
+    for h, w in _MIXED_HW:
+        coords = torch.stack(torch.meshgrid(aten_cuda_rule(h), aten_cuda_rule(w), indexing="ij"), dim=-1)
+        parts.append(2.0 * coords.flatten(0, 1) - 1.0)
+    got = torch.from_numpy(_packed_patch_coords(_MIXED_HW, reciprocal=True))
+    assert torch.equal(got, torch.cat(parts))
+    assert not torch.equal(got, torch.from_numpy(_packed_patch_coords(_MIXED_HW, reciprocal=False)))
+
+
+@pytest.mark.parametrize("device", _DEVICES)
 def test_training_rope_tables_equal_hf_augmentation_image_by_image(device):
     """The training-mode angles of a 42-segment pack, built for all segments at once, against Hugging Face's
     augmentation run image after image from the same seed (each segment's own shift, jitter, rescale, drawn in

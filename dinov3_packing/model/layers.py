@@ -51,9 +51,22 @@ class DINOv3ViTPackedEmbeddings(DINOv3ViTEmbeddings):
 
 def packed_patch_coords(segment_hw: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
     """`[num_patches, 2]` fp32 (y, x) patch-centre coordinates in [-1, 1] of every segment in turn, in raster
-    order: `get_patches_center_coordinates(h, w)` of each segment, concatenated, with the same fp32 operations
-    ((i + 0.5) / n, then 2 * c - 1), so the same bits; computed on the host and sent in one copy that does not
-    block it."""
+    order: `get_patches_center_coordinates(h, w)` of each segment on `device`, concatenated, with the same fp32
+    operations, so the same bits; computed on the host and sent in one copy that does not block it.
+
+    Hugging Face computes `(i + 0.5) / n`, then `2 * c - 1`. Its division by the Python int `n` is a true division
+    on the CPU, but on CUDA ATen turns a division by a host scalar into a product with its fp32 reciprocal
+    (`div_true_kernel_cuda`), which differs in the last bit for some `(i, n)`; the coordinates for a CUDA device
+    repeat that."""
+    out = torch.from_numpy(_packed_patch_coords(segment_hw, reciprocal=device.type == "cuda"))
+    if device.type == "cuda":
+        return out.pin_memory().to(device, non_blocking=True)
+    return out.to(device)
+
+
+def _packed_patch_coords(segment_hw: list[tuple[int, int]], reciprocal: bool) -> np.ndarray:
+    """`packed_patch_coords` on the host; `reciprocal`: divide as ATen does on CUDA (by a product with the
+    fp32 reciprocal)."""
     hs = np.array([h for h, _ in segment_hw], dtype=np.int64)
     ws = np.array([w for _, w in segment_hw], dtype=np.int64)
     counts = hs * ws
@@ -61,12 +74,9 @@ def packed_patch_coords(segment_hw: list[tuple[int, int]], device: torch.device)
     index = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)
     w_tok = np.repeat(ws, counts)
     centre = np.stack([index // w_tok, index % w_tok], axis=1).astype(np.float32) + np.float32(0.5)
-    coords = centre / np.stack([np.repeat(hs, counts), w_tok], axis=1).astype(np.float32)
-    coords = np.float32(2.0) * coords - np.float32(1.0)
-    out = torch.from_numpy(coords)
-    if device.type == "cuda":
-        return out.pin_memory().to(device, non_blocking=True)
-    return out.to(device)
+    sizes = np.stack([np.repeat(hs, counts), w_tok], axis=1).astype(np.float32)
+    coords = centre * (np.float32(1.0) / sizes) if reciprocal else centre / sizes
+    return np.float32(2.0) * coords - np.float32(1.0)
 
 
 class DINOv3ViTPackedRopeEmbedding(DINOv3ViTRopePositionEmbedding):
