@@ -28,16 +28,18 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              kernel time by class, device gaps).
     mlp-grad the MLP backward's product through the down-projection and the GELU derivative at ViT-L widths on
              mixed-64's tokens (60,038 x 1024 -> 4096, bf16): the `gelu_grad` kernel (its epilogue also sums the
-             bias gradient) against cuBLAS + ATen's gelu_backward + the bias sum, eager and compiled, and, where
-             quack-kernels runs, `quack_gelu_grad` (`ops/quack.py`); each against fp32 (relative L2 error of
-             both outputs). Needs no flash-attn-4.
+             bias gradient), the `dgelu_grad` kernel (the same from the stored derivative: a product), cuBLAS +
+             ATen's gelu_backward + the bias sum, eager and compiled, and, where quack-kernels runs,
+             `quack_gelu_grad` (`ops/quack.py`) at three tiles; each against fp32 (relative L2 error of both
+             outputs). Needs no flash-attn-4.
     fa4-tiles fa4's forward kernel on 4 x 2048 px and mixed-64 segment lengths with other SM90 tiles than its
              heuristic's (192 x 128, P in registers, intra-warpgroup overlap) through `_flash_attn_fwd`'s `tile_mn`,
              `mma_pv_is_rs` and `intra_wg_overlap`: ms, TFLOP/s, max relative difference of the output against the
              default tile's (the 2048 px inference target wants a faster attention kernel than the default).
     mlp-fwd  the MLP's up-projection + bias + exact GELU at the same sizes: the `linear_gelu` kernel keeping the
-             pre-activation (training) and not (inference), cuBLAS + GELU eager and compiled, and quack's
-             `quack_linear_gelu` where it runs; each against fp32. Needs no flash-attn-4.
+             pre-activation (training), the GELU's derivative (`linear_gelu_dgelu`) or neither (inference),
+             cuBLAS + GELU eager and compiled, and quack's `quack_linear_gelu` at three tiles where it runs; each
+             against fp32. Needs no flash-attn-4.
 A part that fails writes an `error` row with its traceback and the next part runs.
 """
 
@@ -73,6 +75,7 @@ TODAY, NEW = "today: varlen, MLP unfused", "new: auto (fa4), fused MLP"
 ROPE_OUTSIDE = "new, RoPE outside the fa4 op (fused_rope=False)"
 GELU_COMPOSED = "new, GELU backward unfused (up-projection kernel + down_proj module, as before gelu_mlp)"
 QUACK = "new, MLP GEMMs from quack-kernels (mlp_gemms='quack')"
+TRITON_PRE = "new, MLP keeping the pre-activation (mlp_gemms='triton-pre', as before dgelu_grad)"
 PARTS = (
     "fa4-tiles",
     "grads",
@@ -278,14 +281,27 @@ class _ComposedLinear(torch.nn.Linear):
         return other
 
 
-SYSTEMS = ("today", "new", "quack", "rope-outside", "gelu-composed", "attention", "mlp", "autotune", "hf", "profile")
+SYSTEMS = (
+    "today",
+    "new",
+    "quack",
+    "triton-pre",
+    "rope-outside",
+    "gelu-composed",
+    "attention",
+    "mlp",
+    "autotune",
+    "hf",
+    "profile",
+)
 """`--systems` of the train part: today's path, the new one, the new one with RoPE outside the fa4 op
 (`fused_rope=False`, as before ops/triton/rope.py), the new one with the MLP's training op replaced by the
 composition it replaced (`gelu-composed`: the up-projection kernel, then the down_proj module and a separate GELU
 backward; each down_proj replaced by an `nn.Linear` subclass keeps `ops.mlp` on that path), the new one with each
 recompute policy, the new one under max-autotune-no-cudagraphs, the new one with quack-kernels' MLP GEMMs
-(`quack`), the Hugging Face loop, the profile of today's and the new step (and of quack's, rope-outside's and
-gelu-composed's when they run)."""
+(`quack`), the new one with the MLP's Triton kernels keeping the pre-activation instead of the GELU's
+derivative (`triton-pre`), the Hugging Face loop, the profile of today's and the new step (and of the other new
+systems' when they run)."""
 DEFAULT_SYSTEMS = ("today", "new", "attention", "mlp", "hf", "profile")
 
 
@@ -301,6 +317,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "rope-outside": (ROPE_OUTSIDE, "auto", None, None, None),
         "gelu-composed": (GELU_COMPOSED, "auto", None, None, None),
         "quack": (QUACK, "auto", None, None, None),
+        "triton-pre": (TRITON_PRE, "auto", None, None, None),
         "attention": ("new + recompute attention", "auto", None, "attention", None),
         "mlp": ("new + recompute mlp", "auto", None, "mlp", None),
         # inductor's Triton GEMM templates, whose epilogues can take the GELU backward (slow compile)
@@ -317,7 +334,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
     for name, (backend, fused, policy) in systems.items():
         model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend, fused_mlp=fused)
         model.fused_rope = name != ROPE_OUTSIDE
-        model.mlp_gemms = "quack" if name == QUACK else "triton"
+        model.mlp_gemms = {QUACK: "quack", TRITON_PRE: "triton-pre"}.get(name, "triton")
         if name == GELU_COMPOSED:
             for block in model.model.layer:
                 block.mlp.down_proj = _ComposedLinear.of(block.mlp.down_proj)
@@ -386,7 +403,9 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                 ],
             )
     for name in [
-        n for n in (TODAY, NEW, QUACK, ROPE_OUTSIDE, GELU_COMPOSED) if n in models and "profile" in systems_asked
+        n
+        for n in (TODAY, NEW, TRITON_PRE, QUACK, ROPE_OUTSIDE, GELU_COMPOSED)
+        if n in models and "profile" in systems_asked
     ]:
         by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev, f"train {name}")
         total = sum(by_class.values())
@@ -428,25 +447,14 @@ def _mlp_rows(out, part: str, systems: dict, ref, flops: float, names: tuple[str
 
 
 def _quack_configs() -> dict:
-    """quack's default tile (`ops.quack.CONFIGS` None) and two others for the MLP's GEMMs (N = 4096 is no multiple
-    of the default's 192 columns)."""
-    from quack.gemm_config import GemmConfig
-
-    def tile(m, n, pingpong, cluster_m, cluster_n):
-        return GemmConfig(
-            tile_m=m,
-            tile_n=n,
-            pingpong=pingpong,
-            cluster_m=cluster_m,
-            cluster_n=cluster_n,
-            is_dynamic_persistent=False,
-            device_capacity=9,
-        )
+    """quack's own default tile and the two others for the MLP's GEMMs (N = 4096 is no multiple of the default's
+    192 columns); `ops.quack.TILES` took the fastest of these."""
+    from dinov3_packing.ops.quack import gemm_config
 
     return {
-        "default": None,
-        "128x256 coop 2x1": tile(128, 256, False, 2, 1),
-        "256x128 coop 1x2": tile(256, 128, False, 1, 2),
+        "quack default": "default",
+        "128x256 coop 2x1": gemm_config(128, 256, False, 2, 1),
+        "256x128 coop 1x2": gemm_config(256, 128, False, 1, 2),
     }
 
 
@@ -476,8 +484,13 @@ def mlp_grad(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
         grad_pre = torch.ops.aten.gelu_backward(grad_out @ down_weight, pre)
         return grad_pre, grad_pre.sum(0)
 
+    # What the forward's "triton" path stores instead of pre: the derivative, from fp32, rounded once.
+    deriv = torch.ops.aten.gelu_backward(torch.ones_like(pre, dtype=torch.float32), pre.float()).to(dt)
     systems = {
         "gelu_grad kernel": lambda: torch.ops.dinov3_packing.gelu_grad(grad_out, down_weight, pre, True),
+        "dgelu_grad kernel (from the stored gelu'(pre))": lambda: torch.ops.dinov3_packing.dgelu_grad(
+            grad_out, down_weight, deriv, True
+        ),
         "cuBLAS + gelu_backward + sum, eager": lambda: composed(grad_out, down_weight, pre),
         "cuBLAS + gelu_backward + sum, compiled": functools.partial(
             torch.compile(composed), grad_out, down_weight, pre
@@ -507,6 +520,9 @@ def mlp_fwd(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
     systems = {
         "linear_gelu kernel, keeps pre (training)": lambda: torch.ops.dinov3_packing.linear_gelu(x, weight, bias, True),
         "linear_gelu kernel (inference)": lambda: torch.ops.dinov3_packing.linear_gelu(x, weight, bias, False)[:1],
+        "linear_gelu_dgelu kernel, keeps gelu'(pre) (training, 'triton')": lambda: (
+            torch.ops.dinov3_packing.linear_gelu_dgelu(x, weight, bias)[:1]
+        ),
         "cuBLAS + gelu, eager": lambda: composed(x, weight, bias),
         "cuBLAS + gelu, compiled": functools.partial(torch.compile(composed), x, weight, bias),
     }

@@ -220,18 +220,22 @@ def test_fused_mlp_gate_is_device_and_dtype_only(enabled, device, dtype, expecte
     assert fused_mlp_runs(enabled, torch.device(device), dtype) is expected
 
 
-@pytest.mark.parametrize("gemms", MLP_GEMMS)
-def test_training_through_the_fused_op_equals_the_module_path(tiny, fused_calls, monkeypatch, gemms):
-    """Either GEMM choice of the training op (on the CPU: the Triton launcher replaced by the torch ops, quack's
-    ops on their torch fallback) gives the module path's output and gradients bit for bit."""
+@pytest.mark.parametrize(
+    ("gemms", "deriv"), [(g, False) for g in MLP_GEMMS] + [("triton", True)], ids=[*MLP_GEMMS, "triton-deriv"]
+)
+def test_training_through_the_fused_op_equals_the_module_path(tiny, fused_calls, monkeypatch, gemms, deriv):
+    """Every GEMM choice of the training op (on the CPU: the Triton launcher replaced by the torch ops, quack's
+    ops on their torch fallback) gives the module path's output and gradients bit for bit. "triton-deriv": the
+    "triton" path as it runs where both its kernels do (`dgelu_path_runs` forced), which keeps the GELU's
+    derivative and multiplies by it in the backward (`dgelu_grad`'s fallback): in fp32 that product is ATen's
+    `gelu_backward` bit for bit, so the wiring is checked exactly here too."""
+    if deriv:
+        monkeypatch.setattr(lg, "dgelu_path_runs", lambda *a: True)
     launches = []
 
-    def torch_launch(x, w, b, config=None, *, pre_out=None):
-        launches.append(pre_out is not None)
-        pre = torch.nn.functional.linear(x, w, b)
-        if pre_out is not None:
-            pre_out.copy_(pre)
-        return torch.nn.functional.gelu(pre)
+    def torch_launch(x, w, b, config=None, *, pre_out=None, deriv=False):
+        launches.append((pre_out is not None, deriv))
+        return _torch_launch(x, w, b, pre_out, deriv)
 
     monkeypatch.setattr(lg, "linear_gelu_supported", lambda *a, **k: True)
     monkeypatch.setattr(lg, "launch_linear_gelu", torch_launch)
@@ -248,9 +252,10 @@ def test_training_through_the_fused_op_equals_the_module_path(tiny, fused_calls,
         out.square().mean().backward()
         results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (plain, plain_grads), (fused, fused_grads) = results
-    # Both blocks took the training op with the batch's GEMMs; the Triton up-projection kept its pre-activation.
+    # Both blocks took the training op with the batch's GEMMs; the Triton up-projection kept its pre-activation
+    # (on the CPU, "triton" is "triton-pre": the backward's TMA kernel cannot run, `dgelu_path_runs`).
     assert fused_calls.ops == ["gelu_mlp"] * 2 and fused_calls.gemms == [gemms] * 2
-    assert launches == ([True, True] if gemms == "triton" else [])
+    assert launches == ([(True, deriv)] * 2 if gemms.startswith("triton") else [])
     assert torch.equal(fused, plain)
     assert fused_grads.keys() == plain_grads.keys()
     assert any("up_proj" in n for n in fused_grads)
@@ -264,7 +269,7 @@ def test_training_keeps_the_composition_when_the_down_projection_has_a_hook(tiny
     module path's bit for bit."""
     monkeypatch.setattr(lg, "linear_gelu_supported", lambda *a, **k: True)
     monkeypatch.setattr(
-        lg, "launch_linear_gelu", lambda x, w, b, *, pre_out=None: _torch_launch(x, w, b, pre_out=pre_out)
+        lg, "launch_linear_gelu", lambda x, w, b, *, pre_out=None, deriv=False: _torch_launch(x, w, b, pre_out, deriv)
     )
     torch.manual_seed(0)
     model = DINOv3ViTPackingModel(tiny(num_hidden_layers=2)).train()
@@ -290,10 +295,12 @@ def test_training_keeps_the_composition_when_the_down_projection_has_a_hook(tiny
     assert all(torch.equal(a, b) for a, b in zip(fused_grads, plain_grads, strict=True))
 
 
-def _torch_launch(x, w, b, pre_out=None):
+def _torch_launch(x, w, b, pre_out=None, deriv=False):
+    """`launch_linear_gelu` in torch ops: the pre-activation (or, with `deriv`, ATen's GELU derivative there)
+    into `pre_out`."""
     pre = torch.nn.functional.linear(x, w, b)
     if pre_out is not None:
-        pre_out.copy_(pre)
+        pre_out.copy_(torch.ops.aten.gelu_backward(torch.ones_like(pre), pre) if deriv else pre)
     return torch.nn.functional.gelu(pre)
 
 
@@ -367,6 +374,35 @@ def test_gelu_mlp_and_gelu_grad_ops_are_registered_with_fakes_and_autograd():
     torch.library.opcheck(grad_op, (grad_out, w2, pre, True))
     torch.library.opcheck(grad_op, (grad_out, w2, pre, False))
     torch.library.opcheck(mlp_op, (*leaves, "quack"))
+
+
+def test_dgelu_ops_are_registered_with_fakes():
+    """The "triton" training op's forward and backward ops: schemas, opcheck (fake against real), and on the CPU
+    their torch paths: the GELU and ATen's derivative at the pre-activation; the product of the gradient through
+    the down-projection with that derivative equals ATen's `gelu_backward` bit for bit (fp32)."""
+    act = torch.ops.dinov3_packing.linear_gelu_dgelu
+    assert str(act.default._schema) == (
+        "dinov3_packing::linear_gelu_dgelu(Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor)"
+    )
+    dact = torch.ops.dinov3_packing.dgelu_grad
+    assert str(dact.default._schema) == (
+        "dinov3_packing::dgelu_grad(Tensor grad_out, Tensor weight, Tensor dgelu, bool bias_grad) -> (Tensor, Tensor)"
+    )
+    g = torch.Generator().manual_seed(8)
+    x, w1, b1 = torch.randn(5, 64, generator=g), torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    torch.library.opcheck(act, (x, w1, b1))
+    torch.library.opcheck(act, (x.reshape(5, 1, 64), w1, None))
+    y, deriv = act(x, w1, b1)
+    pre = F.linear(x, w1, b1)
+    assert torch.equal(y, F.gelu(pre))
+    assert torch.equal(deriv, torch.ops.aten.gelu_backward(torch.ones_like(pre), pre))
+    grad_out, w2 = torch.randn(5, 64, generator=g), torch.randn(64, 96, generator=g)
+    for bias_grad in (True, False):
+        torch.library.opcheck(dact, (grad_out, w2, deriv, bias_grad))
+    grad_pre, grad_b = dact(grad_out, w2, deriv, True)
+    assert torch.equal(grad_pre, torch.ops.aten.gelu_backward(grad_out @ w2, pre))
+    assert torch.equal(grad_b, grad_pre.sum(0))
+    assert dact(grad_out, w2, deriv, False)[1].shape == (0,)
 
 
 def test_quack_ops_are_registered_with_fakes():

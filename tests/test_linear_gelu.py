@@ -106,7 +106,14 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
         rel, excess = errors(y, ref)
         pre_rel, pre_excess = errors(pre, pre_ref)
+        # Storing the GELU's derivative at the pre-activation instead (the training op's "triton" forward).
+        deriv = torch.full((M, N), float("nan"), dtype=dt)
+        y_with_deriv = lg.launch_linear_gelu(x, w, b, cfg, kernel=kernel, pre_out=deriv, deriv=True)
+        deriv_rel, deriv_excess = errors(deriv, torch.ops.aten.gelu_backward(torch.ones_like(pre_ref), pre_ref))
         out[name] = dict(
+            deriv_rel=deriv_rel,
+            deriv_excess=deriv_excess,
+            same_y_with_deriv=torch.equal(y, y_with_deriv),
             shape=list(y.shape),
             dtype=str(y.dtype),
             rel=rel,
@@ -131,7 +138,14 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         ref = torch.ops.aten.gelu_backward(g.double() @ w.double(), pre.double())
         rel, excess = errors64(grad_pre, ref)
         b_rel, b_excess = errors64(grad_b, ref.sum(0)) if bias_grad else (None, None)
+        # From the stored derivative instead (the epilogue a product): against fp64 (g @ w) * deriv.
+        deriv = torch.ops.aten.gelu_backward(torch.ones_like(pre), pre)
+        d_pre, d_b = lg.launch_gelu_grad(g, w, deriv, bias_grad, cfg, deriv=True)
+        d_ref = (g.double() @ w.double()) * deriv.double()
+        d_rel, d_excess = errors64(d_pre, d_ref)
+        d_b_rel, d_b_excess = errors64(d_b, d_ref.sum(0)) if bias_grad else (None, None)
         out[name] = dict(
+            d_rel=d_rel, d_excess=d_excess, d_b_rel=d_b_rel, d_b_excess=d_b_excess,
             shape=list(grad_pre.shape), dtype=str(grad_pre.dtype), rel=rel, excess=excess, b_rel=b_rel,
             b_excess=b_excess, b_dtype=None if grad_b is None else str(grad_b.dtype),
         )
@@ -140,7 +154,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     launch_grad = lg.launch_gelu_grad
     _small_grad = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, EPI_SUBTILE=True)
     lg.gelu_grad_supported = lambda *args: True
-    lg.launch_gelu_grad = lambda *args: launch_grad(*args, config=_small_grad)
+    lg.launch_gelu_grad = lambda *args, **kw: launch_grad(*args, config=_small_grad, **kw)
     g = torch.randn(45, 64, generator=gen)
     w = torch.randn(64, 96, generator=gen) / 8
     pre = torch.randn(45, 96, generator=gen)
@@ -152,6 +166,17 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         rel=errors64(op_pre, ref)[0],
         b_rel=errors64(op_b, ref.sum(0))[0],
         empty_without_bias=list(torch.ops.dinov3_packing.gelu_grad(g, w, pre, False)[1].shape),
+    )
+    # The same for the op that takes the stored derivative (`dgelu_grad`, the "triton" training op's backward).
+    deriv = torch.ops.aten.gelu_backward(torch.ones_like(pre), pre)
+    op_pre, op_b = torch.ops.dinov3_packing.dgelu_grad(g, w, deriv, True)
+    direct_pre, direct_b = launch_grad(g, w, deriv, True, _small_grad, deriv=True)
+    ref = (g.double() @ w.double()) * deriv.double()
+    out["_dgelu_grad_op"] = dict(
+        same_as_launcher=torch.equal(op_pre, direct_pre) and torch.allclose(op_b, direct_b, rtol=1e-6, atol=0),
+        rel=errors64(op_pre, ref)[0],
+        b_rel=errors64(op_b, ref.sum(0))[0],
+        empty_without_bias=list(torch.ops.dinov3_packing.dgelu_grad(g, w, deriv, False)[1].shape),
     )
 
     # The autotuned path: the tuner runs the kernel once per config and repeat on the real arguments (three
@@ -277,6 +302,9 @@ def test_kernel_matches_reference_in_interpreter(interpreter_results, case):
     else:
         assert r["excess"] <= 1e-5 and r["pre_excess"] <= 1e-5, r
     assert r["same_y_with_pre"], r  # storing the pre-activation leaves the output bit for bit as it was
+    # Storing the GELU's derivative instead: within one rounding of fp64 ATen's derivative, the output unchanged.
+    assert (r["deriv_rel"] if dtype == "float32" else r["deriv_excess"]) <= 1e-5, r
+    assert r["same_y_with_deriv"], r
     assert r["supported"] is False  # the interpreter never counts as the kernel path
 
 
@@ -321,12 +349,20 @@ def test_gelu_grad_kernel_matches_fp64_in_interpreter(interpreter_results, case)
         assert (r["b_rel"] if dtype == "float32" else r["b_excess"]) <= 1e-5, r
     else:
         assert r["b_rel"] is None and r["b_dtype"] is None, r
+    # From a stored derivative (`deriv=True`): against fp64 (g @ w) * derivative, same tolerances.
+    assert (r["d_rel"] if dtype == "float32" else r["d_excess"]) <= 1e-5, r
+    if bias_grad:
+        assert (r["d_b_rel"] if dtype == "float32" else r["d_b_excess"]) <= 1e-5, r
+    else:
+        assert r["d_b_rel"] is None, r
 
 
-def test_gelu_grad_op_runs_the_kernel_where_supported(interpreter_results):
-    """The custom op with its gate open returns the launcher's numbers (its bias gradient within fp32 atomics'
-    order, 1e-6), an fp32 result within 1e-5 of fp64, and an empty bias gradient when not asked for one."""
-    r = interpreter_results["_grad_op"]
+@pytest.mark.parametrize("op", ["gelu_grad", "dgelu_grad"])
+def test_gelu_grad_op_runs_the_kernel_where_supported(interpreter_results, op):
+    """The custom op (from the pre-activation, or from the stored derivative) with its gate open returns the
+    launcher's numbers (its bias gradient within fp32 atomics' order, 1e-6), an fp32 result within 1e-5 of fp64,
+    and an empty bias gradient when not asked for one."""
+    r = interpreter_results["_grad_op" if op == "gelu_grad" else "_dgelu_grad_op"]
     assert r["same_as_launcher"], r
     assert r["rel"] <= 1e-5 and r["b_rel"] <= 1e-5, r
     assert r["empty_without_bias"] == [0], r

@@ -32,6 +32,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTMLP
 
 from ..packing import PackedBatch
 from .quack import quack_gemms_available, quack_missing  # the module also registers the quack ops the training op calls
+from .triton import linear_gelu as _lg
 from .triton.linear_gelu import linear_gelu
 
 
@@ -117,11 +118,14 @@ def _run(mlp: nn.Module, x: torch.Tensor, fused: bool, gemms: str) -> torch.Tens
     return down(linear_gelu(x, up.weight, up.bias))
 
 
-MLP_GEMMS = ("triton", "quack")
-"""The GEMM kernels of the training op `gelu_mlp`: "triton" (`ops/triton/linear_gelu.py`: the forward keeps the
-GELU output and the pre-activation, the backward is `gelu_grad`) or "quack" (`ops/quack.py`: quack-kernels' GEMMs
-with the GELU in their epilogues; the forward keeps only the pre-activation and the backward recomputes the GELU
-output in its GEMM's epilogue)."""
+MLP_GEMMS = ("triton", "triton-pre", "quack")
+"""The GEMM kernels of the training op `gelu_mlp`: "triton" (`ops/triton/linear_gelu.py`: where both Triton
+kernels run, `linear_gelu.dgelu_path_runs`, the forward keeps the GELU output and the GELU's derivative at the
+pre-activation, `linear_gelu_dgelu`, so that the backward's GEMM, `dgelu_grad`, has a product in its epilogue
+where it had the erf; elsewhere it is "triton-pre"), "triton-pre" (as before that change: the forward keeps the
+pre-activation and the backward, `gelu_grad`, computes the derivative there; kept for comparison) or "quack"
+(`ops/quack.py`: quack-kernels' GEMMs with the GELU in their epilogues; the forward keeps only the
+pre-activation and the backward recomputes the GELU output in its GEMM's epilogue)."""
 
 
 def mlp_gemms_setting(value: str) -> str:
@@ -137,7 +141,9 @@ def resolve_mlp_gemms(value: str, device: torch.device, fused: bool) -> str:
     """The GEMMs the training op runs on `device` (`fused`: the fused MLP runs there, `fused_mlp_runs`): "auto" is
     "quack" where quack-kernels runs (`ops.quack.quack_gemms_available`: Hopper with the package installed), else
     "triton"; "quack" asked for where the fused MLP runs but quack cannot raises ValueError."""
-    if value == "triton" or not fused:
+    if value in ("triton", "triton-pre"):
+        return value
+    if not fused:
         return "triton"
     available = quack_gemms_available(device)
     if value == "quack" and not available:
@@ -155,15 +161,24 @@ def _gelu_mlp_op(
     down_bias: torch.Tensor | None,
     gemms: str = "triton",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(down(gelu(up(x))), gelu(up(x)), up(x))``: the up-projection GEMM with the GELU in its epilogue, storing
-    the pre-activation too (`gemms`: the Triton kernel or quack's), then the down-projection (cuBLAS). The last
-    two outputs are what the backward may read; nothing else should."""
+    """``(down(gelu(up(x))), gelu(up(x)), s)``: the up-projection GEMM with the GELU in its epilogue, storing `s`
+    too: ``gelu'(up(x))`` for "triton", the pre-activation ``up(x)`` for "triton-pre" and "quack" (`gemms`:
+    `MLP_GEMMS`), then the down-projection (cuBLAS). The last two outputs are what the backward may read;
+    nothing else should."""
     if gemms == "quack":
         h, pre = torch.ops.dinov3_packing.quack_linear_gelu(x.reshape(-1, x.shape[-1]), up_weight, up_bias)
         h, pre = h.view(*x.shape[:-1], -1), pre.view(*x.shape[:-1], -1)
+    elif _stores_deriv(gemms, x, up_weight, up_bias, down_weight):
+        h, pre = torch.ops.dinov3_packing.linear_gelu_dgelu(x, up_weight, up_bias)  # `pre` holds gelu'(pre)
     else:
         h, pre = torch.ops.dinov3_packing.linear_gelu(x, up_weight, up_bias, True)
     return F.linear(h, down_weight, down_bias), h, pre
+
+
+def _stores_deriv(gemms: str, x, up_weight, up_bias, down_weight) -> bool:
+    """Whether the op's forward keeps gelu'(pre) rather than pre (a function of the inputs' types, shapes and
+    devices, so the forward and `setup_context` agree, also on fake tensors)."""
+    return gemms == "triton" and _lg.dgelu_path_runs(x, up_weight, up_bias, down_weight)
 
 
 @_gelu_mlp_op.register_fake
@@ -176,6 +191,7 @@ def _gelu_mlp_setup_context(ctx, inputs, output) -> None:
     x, up_weight, up_bias, down_weight, down_bias, gemms = inputs
     _, h, pre = output
     ctx.has_up_bias, ctx.has_down_bias, ctx.gemms = up_bias is not None, down_bias is not None, gemms
+    ctx.deriv = _stores_deriv(gemms, x, up_weight, up_bias, down_weight)
     # quack's backward GEMM recomputes the GELU output: the forward's is not kept.
     ctx.save_for_backward(x, up_weight, down_weight, None if gemms == "quack" else h, pre)
     ctx.mark_non_differentiable(h, pre)
@@ -183,9 +199,9 @@ def _gelu_mlp_setup_context(ctx, inputs, output) -> None:
 
 def _gelu_mlp_backward(ctx, grad_out: torch.Tensor, _grad_h, _grad_pre):
     """The two linears' gradients, with the product through the down-projection and the GELU derivative as one
-    GEMM (`gelu_grad`, or `quack_gelu_grad`, which also recomputes the GELU output for the down-projection's weight
-    gradient), whose epilogue multiplies by gelu'(pre); so neither the gradient of the GELU output nor a separate
-    elementwise pass over the 4D-wide activations remains."""
+    GEMM (`dgelu_grad` with the stored derivative, `gelu_grad`, or `quack_gelu_grad`, which also recomputes the
+    GELU output for the down-projection's weight gradient), whose epilogue multiplies by gelu'(pre); so neither the
+    gradient of the GELU output nor a separate elementwise pass over the 4D-wide activations remains."""
     x, up_weight, down_weight, h, pre = ctx.saved_tensors
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
     g = grad_out.reshape(-1, grad_out.shape[-1])
@@ -195,6 +211,8 @@ def _gelu_mlp_backward(ctx, grad_out: torch.Tensor, _grad_h, _grad_pre):
     if need_x or need_w1 or need_b1:
         if ctx.gemms == "quack":
             grad_pre, h, grad_b = torch.ops.dinov3_packing.quack_gelu_grad(g, down_weight, pre, bias_grad)
+        elif ctx.deriv:
+            grad_pre, grad_b = torch.ops.dinov3_packing.dgelu_grad(g, down_weight, pre, bias_grad)
         else:
             grad_pre, grad_b = torch.ops.dinov3_packing.gelu_grad(g, down_weight, pre, bias_grad)
         grad_b1 = grad_b if bias_grad else None
@@ -222,10 +240,13 @@ def gelu_mlp(
     """``F.linear(F.gelu(F.linear(x, up_weight, up_bias)), down_weight, down_bias)`` (exact GELU) as one custom op
     whose backward fuses the GELU derivative into the down-projection's input-gradient GEMM. For training.
 
-    `gemms` (`MLP_GEMMS`): "triton" keeps the GELU output and the pre-activation for the backward, as the unfused
-    MLP does, and runs ``torch.ops.dinov3_packing.gelu_grad`` there; "quack" keeps the pre-activation only and runs
-    ``torch.ops.dinov3_packing.quack_gelu_grad``, which recomputes the GELU output in the same GEMM. Both fall
-    back to the torch ops where their kernels cannot run."""
+    `gemms` (`MLP_GEMMS`): "triton" keeps the GELU output and its derivative at the pre-activation for the
+    backward (as many bytes as the unfused MLP's GELU output and pre-activation) and runs
+    ``torch.ops.dinov3_packing.dgelu_grad`` there, where both Triton kernels run (else it is "triton-pre");
+    "triton-pre" keeps the pre-activation instead and runs
+    ``gelu_grad``; "quack" keeps the pre-activation only and runs ``torch.ops.dinov3_packing.quack_gelu_grad``,
+    which recomputes the GELU output in the same GEMM. All fall back to the torch ops where their kernels cannot
+    run."""
     if gemms not in MLP_GEMMS:
         raise ValueError(f"gemms: expected one of {MLP_GEMMS}, got {gemms!r}")
     return torch.ops.dinov3_packing.gelu_mlp(x, up_weight, up_bias, down_weight, down_bias, gemms)[0]

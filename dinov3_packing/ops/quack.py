@@ -34,10 +34,41 @@ import torch.nn.functional as F
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
+TILES: dict[str, dict] = {
+    "act": dict(tile_m=256, tile_n=128, pingpong=False, cluster_m=1, cluster_n=2),
+    "dact": dict(tile_m=128, tile_n=256, pingpong=False, cluster_m=2, cluster_n=1),
+}
+"""The SM90 tiles the ops run `gemm_act` ("act") and `gemm_dact` ("dact") with: the fastest of the three measured
+for ViT-L's MLP at mixed-64's 60,038 tokens on the H100 (`benchmarks/fa4_gpu_check.py` parts `mlp-fwd` and
+`mlp-grad`, 2026-12-07: 0.846 and 1.216 ms, where quack's default tile took 0.916 and 1.357 ms). Never
+``tuned=True``, whose autotuner keys on the token count and would sweep its configs again for every pack size."""
+
 CONFIGS: dict[str, object | None] = {"act": None, "dact": None}
-"""A `quack.gemm_config.GemmConfig` for `gemm_act` ("act") and `gemm_dact` ("dact"), or None for quack's default
-(``tuned=False``: its SM90 default tile; never ``tuned=True``, whose autotuner keys on the token count and would
-sweep its configs again for every pack size). For benchmarks that compare tile shapes."""
+"""Overrides for benchmarks that compare tiles: a `quack.gemm_config.GemmConfig` (`gemm_config`), "default" for
+quack's own default tile (``tuned=False``), or None for `TILES`."""
+
+
+def gemm_config(tile_m: int, tile_n: int, pingpong: bool, cluster_m: int, cluster_n: int):
+    """A quack `GemmConfig` for SM90 with a static persistent schedule."""
+    from quack.gemm_config import GemmConfig
+
+    return GemmConfig(
+        tile_m=tile_m,
+        tile_n=tile_n,
+        pingpong=pingpong,
+        cluster_m=cluster_m,
+        cluster_n=cluster_n,
+        is_dynamic_persistent=False,
+        device_capacity=9,
+    )
+
+
+def _choice(kind: str) -> dict:
+    """quack's keyword arguments that pick the tile of `kind` ("act" or "dact")."""
+    override = CONFIGS[kind]
+    if override == "default":
+        return {"tuned": False}
+    return {"config": gemm_config(**TILES[kind]) if override is None else override}
 
 
 @functools.cache
@@ -92,8 +123,7 @@ def _quack_linear_gelu(
     if _runs_quack(x, weight) and (bias is None or (bias.device == x.device and bias.dtype == x.dtype)):
         from quack.gemm_interface import gemm_act
 
-        choice = {"tuned": False} if CONFIGS["act"] is None else {"config": CONFIGS["act"]}
-        pre, y = gemm_act(x, weight.t(), bias=bias, activation="gelu_erf", store_preact=True, **choice)
+        pre, y = gemm_act(x, weight.t(), bias=bias, activation="gelu_erf", store_preact=True, **_choice("act"))
         return y, pre
     pre = F.linear(x, weight, bias)
     return F.gelu(pre), pre
@@ -114,8 +144,7 @@ def _quack_gelu_grad(
     if _runs_quack(grad_out, weight, pre):
         from quack.gemm_interface import gemm_dact
 
-        choice = {"tuned": False} if CONFIGS["dact"] is None else {"config": CONFIGS["dact"]}
-        grad_pre, y = gemm_dact(grad_out, weight, pre, activation="gelu_erf", **choice)
+        grad_pre, y = gemm_dact(grad_out, weight, pre, activation="gelu_erf", **_choice("dact"))
     else:
         grad_pre = torch.ops.aten.gelu_backward(grad_out @ weight, pre)
         y = F.gelu(pre)

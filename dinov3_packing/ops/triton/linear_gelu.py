@@ -61,6 +61,7 @@ except ImportError:  # pragma: no cover - Triton < 3.4: pointer kernel only
 __all__ = [
     "CONFIGS",
     "PTR_CONFIGS",
+    "dgelu_path_runs",
     "gelu_grad_supported",
     "launch_gelu_grad",
     "launch_linear_gelu",
@@ -185,17 +186,23 @@ if triton is not None:
         EVEN_N: tl.constexpr,
         GRAD: tl.constexpr,
         WIDTH: tl.constexpr,
+        DERIV: tl.constexpr,
     ):
         """Store one [BLOCK_M, WIDTH] accumulator tile at (off_m, off_n).
 
-        Forward: y = gelu(acc + bias), and the pre-activation acc + bias when STORE_PRE. GRAD: y = acc * gelu'(pre)
-        with `pre` read through `p_desc`, and, when HAS_BIAS, the tile's column sums of y (fp32, before rounding)
-        added atomically to the fp32 bias gradient at `b_ptr`. Rows past M were loaded as zeros (TMA fill), so they
-        add nothing to the sums.
+        Forward: y = gelu(acc + bias), and, when STORE_PRE, the pre-activation v = acc + bias or, with DERIV, the
+        GELU's derivative gelu'(v) at it. GRAD: y = acc * gelu'(pre) with `pre` read through `p_desc` (with DERIV,
+        `p_desc` holds gelu'(pre) itself: a product only), and, when HAS_BIAS, the tile's column sums of y (fp32,
+        before rounding) added atomically to the fp32 bias gradient at `b_ptr`. Rows past M were loaded as zeros
+        (TMA fill), so they add nothing to the sums.
         """
         offs_n = off_n + tl.arange(0, WIDTH)
         if GRAD:
-            g = acc * _gelu_grad(p_desc.load([off_m, off_n]).to(tl.float32))
+            p = p_desc.load([off_m, off_n]).to(tl.float32)
+            if DERIV:
+                g = acc * p
+            else:
+                g = acc * _gelu_grad(p)
             if HAS_BIAS:
                 if EVEN_N:
                     tl.atomic_add(b_ptr + offs_n, tl.sum(g, axis=0))
@@ -205,7 +212,10 @@ if triton is not None:
         else:
             v = _add_bias(acc, b_ptr, offs_n, N, HAS_BIAS, EVEN_N)
             if STORE_PRE:
-                p_desc.store([off_m, off_n], v.to(p_desc.dtype))
+                if DERIV:
+                    p_desc.store([off_m, off_n], _gelu_grad(v).to(p_desc.dtype))
+                else:
+                    p_desc.store([off_m, off_n], v.to(p_desc.dtype))
             y_desc.store([off_m, off_n], _gelu_folded(v).to(y_desc.dtype))
 
     @triton.jit
@@ -228,12 +238,13 @@ if triton is not None:
         EPI_SUBTILE: tl.constexpr,
         NUM_SMS: tl.constexpr,
         GRAD: tl.constexpr = False,
+        DERIV: tl.constexpr = False,
     ):
         """Persistent: program p handles tiles p, p + NUM_SMS, ...
 
         Forward (GRAD False): y = gelu(x @ w^T + b) with w [N, K], and the pre-activation through `p_desc` when
         STORE_PRE. GRAD: y = (x @ w) * gelu'(pre) with w [K, N] (the down-projection's weight as it is stored) and
-        the bias gradient into `b_ptr` when HAS_BIAS (see `_epilogue`).
+        the bias gradient into `b_ptr` when HAS_BIAS; DERIV: `p_desc` holds gelu'(pre) (see `_epilogue`).
         """
         start_pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -264,12 +275,28 @@ if triton is not None:
                 halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
                 acc0, acc1 = tl.split(halves)
                 off_n1 = off_n + BLOCK_N // 2
-                _epilogue(acc0, off_m, off_n, y_desc, p_desc, b_ptr, N, HAS_BIAS, STORE_PRE, EVEN_N, GRAD, BLOCK_N // 2)
                 _epilogue(
-                    acc1, off_m, off_n1, y_desc, p_desc, b_ptr, N, HAS_BIAS, STORE_PRE, EVEN_N, GRAD, BLOCK_N // 2
+                    acc0, off_m, off_n, y_desc, p_desc, b_ptr, N, HAS_BIAS, STORE_PRE, EVEN_N, GRAD, BLOCK_N // 2, DERIV
+                )
+                _epilogue(
+                    acc1,
+                    off_m,
+                    off_n1,
+                    y_desc,
+                    p_desc,
+                    b_ptr,
+                    N,
+                    HAS_BIAS,
+                    STORE_PRE,
+                    EVEN_N,
+                    GRAD,
+                    BLOCK_N // 2,
+                    DERIV,
                 )
             else:
-                _epilogue(acc, off_m, off_n, y_desc, p_desc, b_ptr, N, HAS_BIAS, STORE_PRE, EVEN_N, GRAD, BLOCK_N)
+                _epilogue(
+                    acc, off_m, off_n, y_desc, p_desc, b_ptr, N, HAS_BIAS, STORE_PRE, EVEN_N, GRAD, BLOCK_N, DERIV
+                )
 
     @triton.jit
     def _linear_gelu_ptr_kernel(
@@ -291,9 +318,10 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        DERIV: tl.constexpr = False,
     ):
-        """y[M, N] = gelu(x[M, K] @ w[N, K]^T + b[N]), and the pre-activation into p (laid out as y) when
-        STORE_PRE; unit stride along K for x and w, along N for y."""
+        """y[M, N] = gelu(x[M, K] @ w[N, K]^T + b[N]), and the pre-activation (with DERIV the GELU's derivative
+        there) into p (laid out as y) when STORE_PRE; unit stride along K for x and w, along N for y."""
         pid_m, pid_n = _tile_pid(tl.program_id(0), GROUP_M * tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -323,7 +351,10 @@ if triton is not None:
         out_offs = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         if STORE_PRE:
-            tl.store(p_ptr + out_offs, v.to(p_ptr.dtype.element_ty), mask=mask)
+            if DERIV:
+                tl.store(p_ptr + out_offs, _gelu_grad(v).to(p_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.store(p_ptr + out_offs, v.to(p_ptr.dtype.element_ty), mask=mask)
         tl.store(y_ptr + out_offs, _gelu_folded(v).to(y_ptr.dtype.element_ty), mask=mask)
 
     def _set_desc_blocks(nargs: dict) -> None:
@@ -341,15 +372,15 @@ if triton is not None:
     # STORE_PRE is part of the key: the second store changes the epilogue's cost and shared memory.
     _even_n = triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})(_linear_gelu_tma_kernel)
     _tma_autotuned = triton.autotune(
-        configs=[_triton_config(c, _set_desc_blocks) for c in CONFIGS], key=["N", "K", "STORE_PRE"]
+        configs=[_triton_config(c, _set_desc_blocks) for c in CONFIGS], key=["N", "K", "STORE_PRE", "DERIV"]
     )(_even_n)
     # The backward's kernel (GRAD) loads the pre-activation in its epilogue: its own list, shallower pipelines.
     _grad_autotuned = triton.autotune(
-        configs=[_triton_config(c, _set_desc_blocks) for c in GRAD_CONFIGS], key=["N", "K", "HAS_BIAS"]
+        configs=[_triton_config(c, _set_desc_blocks) for c in GRAD_CONFIGS], key=["N", "K", "HAS_BIAS", "DERIV"]
     )(_even_n)
-    _ptr_autotuned = triton.autotune(configs=[_triton_config(c) for c in PTR_CONFIGS], key=["N", "K", "STORE_PRE"])(
-        triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_linear_gelu_ptr_kernel)
-    )
+    _ptr_autotuned = triton.autotune(
+        configs=[_triton_config(c) for c in PTR_CONFIGS], key=["N", "K", "STORE_PRE", "DERIV"]
+    )(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_linear_gelu_ptr_kernel))
 
 
 @functools.cache
@@ -384,9 +415,10 @@ def tuned_configs() -> dict[str, dict]:
     return {str(k): dict(v) for k, v in _TUNED_TMA.items()}
 
 
-def _tma_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, store_pre: bool) -> tuple:
+def _tma_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, store: str | None) -> tuple:
+    """`store`: None, "pre" or "deriv" (what the kernel stores besides y)."""
     bias_dtype = None if bias is None else bias.dtype
-    return (weight.shape[0], x.shape[1], store_pre, x.dtype, weight.dtype, bias_dtype, x.device)
+    return (weight.shape[0], x.shape[1], store, x.dtype, weight.dtype, bias_dtype, x.device)
 
 
 def _launch_tma(x, weight, y, p, b, flags: dict, config: dict | None, key: tuple, grad: bool) -> None:
@@ -435,11 +467,14 @@ def launch_linear_gelu(
     *,
     kernel: str = "auto",
     pre_out: torch.Tensor | None = None,
+    deriv: bool = False,
 ) -> torch.Tensor:
     """Run the Triton kernel on a 2-D ``x [M, K]``, ``weight [N, K]``, ``bias [N]`` or None; returns ``[M, N]``.
 
     ``pre_out``: a contiguous ``[M, N]`` tensor of x's dtype and device that the same kernel also fills with the
-    pre-activation ``x @ weight.T + bias`` (rounded once from fp32), for the backward. ``kernel``: "tma"
+    pre-activation ``x @ weight.T + bias`` (rounded once from fp32), for the backward; with ``deriv``, the exact
+    GELU's derivative at the fp32 pre-activation instead (rounded once), what :func:`launch_gelu_grad` with
+    ``deriv`` multiplies by. ``kernel``: "tma"
     (persistent TMA kernel), "ptr" (pointer kernel) or "auto" (TMA when the device has it and the tensors are
     16-byte aligned, else pointer). ``config``: one entry of :data:`CONFIGS` (TMA) or
     :data:`PTR_CONFIGS` (pointer; BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, optional num_warps / num_stages) runs that
@@ -476,12 +511,12 @@ def launch_linear_gelu(
     if K == 0:
         v = F.linear(x, weight, bias)
         if pre_out is not None:
-            pre_out.copy_(v)
+            pre_out.copy_(torch.ops.aten.gelu_backward(torch.ones_like(v), v) if deriv else v)
         return y.copy_(F.gelu(v))
     b_arg = bias if bias is not None else y  # never read when HAS_BIAS is False
     store_pre = pre_out is not None
     p_arg = pre_out if store_pre else y  # never written when STORE_PRE is False
-    flags = dict(HAS_BIAS=bias is not None, STORE_PRE=store_pre)
+    flags = dict(HAS_BIAS=bias is not None, STORE_PRE=store_pre, DERIV=deriv and store_pre)
 
     has_tma = _device_info(x.device)[1]
     use_tma = TensorDescriptor is not None and has_tma and _tma_compatible(x, weight, y, p_arg)
@@ -491,7 +526,17 @@ def launch_linear_gelu(
         use_tma = False
 
     if use_tma:
-        _launch_tma(x, weight, y, p_arg, b_arg, flags, config, _tma_key(x, weight, bias, store_pre), grad=False)
+        _launch_tma(
+            x,
+            weight,
+            y,
+            p_arg,
+            b_arg,
+            flags,
+            config,
+            _tma_key(x, weight, bias, ("deriv" if deriv else "pre") if store_pre else None),
+            grad=False,
+        )
         return y
 
     def grid(meta):
@@ -507,7 +552,13 @@ def launch_linear_gelu(
 
 
 def launch_gelu_grad(
-    grad_out: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, bias_grad: bool, config: dict | None = None
+    grad_out: torch.Tensor,
+    weight: torch.Tensor,
+    pre: torch.Tensor,
+    bias_grad: bool,
+    config: dict | None = None,
+    *,
+    deriv: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The GELU MLP's backward through its activation, one TMA GEMM: ``grad_pre = (grad_out @ weight) *
     gelu'(pre)`` (exact erf derivative, one rounding from fp32) and, with ``bias_grad``, the up-projection's bias
@@ -515,8 +566,9 @@ def launch_gelu_grad(
     may differ between runs), in ``pre``'s dtype.
 
     ``grad_out`` ``[M, K]`` (the MLP output's gradient), ``weight`` ``[K, N]`` (the down-projection's weight as
-    ``nn.Linear`` stores it), ``pre`` ``[M, N]`` (the saved pre-activation). Needs what the forward's TMA kernel
-    needs (sm_90+, Triton's TensorDescriptor, 16-byte aligned rows); ``config``: one entry of
+    ``nn.Linear`` stores it), ``pre`` ``[M, N]`` (the saved pre-activation; with ``deriv``, the GELU's derivative
+    there as :func:`launch_linear_gelu` with ``deriv`` stored it, and the epilogue only multiplies). Needs what
+    the forward's TMA kernel needs (sm_90+, Triton's TensorDescriptor, 16-byte aligned rows); ``config``: one entry of
     :data:`GRAD_CONFIGS`, else autotuned. Runs under ``TRITON_INTERPRET=1`` on CPU tensors (pass ``config``).
     """
     if triton is None or TensorDescriptor is None:
@@ -537,8 +589,8 @@ def launch_gelu_grad(
         if K == 0:
             grad_pre.zero_()
         else:
-            key = ("grad", N, K, bias_grad, grad_out.dtype, weight.dtype, pre.dtype, pre.device)
-            flags = dict(HAS_BIAS=bias_grad, STORE_PRE=False)
+            key = ("grad", N, K, bias_grad, deriv, grad_out.dtype, weight.dtype, pre.dtype, pre.device)
+            flags = dict(HAS_BIAS=bias_grad, STORE_PRE=False, DERIV=deriv)
             b_arg = grad_b if bias_grad else grad_pre  # never written without bias_grad
             _launch_tma(grad_out, weight, grad_pre, pre, b_arg, flags, config, key, grad=True)
     return grad_pre, None if grad_b is None else grad_b.to(pre.dtype)
@@ -558,6 +610,24 @@ def gelu_grad_supported(grad_out: torch.Tensor, weight: torch.Tensor, pre: torch
     if weight.shape[0] != K or pre.shape != (M, weight.shape[1]) or not _device_info(pre.device)[1]:
         return False
     return all((t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
+
+
+def dgelu_path_runs(
+    x: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor | None, down_weight: torch.Tensor
+) -> bool:
+    """Whether a GELU MLP's training forward and backward both run their Triton kernels, the backward's TMA one
+    included (``linear_gelu_dgelu`` then ``dgelu_grad``): :func:`linear_gelu_supported` for the up-projection, and
+    what :func:`gelu_grad_supported` asks of the down-projection's weight ``[d, hidden]`` and of the tensors the
+    backward will have (sm_90+ with Triton's TensorDescriptor, one dtype and device, 16-byte aligned rows). The
+    training op stores the GELU's derivative only then; where a torch fallback would multiply by it, it stores
+    the pre-activation, so that the fallback stays ATen's own ``gelu_backward``."""
+    if not (x.is_cuda and linear_gelu_supported(x, up_weight, up_bias)) or TensorDescriptor is None:
+        return False
+    if down_weight.dim() != 2 or down_weight.device != x.device or down_weight.dtype != x.dtype:
+        return False
+    if down_weight.shape != (x.shape[-1], up_weight.shape[0]) or not _device_info(x.device)[1]:
+        return False
+    return all((n * x.element_size()) % 16 == 0 for n in down_weight.shape)
 
 
 def linear_gelu_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -649,6 +719,54 @@ def _gelu_grad_op(
 @_gelu_grad_op.register_fake
 def _(grad_out: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, bias_grad: bool):
     return torch.empty_like(pre), pre.new_empty(pre.shape[1] if bias_grad else 0)
+
+
+@torch.library.custom_op("dinov3_packing::linear_gelu_dgelu", mutates_args=())
+def _linear_gelu_dgelu_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gelu(v), gelu'(v))`` for the pre-activation ``v = x @ weight.T + bias`` (exact erf GELU and derivative,
+    both rounded once to x's dtype from fp32), over any leading dims of ``x``: the training forward of the MLP's
+    up-projection whose backward (``dgelu_grad``) then only multiplies by the stored derivative. One launch of the
+    Triton kernel where :func:`linear_gelu_supported`, else the torch ops (``F.gelu`` and ATen's ``gelu_backward``
+    of a unit gradient, which times a gradient is bit for bit ``gelu_backward`` of that gradient). No autograd of
+    its own: the training op ``gelu_mlp`` (``ops/mlp.py``) calls it inside its forward."""
+    if not linear_gelu_supported(x, weight, bias):
+        pre = F.linear(x, weight, bias)
+        return F.gelu(pre), torch.ops.aten.gelu_backward(torch.ones_like(pre), pre)
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    dgelu = x.new_empty(out_shape)
+    y = launch_linear_gelu(
+        x.reshape(-1, x.shape[-1]), weight, bias, pre_out=dgelu.view(-1, weight.shape[0]), deriv=True
+    )
+    return y.reshape(out_shape), dgelu
+
+
+@_linear_gelu_dgelu_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return y, torch.empty_like(y)
+
+
+@torch.library.custom_op("dinov3_packing::dgelu_grad", mutates_args=())
+def _dgelu_grad_op(
+    grad_out: torch.Tensor, weight: torch.Tensor, dgelu: torch.Tensor, bias_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_pre, grad_bias)`` as ``gelu_grad`` computes them, from the stored derivative ``dgelu = gelu'(pre)``
+    (``linear_gelu_dgelu``) instead of the pre-activation: ``grad_pre = (grad_out @ weight) * dgelu``, whose
+    epilogue is a product (no erf), and ``grad_pre.sum(0)`` when ``bias_grad`` (else an empty tensor). The Triton
+    kernel (:func:`launch_gelu_grad` with ``deriv``) where :func:`gelu_grad_supported`, else the torch ops."""
+    if gelu_grad_supported(grad_out, weight, dgelu):
+        grad_pre, grad_b = launch_gelu_grad(grad_out, weight, dgelu, bias_grad, deriv=True)
+    else:
+        grad_pre = (grad_out @ weight) * dgelu
+        grad_b = grad_pre.sum(0) if bias_grad else None
+    return grad_pre, dgelu.new_empty(0) if grad_b is None else grad_b
+
+
+@_dgelu_grad_op.register_fake
+def _(grad_out: torch.Tensor, weight: torch.Tensor, dgelu: torch.Tensor, bias_grad: bool):
+    return torch.empty_like(dgelu), dgelu.new_empty(dgelu.shape[1] if bias_grad else 0)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
