@@ -75,7 +75,7 @@ TODAY, NEW = "today: varlen, MLP unfused", "new: auto (fa4), fused MLP"
 ROPE_OUTSIDE = "new, RoPE outside the fa4 op (fused_rope=False)"
 GELU_COMPOSED = "new, GELU backward unfused (up-projection kernel + down_proj module, as before gelu_mlp)"
 QUACK = "new, MLP GEMMs from quack-kernels (mlp_gemms='quack')"
-TRITON_PRE = "new, MLP keeping the pre-activation (mlp_gemms='triton-pre', as before dgelu_grad)"
+TRITON_DGELU = "new, MLP keeping gelu'(pre) instead of pre (mlp_gemms='triton-dgelu')"
 PARTS = (
     "fa4-tiles",
     "grads",
@@ -285,7 +285,7 @@ SYSTEMS = (
     "today",
     "new",
     "quack",
-    "triton-pre",
+    "triton-dgelu",
     "rope-outside",
     "gelu-composed",
     "attention",
@@ -299,8 +299,8 @@ SYSTEMS = (
 composition it replaced (`gelu-composed`: the up-projection kernel, then the down_proj module and a separate GELU
 backward; each down_proj replaced by an `nn.Linear` subclass keeps `ops.mlp` on that path), the new one with each
 recompute policy, the new one under max-autotune-no-cudagraphs, the new one with quack-kernels' MLP GEMMs
-(`quack`), the new one with the MLP's Triton kernels keeping the pre-activation instead of the GELU's
-derivative (`triton-pre`), the Hugging Face loop, the profile of today's and the new step (and of the other new
+(`quack`), the new one with the MLP's Triton kernels keeping the GELU's derivative instead of the
+pre-activation (`triton-dgelu`), the Hugging Face loop, the profile of today's and the new step (and of the other new
 systems' when they run)."""
 DEFAULT_SYSTEMS = ("today", "new", "attention", "mlp", "hf", "profile")
 
@@ -317,7 +317,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "rope-outside": (ROPE_OUTSIDE, "auto", None, None, None),
         "gelu-composed": (GELU_COMPOSED, "auto", None, None, None),
         "quack": (QUACK, "auto", None, None, None),
-        "triton-pre": (TRITON_PRE, "auto", None, None, None),
+        "triton-dgelu": (TRITON_DGELU, "auto", None, None, None),
         "attention": ("new + recompute attention", "auto", None, "attention", None),
         "mlp": ("new + recompute mlp", "auto", None, "mlp", None),
         # inductor's Triton GEMM templates, whose epilogues can take the GELU backward (slow compile)
@@ -334,7 +334,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
     for name, (backend, fused, policy) in systems.items():
         model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend, fused_mlp=fused)
         model.fused_rope = name != ROPE_OUTSIDE
-        model.mlp_gemms = {QUACK: "quack", TRITON_PRE: "triton-pre"}.get(name, "triton")
+        model.mlp_gemms = {QUACK: "quack", TRITON_DGELU: "triton-dgelu"}.get(name, "triton")
         if name == GELU_COMPOSED:
             for block in model.model.layer:
                 block.mlp.down_proj = _ComposedLinear.of(block.mlp.down_proj)
@@ -404,7 +404,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
             )
     for name in [
         n
-        for n in (TODAY, NEW, TRITON_PRE, QUACK, ROPE_OUTSIDE, GELU_COMPOSED)
+        for n in (TODAY, NEW, TRITON_DGELU, QUACK, ROPE_OUTSIDE, GELU_COMPOSED)
         if n in models and "profile" in systems_asked
     ]:
         by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev, f"train {name}")
@@ -520,7 +520,7 @@ def mlp_fwd(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
     systems = {
         "linear_gelu kernel, keeps pre (training)": lambda: torch.ops.dinov3_packing.linear_gelu(x, weight, bias, True),
         "linear_gelu kernel (inference)": lambda: torch.ops.dinov3_packing.linear_gelu(x, weight, bias, False)[:1],
-        "linear_gelu_dgelu kernel, keeps gelu'(pre) (training, 'triton')": lambda: (
+        "linear_gelu_dgelu kernel, keeps gelu'(pre) (training, 'triton-dgelu')": lambda: (
             torch.ops.dinov3_packing.linear_gelu_dgelu(x, weight, bias)[:1]
         ),
         "cuBLAS + gelu, eager": lambda: composed(x, weight, bias),

@@ -221,12 +221,14 @@ def test_fused_mlp_gate_is_device_and_dtype_only(enabled, device, dtype, expecte
 
 
 @pytest.mark.parametrize(
-    ("gemms", "deriv"), [(g, False) for g in MLP_GEMMS] + [("triton", True)], ids=[*MLP_GEMMS, "triton-deriv"]
+    ("gemms", "deriv"),
+    [(g, False) for g in MLP_GEMMS] + [("triton-dgelu", True)],
+    ids=[*MLP_GEMMS, "triton-dgelu-forced"],
 )
 def test_training_through_the_fused_op_equals_the_module_path(tiny, fused_calls, monkeypatch, gemms, deriv):
     """Every GEMM choice of the training op (on the CPU: the Triton launcher replaced by the torch ops, quack's
-    ops on their torch fallback) gives the module path's output and gradients bit for bit. "triton-deriv": the
-    "triton" path as it runs where both its kernels do (`dgelu_path_runs` forced), which keeps the GELU's
+    ops on their torch fallback) gives the module path's output and gradients bit for bit. "triton-dgelu-forced": the
+    "triton-dgelu" path as it runs where both its kernels do (`dgelu_path_runs` forced), which keeps the GELU's
     derivative and multiplies by it in the backward (`dgelu_grad`'s fallback): in fp32 that product is ATen's
     `gelu_backward` bit for bit, so the wiring is checked exactly here too."""
     if deriv:
@@ -253,7 +255,7 @@ def test_training_through_the_fused_op_equals_the_module_path(tiny, fused_calls,
         results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (plain, plain_grads), (fused, fused_grads) = results
     # Both blocks took the training op with the batch's GEMMs; the Triton up-projection kept its pre-activation
-    # (on the CPU, "triton" is "triton-pre": the backward's TMA kernel cannot run, `dgelu_path_runs`).
+    # (on the CPU, "triton-dgelu" is "triton": the backward's TMA kernel cannot run, `dgelu_path_runs`).
     assert fused_calls.ops == ["gelu_mlp"] * 2 and fused_calls.gemms == [gemms] * 2
     assert launches == ([(True, deriv)] * 2 if gemms.startswith("triton") else [])
     assert torch.equal(fused, plain)

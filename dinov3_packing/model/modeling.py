@@ -67,11 +67,13 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             outside the op (what torch.compile fuses on its own), for comparison. Settable after
             construction.
         mlp_gemms: the GEMM kernels of the fused MLP when autograd records (training): "triton" (default; this
-            package's kernels: `ops/triton/linear_gelu.py`), "quack" (quack-kernels' warp-specialized GEMMs with
-            the GELU and its derivative in their epilogues, `ops/quack.py`, from the `hopper` extra; the forward
-            then keeps one 4D-wide activation less per block), or "auto" (quack where it runs: Hopper with the
-            package installed). "quack" where the fused MLP runs but quack cannot raises ValueError at the
-            forward. Settable after construction.
+            package's kernels: `ops/triton/linear_gelu.py`), "triton-dgelu" (the same kernels keeping the GELU's
+            derivative instead of the pre-activation, so the backward's epilogue multiplies instead of computing
+            the erf; not yet measured on a GPU), "quack" (quack-kernels' warp-specialized GEMMs with the GELU and
+            its derivative in their epilogues, `ops/quack.py`, from the `hopper` extra; the forward then keeps one
+            4D-wide activation less per block; 1.4% slower a ViT-L step on the H100), or "auto" (quack where it
+            runs: Hopper with the package installed). "quack" where the fused MLP runs but quack cannot raises
+            ValueError at the forward. Settable after construction.
 
     Attributes:
         cpu_chunk_tokens: on the CPU, without autograd and in eval mode, the blocks run over consecutive whole

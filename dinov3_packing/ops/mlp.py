@@ -118,14 +118,14 @@ def _run(mlp: nn.Module, x: torch.Tensor, fused: bool, gemms: str) -> torch.Tens
     return down(linear_gelu(x, up.weight, up.bias))
 
 
-MLP_GEMMS = ("triton", "triton-pre", "quack")
-"""The GEMM kernels of the training op `gelu_mlp`: "triton" (`ops/triton/linear_gelu.py`: where both Triton
-kernels run, `linear_gelu.dgelu_path_runs`, the forward keeps the GELU output and the GELU's derivative at the
-pre-activation, `linear_gelu_dgelu`, so that the backward's GEMM, `dgelu_grad`, has a product in its epilogue
-where it had the erf; elsewhere it is "triton-pre"), "triton-pre" (as before that change: the forward keeps the
-pre-activation and the backward, `gelu_grad`, computes the derivative there; kept for comparison) or "quack"
-(`ops/quack.py`: quack-kernels' GEMMs with the GELU in their epilogues; the forward keeps only the
-pre-activation and the backward recomputes the GELU output in its GEMM's epilogue)."""
+MLP_GEMMS = ("triton", "triton-dgelu", "quack")
+"""The GEMM kernels of the training op `gelu_mlp`: "triton" (`ops/triton/linear_gelu.py`: the forward keeps the
+GELU output and the pre-activation, the backward's GEMM, `gelu_grad`, computes the GELU's derivative in its
+epilogue), "triton-dgelu" (where both Triton kernels run, `linear_gelu.dgelu_path_runs`, the forward keeps the
+derivative at the pre-activation instead, `linear_gelu_dgelu`, and the backward's GEMM, `dgelu_grad`, multiplies
+by it: a product in the epilogue where "triton" has the erf; elsewhere it is "triton"; not yet measured on a
+GPU) or "quack" (`ops/quack.py`: quack-kernels' GEMMs with the GELU in their epilogues; the forward keeps only
+the pre-activation and the backward recomputes the GELU output in its GEMM's epilogue)."""
 
 
 def mlp_gemms_setting(value: str) -> str:
@@ -141,7 +141,7 @@ def resolve_mlp_gemms(value: str, device: torch.device, fused: bool) -> str:
     """The GEMMs the training op runs on `device` (`fused`: the fused MLP runs there, `fused_mlp_runs`): "auto" is
     "quack" where quack-kernels runs (`ops.quack.quack_gemms_available`: Hopper with the package installed), else
     "triton"; "quack" asked for where the fused MLP runs but quack cannot raises ValueError."""
-    if value in ("triton", "triton-pre"):
+    if value in ("triton", "triton-dgelu"):
         return value
     if not fused:
         return "triton"
@@ -162,7 +162,7 @@ def _gelu_mlp_op(
     gemms: str = "triton",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(down(gelu(up(x))), gelu(up(x)), s)``: the up-projection GEMM with the GELU in its epilogue, storing `s`
-    too: ``gelu'(up(x))`` for "triton", the pre-activation ``up(x)`` for "triton-pre" and "quack" (`gemms`:
+    too: ``gelu'(up(x))`` for "triton-dgelu", the pre-activation ``up(x)`` for "triton" and "quack" (`gemms`:
     `MLP_GEMMS`), then the down-projection (cuBLAS). The last two outputs are what the backward may read;
     nothing else should."""
     if gemms == "quack":
@@ -178,7 +178,7 @@ def _gelu_mlp_op(
 def _stores_deriv(gemms: str, x, up_weight, up_bias, down_weight) -> bool:
     """Whether the op's forward keeps gelu'(pre) rather than pre (a function of the inputs' types, shapes and
     devices, so the forward and `setup_context` agree, also on fake tensors)."""
-    return gemms == "triton" and _lg.dgelu_path_runs(x, up_weight, up_bias, down_weight)
+    return gemms == "triton-dgelu" and _lg.dgelu_path_runs(x, up_weight, up_bias, down_weight)
 
 
 @_gelu_mlp_op.register_fake
@@ -240,11 +240,10 @@ def gelu_mlp(
     """``F.linear(F.gelu(F.linear(x, up_weight, up_bias)), down_weight, down_bias)`` (exact GELU) as one custom op
     whose backward fuses the GELU derivative into the down-projection's input-gradient GEMM. For training.
 
-    `gemms` (`MLP_GEMMS`): "triton" keeps the GELU output and its derivative at the pre-activation for the
-    backward (as many bytes as the unfused MLP's GELU output and pre-activation) and runs
-    ``torch.ops.dinov3_packing.dgelu_grad`` there, where both Triton kernels run (else it is "triton-pre");
-    "triton-pre" keeps the pre-activation instead and runs
-    ``gelu_grad``; "quack" keeps the pre-activation only and runs ``torch.ops.dinov3_packing.quack_gelu_grad``,
+    `gemms` (`MLP_GEMMS`): "triton" keeps the GELU output and the pre-activation for the backward, as the unfused
+    MLP does, and runs ``torch.ops.dinov3_packing.gelu_grad`` there; "triton-dgelu" keeps the GELU's derivative
+    at the pre-activation instead (as many bytes) and runs ``dgelu_grad``, where both Triton kernels run (else it
+    is "triton"); "quack" keeps the pre-activation only and runs ``torch.ops.dinov3_packing.quack_gelu_grad``,
     which recomputes the GELU output in the same GEMM. All fall back to the torch ops where their kernels cannot
     run."""
     if gemms not in MLP_GEMMS:
