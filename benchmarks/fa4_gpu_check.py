@@ -32,6 +32,10 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              ATen's gelu_backward + the bias sum, eager and compiled, and, where quack-kernels runs,
              `quack_gelu_grad` (`ops/quack.py`) at three tiles; each against fp32 (relative L2 error of both
              outputs). Needs no flash-attn-4.
+    fa4-bwd-tiles fa4's SM90 forward + backward on mixed-64 segment lengths with other backward configs than
+             its heuristic's for head_dim 64 (FA3's 128 x 128; flash_attn.cute.interface._tile_size_bwd_sm90
+             replaced for each, flash-attn-4 4.0.0b36): ms, TFLOP/s, max relative difference of dq, dk, dv
+             against the default's (the training step's attention backward is 41 ms of the H100's 280).
     fa4-tiles fa4's forward kernel on 4 x 2048 px and mixed-64 segment lengths with other SM90 tiles than its
              heuristic's (192 x 128, P in registers, intra-warpgroup overlap) through `_flash_attn_fwd`'s `tile_mn`,
              `mma_pv_is_rs` and `intra_wg_overlap`: ms, TFLOP/s, max relative difference of the output against the
@@ -77,6 +81,7 @@ GELU_COMPOSED = "new, GELU backward unfused (up-projection kernel + down_proj mo
 QUACK = "new, MLP GEMMs from quack-kernels (mlp_gemms='quack')"
 TRITON_DGELU = "new, MLP keeping gelu'(pre) instead of pre (mlp_gemms='triton-dgelu')"
 PARTS = (
+    "fa4-bwd-tiles",
     "fa4-tiles",
     "grads",
     "infer",
@@ -166,6 +171,55 @@ def _fa4_fwd(q, k, v, layout: PackedLayout, **tile) -> torch.Tensor:
     cu, n = layout.cu_seqlens, layout.max_seqlen
     lengths = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n)
     return _flash_attn_fwd(q, k, v, **lengths, softmax_scale=0.125, causal=False, return_lse=True, **tile)[0]
+
+
+def _fa4_bwd_configs() -> dict:
+    """Backward configs for head_dim 64 on SM90 to time against the heuristic's (None), as flash-attn-4's own
+    `BwdConfig`s; one that does not build is its error row."""
+    import dataclasses
+
+    from flash_attn.cute.interface import BwdConfig
+
+    default = BwdConfig(128, 128, 2, 2, 2, True, False, False, 1, 2, 2)
+    return {
+        "default (128x128, FA3's)": None,
+        "64x128": BwdConfig(64, 128, 2, 2, 2, True, False, False, 1, 2, 1),
+        "128x64": dataclasses.replace(default, n_block_size=64, AtomLayoutNdKV=1),
+        "128x128, SdP not swapped": dataclasses.replace(default, SdP_swapAB=False, AtomLayoutMSdP=2),
+        "128x128, one Q stage": dataclasses.replace(default, num_stages_Q=1),
+        "128x128, dKV swapped": dataclasses.replace(default, dKV_swapAB=True),
+    }
+
+
+def fa4_bwd_tiles(out: str | None) -> None:
+    from flash_attn.cute import interface
+
+    dev = torch.device("cuda")
+    layout = layout_of(LENGTHS["mixed-64"], dev)
+    flops = 3.5 * sum(4 * n * n * 64 * 16 for n in LENGTHS["mixed-64"])
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v, grad = (torch.randn(layout.num_tokens, 16, 64, device=dev, generator=g).bfloat16() for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def step():
+        return torch.autograd.grad(packed_attention(q, k, v, layout, "fa4"), (q, k, v), grad)
+
+    heuristic = interface._tile_size_bwd_sm90
+    ref = step()
+    try:
+        for name, config in _fa4_bwd_configs().items():
+            interface._tile_size_bwd_sm90 = heuristic if config is None else (lambda *a, c=config, **kw: c)
+            row = {"part": "fa4-bwd-tiles", "lengths": "mixed-64", "config": name}
+            try:
+                diff = max(rel(a, b) for a, b in zip(step(), ref, strict=True))
+                stats = measure(step, dev)
+            except Exception:
+                write_rows(out, [row | {"error": traceback.format_exc()[-2000:]}])
+                continue
+            row |= {"fwd_bwd_ms": stats["median_s"] * 1e3, "fwd_bwd_tflops": flops / stats["median_s"] / 1e12}
+            write_rows(out, [row | {"rel_grads_vs_default": diff}])
+    finally:
+        interface._tile_size_bwd_sm90 = heuristic
 
 
 def fa4_tiles(out: str | None) -> None:
@@ -623,6 +677,7 @@ def main() -> int:
         torch._dynamo.reset()  # each part's graphs count alone against Dynamo's recompile limit
         try:
             run = {"kernels": kernels, "train": functools.partial(train, systems_asked=systems), "fa4-tiles": fa4_tiles}
+            run["fa4-bwd-tiles"] = fa4_bwd_tiles
             run |= {"grads": grads, "infer": infer, "mlp-fwd": mlp_fwd, "mlp-grad": mlp_grad}
             run[part](args.out)
         except Exception:  # one part's failure is recorded and the next part still runs
