@@ -44,6 +44,12 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              pre-activation (training), the GELU's derivative (`linear_gelu_dgelu`) or neither (inference),
              cuBLAS + GELU eager and compiled, and quack's `quack_linear_gelu` at three tiles where it runs; each
              against fp32. Needs no flash-attn-4.
+    mlp-configs the same two Triton kernels at that training shape under other schedules than the autotuner's
+             lists hold (`linear_gelu.CANDIDATE_CONFIGS`, `GRAD_CANDIDATE_CONFIGS`: warp specialization, two
+             programs per SM, the unflattened loop) against the lists' first config, for the four training
+             launches (forward keeping pre or gelu'(pre), backward from either): ms, TFLOP/s, outputs against
+             the list config's. Each launch's fastest schedule is then what the parts after it in this process
+             run (the `adopted` row), so `--parts mlp-configs,train` times the step with them.
 A part that fails writes an `error` row with its traceback and the next part runs.
 """
 
@@ -87,6 +93,7 @@ PARTS = (
     "infer",
     "kernels",
     "mlp-fwd",
+    "mlp-configs",
     "mlp-grad",
     "train",
 )  # short parts first: train compiles models (~70 s each)
@@ -588,6 +595,79 @@ def mlp_fwd(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
     _mlp_rows(out, "mlp-fwd", systems, ref, 2 * tokens * 1024 * 4096, ("y", "pre"), dev)
 
 
+def mlp_configs(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
+    """The MLP kernels' schedules (`linear_gelu.CANDIDATE_CONFIGS` / `GRAD_CANDIDATE_CONFIGS`: warp specialization,
+    two programs per SM, the unflattened loop) against the first config of the autotuner's lists, at the
+    training shape (60,038 x 1024 -> 4096 bf16, bias), for the four training launches: the forward keeping pre or
+    gelu'(pre), the backward from either. Every config's outputs are compared with the list config's. Then each
+    launch's fastest config is what later parts of this process run (`_TUNED_TMA`, the autotuner's memory), so a
+    `train` part after this one times the step with them; the `adopted` row names them."""
+    from dinov3_packing.ops.triton import linear_gelu as lg
+
+    dev, dt = torch.device(dev), torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(tokens, 1024, device=dev, generator=g).to(dt)
+    weight = (torch.randn(4096, 1024, device=dev, generator=g) / 32).to(dt)
+    bias = (torch.randn(4096, device=dev, generator=g) / 10).to(dt)
+    grad_out = torch.randn(tokens, 1024, device=dev, generator=g).to(dt)
+    down_weight = (torch.randn(1024, 4096, device=dev, generator=g) / 64).to(dt)
+    pre = (2 * torch.randn(tokens, 4096, device=dev, generator=g)).to(dt)
+    deriv = torch.ops.aten.gelu_backward(torch.ones_like(pre, dtype=torch.float32), pre.float()).to(dt)
+    keep = torch.empty_like(pre)
+
+    def forward(config, store_deriv):
+        return lg.launch_linear_gelu(x, weight, bias, config, kernel="tma", pre_out=keep, deriv=store_deriv), keep
+
+    launches = {  # name: (run(config), list config, candidates, `_TUNED_TMA` key of the training launch)
+        "forward, keeps pre": (
+            functools.partial(forward, store_deriv=False),
+            lg.CONFIGS[0],
+            lg.CANDIDATE_CONFIGS,
+            lg._tma_key(x, weight, bias, "pre"),
+        ),
+        "forward, keeps gelu'(pre)": (
+            functools.partial(forward, store_deriv=True),
+            lg.CONFIGS[0],
+            lg.CANDIDATE_CONFIGS,
+            lg._tma_key(x, weight, bias, "deriv"),
+        ),
+        "backward from pre": (
+            lambda c: lg.launch_gelu_grad(grad_out, down_weight, pre, True, c),
+            lg.GRAD_CONFIGS[0],
+            lg.GRAD_CANDIDATE_CONFIGS,
+            lg._grad_key(grad_out, down_weight, pre, True, False),
+        ),
+        "backward from gelu'(pre)": (
+            lambda c: lg.launch_gelu_grad(grad_out, down_weight, deriv, True, c, deriv=True),
+            lg.GRAD_CONFIGS[0],
+            lg.GRAD_CANDIDATE_CONFIGS,
+            lg._grad_key(grad_out, down_weight, deriv, True, True),
+        ),
+    }
+    flops = 2 * tokens * 1024 * 4096
+    adopted = {}
+    for launch, (run, listed, candidates, key) in launches.items():
+        ref = [t.float().clone() for t in run(listed)]
+        best = None
+        for name, config in {"list config 0": listed, **candidates}.items():
+            row = {"part": "mlp-configs", "launch": launch, "schedule": name, "config": config}
+            try:
+                got = run(config)
+                diff = [((a.float() - r).abs().max() / r.abs().max()).item() for a, r in zip(got, ref, strict=True)]
+                stats = measure(functools.partial(run, config), dev)
+            except Exception:  # a schedule this Triton cannot build or run is its row
+                write_rows(out, [row | {"error": traceback.format_exc()[-2000:]}])
+                continue
+            ms = stats["median_s"] * 1e3
+            write_rows(out, [row | {"ms": ms, "tflops": flops / stats["median_s"] / 1e12, "max_rel_vs_list": diff}])
+            if max(diff) <= 1e-2 and (best is None or ms < best[0]):  # equal sums up to rounding order
+                best = (ms, name, config)
+        if best is not None:
+            lg._TUNED_TMA[key] = dict(best[2])
+            adopted[launch] = {"schedule": best[1], "ms": best[0]}
+    write_rows(out, [{"part": "mlp-configs", "adopted": adopted}])
+
+
 def grads(out: str | None) -> None:
     dev = torch.device("cuda")
     hs, grid = mixed_batch(dev, torch.float32, 16)
@@ -678,7 +758,13 @@ def main() -> int:
         try:
             run = {"kernels": kernels, "train": functools.partial(train, systems_asked=systems), "fa4-tiles": fa4_tiles}
             run["fa4-bwd-tiles"] = fa4_bwd_tiles
-            run |= {"grads": grads, "infer": infer, "mlp-fwd": mlp_fwd, "mlp-grad": mlp_grad}
+            run |= {
+                "grads": grads,
+                "infer": infer,
+                "mlp-fwd": mlp_fwd,
+                "mlp-grad": mlp_grad,
+                "mlp-configs": mlp_configs,
+            }
             run[part](args.out)
         except Exception:  # one part's failure is recorded and the next part still runs
             failed += 1

@@ -33,6 +33,11 @@ pytest.importorskip("triton")
 _SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 _SMALL_TMA = dict(**_SMALL, EPI_SUBTILE=True)
 _SMALL_NOSUB = dict(**_SMALL, EPI_SUBTILE=False)
+# The other schedules (`CANDIDATE_CONFIGS`): two programs per SM (a grid and tile stride of 2 x the 4 programs the
+# interpreter runs), the unflattened loop, warp specialization (the interpreter runs the loop as written).
+_SMALL_OCC2 = dict(**_SMALL_TMA, OCC=2, FLATTEN=False)
+_SMALL_OCC2_FLAT = dict(**_SMALL_NOSUB, OCC=2)
+_SMALL_WS = dict(**_SMALL_TMA, WARP_SPEC=True, FLATTEN=False)
 INTERPRETER_CASES = [
     ("ptr_fp32_tails", "float32", 130, 72, 100, True, "contiguous", "ptr", _SMALL),
     ("ptr_fp32_even", "float32", 130, 128, 192, True, "contiguous", "ptr", dict(_SMALL, BLOCK_K=64)),
@@ -52,6 +57,10 @@ INTERPRETER_CASES = [
     ("tma_fp16_tails", "float16", 130, 72, 200, True, "contiguous", "tma", _SMALL_TMA),
     ("tma_fp16_prod0", "float16", 130, 128, 256, True, "rowview", "tma", lg.CONFIGS[0]),
     ("tma_fp16_prod2", "float16", 300, 128, 320, False, "contiguous", "tma", lg.CONFIGS[2]),
+    ("tma_fp32_occ2", "float32", 130, 72, 200, True, "contiguous", "tma", _SMALL_OCC2),
+    ("tma_fp32_occ2_flat", "float32", 130, 72, 200, True, "rowview", "tma", _SMALL_OCC2_FLAT),
+    ("tma_fp16_ws", "float16", 130, 72, 200, True, "contiguous", "tma", _SMALL_WS),
+    ("tma_fp16_cand_2sm", "float16", 300, 128, 320, True, "contiguous", "tma", lg.CANDIDATE_CONFIGS["128x128 w8 2/SM"]),
 ]
 
 # The backward's GEMM (`launch_gelu_grad`, GRAD): (name, dtype, M, K, N, bias gradient, config): tails in M, N and
@@ -63,6 +72,10 @@ GRAD_CASES = [
     ("grad_fp16_tails", "float16", 130, 72, 200, True, _SMALL_TMA),
     ("grad_fp16_prod0", "float16", 300, 128, 512, True, lg.GRAD_CONFIGS[0]),
     ("grad_fp16_prod1", "float16", 130, 64, 256, True, lg.GRAD_CONFIGS[1]),
+    ("grad_fp32_occ2", "float32", 130, 72, 200, True, _SMALL_OCC2),
+    ("grad_fp32_occ2_flat", "float32", 130, 72, 200, False, _SMALL_OCC2_FLAT),
+    ("grad_fp16_ws", "float16", 130, 72, 200, True, _SMALL_WS),
+    ("grad_fp16_cand_2sm", "float16", 300, 128, 512, True, lg.GRAD_CANDIDATE_CONFIGS["64x256 w4 2/SM"]),
 ]
 
 _INTERPRETER_SCRIPT = textwrap.dedent(

@@ -91,6 +91,36 @@ GRAD_CONFIGS: list[dict] = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=True, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=4, EPI_SUBTILE=True, num_warps=8, num_stages=3),
 ]
+# Schedules of the same TMA kernel not yet in the autotuner's lists (each runs the same tiles and sums; only the
+# overlap of one tile's epilogue with GEMM work differs): warp specialization (WARP_SPEC, separate load and MMA
+# warps; Triton wants FLATTEN off for it on Hopper), two persistent programs per SM (OCC=2: tiles small enough
+# that two fit an SM's shared memory and registers, so the warp scheduler runs one's epilogue during the other's
+# MMAs) and the unflattened loop. `benchmarks/fa4_gpu_check.py --parts mlp-configs` times them against the lists
+# above on a GPU; one moves into a list only when it measures faster there.
+_SCHEDULES: dict[str, dict] = {
+    "128x256 ws": dict(BLOCK_M=128, BLOCK_N=256, EPI_SUBTILE=True, num_warps=8, WARP_SPEC=True, FLATTEN=False),
+    "128x128 ws": dict(BLOCK_M=128, BLOCK_N=128, EPI_SUBTILE=False, num_warps=8, WARP_SPEC=True, FLATTEN=False),
+    "128x256 unflattened": dict(BLOCK_M=128, BLOCK_N=256, EPI_SUBTILE=True, num_warps=8, FLATTEN=False),
+    "128x128 w8 2/SM": dict(BLOCK_M=128, BLOCK_N=128, EPI_SUBTILE=True, num_warps=8, OCC=2, FLATTEN=False),
+    "128x128 w4 2/SM": dict(BLOCK_M=128, BLOCK_N=128, EPI_SUBTILE=True, num_warps=4, OCC=2, FLATTEN=False),
+    "128x128 w8 2/SM flat": dict(BLOCK_M=128, BLOCK_N=128, EPI_SUBTILE=True, num_warps=8, OCC=2, FLATTEN=True),
+    "64x256 w4 2/SM": dict(BLOCK_M=64, BLOCK_N=256, EPI_SUBTILE=True, num_warps=4, OCC=2, FLATTEN=False),
+}
+_STAGES = {  # (forward, GRAD) pipeline depths: 2/SM tiles must leave half the shared memory to the other program
+    "128x256 ws": (4, 3),
+    "128x128 ws": (4, 4),
+    "128x256 unflattened": (4, 3),
+    "128x128 w8 2/SM": (3, 2),
+    "128x128 w4 2/SM": (3, 2),
+    "128x128 w8 2/SM flat": (3, 2),
+    "64x256 w4 2/SM": (2, 2),
+}
+CANDIDATE_CONFIGS: dict[str, dict] = {
+    name: dict(BLOCK_K=64, GROUP_M=8, **c, num_stages=_STAGES[name][0]) for name, c in _SCHEDULES.items()
+}
+GRAD_CANDIDATE_CONFIGS: dict[str, dict] = {
+    name: dict(BLOCK_K=64, GROUP_M=8, **c, num_stages=_STAGES[name][1]) for name, c in _SCHEDULES.items()
+}
 # Pointer kernel (unaligned shapes, pre-Hopper GPUs).
 PTR_CONFIGS: list[dict] = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
@@ -239,8 +269,14 @@ if triton is not None:
         NUM_SMS: tl.constexpr,
         GRAD: tl.constexpr = False,
         DERIV: tl.constexpr = False,
+        OCC: tl.constexpr = 1,
+        FLATTEN: tl.constexpr = True,
+        WARP_SPEC: tl.constexpr = False,
     ):
-        """Persistent: program p handles tiles p, p + NUM_SMS, ...
+        """Persistent: program p handles tiles p, p + P, ... with P = NUM_SMS * OCC programs (OCC programs per SM
+        share it, so one's epilogue can overlap another's GEMM loop where their shared memory and registers fit).
+        FLATTEN: the tile and K loops form one software pipeline (the next tile's loads in flight during this one's
+        epilogue); WARP_SPEC: Triton's warp specialization of the tile loop (separate load and MMA warps).
 
         Forward (GRAD False): y = gelu(x @ w^T + b) with w [N, K], and the pre-activation through `p_desc` when
         STORE_PRE. GRAD: y = (x @ w) * gelu'(pre) with w [K, N] (the down-projection's weight as it is stored) and
@@ -254,8 +290,9 @@ if triton is not None:
         num_pid_in_group = GROUP_M * num_pid_n
         # The epilogue recomputes its tile from its own counter (the flattened loop pipelines the loads of the
         # next tile across this one's epilogue).
-        tile_id_c = start_pid - NUM_SMS
-        for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
+        num_programs = NUM_SMS * OCC
+        tile_id_c = start_pid - num_programs
+        for tile_id in tl.range(start_pid, num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPEC):
             pid_m, pid_n = _tile_pid(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
             off_m = pid_m * BLOCK_M
             off_n = pid_n * BLOCK_N
@@ -267,7 +304,7 @@ if triton is not None:
                 else:
                     acc = tl.dot(a, w_desc.load([off_n, ki * BLOCK_K]).T, acc)
 
-            tile_id_c += NUM_SMS
+            tile_id_c += num_programs
             pid_m, pid_n = _tile_pid(tile_id_c, num_pid_in_group, num_pid_m, GROUP_M)
             off_m = pid_m * BLOCK_M
             off_n = pid_n * BLOCK_N
@@ -421,6 +458,21 @@ def _tma_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
     return (weight.shape[0], x.shape[1], store, x.dtype, weight.dtype, bias_dtype, x.device)
 
 
+def _grad_key(grad_out: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, bias_grad: bool, deriv: bool) -> tuple:
+    """The `_TUNED_TMA` key of a :func:`launch_gelu_grad` call."""
+    return (
+        "grad",
+        weight.shape[1],
+        grad_out.shape[1],
+        bias_grad,
+        deriv,
+        grad_out.dtype,
+        weight.dtype,
+        pre.dtype,
+        pre.device,
+    )
+
+
 def _launch_tma(x, weight, y, p, b, flags: dict, config: dict | None, key: tuple, grad: bool) -> None:
     """Launch the persistent TMA kernel: `config`, else the config tuned earlier for `key`, else the autotuner
     (whose choice is kept under `key`). `weight` is [N, K] for the forward and [K, N] for `grad`."""
@@ -439,7 +491,7 @@ def _launch_tma(x, weight, y, p, b, flags: dict, config: dict | None, key: tuple
     p_desc = TensorDescriptor.from_tensor(p, [c["BLOCK_M"], bn_store]) if p is not y else y_desc
 
     def grid(meta):
-        return (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+        return (min(num_sms * meta.get("OCC", 1), triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
     args = (x_desc, w_desc, y_desc, p_desc, b, M, N, K)
     if config is None:
@@ -589,7 +641,7 @@ def launch_gelu_grad(
         if K == 0:
             grad_pre.zero_()
         else:
-            key = ("grad", N, K, bias_grad, deriv, grad_out.dtype, weight.dtype, pre.dtype, pre.device)
+            key = _grad_key(grad_out, weight, pre, bias_grad, deriv)
             flags = dict(HAS_BIAS=bias_grad, STORE_PRE=False, DERIV=deriv)
             b_arg = grad_b if bias_grad else grad_pre  # never written without bias_grad
             _launch_tma(grad_out, weight, grad_pre, pre, b_arg, flags, config, key, grad=True)
