@@ -600,7 +600,7 @@ def mlp_configs(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> Non
     two programs per SM, the unflattened loop) against the first config of the autotuner's lists, at the
     training shape (60,038 x 1024 -> 4096 bf16, bias), for the four training launches: the forward keeping pre or
     gelu'(pre), the backward from either. Every config's outputs are compared with the list config's. Then each
-    launch's fastest config is what later parts of this process run (`_TUNED_TMA`, the autotuner's memory), so a
+    launch's fastest config is what later parts of this process run (`pin_linear_gelu_config` and its grad twin), so a
     `train` part after this one times the step with them; the `adopted` row names them."""
     from dinov3_packing.ops.triton import linear_gelu as lg
 
@@ -618,35 +618,35 @@ def mlp_configs(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> Non
     def forward(config, store_deriv):
         return lg.launch_linear_gelu(x, weight, bias, config, kernel="tma", pre_out=keep, deriv=store_deriv), keep
 
-    launches = {  # name: (run(config), list config, candidates, `_TUNED_TMA` key of the training launch)
+    launches = {  # name: (run(config), list config, candidates, pin(config) for the training launch)
         "forward, keeps pre": (
             functools.partial(forward, store_deriv=False),
             lg.CONFIGS[0],
             lg.CANDIDATE_CONFIGS,
-            lg._tma_key(x, weight, bias, "pre"),
+            functools.partial(lg.pin_linear_gelu_config, x, weight, bias, "pre"),
         ),
         "forward, keeps gelu'(pre)": (
             functools.partial(forward, store_deriv=True),
             lg.CONFIGS[0],
             lg.CANDIDATE_CONFIGS,
-            lg._tma_key(x, weight, bias, "deriv"),
+            functools.partial(lg.pin_linear_gelu_config, x, weight, bias, "deriv"),
         ),
         "backward from pre": (
             lambda c: lg.launch_gelu_grad(grad_out, down_weight, pre, True, c),
             lg.GRAD_CONFIGS[0],
             lg.GRAD_CANDIDATE_CONFIGS,
-            lg._grad_key(grad_out, down_weight, pre, True, False),
+            functools.partial(lg.pin_gelu_grad_config, grad_out, down_weight, pre, True, False),
         ),
         "backward from gelu'(pre)": (
             lambda c: lg.launch_gelu_grad(grad_out, down_weight, deriv, True, c, deriv=True),
             lg.GRAD_CONFIGS[0],
             lg.GRAD_CANDIDATE_CONFIGS,
-            lg._grad_key(grad_out, down_weight, deriv, True, True),
+            functools.partial(lg.pin_gelu_grad_config, grad_out, down_weight, deriv, True, True),
         ),
     }
     flops = 2 * tokens * 1024 * 4096
     adopted = {}
-    for launch, (run, listed, candidates, key) in launches.items():
+    for launch, (run, listed, candidates, pin) in launches.items():
         ref = [t.float().clone() for t in run(listed)]
         best = None
         for name, config in {"list config 0": listed, **candidates}.items():
@@ -663,7 +663,7 @@ def mlp_configs(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> Non
             if max(diff) <= 1e-2 and (best is None or ms < best[0]):  # equal sums up to rounding order
                 best = (ms, name, config)
         if best is not None:
-            lg._TUNED_TMA[key] = dict(best[2])
+            pin(best[2])
             adopted[launch] = {"schedule": best[1], "ms": best[0]}
     write_rows(out, [{"part": "mlp-configs", "adopted": adopted}])
 

@@ -624,3 +624,22 @@ def test_compile_trains_through_the_op(monkeypatch):
     bwd_targets = {n.target for n in calls_of(graphs["backward"])}
     assert torch.ops.aten.gelu_backward.default in bwd_targets and not bwd_targets & {OP, OP.default}
     assert calls == [((9, 64), True)]
+
+
+def test_pinned_configs_are_what_later_launches_take(monkeypatch):
+    monkeypatch.setattr(lg, "_TUNED_TMA", {})
+    x, w, b = torch.zeros(8, 64, dtype=torch.float16), torch.zeros(128, 64, dtype=torch.float16), None
+    config = lg.CANDIDATE_CONFIGS["128x128 w8 2/SM"]
+    lg.pin_linear_gelu_config(x, w, b, "pre", config)
+    grad_out, down = torch.zeros(8, 64, dtype=torch.float16), torch.zeros(64, 128, dtype=torch.float16)
+    pre = torch.zeros(8, 128, dtype=torch.float16)
+    lg.pin_gelu_grad_config(grad_out, down, pre, True, False, lg.GRAD_CANDIDATE_CONFIGS["128x256 ws"])
+    assert lg._TUNED_TMA[lg._tma_key(x, w, b, "pre")] == config
+    assert lg._TUNED_TMA[lg._grad_key(grad_out, down, pre, True, False)]["WARP_SPEC"] is True
+    assert len(lg.tuned_configs()) == 2
+    with pytest.raises(ValueError, match="store: expected None, 'pre' or 'deriv'"):
+        lg.pin_linear_gelu_config(x, w, b, "post", config)
+    with pytest.raises(ValueError, match="config: expected a dict with keys"):
+        lg.pin_linear_gelu_config(x, w, b, None, {"BLOCK_M": 128})
+    with pytest.raises(ValueError, match="config: expected a dict with keys"):
+        lg.pin_gelu_grad_config(grad_out, down, pre, True, False, dict(config, TILE=1))

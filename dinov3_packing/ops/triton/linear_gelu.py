@@ -59,7 +59,10 @@ except ImportError:  # pragma: no cover - Triton < 3.4: pointer kernel only
     TensorDescriptor = None
 
 __all__ = [
+    "CANDIDATE_CONFIGS",
     "CONFIGS",
+    "GRAD_CANDIDATE_CONFIGS",
+    "GRAD_CONFIGS",
     "PTR_CONFIGS",
     "dgelu_path_runs",
     "gelu_grad_supported",
@@ -68,6 +71,8 @@ __all__ = [
     "linear_gelu",
     "linear_gelu_reference",
     "linear_gelu_supported",
+    "pin_gelu_grad_config",
+    "pin_linear_gelu_config",
     "tuned_configs",
 ]
 
@@ -450,6 +455,37 @@ def tuned_configs() -> dict[str, dict]:
     """The configs the TMA autotuner chose so far, by key (`str` of the shape, flag, dtype and device key), for
     benchmark records."""
     return {str(k): dict(v) for k, v in _TUNED_TMA.items()}
+
+
+_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SUBTILE", "num_warps", "num_stages"}
+_SCHEDULE_KEYS = {"OCC", "FLATTEN", "WARP_SPEC"}
+
+
+def _checked_config(config: dict) -> dict:
+    if not isinstance(config, dict) or not _CONFIG_KEYS <= set(config) <= _CONFIG_KEYS | _SCHEDULE_KEYS:
+        raise ValueError(
+            f"config: expected a dict with keys {sorted(_CONFIG_KEYS)} and optionally {sorted(_SCHEDULE_KEYS)} "
+            f"(an entry of CONFIGS / CANDIDATE_CONFIGS), got {config!r}"
+        )
+    return dict(config)
+
+
+def pin_linear_gelu_config(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, store: str | None, config: dict
+) -> None:
+    """Make later TMA launches of :func:`launch_linear_gelu` with tensors like these (shapes N and K, dtypes,
+    device) run ``config`` instead of the autotuner's choice; ``store``: None (inference), "pre" or "deriv" (what
+    ``pre_out`` receives). For benchmarks that time other schedules (``CANDIDATE_CONFIGS``) inside a whole step."""
+    if store not in (None, "pre", "deriv"):
+        raise ValueError(f"store: expected None, 'pre' or 'deriv', got {store!r}")
+    _TUNED_TMA[_tma_key(x, weight, bias, store)] = _checked_config(config)
+
+
+def pin_gelu_grad_config(
+    grad_out: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, bias_grad: bool, deriv: bool, config: dict
+) -> None:
+    """As :func:`pin_linear_gelu_config`, for :func:`launch_gelu_grad` with these arguments' shapes and dtypes."""
+    _TUNED_TMA[_grad_key(grad_out, weight, pre, bias_grad, deriv)] = _checked_config(config)
 
 
 def _tma_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, store: str | None) -> tuple:
