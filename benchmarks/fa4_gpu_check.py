@@ -595,16 +595,13 @@ def mlp_fwd(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
     _mlp_rows(out, "mlp-fwd", systems, ref, 2 * tokens * 1024 * 4096, ("y", "pre"), dev)
 
 
-def mlp_configs(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
-    """The MLP kernels' schedules (`linear_gelu.CANDIDATE_CONFIGS` / `GRAD_CANDIDATE_CONFIGS`: warp specialization,
-    two programs per SM, the unflattened loop) against the first config of the autotuner's lists, at the
-    training shape (60,038 x 1024 -> 4096 bf16, bias), for the four training launches: the forward keeping pre or
-    gelu'(pre), the backward from either. Every config's outputs are compared with the list config's. Then each
-    launch's fastest config is what later parts of this process run (`pin_linear_gelu_config` and its grad twin), so a
-    `train` part after this one times the step with them; the `adopted` row names them."""
+def _mlp_launches(tokens: int, dev) -> dict:
+    """The four training launches of the MLP's Triton kernels at ViT-L widths, `tokens` rows of random bf16 data:
+    {name: (run(config) -> outputs, the autotuner list's first config, candidate configs, pin(config))}; `pin`
+    makes later launches of that kind (shapes N and K, dtypes, device) in this process run the config."""
     from dinov3_packing.ops.triton import linear_gelu as lg
 
-    dev, dt = torch.device(dev), torch.bfloat16
+    dt = torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(tokens, 1024, device=dev, generator=g).to(dt)
     weight = (torch.randn(4096, 1024, device=dev, generator=g) / 32).to(dt)
@@ -618,7 +615,7 @@ def mlp_configs(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> Non
     def forward(config, store_deriv):
         return lg.launch_linear_gelu(x, weight, bias, config, kernel="tma", pre_out=keep, deriv=store_deriv), keep
 
-    launches = {  # name: (run(config), list config, candidates, pin(config) for the training launch)
+    return {
         "forward, keeps pre": (
             functools.partial(forward, store_deriv=False),
             lg.CONFIGS[0],
@@ -644,9 +641,20 @@ def mlp_configs(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> Non
             functools.partial(lg.pin_gelu_grad_config, grad_out, down_weight, deriv, True, True),
         ),
     }
+
+
+def mlp_configs(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
+    """The MLP kernels' schedules (`linear_gelu.CANDIDATE_CONFIGS` / `GRAD_CANDIDATE_CONFIGS`: warp specialization,
+    two programs per SM, the unflattened loop) against the first config of the autotuner's lists, at the
+    training shape (60,038 x 1024 -> 4096 bf16, bias), for the four training launches: the forward keeping pre or
+    gelu'(pre), the backward from either. Every config's outputs are compared with the list config's. Then each
+    launch's fastest config is what later parts of this process run (`pin_linear_gelu_config` and its grad twin),
+    so a `train` part after this one times the step with them; the `adopted` row names them (and
+    `--pin-mlp-configs FILE` pins them in another process)."""
+    dev = torch.device(dev)
     flops = 2 * tokens * 1024 * 4096
     adopted = {}
-    for launch, (run, listed, candidates, pin) in launches.items():
+    for launch, (run, listed, candidates, pin) in _mlp_launches(tokens, dev).items():
         ref = [t.float().clone() for t in run(listed)]
         best = None
         for name, config in {"list config 0": listed, **candidates}.items():
@@ -664,8 +672,25 @@ def mlp_configs(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> Non
                 best = (ms, name, config)
         if best is not None:
             pin(best[2])
-            adopted[launch] = {"schedule": best[1], "ms": best[0]}
+            adopted[launch] = {"schedule": best[1], "ms": best[0], "config": best[2]}
     write_rows(out, [{"part": "mlp-configs", "adopted": adopted}])
+
+
+def pin_adopted(path: str, dev: str = "cuda") -> dict:
+    """Pin the configs of the last `adopted` row of `mlp-configs` in the JSON-lines file `path` for this process
+    (what `--pin-mlp-configs` does); returns that row's `adopted`."""
+    adopted = None
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("part") == "mlp-configs" and "adopted" in row:
+                adopted = row["adopted"]
+    if adopted is None:
+        raise ValueError(f"--pin-mlp-configs: {path} has no 'adopted' row of the mlp-configs part")
+    launches = _mlp_launches(8, torch.device(dev))  # the pins key on widths, dtypes and device, not on rows
+    for launch, choice in adopted.items():
+        launches[launch][3](choice["config"])
+    return adopted
 
 
 def grads(out: str | None) -> None:
@@ -740,6 +765,12 @@ def main() -> int:
         help=f"train: comma-separated subset of {SYSTEMS} (each model compiles for ~70 s)",
     )
     parser.add_argument("--trace-dir", default=None, help="keep each profiled call's Chrome trace here (gzipped)")
+    parser.add_argument(
+        "--pin-mlp-configs",
+        default=None,
+        metavar="FILE",
+        help="run the MLP kernels with the schedules an earlier mlp-configs part adopted (its rows file)",
+    )
     args = parser.parse_args()
     global TRACE_DIR
     TRACE_DIR = args.trace_dir
@@ -752,6 +783,11 @@ def main() -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (SM90+) with flash-attn-4 installed")
     write_rows(args.out, [{"part": "meta", **run_metadata("cuda")}])
+    if args.pin_mlp_configs:
+        write_rows(
+            args.out,
+            [{"part": "mlp-configs", "pinned_from": args.pin_mlp_configs, "pinned": pin_adopted(args.pin_mlp_configs)}],
+        )
     failed = 0
     for part in parts:
         torch._dynamo.reset()  # each part's graphs count alone against Dynamo's recompile limit
