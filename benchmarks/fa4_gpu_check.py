@@ -419,7 +419,11 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
     for r in range(rounds):  # interleaved: every system once per round
         for name, model in list(models.items()):
             try:
+                retries = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0)
                 stats = measure(lambda m=model: step(m), dev, compiled=r == 0)
+                # The caching allocator's retries (a failed allocation frees cached blocks, which synchronizes the
+                # device): a step that has them cannot queue its host work ahead of the GPU.
+                retries = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0) - retries
             except Exception:  # a system that fails (say quack's GEMMs) is dropped with its row; the others go on
                 error = traceback.format_exc()[-4000:]
                 write_rows(out, [{"part": "train", "round": r, "system": name, "error": error}])
@@ -443,6 +447,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                         "step_mem_gib": stats["fwd_mem_gib"],
                         "step_mem_kib_per_token": stats["fwd_mem_gib"] * 2**20 / tokens,
                         "first_call_s": stats["first_call_s"],
+                        "alloc_retries": retries,
                     }
                 ],
             )
