@@ -648,18 +648,21 @@ def _mlp_launches(tokens: int, dev) -> dict:
     }
 
 
-def mlp_configs(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
+def mlp_configs(out: str | None, tokens: int = 60_038, dev: str = "cuda", launches: str = "both") -> None:
     """The MLP kernels' schedules (`linear_gelu.CANDIDATE_CONFIGS` / `GRAD_CANDIDATE_CONFIGS`: warp specialization,
     two programs per SM, the unflattened loop) against the first config of the autotuner's lists, at the
     training shape (60,038 x 1024 -> 4096 bf16, bias), for the four training launches: the forward keeping pre or
     gelu'(pre), the backward from either. Every config's outputs are compared with the list config's. Then each
     launch's fastest config is what later parts of this process run (`pin_linear_gelu_config` and its grad twin),
     so a `train` part after this one times the step with them; the `adopted` row names them (and
-    `--pin-mlp-configs FILE` pins them in another process)."""
+    `--pin-mlp-configs FILE` pins them in another process). `launches`: "pre" (the default path's two launches),
+    "deriv" ('triton-dgelu''s two) or "both"."""
     dev = torch.device(dev)
     flops = 2 * tokens * 1024 * 4096
     adopted = {}
     for launch, (run, listed, candidates, pin) in _mlp_launches(tokens, dev).items():
+        if launches != "both" and ("gelu'(pre)" in launch) != (launches == "deriv"):
+            continue
         ref = [t.float().clone() for t in run(listed)]
         best = None
         for name, config in {"list config 0": listed, **candidates}.items():
@@ -771,6 +774,12 @@ def main() -> int:
     )
     parser.add_argument("--trace-dir", default=None, help="keep each profiled call's Chrome trace here (gzipped)")
     parser.add_argument(
+        "--mlp-launches",
+        choices=("pre", "deriv", "both"),
+        default="both",
+        help="mlp-configs: the launches keeping pre (the default path), gelu'(pre) ('triton-dgelu') or both",
+    )
+    parser.add_argument(
         "--pin-mlp-configs",
         default=None,
         metavar="FILE",
@@ -804,7 +813,7 @@ def main() -> int:
                 "infer": infer,
                 "mlp-fwd": mlp_fwd,
                 "mlp-grad": mlp_grad,
-                "mlp-configs": mlp_configs,
+                "mlp-configs": functools.partial(mlp_configs, launches=args.mlp_launches),
             }
             run[part](args.out)
         except Exception:  # one part's failure is recorded and the next part still runs
