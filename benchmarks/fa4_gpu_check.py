@@ -45,11 +45,12 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              cuBLAS + GELU eager and compiled, and quack's `quack_linear_gelu` at three tiles where it runs; each
              against fp32. Needs no flash-attn-4.
     mlp-configs the same two Triton kernels at that training shape under other schedules than the autotuner's
-             lists hold (`linear_gelu.CANDIDATE_CONFIGS`, `GRAD_CANDIDATE_CONFIGS`: warp specialization, two
-             programs per SM, the unflattened loop) against the lists' first config, for the four training
-             launches (forward keeping pre or gelu'(pre), backward from either): ms, TFLOP/s, outputs against
-             the list config's. Each launch's fastest schedule is then what the parts after it in this process
-             run (the `adopted` row), so `--parts mlp-configs,train` times the step with them.
+             lists hold (`linear_gelu.CANDIDATE_CONFIGS`, `GRAD_CANDIDATE_CONFIGS`: two programs per SM, the
+             unflattened loop) against the lists' first config, for the four training launches (forward keeping
+             pre or gelu'(pre), backward from either; `--mlp-launches`): ms, TFLOP/s, outputs against the list
+             config's. Each launch's fastest schedule is then what the parts after it in this process run (the
+             `adopted` row), so `--parts mlp-configs,train` times the step with them (`--pin-mlp-configs FILE`
+             in another process).
 A part that fails writes an `error` row with its traceback and the next part runs.
 """
 
@@ -649,8 +650,8 @@ def _mlp_launches(tokens: int, dev) -> dict:
 
 
 def mlp_configs(out: str | None, tokens: int = 60_038, dev: str = "cuda", launches: str = "both") -> None:
-    """The MLP kernels' schedules (`linear_gelu.CANDIDATE_CONFIGS` / `GRAD_CANDIDATE_CONFIGS`: warp specialization,
-    two programs per SM, the unflattened loop) against the first config of the autotuner's lists, at the
+    """The MLP kernels' schedules (`linear_gelu.CANDIDATE_CONFIGS` / `GRAD_CANDIDATE_CONFIGS`: two programs per
+    SM, the unflattened loop) against the first config of the autotuner's lists, at the
     training shape (60,038 x 1024 -> 4096 bf16, bias), for the four training launches: the forward keeping pre or
     gelu'(pre), the backward from either. Every config's outputs are compared with the list config's. Then each
     launch's fastest config is what later parts of this process run (`pin_linear_gelu_config` and its grad twin),

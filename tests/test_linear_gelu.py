@@ -34,10 +34,10 @@ _SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 _SMALL_TMA = dict(**_SMALL, EPI_SUBTILE=True)
 _SMALL_NOSUB = dict(**_SMALL, EPI_SUBTILE=False)
 # The other schedules (`CANDIDATE_CONFIGS`): two programs per SM (a grid and tile stride of 2 x the 4 programs the
-# interpreter runs), the unflattened loop, warp specialization (the interpreter runs the loop as written).
+# interpreter runs), flattened or not, and the unflattened loop with one program per SM.
 _SMALL_OCC2 = dict(**_SMALL_TMA, OCC=2, FLATTEN=False)
 _SMALL_OCC2_FLAT = dict(**_SMALL_NOSUB, OCC=2)
-_SMALL_WS = dict(**_SMALL_TMA, WARP_SPEC=True, FLATTEN=False)
+_SMALL_UNFLAT = dict(**_SMALL_TMA, FLATTEN=False)
 INTERPRETER_CASES = [
     ("ptr_fp32_tails", "float32", 130, 72, 100, True, "contiguous", "ptr", _SMALL),
     ("ptr_fp32_even", "float32", 130, 128, 192, True, "contiguous", "ptr", dict(_SMALL, BLOCK_K=64)),
@@ -59,7 +59,7 @@ INTERPRETER_CASES = [
     ("tma_fp16_prod2", "float16", 300, 128, 320, False, "contiguous", "tma", lg.CONFIGS[2]),
     ("tma_fp32_occ2", "float32", 130, 72, 200, True, "contiguous", "tma", _SMALL_OCC2),
     ("tma_fp32_occ2_flat", "float32", 130, 72, 200, True, "rowview", "tma", _SMALL_OCC2_FLAT),
-    ("tma_fp16_ws", "float16", 130, 72, 200, True, "contiguous", "tma", _SMALL_WS),
+    ("tma_fp16_unflat", "float16", 130, 72, 200, True, "contiguous", "tma", _SMALL_UNFLAT),
     ("tma_fp16_cand_2sm", "float16", 300, 128, 320, True, "contiguous", "tma", lg.CANDIDATE_CONFIGS["128x128 w8 2/SM"]),
 ]
 
@@ -74,7 +74,7 @@ GRAD_CASES = [
     ("grad_fp16_prod1", "float16", 130, 64, 256, True, lg.GRAD_CONFIGS[1]),
     ("grad_fp32_occ2", "float32", 130, 72, 200, True, _SMALL_OCC2),
     ("grad_fp32_occ2_flat", "float32", 130, 72, 200, False, _SMALL_OCC2_FLAT),
-    ("grad_fp16_ws", "float16", 130, 72, 200, True, _SMALL_WS),
+    ("grad_fp16_unflat", "float16", 130, 72, 200, True, _SMALL_UNFLAT),
     ("grad_fp16_cand_2sm", "float16", 300, 128, 512, True, lg.GRAD_CANDIDATE_CONFIGS["64x256 w4 2/SM"]),
 ]
 
@@ -633,9 +633,9 @@ def test_pinned_configs_are_what_later_launches_take(monkeypatch):
     lg.pin_linear_gelu_config(x, w, b, "pre", config)
     grad_out, down = torch.zeros(8, 64, dtype=torch.float16), torch.zeros(64, 128, dtype=torch.float16)
     pre = torch.zeros(8, 128, dtype=torch.float16)
-    lg.pin_gelu_grad_config(grad_out, down, pre, True, False, lg.GRAD_CANDIDATE_CONFIGS["128x256 ws"])
+    lg.pin_gelu_grad_config(grad_out, down, pre, True, False, lg.GRAD_CANDIDATE_CONFIGS["128x256 unflattened"])
     assert lg._TUNED_TMA[lg._tma_key(x, w, b, "pre")] == config
-    assert lg._TUNED_TMA[lg._grad_key(grad_out, down, pre, True, False)]["WARP_SPEC"] is True
+    assert lg._TUNED_TMA[lg._grad_key(grad_out, down, pre, True, False)]["FLATTEN"] is False
     assert len(lg.tuned_configs()) == 2
     with pytest.raises(ValueError, match="store: expected None, 'pre' or 'deriv'"):
         lg.pin_linear_gelu_config(x, w, b, "post", config)

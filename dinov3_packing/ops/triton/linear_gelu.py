@@ -96,15 +96,16 @@ GRAD_CONFIGS: list[dict] = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPI_SUBTILE=True, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=4, EPI_SUBTILE=True, num_warps=8, num_stages=3),
 ]
-# Schedules of the same TMA kernel not yet in the autotuner's lists (each runs the same tiles and sums; only the
-# overlap of one tile's epilogue with GEMM work differs): warp specialization (WARP_SPEC, separate load and MMA
-# warps; Triton wants FLATTEN off for it on Hopper), two persistent programs per SM (OCC=2: tiles small enough
-# that two fit an SM's shared memory and registers, so the warp scheduler runs one's epilogue during the other's
-# MMAs) and the unflattened loop. `benchmarks/fa4_gpu_check.py --parts mlp-configs` times them against the lists
-# above on a GPU; one moves into a list only when it measures faster there.
+# Schedules of the same TMA kernel not yet in the autotuner's lists (the same tiles and sums; only the overlap of
+# one tile's epilogue with GEMM work differs): two persistent programs per SM (OCC=2: tiles small enough that two
+# fit an SM's shared memory and registers, so the warp scheduler runs one's epilogue during the other's MMAs,
+# a ping-pong left to the hardware) and the unflattened loop. Triton 3.6's warp specialization does not apply to
+# this Hopper kernel (an offline sm_90a compile with `tl.range(..., warp_specialize=True)` gives the same single
+# partition), so it is not among them. `benchmarks/fa4_gpu_check.py --parts mlp-configs` times them against the
+# lists above on a GPU; one moves into a list only when it measures faster there. Shared memory per program
+# (offline sm_90a compile, Triton 3.6; an H100 SM has 228 KiB): 128 x 128 2/SM 114,712 bytes forward and 81,936
+# GRAD at the stages below; 64 x 256 2/SM 98,320 GRAD.
 _SCHEDULES: dict[str, dict] = {
-    "128x256 ws": dict(BLOCK_M=128, BLOCK_N=256, EPI_SUBTILE=True, num_warps=8, WARP_SPEC=True, FLATTEN=False),
-    "128x128 ws": dict(BLOCK_M=128, BLOCK_N=128, EPI_SUBTILE=False, num_warps=8, WARP_SPEC=True, FLATTEN=False),
     "128x256 unflattened": dict(BLOCK_M=128, BLOCK_N=256, EPI_SUBTILE=True, num_warps=8, FLATTEN=False),
     "128x128 w8 2/SM": dict(BLOCK_M=128, BLOCK_N=128, EPI_SUBTILE=True, num_warps=8, OCC=2, FLATTEN=False),
     "128x128 w4 2/SM": dict(BLOCK_M=128, BLOCK_N=128, EPI_SUBTILE=True, num_warps=4, OCC=2, FLATTEN=False),
@@ -112,8 +113,6 @@ _SCHEDULES: dict[str, dict] = {
     "64x256 w4 2/SM": dict(BLOCK_M=64, BLOCK_N=256, EPI_SUBTILE=True, num_warps=4, OCC=2, FLATTEN=False),
 }
 _STAGES = {  # (forward, GRAD) pipeline depths: 2/SM tiles must leave half the shared memory to the other program
-    "128x256 ws": (4, 3),
-    "128x128 ws": (4, 4),
     "128x256 unflattened": (4, 3),
     "128x128 w8 2/SM": (3, 2),
     "128x128 w4 2/SM": (3, 2),
@@ -276,12 +275,11 @@ if triton is not None:
         DERIV: tl.constexpr = False,
         OCC: tl.constexpr = 1,
         FLATTEN: tl.constexpr = True,
-        WARP_SPEC: tl.constexpr = False,
     ):
         """Persistent: program p handles tiles p, p + P, ... with P = NUM_SMS * OCC programs (OCC programs per SM
         share it, so one's epilogue can overlap another's GEMM loop where their shared memory and registers fit).
         FLATTEN: the tile and K loops form one software pipeline (the next tile's loads in flight during this one's
-        epilogue); WARP_SPEC: Triton's warp specialization of the tile loop (separate load and MMA warps).
+        epilogue); off, each tile's K loop is pipelined alone.
 
         Forward (GRAD False): y = gelu(x @ w^T + b) with w [N, K], and the pre-activation through `p_desc` when
         STORE_PRE. GRAD: y = (x @ w) * gelu'(pre) with w [K, N] (the down-projection's weight as it is stored) and
@@ -297,7 +295,7 @@ if triton is not None:
         # next tile across this one's epilogue).
         num_programs = NUM_SMS * OCC
         tile_id_c = start_pid - num_programs
-        for tile_id in tl.range(start_pid, num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPEC):
+        for tile_id in tl.range(start_pid, num_tiles, num_programs, flatten=FLATTEN):
             pid_m, pid_n = _tile_pid(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
             off_m = pid_m * BLOCK_M
             off_n = pid_n * BLOCK_N
@@ -458,7 +456,7 @@ def tuned_configs() -> dict[str, dict]:
 
 
 _CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SUBTILE", "num_warps", "num_stages"}
-_SCHEDULE_KEYS = {"OCC", "FLATTEN", "WARP_SPEC"}
+_SCHEDULE_KEYS = {"OCC", "FLATTEN"}
 
 
 def _checked_config(config: dict) -> dict:
