@@ -31,6 +31,9 @@ Public API:
   registered backward computes ``grad_pre = grad_y * gelu'(pre)`` (exact erf derivative) and the input, weight
   and bias gradients with torch matmuls (cuBLAS on the GPU).
 - :func:`launch_linear_gelu`: the raw launcher (explicit config or autotune; also runs under ``TRITON_INTERPRET=1``).
+- :func:`pin_linear_gelu_config`, :func:`pin_gelu_grad_config`: make later launches of one shape and dtype run a
+  given config (an entry of :data:`CONFIGS` or :data:`CANDIDATE_CONFIGS`, the other schedules not yet in the
+  autotuner's lists) instead of the autotuner's choice; for benchmarks.
 
 Triton versions: only APIs present in both Triton 3.6 and 3.8 (``tl.dot``, ``tl.range(..., flatten=True)``,
 tensor-descriptor ``load`` / ``store`` with host-side ``triton.tools.tensor_descriptor.TensorDescriptor``,
