@@ -370,7 +370,8 @@ DEFAULT_SYSTEMS = ("today", "new", "attention", "mlp", "hf", "profile")
 def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEFAULT_SYSTEMS) -> None:
     dev = torch.device("cuda")
     peak = peak_matmul_tflops(dev, torch.bfloat16, 8192)
-    write_rows(out, [{"part": "train", "matmul_peak": peak}])
+    # The MLP kernels' configs fixed before the step (`--pin-mlp-configs` or an earlier mlp-configs part), if any.
+    write_rows(out, [{"part": "train", "matmul_peak": peak, "mlp_configs_pinned": tuned_configs()}])
     hs, grid = mixed_batch(dev, torch.bfloat16)
     tokens = int(hs.shape[0]) + 5 * len(grid)
     every = {  # key: (name, attn_backend, fused_mlp, recompute policy, compile mode)
@@ -660,12 +661,15 @@ def mlp_configs(out: str | None, tokens: int = 60_038, dev: str = "cuda", launch
     "deriv" ('triton-dgelu''s two) or "both"."""
     dev = torch.device(dev)
     flops = 2 * tokens * 1024 * 4096
-    adopted = {}
     for launch, (run, listed, candidates, pin) in _mlp_launches(tokens, dev).items():
         if launches != "both" and ("gelu'(pre)" in launch) != (launches == "deriv"):
             continue
-        ref = [t.float().clone() for t in run(listed)]
         best = None
+        try:
+            ref = [t.float().clone() for t in run(listed)]
+        except Exception:  # without the list config's outputs no schedule of this launch can be checked
+            write_rows(out, [{"part": "mlp-configs", "launch": launch, "error": traceback.format_exc()[-2000:]}])
+            continue
         for name, config in {"list config 0": listed, **candidates}.items():
             row = {"part": "mlp-configs", "launch": launch, "schedule": name, "config": config}
             try:
@@ -679,25 +683,29 @@ def mlp_configs(out: str | None, tokens: int = 60_038, dev: str = "cuda", launch
             write_rows(out, [row | {"ms": ms, "tflops": flops / stats["median_s"] / 1e12, "max_rel_vs_list": diff}])
             if max(diff) <= 1e-2 and (best is None or ms < best[0]):  # equal sums up to rounding order
                 best = (ms, name, config)
-        if best is not None:
+        if best is not None:  # pinned and recorded together, launch by launch
             pin(best[2])
-            adopted[launch] = {"schedule": best[1], "ms": best[0], "config": best[2]}
-    write_rows(out, [{"part": "mlp-configs", "adopted": adopted}])
+            write_rows(
+                out,
+                [{"part": "mlp-configs", "adopted": {launch: {"schedule": best[1], "ms": best[0], "config": best[2]}}}],
+            )
 
 
 def pin_adopted(path: str, dev: str = "cuda") -> dict:
-    """Pin the configs of the last `adopted` row of `mlp-configs` in the JSON-lines file `path` for this process
-    (what `--pin-mlp-configs` does); returns that row's `adopted`."""
-    adopted = None
+    """Pin the configs of the `adopted` rows of `mlp-configs` in the JSON-lines file `path` for this process (what
+    `--pin-mlp-configs` does; a later row of a launch replaces an earlier one); returns them by launch."""
+    adopted = {}
     with open(path) as f:
         for line in f:
             row = json.loads(line)
             if row.get("part") == "mlp-configs" and "adopted" in row:
-                adopted = row["adopted"]
-    if adopted is None:
+                adopted |= row["adopted"]
+    if not adopted:
         raise ValueError(f"--pin-mlp-configs: {path} has no 'adopted' row of the mlp-configs part")
     launches = _mlp_launches(8, torch.device(dev))  # the pins key on widths, dtypes and device, not on rows
     for launch, choice in adopted.items():
+        if launch not in launches:
+            raise ValueError(f"--pin-mlp-configs: {path} adopted a config for {launch!r}, not one of {tuple(launches)}")
         launches[launch][3](choice["config"])
     return adopted
 
@@ -762,7 +770,11 @@ def infer(out: str | None) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="JSON-lines file (appended to)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    # mlp-configs only when asked: it pins the MLP kernels' configs for the parts after it.
+    default_parts = [p for p in PARTS if p != "mlp-configs"]
+    parser.add_argument(
+        "--parts", default=",".join(default_parts), help=f"comma-separated subset of {PARTS} (default {default_parts})"
+    )
     parser.add_argument(
         "--autotune",
         action="store_true",
@@ -799,10 +811,11 @@ def main() -> int:
         parser.error("needs a CUDA GPU (SM90+) with flash-attn-4 installed")
     write_rows(args.out, [{"part": "meta", **run_metadata("cuda")}])
     if args.pin_mlp_configs:
-        write_rows(
-            args.out,
-            [{"part": "mlp-configs", "pinned_from": args.pin_mlp_configs, "pinned": pin_adopted(args.pin_mlp_configs)}],
-        )
+        try:
+            pinned = pin_adopted(args.pin_mlp_configs)
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
+        write_rows(args.out, [{"part": "mlp-configs", "pinned_from": args.pin_mlp_configs, "pinned": pinned}])
     failed = 0
     for part in parts:
         torch._dynamo.reset()  # each part's graphs count alone against Dynamo's recompile limit

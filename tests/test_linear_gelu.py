@@ -627,19 +627,53 @@ def test_compile_trains_through_the_op(monkeypatch):
 
 
 def test_pinned_configs_are_what_later_launches_take(monkeypatch):
+    """A pinned config is what `launch_linear_gelu` / `launch_gelu_grad` launch without a config (the kernel launch
+    itself is recorded instead of run: no GPU here); without a pin they go to the autotuner."""
+    launches, tuned = [], []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, kwargs))
+
+    class Tuner:
+        def __getitem__(self, grid):
+            tuned.append(grid)
+            raise RuntimeError("autotuner reached")
+
     monkeypatch.setattr(lg, "_TUNED_TMA", {})
-    x, w, b = torch.zeros(8, 64, dtype=torch.float16), torch.zeros(128, 64, dtype=torch.float16), None
-    config = lg.CANDIDATE_CONFIGS["128x128 w8 2/SM"]
-    lg.pin_linear_gelu_config(x, w, b, "pre", config)
-    grad_out, down = torch.zeros(8, 64, dtype=torch.float16), torch.zeros(64, 128, dtype=torch.float16)
-    pre = torch.zeros(8, 128, dtype=torch.float16)
-    lg.pin_gelu_grad_config(grad_out, down, pre, True, False, lg.GRAD_CANDIDATE_CONFIGS["128x256 unflattened"])
-    assert lg._TUNED_TMA[lg._tma_key(x, w, b, "pre")] == config
-    assert lg._TUNED_TMA[lg._grad_key(grad_out, down, pre, True, False)]["FLATTEN"] is False
+    monkeypatch.setattr(lg, "_linear_gelu_tma_kernel", Recorder())
+    monkeypatch.setattr(lg, "_tma_autotuned", Tuner())
+    monkeypatch.setattr(lg, "_grad_autotuned", Tuner())
+    half = torch.float16
+    x, w, b = torch.randn(300, 64).to(half), torch.randn(256, 64).to(half), torch.randn(256).to(half)
+    grad_out, down, pre = torch.randn(300, 64).to(half), torch.randn(64, 256).to(half), torch.randn(300, 256).to(half)
+    with pytest.raises(RuntimeError, match="autotuner reached"):
+        lg.launch_linear_gelu(x, w, b, kernel="tma", pre_out=torch.empty(300, 256, dtype=half))
+    with pytest.raises(RuntimeError, match="autotuner reached"):
+        lg.launch_gelu_grad(grad_out, down, pre, True)
+    assert len(tuned) == 2 and not launches
+
+    forward = lg.CANDIDATE_CONFIGS["128x128 w8 2/SM"]
+    backward = lg.GRAD_CANDIDATE_CONFIGS["64x256 w4 2/SM"]
+    lg.pin_linear_gelu_config(x, w, b, "pre", forward)
+    lg.pin_gelu_grad_config(grad_out, down, pre, True, False, backward)
+    lg.launch_linear_gelu(x, w, b, kernel="tma", pre_out=torch.empty(300, 256, dtype=half))
+    with pytest.raises(RuntimeError, match="autotuner reached"):
+        lg.launch_linear_gelu(x, w, b, kernel="tma")  # inference: another key, not pinned
+    assert len(tuned) == 3
+    lg.launch_gelu_grad(grad_out, down, pre, True)
+    with pytest.raises(RuntimeError, match="autotuner reached"):
+        lg.launch_gelu_grad(grad_out, down, pre, False)  # no bias gradient: another key
+    assert len(tuned) == 4 and len(launches) == 2
+    (grid_f, kw_f), (grid_b, kw_b) = launches
+    assert {k: kw_f[k] for k in forward} == forward and kw_f["STORE_PRE"] and not kw_f["GRAD"]
+    assert {k: kw_b[k] for k in backward} == backward and kw_b["GRAD"] and kw_b["HAS_BIAS"]
+    # Two programs per "SM" (the interpreter's 4) over 3 x 2 tiles of 128 x 128; 5 x 1 tiles of 64 x 256.
+    assert grid_f(forward) == (6,) and grid_b(backward) == (5,)
     assert len(lg.tuned_configs()) == 2
     with pytest.raises(ValueError, match="store: expected None, 'pre' or 'deriv'"):
-        lg.pin_linear_gelu_config(x, w, b, "post", config)
+        lg.pin_linear_gelu_config(x, w, b, "post", forward)
     with pytest.raises(ValueError, match="config: expected a dict with keys"):
         lg.pin_linear_gelu_config(x, w, b, None, {"BLOCK_M": 128})
     with pytest.raises(ValueError, match="config: expected a dict with keys"):
-        lg.pin_gelu_grad_config(grad_out, down, pre, True, False, dict(config, TILE=1))
+        lg.pin_gelu_grad_config(grad_out, down, pre, True, False, dict(forward, TILE=1))

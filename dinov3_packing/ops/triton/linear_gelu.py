@@ -105,14 +105,18 @@ GRAD_CONFIGS: list[dict] = [
 # a ping-pong left to the hardware) and the unflattened loop. Triton 3.6's warp specialization does not apply to
 # this Hopper kernel (an offline sm_90a compile with `tl.range(..., warp_specialize=True)` gives the same single
 # partition), so it is not among them. `benchmarks/fa4_gpu_check.py --parts mlp-configs` times them against the
-# lists above on a GPU; one moves into a list only when it measures faster there. Shared memory per program
-# (offline sm_90a compile, Triton 3.6; an H100 SM has 228 KiB): 128 x 128 2/SM 114,712 bytes forward and 81,936
-# GRAD at the stages below; 64 x 256 2/SM 98,320 GRAD.
+# lists above on a GPU; one moves into a list only when it measures faster there. Residency of two programs
+# (offline sm_90a compile, Triton 3.6; an H100 SM has 228 KiB of shared memory and 64 Ki registers): 128 x 128
+# at 8 warps, 114,712 bytes and 100-105 registers forward, 81,936 bytes GRAD where 132 registers would leave
+# room for one program only, so `maxnreg` caps them at 128 (no spills); at 4 warps up to 255 registers (two
+# programs use the whole file); 64 x 256 at 2 stages, 98,320 bytes.
 _SCHEDULES: dict[str, dict] = {
     "128x256 unflattened": dict(BLOCK_M=128, BLOCK_N=256, EPI_SUBTILE=True, num_warps=8, FLATTEN=False),
-    "128x128 w8 2/SM": dict(BLOCK_M=128, BLOCK_N=128, EPI_SUBTILE=True, num_warps=8, OCC=2, FLATTEN=False),
+    "128x128 w8 2/SM": dict(BLOCK_M=128, BLOCK_N=128, EPI_SUBTILE=True, num_warps=8, OCC=2, FLATTEN=False, maxnreg=128),
     "128x128 w4 2/SM": dict(BLOCK_M=128, BLOCK_N=128, EPI_SUBTILE=True, num_warps=4, OCC=2, FLATTEN=False),
-    "128x128 w8 2/SM flat": dict(BLOCK_M=128, BLOCK_N=128, EPI_SUBTILE=True, num_warps=8, OCC=2, FLATTEN=True),
+    "128x128 w8 2/SM flat": dict(
+        BLOCK_M=128, BLOCK_N=128, EPI_SUBTILE=True, num_warps=8, OCC=2, FLATTEN=True, maxnreg=128
+    ),
     "64x256 w4 2/SM": dict(BLOCK_M=64, BLOCK_N=256, EPI_SUBTILE=True, num_warps=4, OCC=2, FLATTEN=False),
 }
 _STAGES = {  # (forward, GRAD) pipeline depths: 2/SM tiles must leave half the shared memory to the other program
@@ -409,8 +413,9 @@ if triton is not None:
         nargs["p_desc"].block_shape = nargs["y_desc"].block_shape
 
     def _triton_config(c: dict, pre_hook=None) -> triton.Config:
-        meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
-        return triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=pre_hook)
+        meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages", "maxnreg")}
+        options = dict(num_warps=c["num_warps"], num_stages=c["num_stages"], maxnreg=c.get("maxnreg"))
+        return triton.Config(meta, **options, pre_hook=pre_hook)
 
     # STORE_PRE is part of the key: the second store changes the epilogue's cost and shared memory.
     _even_n = triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})(_linear_gelu_tma_kernel)
@@ -459,7 +464,7 @@ def tuned_configs() -> dict[str, dict]:
 
 
 _CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SUBTILE", "num_warps", "num_stages"}
-_SCHEDULE_KEYS = {"OCC", "FLATTEN"}
+_SCHEDULE_KEYS = {"OCC", "FLATTEN", "maxnreg"}
 
 
 def _checked_config(config: dict) -> dict:
@@ -536,7 +541,8 @@ def _launch_tma(x, weight, y, p, b, flags: dict, config: dict | None, key: tuple
         with _TUNING_LOCK:  # `best_config` is the autotuner's last choice: read it before another launch
             tuner[grid](*args, **flags, NUM_SMS=num_sms, GRAD=grad)
             best = tuner.best_config
-            _TUNED_TMA[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+            chosen = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+            _TUNED_TMA[key] = chosen | ({"maxnreg": best.maxnreg} if best.maxnreg else {})
         if not (grad and flags["HAS_BIAS"]):
             return
         # The autotuner ran the kernel once per config and timing repeat on these arguments: the outputs it
@@ -565,9 +571,10 @@ def launch_linear_gelu(
     GELU's derivative at the fp32 pre-activation instead (rounded once), what :func:`launch_gelu_grad` with
     ``deriv`` multiplies by. ``kernel``: "tma"
     (persistent TMA kernel), "ptr" (pointer kernel) or "auto" (TMA when the device has it and the tensors are
-    16-byte aligned, else pointer). ``config``: one entry of :data:`CONFIGS` (TMA) or
+    16-byte aligned, else pointer). ``config``: one entry of :data:`CONFIGS` or :data:`CANDIDATE_CONFIGS` (TMA) or
     :data:`PTR_CONFIGS` (pointer; BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, optional num_warps / num_stages) runs that
-    configuration; None autotunes over the list (keyed on N and K). No dtype / device policy here: callers go
+    configuration; None runs the config pinned for this shape (:func:`pin_linear_gelu_config`) or tuned earlier,
+    else autotunes over the list (keyed on N and K). No dtype / device policy here: callers go
     through :func:`linear_gelu` or the custom op. Under ``TRITON_INTERPRET=1`` this runs on CPU tensors (pass
     ``config``).
     """
@@ -635,7 +642,7 @@ def launch_linear_gelu(
     if config is None:
         _ptr_autotuned[grid](*args, **flags)
     else:
-        c = {k: v for k, v in config.items() if k != "EPI_SUBTILE"}
+        c = {k: v for k, v in config.items() if k not in ("EPI_SUBTILE", "OCC", "FLATTEN")}  # TMA-kernel keys
         _linear_gelu_ptr_kernel[grid](*args, **flags, EVEN_K=K % c["BLOCK_K"] == 0, **c)
     return y
 
@@ -658,7 +665,8 @@ def launch_gelu_grad(
     ``nn.Linear`` stores it), ``pre`` ``[M, N]`` (the saved pre-activation; with ``deriv``, the GELU's derivative
     there as :func:`launch_linear_gelu` with ``deriv`` stored it, and the epilogue only multiplies). Needs what
     the forward's TMA kernel needs (sm_90+, Triton's TensorDescriptor, 16-byte aligned rows); ``config``: one entry of
-    :data:`GRAD_CONFIGS`, else autotuned. Runs under ``TRITON_INTERPRET=1`` on CPU tensors (pass ``config``).
+    :data:`GRAD_CONFIGS` or :data:`GRAD_CANDIDATE_CONFIGS`, else the pinned (:func:`pin_gelu_grad_config`) or
+    earlier tuned config, else autotuned. Runs under ``TRITON_INTERPRET=1`` on CPU tensors (pass ``config``).
     """
     if triton is None or TensorDescriptor is None:
         raise RuntimeError("gelu_grad kernel needs Triton >= 3.4, which is not installed")
