@@ -21,6 +21,7 @@ Rank 0 prints one JSON line per step and writes them all to `--out`, with the nu
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -187,6 +188,11 @@ def main(argv=None) -> int:
         meta["graphs_compiled"] = compile_stats()["unique_graphs"]  # rank 0's; 0 without --compile
         Path(args.out).write_text(json.dumps({"meta": meta, "steps": log}, indent=1))
     dist.barrier()
+    # FSDP2's state on the modules (and the optimizer's on their sharded parameters) keeps the process group alive:
+    # release them while the interpreter is whole, so the group's native threads stop in destroy_process_group
+    # rather than in the interpreter's teardown.
+    del opt, params, tower, projector, model, loaded
+    gc.collect()
     dist.destroy_process_group()
     return 0
 

@@ -30,7 +30,10 @@ ARGS += ["--optimizer", "sgd", "--lr", "0.3"]
 def _run(nproc: int, out: Path, *extra: str) -> dict:
     # PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack. One clean-clone CI run of 460f2b2
     # lost rank 0 of the 2-process run to SIGABRT ("terminate called without an active exception", nothing else);
-    # it passed in the next CI run and in three runs beside other tests.
+    # it passed in the next CI run and in three runs beside other tests. A clean-clone CI run of 2026-12-07 lost
+    # rank 1 the same way, and its only thread had no Python frame: the abort came in the interpreter's teardown.
+    # 18 runs of the 2-process command beside a CPU load did not reproduce it; the example now releases its FSDP2
+    # modules and optimizer (which hold the process group) before destroy_process_group.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", str(SCRIPT)]
     cmd += [*ARGS, *extra, "--out", str(out)]
