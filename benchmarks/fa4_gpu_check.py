@@ -86,6 +86,7 @@ TODAY, NEW = "today: varlen, MLP unfused", "new: auto (fa4), fused MLP"
 ROPE_OUTSIDE = "new, RoPE outside the fa4 op (fused_rope=False)"
 GELU_COMPOSED = "new, GELU backward unfused (up-projection kernel + down_proj module, as before gelu_mlp)"
 QUACK = "new, MLP GEMMs from quack-kernels (mlp_gemms='quack')"
+NO_FOLD = "new, LayerScale not folded into the projections (fold_layer_scale=False)"
 TRITON_DGELU = "new, MLP keeping gelu'(pre) instead of pre (mlp_gemms='triton-dgelu')"
 PARTS = (
     "fa4-bwd-tiles",
@@ -348,6 +349,7 @@ SYSTEMS = (
     "new",
     "quack",
     "triton-dgelu",
+    "no-fold",
     "rope-outside",
     "gelu-composed",
     "attention",
@@ -362,8 +364,9 @@ composition it replaced (`gelu-composed`: the up-projection kernel, then the dow
 backward; each down_proj replaced by an `nn.Linear` subclass keeps `ops.mlp` on that path), the new one with each
 recompute policy, the new one under max-autotune-no-cudagraphs, the new one with quack-kernels' MLP GEMMs
 (`quack`), the new one with the MLP's Triton kernels keeping the GELU's derivative instead of the
-pre-activation (`triton-dgelu`), the Hugging Face loop, the profile of today's and the new step (and of the other new
-systems' when they run)."""
+pre-activation (`triton-dgelu`), the new one with LayerScale multiplying the projections' outputs as before
+(`no-fold`, `fold_layer_scale=False`; today's path never folds), the Hugging Face loop, the profile of today's and
+the new step (and of the other new systems' when they run)."""
 DEFAULT_SYSTEMS = ("today", "new", "attention", "mlp", "hf", "profile")
 
 
@@ -381,6 +384,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "gelu-composed": (GELU_COMPOSED, "auto", None, None, None),
         "quack": (QUACK, "auto", None, None, None),
         "triton-dgelu": (TRITON_DGELU, "auto", None, None, None),
+        "no-fold": (NO_FOLD, "auto", None, None, None),
         "attention": ("new + recompute attention", "auto", None, "attention", None),
         "mlp": ("new + recompute mlp", "auto", None, "mlp", None),
         # inductor's Triton GEMM templates, whose epilogues can take the GELU backward (slow compile)
@@ -397,6 +401,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
     for name, (backend, fused, policy) in systems.items():
         model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend, fused_mlp=fused)
         model.fused_rope = name != ROPE_OUTSIDE
+        model.fold_layer_scale = name not in (TODAY, NO_FOLD)  # today's path predates the fold
         model.mlp_gemms = {QUACK: "quack", TRITON_DGELU: "triton-dgelu"}.get(name, "triton")
         if name == GELU_COMPOSED:
             for block in model.model.layer:
@@ -472,7 +477,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
             )
     for name in [
         n
-        for n in (TODAY, NEW, TRITON_DGELU, QUACK, ROPE_OUTSIDE, GELU_COMPOSED)
+        for n in (TODAY, NEW, TRITON_DGELU, NO_FOLD, QUACK, ROPE_OUTSIDE, GELU_COMPOSED)
         if n in models and "profile" in systems_asked
     ]:
         by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev, f"train {name}")

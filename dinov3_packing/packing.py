@@ -277,6 +277,9 @@ class PackedBatch:
             (`DINOv3ViTPackingModel.fused_rope`); the others always rotate first.
         mlp_gemms: the GEMM kernels of the fused MLP's training op, one of `ops.mlp.MLP_GEMMS`
             (`ops.mlp.resolve_mlp_gemms`).
+        fold_layer_scale: the blocks multiply their LayerScale into the weight and bias of the projection before
+            it (attention output, MLP down-projection) instead of into its output
+            (`DINOv3ViTPackingModel.fold_layer_scale`; set only where autograd records).
         dropout: attention dropout for this forward (0 outside training).
         inference: autograd does not record this forward (blocks may use cached fused weights).
         chunks: when not empty, the block stack runs over each of these groups of whole segments in turn
@@ -290,6 +293,7 @@ class PackedBatch:
     fused_mlp: bool = False
     fused_rope: bool = True
     mlp_gemms: str = "triton"
+    fold_layer_scale: bool = False
     dropout: float = 0.0
     inference: bool = True
     chunks: tuple[PackedChunk, ...] = ()

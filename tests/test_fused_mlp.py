@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import capturing_aot_backend
+from conftest import assert_close, capturing_aot_backend
 
 from dinov3_packing.model.modeling import DINOv3ViTPackingModel
 from dinov3_packing.ops.mlp import MLP_GEMMS, fused_mlp_runs, gelu_mlp, resolve_mlp_gemms
@@ -250,7 +250,8 @@ def test_training_through_the_fused_op_equals_the_module_path(tiny, fused_calls,
     results = []
     for fused in (False, True):
         model.zero_grad(set_to_none=True)
-        out, _ = model.model(x, dataclasses.replace(batch, fused_mlp=fused, mlp_gemms=gemms))
+        # LayerScale unfolded on both paths (the fused op would fold it: test_training_op_folds_layer_scale).
+        out, _ = model.model(x, dataclasses.replace(batch, fused_mlp=fused, mlp_gemms=gemms, fold_layer_scale=False))
         out.square().mean().backward()
         results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (plain, plain_grads), (fused, fused_grads) = results
@@ -284,7 +285,7 @@ def test_training_keeps_the_composition_when_the_down_projection_has_a_hook(tiny
     try:
         for fused in (False, True):
             model.zero_grad(set_to_none=True)
-            out, _ = model.model(x, dataclasses.replace(batch, fused_mlp=fused))
+            out, _ = model.model(x, dataclasses.replace(batch, fused_mlp=fused, fold_layer_scale=False))
             out.square().mean().backward()
             results.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     finally:
@@ -579,3 +580,59 @@ def test_quack_training_op_keeps_one_hidden_activation_less_per_block(tiny):
         saved[gemms] = sum(storages.values())
     hidden = layout.num_tokens * model.config.intermediate_size * x.element_size()
     assert saved["triton"] - saved["quack"] == 3 * hidden
+
+
+@pytest.mark.parametrize("gemms", MLP_GEMMS)
+def test_training_op_folds_layer_scale(tiny, fused_calls, monkeypatch, gemms):
+    """With LayerScales of random sizes and signs, the training op with the MLP's LayerScale folded into its
+    down-projection (the default, `fold_layer_scale`) gives the unfolded module path's output and gradients to
+    fp32 parity; autograd then keeps, per block, the scaled weights ([D, D] and [D, I]) instead of the two
+    projections' outputs ([T, D] each), exactly."""
+    monkeypatch.setattr(lg, "linear_gelu_supported", lambda *a, **k: True)
+    monkeypatch.setattr(
+        lg,
+        "launch_linear_gelu",
+        lambda x, w, b, config=None, *, pre_out=None, deriv=False: _torch_launch(x, w, b, pre_out, deriv),
+    )
+    torch.manual_seed(0)
+    cfg = tiny(num_hidden_layers=3)
+    model = DINOv3ViTPackingModel(cfg).train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.model.layer:
+            for ls in (layer.layer_scale1, layer.layer_scale2):
+                ls.lambda1.copy_(torch.randn(ls.lambda1.shape, generator=g))
+    layout = PackedLayout.build([(1, 6, 5), (1, 3, 4), (1, 2, 2)], model.num_prefix_tokens, "cpu")
+    x = torch.randn(layout.num_tokens, cfg.hidden_size)
+    batch = model.packed_batch(layout, inference=False)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    results = {}
+    for fold in (False, True):
+        storages = {}
+
+        def pack_hook(t, storages=storages):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        model.zero_grad(set_to_none=True)
+        run = dataclasses.replace(batch, fused_mlp=fold, mlp_gemms=gemms, fold_layer_scale=fold)
+        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+            out, _ = model.model(x, run)
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[fold] = (out.detach(), grads, sum(storages.values()))
+    assert fused_calls.ops == ["gelu_mlp"] * 3
+    (plain, plain_grads, plain_saved), (folded, folded_grads, folded_saved) = results[False], results[True]
+    assert_close(folded, plain)
+    assert folded_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        try:
+            assert_close(folded_grads[name], grad)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+    # The fused op also keeps its pre-activation (the unfused MLP keeps the same tensor as the GELU's input), and
+    # quack's keeps no GELU output: compare with what each path keeps besides the LayerScale terms.
+    t, d, i = layout.num_tokens, cfg.hidden_size, cfg.intermediate_size
+    quack_saves_less = t * i if gemms == "quack" else 0
+    assert plain_saved - folded_saved == 3 * (2 * t * d - d * d - d * i + quack_saves_less) * 4

@@ -500,3 +500,102 @@ def test_recompute_compiles_without_recompiling():
             assert_close(grads[1][name], grad)
         graphs.append(compile_stats()["unique_graphs"])
     assert graphs[-1] == graphs[1], f"recompiled after warm-up: graphs per pack {graphs}"
+
+
+def _random_layer_scales(model, seed=3):
+    """LayerScales far from the tiny config's 1.0 (where scaling a weight is exact), with both signs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layer:
+            for ls in (layer.layer_scale1, layer.layer_scale2):
+                ls.lambda1.copy_(
+                    (torch.rand(ls.lambda1.shape, generator=g) + 0.1)
+                    * torch.sign(torch.randn(ls.lambda1.shape, generator=g))
+                )
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_layer_scale_fold_matches_hf_with_random_scales(fold):
+    """With LayerScales of random sizes and signs, the packed model's loss, input-row and parameter gradients equal
+    HF's whether LayerScale multiplies the output projection's weight (`fold_layer_scale`, the default) or its
+    output; the forward without autograd never folds."""
+    model, _ = _models(GELU, drop_path_rate=0.0)
+    _random_layer_scales(model)
+    ref = reference_model(model).train()
+    model.fold_layer_scale = fold
+    images = _images(MIXED, seed=2)
+    coefs = _coefficients(images, model.num_prefix_tokens, model.config.hidden_size)
+    loss, row_grad = _packed_backward(model, images, coefs)
+    ref_loss, ref_row_grad = _reference_backward(ref, images, coefs)
+    assert_close(loss[None], ref_loss[None])
+    assert_close(row_grad, ref_row_grad)
+    _assert_grads_equal(model, ref)
+
+
+def test_layer_scale_fold_keeps_no_projection_output_for_backward():
+    """Folded, autograd keeps per block and LayerScale the scaled weight ([D, D_in]) instead of the projection's
+    output ([num_tokens, D]): on the CPU (the MLP unfused) that is the attention's output projection, one fewer
+    [T, D] and one more [D, D] fp32 tensor per block, exactly."""
+    hidden_states, grid = pack(_images(MEMORY_SIZES, seed=1), 16)
+    saved = {}
+    for fold in (False, True):
+        model, _ = _models(GELU, **MEMORY_CONFIG)
+        model.fold_layer_scale = fold
+        saved[fold], out = saved_activation_bytes(model, lambda m=model: m(hidden_states, grid))
+        out.last_hidden_state.pow(2).sum().backward()
+    d, blocks, tokens = MEMORY_CONFIG["hidden_size"], MEMORY_CONFIG["num_hidden_layers"], out.layout.num_tokens
+    assert saved[False] - saved[True] == blocks * (tokens * d - d * d) * 4
+
+
+def test_layer_scale_fold_skips_a_hooked_module():
+    """A LayerScale or output projection with a hook runs as a module: the hook fires and the
+    gradients are those of the unfolded model bit for bit."""
+    images = _images(MIXED, seed=4)
+    hidden_states, grid = pack(images, 16)
+    grads = {}
+    for case in ("unfolded", "hooked-scale", "hooked-proj"):
+        model, _ = _models(GELU)
+        _random_layer_scales(model)
+        fired = []
+        if case == "unfolded":
+            model.fold_layer_scale = False
+        else:
+            for layer in model.model.layer:
+                target = layer.layer_scale1 if case == "hooked-scale" else layer.attention.o_proj
+                target.register_forward_hook(lambda *_, fired=fired: fired.append(1))
+            # The MLP's LayerScale is not hooked: on the CPU the MLP is unfused, where it multiplies the output.
+        model(hidden_states, grid).last_hidden_state.pow(2).sum().backward()
+        assert len(fired) == (0 if case == "unfolded" else model.config.num_hidden_layers)
+        grads[case] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for case in ("hooked-scale", "hooked-proj"):
+        for name, grad in grads["unfolded"].items():
+            assert torch.equal(grads[case][name], grad), (case, name)
+
+
+def test_fold_layer_scale_rejects_a_non_bool():
+    model, _ = _models(GELU)
+    with pytest.raises(TypeError, match="fold_layer_scale: expected a bool, got int"):
+        model.fold_layer_scale = 1
+
+
+def test_unfolded_layer_scale_reads_the_forward_output_under_attention_recompute():
+    """A hook that doubles every output projection's output, removed between forward and backward, with the
+    attention recomputed: the projection is not folded (it has a hook), and its LayerScale's gradient is that of
+    the same step without recomputation (it multiplies outside the recomputed part, by the output the forward
+    computed), bit for bit."""
+    hidden_states, grid = pack(_images(MIXED, seed=6), 16)
+    grads = []
+    for policy in (None, "attention"):
+        model, _ = _models(GELU)
+        _random_layer_scales(model)
+        apply_recompute(model, policy)
+        handles = [layer.attention.o_proj.register_forward_hook(lambda m, i, o: 2 * o) for layer in model.model.layer]
+        out = model(hidden_states, grid)
+        for h in handles:
+            h.remove()
+        out.last_hidden_state.pow(2).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    plain, recomputed = grads
+    assert plain.keys() == recomputed.keys() and "model.layer.0.layer_scale1.lambda1" in plain
+    for name, grad in plain.items():
+        assert torch.equal(recomputed[name], grad), name

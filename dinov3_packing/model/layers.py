@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_globals
 from transformers import DINOv3ViTConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
@@ -25,7 +26,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
 )
 
 from ..ops.attention import attend
-from ..ops.mlp import feed_forward
+from ..ops.mlp import feed_forward, runs_forward
 from ..packing import PackedBatch, PackedLayout
 
 
@@ -206,11 +207,18 @@ class DINOv3ViTPackedAttention(nn.Module):
             with torch.no_grad():
                 self._fused = (key, self.qkv_weight_bias())
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: PackedBatch, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """`out_scale`: a `[D]` LayerScale folded into the output projection: its weight rows and bias are multiplied
+        by it (the function of `o_proj(...) * out_scale`, with no `[tokens, D]` output kept for the scale's
+        gradient); the caller passes it only where `o_proj` is a plain `nn.Linear` (`plain_linear`)."""
         # Under autograd the concatenation is part of the graph, so gradients reach q, k and v.
         weight, bias = self._fused[1] if batch.inference and self._fused is not None else self.qkv_weight_bias()
         qkv = F.linear(x, weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))
-        return self.o_proj(attend(qkv, batch))
+        out = attend(qkv, batch)
+        if out_scale is None:
+            return self.o_proj(out)
+        o = self.o_proj  # (out W^T + b) * s == out (s W)^T + s b
+        return F.linear(out, o.weight * out_scale[:, None], o.bias * out_scale if o.bias is not None else None)
 
 
 class DINOv3ViTPackedDropPath(nn.Module):
@@ -252,10 +260,44 @@ class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
         self.layer_scale2 = DINOv3ViTLayerScale(config)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        h = self.attention(self.norm1(x), batch)
-        x = self.drop_path(self.layer_scale1(h), batch) + x
-        h = feed_forward(self.mlp, self.norm2(x), batch, recompute=self.recompute_mlp)
-        return self.drop_path(self.layer_scale2(h), batch) + x
+        # Where LayerScale is not folded it multiplies the output here, outside any recomputed part (so its gradient
+        # reads the output the forward computed). Folding is decided here too, not inside a recomputed part.
+        fold1 = batch.fold_layer_scale and plain_linear(self.attention.o_proj)
+        scale1 = _foldable(self.layer_scale1) if fold1 else None
+        h = self.attention(self.norm1(x), batch, out_scale=scale1)
+        x = self.drop_path(h if scale1 is not None else self.layer_scale1(h), batch) + x
+        scale2 = _foldable(self.layer_scale2) if batch.fold_layer_scale else None
+        # feed_forward multiplies by scale2 itself where it does not fold it.
+        h = feed_forward(self.mlp, self.norm2(x), batch, recompute=self.recompute_mlp, out_scale=scale2)
+        return self.drop_path(h if scale2 is not None else self.layer_scale2(h), batch) + x
+
+
+# The forwards of the modules a block may fold, as they were at import (see `ops.mlp`'s note on patched classes).
+_LINEAR_FORWARD = nn.Linear.forward
+_LAYER_SCALE_FORWARD = DINOv3ViTLayerScale.forward
+
+
+def _no_hooks(module: nn.Module) -> bool:
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or _module_globals._global_forward_hooks
+        or _module_globals._global_forward_pre_hooks
+    )
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Whether `module` is an `nn.Linear` running its own forward with no hooks (so `F.linear` with its weight and
+    bias computes what it would): not a subclass, wrapper or adapter (LoRA)."""
+    return type(module) is nn.Linear and runs_forward(module, _LINEAR_FORWARD) and _no_hooks(module)
+
+
+def _foldable(layer_scale: nn.Module) -> torch.Tensor | None:
+    """`layer_scale.lambda1` where the module is Hugging Face's LayerScale running its own forward with no hooks
+    (so multiplying by `lambda1` elsewhere computes what it would), else None (the module runs)."""
+    if type(layer_scale) is not DINOv3ViTLayerScale or not runs_forward(layer_scale, _LAYER_SCALE_FORWARD):
+        return None
+    return layer_scale.lambda1 if _no_hooks(layer_scale) else None
 
 
 class DINOv3ViTPackedEncoder(nn.Module):

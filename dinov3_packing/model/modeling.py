@@ -74,6 +74,14 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             4D-wide activation less per block; 1.4% slower a ViT-L step on the H100), or "auto" (quack where it
             runs: Hopper with the package installed). "quack" where the fused MLP runs but quack cannot raises
             ValueError at the forward. Settable after construction.
+        fold_layer_scale: when autograd records, each block multiplies its LayerScale into the weight and bias of
+            the projection it scales (the attention's output projection; the MLP's down-projection where the fused
+            training op runs) instead of into that projection's output. The same function; the backward then
+            needs neither the projection's output (one `[num_tokens, D]` activation less per LayerScale) nor a
+            reduction over the tokens for the LayerScale's gradient, which comes from the `[D, D_in]` weight
+            instead. Rounding differs: the scaled weight is rounded to the compute dtype. A projection or
+            LayerScale that is replaced, wrapped or hooked is not folded. Forwards without autograd never fold.
+            Default True; settable after construction.
 
     Attributes:
         cpu_chunk_tokens: on the CPU, without autograd and in eval mode, the blocks run over consecutive whole
@@ -100,12 +108,14 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         fused_mlp: bool | None = None,
         fused_rope: bool = True,
         mlp_gemms: str = "triton",
+        fold_layer_scale: bool = True,
     ):
         super().__init__(config)
         self.attn_backend = check_attention_backend(attn_backend)
         self.fused_mlp = fused_mlp  # validated by the property below
         self.fused_rope = fused_rope
         self.mlp_gemms = mlp_gemms
+        self.fold_layer_scale = fold_layer_scale
         self.cpu_chunk_tokens = CPU_CHUNK_TOKENS
         self.embeddings = DINOv3ViTPackedEmbeddings(config)
         self.rope_embeddings = DINOv3ViTPackedRopeEmbedding(config)
@@ -123,6 +133,17 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         if not isinstance(value, bool):
             raise TypeError(f"fused_rope: expected a bool, got {type(value).__name__}")
         self._fused_rope = value
+
+    @property
+    def fold_layer_scale(self) -> bool:
+        """When autograd records, LayerScale multiplies the projection's weight and bias (see the class docstring)."""
+        return self._fold_layer_scale
+
+    @fold_layer_scale.setter
+    def fold_layer_scale(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"fold_layer_scale: expected a bool, got {type(value).__name__}")
+        self._fold_layer_scale = value
 
     @property
     def mlp_gemms(self) -> str:
@@ -191,6 +212,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             fused_mlp=fused,
             fused_rope=self.fused_rope,
             mlp_gemms="triton" if inference else resolve_mlp_gemms(self.mlp_gemms, device, fused),
+            fold_layer_scale=self.fold_layer_scale and not inference,
             dropout=self.config.attention_dropout if self.training else 0.0,
             inference=inference,
         )

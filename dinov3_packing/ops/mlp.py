@@ -76,19 +76,19 @@ def _is_plain(mlp: nn.Module) -> bool:
     # A forward replaced on the instance (a user's wrapper) is behaviour attached to it. Looked up as an
     # attribute, which Dynamo guards (whether the instance holds a `forward`, and which one); it does not
     # guard what `vars(mlp)` contains, so a graph traced for a plain MLP would run for a wrapped one.
-    if not (_runs_forward(mlp, _MLP_FORWARD) and _runs_forward(mlp.up_proj, _LINEAR_FORWARD)):
+    if not (runs_forward(mlp, _MLP_FORWARD) and runs_forward(mlp.up_proj, _LINEAR_FORWARD)):
         return False
     # The kernel computes the exact (erf) GELU: the activation must be transformers' GELU module as built for
     # `hidden_act="gelu"`, running `F.gelu` (not replaced, wrapped or switched to its Python form).
     act = mlp.act_fn
-    if type(act) is not GELUActivation or not _runs_forward(act, _GELU_FORWARD) or act.act is not F.gelu:
+    if type(act) is not GELUActivation or not runs_forward(act, _GELU_FORWARD) or act.act is not F.gelu:
         return False
     if any(m._forward_hooks or m._forward_pre_hooks for m in (mlp, mlp.up_proj, mlp.act_fn)):
         return False
     return not (_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks)
 
 
-def _runs_forward(module: nn.Module, function) -> bool:
+def runs_forward(module: nn.Module, function) -> bool:
     """Whether `module.forward` is `function` bound to `module` itself: not another module's forward set on
     the instance (which computes with that module's weights), not a wrapper on the instance or the class."""
     forward = module.forward
@@ -100,7 +100,7 @@ def _down_is_plain(mlp: nn.Module) -> bool:
     """Whether the down-projection is a plain `nn.Linear` with nothing attached, so that the training op may run
     its product itself (`_is_plain` has checked the rest of the MLP and the global hooks)."""
     down = mlp.down_proj
-    if type(down) is not nn.Linear or not _runs_forward(down, _LINEAR_FORWARD):
+    if type(down) is not nn.Linear or not runs_forward(down, _LINEAR_FORWARD):
         return False
     return not (down._forward_hooks or down._forward_pre_hooks)
 
@@ -109,13 +109,21 @@ def _records(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
 
 
-def _run(mlp: nn.Module, x: torch.Tensor, fused: bool, gemms: str) -> torch.Tensor:
-    if not fused:
-        return mlp(x)
-    up, down = mlp.up_proj, mlp.down_proj
-    if _down_is_plain(mlp) and _records(x, up.weight, up.bias, down.weight, down.bias):
-        return gelu_mlp(x, up.weight, up.bias, down.weight, down.bias, gemms)
-    return down(linear_gelu(x, up.weight, up.bias))
+def _run(mlp: nn.Module, x: torch.Tensor, fused: bool, gemms: str, fold: torch.Tensor | None) -> torch.Tensor:
+    """The MLP; `fold` (a LayerScale, given only where `fused` and the down-projection is plain): its product with
+    the output, folded into the down-projection's weight and bias where the training op runs."""
+    if fused:
+        up, down = mlp.up_proj, mlp.down_proj
+        if _down_is_plain(mlp) and _records(x, up.weight, up.bias, down.weight, down.bias, fold):
+            weight, bias = down.weight, down.bias
+            if fold is not None:  # (h W^T + b) * s == h (s W)^T + s b
+                weight = weight * fold[:, None]
+                bias = bias * fold if bias is not None else None
+            return gelu_mlp(x, up.weight, up.bias, weight, bias, gemms)
+        out = down(linear_gelu(x, up.weight, up.bias))
+    else:
+        out = mlp(x)
+    return out if fold is None else out * fold
 
 
 MLP_GEMMS = ("triton", "triton-dgelu", "quack")
@@ -251,16 +259,31 @@ def gelu_mlp(
     return torch.ops.dinov3_packing.gelu_mlp(x, up_weight, up_bias, down_weight, down_bias, gemms)[0]
 
 
-def feed_forward(mlp: nn.Module, x: torch.Tensor, batch: PackedBatch, recompute: bool = False) -> torch.Tensor:
+def feed_forward(
+    mlp: nn.Module,
+    x: torch.Tensor,
+    batch: PackedBatch,
+    recompute: bool = False,
+    out_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`mlp(x)`, with the up-projection + bias + GELU fused where `batch.fused_mlp` allows it.
 
     `recompute`: when autograd records, keep only `x` for backward and run the MLP (fused or not) again
     there instead of keeping its 4D-wide activations. The fused op has a backward of its own, so it is
     recomputed like any other op.
+
+    `out_scale`: a `[D]` LayerScale to multiply the output by (`mlp(x) * out_scale`). Where the fused training op
+    runs (`gelu_mlp`) it multiplies the down-projection's weight rows and bias instead, so autograd keeps neither
+    the op's output nor the product for the scale's gradient; elsewhere it multiplies the output, outside the
+    recomputed part (its gradient then reads the output the forward computed, also where a hook on the MLP was
+    removed before the backward recomputes it).
     """
     # Decided here, outside the checkpoint: backward's recomputation runs the path the forward took, also
     # when a hook was added or removed in between (the other path would rebuild other saved tensors).
     fused = batch.fused_mlp and _is_plain(mlp)
+    fold = out_scale if out_scale is not None and fused and _down_is_plain(mlp) else None
     if recompute and torch.is_grad_enabled():
-        return checkpoint(_run, mlp, x, fused, batch.mlp_gemms, use_reentrant=False)
-    return _run(mlp, x, fused, batch.mlp_gemms)
+        out = checkpoint(_run, mlp, x, fused, batch.mlp_gemms, fold, use_reentrant=False)
+    else:
+        out = _run(mlp, x, fused, batch.mlp_gemms, fold)
+    return out * out_scale if out_scale is not None and fold is None else out

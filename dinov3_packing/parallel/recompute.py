@@ -45,10 +45,10 @@ RECOMPUTE_POLICIES = (None, "attention", "mlp", "block")
 
 def _recomputed(forward):
     @functools.wraps(forward)
-    def run(*args):
+    def run(*args, **kwargs):
         if not torch.is_grad_enabled():
-            return forward(*args)
-        return checkpoint(forward, *args, use_reentrant=False)
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     return run
 
