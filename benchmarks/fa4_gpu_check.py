@@ -366,7 +366,9 @@ recompute policy, the new one under max-autotune-no-cudagraphs, the new one with
 (`quack`), the new one with the MLP's Triton kernels keeping the GELU's derivative instead of the
 pre-activation (`triton-dgelu`), the new one with LayerScale multiplying the projections' outputs as before
 (`no-fold`, `fold_layer_scale=False`; today's path never folds), the Hugging Face loop, the profile of today's and
-the new step (and of the other new systems' when they run)."""
+the new step (and of the other new systems' when they run). "new" and the recompute systems run the MLP's Triton
+kernels (`mlp_gemms="triton"`, named in each row); the model's default, "auto", is the `quack` system where
+quack-kernels is installed."""
 DEFAULT_SYSTEMS = ("today", "new", "attention", "mlp", "hf", "profile")
 
 
@@ -447,6 +449,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                         "round": r,
                         "system": name,
                         "backend": model.resolved_attn_backend(inference=False),
+                        "mlp_gemms": model.mlp_gemms,
                         "images_per_s": 64 / stats["median_s"],
                         "step_ms": stats["median_s"] * 1e3,
                         "mfu": flops / stats["median_s"] / (peak["tflops"] * 1e12),

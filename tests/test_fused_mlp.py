@@ -436,9 +436,11 @@ def test_quack_ops_are_registered_with_fakes():
 def test_mlp_gemms_option_is_validated_and_resolved(tiny):
     """`mlp_gemms`: a str of "auto", "triton", "quack" (TypeError / ValueError naming it otherwise). Where the fused
     MLP does not run (CPU) every choice resolves to "triton"; where it runs, "auto" takes quack only where quack
-    runs, and an explicit "quack" where it cannot raises before compute."""
+    runs, and an explicit "quack" where it cannot raises before compute. The default is "auto"."""
     model = DINOv3ViTPackingModel(tiny(num_hidden_layers=1))
-    assert model.mlp_gemms == "triton"
+    assert model.mlp_gemms == "auto"
+    layout = PackedLayout.build([(1, 2, 3)], model.num_prefix_tokens, "cpu")
+    assert model.packed_batch(layout, inference=False).mlp_gemms == "triton"
     with pytest.raises(TypeError, match="mlp_gemms"):
         model.mlp_gemms = None
     with pytest.raises(ValueError, match="mlp_gemms: expected 'auto' or one of"):
@@ -456,7 +458,6 @@ def test_mlp_gemms_option_is_validated_and_resolved(tiny):
     else:
         assert resolve_mlp_gemms("auto", cuda, fused=True) == "quack"
     model.mlp_gemms = "quack"
-    layout = PackedLayout.build([(1, 2, 3)], model.num_prefix_tokens, "cpu")
     assert model.packed_batch(layout, inference=False).mlp_gemms == "triton"  # the CPU runs no fused MLP
 
 
@@ -525,6 +526,44 @@ def test_gpu_gelu_mlp_gradients_against_fp32(gemms):
         err_u = ((u - r).norm() / r.norm()).item()
         print(f"{name}: fused {err_f:.2e}, unfused {err_u:.2e}")
         assert err_f <= 1e-2 and err_f <= 1.1 * err_u, (name, err_f, err_u)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check: needs CUDA (run on the device)")
+def test_gpu_quack_gemms_build_once_for_every_token_count(monkeypatch):
+    """A training pack's token count changes from step to step, and quack's GEMMs are the training op's default
+    where they run ("auto"): they must build their kernels once, not once per token count. quack builds each
+    kernel through `cutlass.cute.compile`; counted over a forward and backward at four more token counts after
+    the first, no build may follow."""
+    cuda = torch.device("cuda")
+    if not quack_gemms_available(cuda):
+        pytest.skip("quack-kernels is not installed here (the hopper extra), or the GPU is not SM90")
+    import cutlass.cute as cute
+    from quack import gemm_tvm_ffi_utils
+
+    assert gemm_tvm_ffi_utils.cute is cute  # quack's GEMMs build through the function counted here
+    builds = []
+    build = cute.compile
+
+    def counted(*args, **kwargs):
+        builds.append(args[0].__class__.__name__)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(cute, "compile", counted)
+
+    def step(tokens):
+        leaves = [
+            None if t is None else t.detach().cuda().requires_grad_()
+            for t in _mlp_leaves(torch.bfloat16, True, (tokens,), d=1024, hidden=4096)
+        ]
+        y = gelu_mlp(*leaves, gemms="quack")
+        torch.autograd.grad(y, [t for t in leaves if t is not None], torch.randn_like(y))
+        torch.cuda.synchronize()
+
+    step(3001)
+    first = list(builds)
+    for tokens in (1001, 4097, 2500, 60038):
+        step(tokens)
+    assert builds == first, builds[len(first) :]
 
 
 @pytest.mark.parametrize(

@@ -66,14 +66,15 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             other kernels always take q and k rotated by an elementwise op. Default True; False keeps RoPE
             outside the op (what torch.compile fuses on its own), for comparison. Settable after
             construction.
-        mlp_gemms: the GEMM kernels of the fused MLP when autograd records (training): "triton" (default; this
-            package's kernels: `ops/triton/linear_gelu.py`), "triton-dgelu" (the same kernels keeping the GELU's
-            derivative instead of the pre-activation, so the backward's epilogue multiplies instead of computing
-            the erf; not yet measured on a GPU), "quack" (quack-kernels' warp-specialized GEMMs with the GELU and
-            its derivative in their epilogues, `ops/quack.py`, from the `hopper` extra; the forward then keeps one
-            4D-wide activation less per block; 1.4% slower a ViT-L step on the H100), or "auto" (quack where it
-            runs: Hopper with the package installed). "quack" where the fused MLP runs but quack cannot raises
-            ValueError at the forward. Settable after construction.
+        mlp_gemms: the GEMM kernels of the fused MLP when autograd records (training): "auto" (default: "quack"
+            where it runs, Hopper with the `hopper` extra installed, else "triton"), "triton" (this package's
+            kernels: `ops/triton/linear_gelu.py`), "triton-dgelu" (the same kernels keeping the GELU's derivative
+            instead of the pre-activation, so the backward's epilogue multiplies instead of computing the erf),
+            or "quack" (quack-kernels' warp-specialized GEMMs with the GELU and its derivative in their
+            epilogues, `ops/quack.py`; the forward then keeps one 4D-wide activation less per block). On the
+            H100, a ViT-L mixed-64 step (benchmarks/results/RESULTS.md, 2026-12-07): "quack" 284 ms and 695 KiB
+            of activations per token, "triton" 286 ms and 887 KiB, "triton-dgelu" 287 ms. "quack" where the
+            fused MLP runs but quack cannot raises ValueError at the forward. Settable after construction.
         fold_layer_scale: when autograd records, each block multiplies its LayerScale into the weight and bias of
             the projection it scales (the attention's output projection; the MLP's down-projection where the fused
             training op runs) instead of into that projection's output. The same function; the backward then
@@ -107,7 +108,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         attn_backend: str = "auto",
         fused_mlp: bool | None = None,
         fused_rope: bool = True,
-        mlp_gemms: str = "triton",
+        mlp_gemms: str = "auto",
         fold_layer_scale: bool = True,
     ):
         super().__init__(config)
