@@ -14,6 +14,7 @@ import torch
 from conftest import assert_close, tiny_config
 
 from dinov3_packing import pack, patchify, random_packing_model, reference_model
+from dinov3_packing.model import layers
 from dinov3_packing.parallel.compile import compile_model, compile_stats
 from dinov3_packing.parallel.recompute import RECOMPUTE_POLICIES, apply_recompute
 
@@ -547,29 +548,90 @@ def test_layer_scale_fold_keeps_no_projection_output_for_backward():
     assert saved[False] - saved[True] == blocks * (tokens * d - d * d) * 4
 
 
-def test_layer_scale_fold_skips_a_hooked_module():
-    """A LayerScale or output projection with a hook runs as a module: the hook fires and the
-    gradients are those of the unfolded model bit for bit."""
-    images = _images(MIXED, seed=4)
-    hidden_states, grid = pack(images, 16)
+def _attach(case: str, layer, fired: list) -> None:
+    """One of the things that must keep a block's first LayerScale unfolded, attached to `layer`; each appends to
+    `fired` when it runs."""
+
+    def hook(*_):
+        fired.append(1)
+
+    if case == "hooked-scale":
+        layer.layer_scale1.register_forward_hook(hook)
+    elif case == "hooked-proj":
+        layer.attention.o_proj.register_forward_hook(hook)
+    elif case == "hooked-attention":  # e.g. feature extraction: it must see the unscaled output
+        layer.attention.register_forward_hook(hook)
+    elif case == "backward-hooked-scale":
+        layer.layer_scale1.register_full_backward_hook(hook)
+    elif case == "backward-hooked-proj":
+        layer.attention.o_proj.register_full_backward_hook(hook)
+    elif case == "replaced-attention-forward":  # a user's wrapper with the module's (x, batch) signature
+        forward = layer.attention.forward
+
+        def wrapped(x, batch):
+            fired.append(1)
+            return forward(x, batch)
+
+        layer.attention.forward = wrapped
+
+
+FOLD_BLOCKERS = (
+    "hooked-scale",
+    "hooked-proj",
+    "hooked-attention",
+    "backward-hooked-scale",
+    "backward-hooked-proj",
+    "replaced-attention-forward",
+)
+
+
+@pytest.mark.parametrize("case", FOLD_BLOCKERS)
+def test_layer_scale_fold_skips_a_hooked_or_replaced_module(case):
+    """A LayerScale or output projection with a forward or backward hook, an attention module with a hook or a
+    replaced forward: the block runs them as modules, unfolded. The hook or wrapper runs once per block and the
+    gradients are those of the unfolded model bit for bit (folding changes the rounding)."""
+    hidden_states, grid = pack(_images(MIXED, seed=4), 16)
     grads = {}
-    for case in ("unfolded", "hooked-scale", "hooked-proj"):
+    for run in ("unfolded", case):
         model, _ = _models(GELU)
         _random_layer_scales(model)
         fired = []
-        if case == "unfolded":
+        if run == "unfolded":
             model.fold_layer_scale = False
         else:
             for layer in model.model.layer:
-                target = layer.layer_scale1 if case == "hooked-scale" else layer.attention.o_proj
-                target.register_forward_hook(lambda *_, fired=fired: fired.append(1))
-            # The MLP's LayerScale is not hooked: on the CPU the MLP is unfused, where it multiplies the output.
+                _attach(case, layer, fired)
+            # The MLP's LayerScale is not touched: on the CPU the MLP is unfused, where it multiplies the output.
         model(hidden_states, grid).last_hidden_state.pow(2).sum().backward()
-        assert len(fired) == (0 if case == "unfolded" else model.config.num_hidden_layers)
-        grads[case] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    for case in ("hooked-scale", "hooked-proj"):
-        for name, grad in grads["unfolded"].items():
-            assert torch.equal(grads[case][name], grad), (case, name)
+        assert len(fired) == (0 if run == "unfolded" else model.config.num_hidden_layers)
+        grads[run] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in grads["unfolded"].items():
+        assert torch.equal(grads[case][name], grad), name
+
+
+def test_layer_scale_fold_runs_under_attention_recompute(monkeypatch):
+    """The "attention" policy wraps the attention's forward in a checkpoint; the block recognises that wrapper (it
+    runs the module's own forward) and still folds: autograd then keeps per block one `[num_tokens, D]` tensor
+    less than unfolded (the attention output the LayerScale multiplied; the scaled weight is rebuilt inside the
+    recomputed part), exactly. Compiled (`compile_model`, one graph, where the partitioner picks what to save), the
+    block's decision traced by Dynamo is the same: fold, in every block."""
+    hidden_states, grid = pack(_images(MEMORY_SIZES, seed=1), 16)
+    saved = {}
+    for fold in (False, True):
+        model, _ = _models(GELU, **MEMORY_CONFIG)
+        model.fold_layer_scale = fold
+        apply_recompute(model, "attention")
+        saved[fold], out = saved_activation_bytes(model, lambda m=model: m(hidden_states, grid))
+        out.last_hidden_state.pow(2).sum().backward()
+    d, blocks, tokens = MEMORY_CONFIG["hidden_size"], MEMORY_CONFIG["num_hidden_layers"], out.layout.num_tokens
+    assert saved[False] - saved[True] == blocks * tokens * d * 4
+
+    decisions = []
+    decide = layers._plain_attention
+    monkeypatch.setattr(layers, "_plain_attention", lambda a: decisions.append(decide(a)) or decisions[-1])
+    compile_model(model)
+    model(hidden_states, grid).last_hidden_state.pow(2).sum().backward()
+    assert decisions == [True] * blocks
 
 
 def test_fold_layer_scale_rejects_a_non_bool():

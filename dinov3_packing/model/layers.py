@@ -8,6 +8,7 @@ kernel choices), built once by the model. Kernels are reached only through `ops.
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import torch
@@ -260,12 +261,17 @@ class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
         self.layer_scale2 = DINOv3ViTLayerScale(config)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        # Where LayerScale is not folded it multiplies the output here, outside any recomputed part (so its gradient
-        # reads the output the forward computed). Folding is decided here too, not inside a recomputed part.
-        fold1 = batch.fold_layer_scale and plain_linear(self.attention.o_proj)
+        # Where LayerScale is not folded it multiplies the output here, outside the recomputed part of the
+        # "attention" and "mlp" policies (so its gradient reads the output the forward computed); the folding is
+        # decided here too. (Under whole-block recomputation the block itself runs again in backward.)
+        attention = self.attention
+        fold1 = batch.fold_layer_scale and _plain_attention(attention) and plain_linear(attention.o_proj)
         scale1 = _foldable(self.layer_scale1) if fold1 else None
-        h = self.attention(self.norm1(x), batch, out_scale=scale1)
-        x = self.drop_path(h if scale1 is not None else self.layer_scale1(h), batch) + x
+        if scale1 is None:  # the module's own call, as before folding (a replaced forward takes (x, batch))
+            h = self.layer_scale1(attention(self.norm1(x), batch))
+        else:
+            h = attention(self.norm1(x), batch, out_scale=scale1)
+        x = self.drop_path(h, batch) + x
         scale2 = _foldable(self.layer_scale2) if batch.fold_layer_scale else None
         # feed_forward multiplies by scale2 itself where it does not fold it.
         h = feed_forward(self.mlp, self.norm2(x), batch, recompute=self.recompute_mlp, out_scale=scale2)
@@ -275,14 +281,39 @@ class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
 # The forwards of the modules a block may fold, as they were at import (see `ops.mlp`'s note on patched classes).
 _LINEAR_FORWARD = nn.Linear.forward
 _LAYER_SCALE_FORWARD = DINOv3ViTLayerScale.forward
+_ATTENTION_FORWARD = DINOv3ViTPackedAttention.forward
+RECOMPUTES = "_dinov3_packing_recomputes"
+"""The attribute `parallel.recompute`'s wrapper of a module's forward keeps the forward it wraps in."""
 
 
 def _no_hooks(module: nn.Module) -> bool:
+    """No forward or backward hook on `module` or on every module (a backward hook of a folded module would never
+    fire: its output is not computed)."""
     return not (
         module._forward_hooks
         or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
         or _module_globals._global_forward_hooks
         or _module_globals._global_forward_pre_hooks
+        or _module_globals._global_backward_hooks
+        or _module_globals._global_backward_pre_hooks
+    )
+
+
+def _plain_attention(attention: nn.Module) -> bool:
+    """Whether `attention` is this package's attention module running its own forward (or that forward under
+    `parallel.recompute`'s checkpoint wrapper) with no hooks: then its output projection may take the LayerScale
+    and no hook or replaced forward sees a scaled output."""
+    if type(attention) is not DINOv3ViTPackedAttention or not _no_hooks(attention):
+        return False
+    forward = attention.forward
+    if not isinstance(forward, types.MethodType):  # a function set on the instance: the recompute wrapper?
+        forward = getattr(forward, RECOMPUTES, None)
+    return (
+        isinstance(forward, types.MethodType)
+        and forward.__self__ is attention
+        and forward.__func__ is _ATTENTION_FORWARD
     )
 
 

@@ -38,6 +38,7 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..model.layers import RECOMPUTES
 from ..model.modeling import DINOv3ViTPackingModel
 
 RECOMPUTE_POLICIES = (None, "attention", "mlp", "block")
@@ -50,6 +51,9 @@ def _recomputed(forward):
             return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
+    # What the wrapper runs, for the block's LayerScale fold (`model.layers._plain_attention`): the attention's own
+    # forward may take the scale, a user's wrapper under this one may not.
+    setattr(run, RECOMPUTES, forward)
     return run
 
 
