@@ -266,6 +266,42 @@ def test_training_through_the_fused_op_equals_the_module_path(tiny, fused_calls,
         assert torch.equal(fused_grads[name], grad), name
 
 
+@pytest.mark.parametrize("target", ["mlp", "up_proj", "act_fn", "down_proj"])
+def test_training_runs_the_modules_of_an_mlp_with_a_backward_hook(tiny, fused_calls, monkeypatch, target):
+    """A full backward hook on the MLP or one of its modules: the fused training op would compute that module's
+    output without it, so the hook would never fire. Block 0 keeps its modules (the whole MLP; for the
+    down-projection, the up-projection kernel followed by the module), the hook fires in backward, and output and
+    gradients are the module path's bit for bit."""
+    monkeypatch.setattr(lg, "linear_gelu_supported", lambda *a, **k: True)
+    monkeypatch.setattr(
+        lg, "launch_linear_gelu", lambda x, w, b, *, pre_out=None, deriv=False: _torch_launch(x, w, b, pre_out, deriv)
+    )
+    torch.manual_seed(0)
+    model = DINOv3ViTPackingModel(tiny(num_hidden_layers=2)).train()
+    mlp = model.model.layer[0].mlp
+    module = mlp if target == "mlp" else getattr(mlp, target)
+    fired = []
+    handle = module.register_full_backward_hook(lambda *_: fired.append(1))
+    layout = PackedLayout.build([(1, 2, 3), (1, 3, 1)], model.num_prefix_tokens, "cpu")
+    x = torch.randn(layout.num_tokens, model.config.hidden_size)
+    batch = model.packed_batch(layout, inference=False)
+    results = []
+    try:
+        for fused in (False, True):
+            model.zero_grad(set_to_none=True)
+            out, _ = model.model(x, dataclasses.replace(batch, fused_mlp=fused, fold_layer_scale=False))
+            out.square().mean().backward()
+            results.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    finally:
+        handle.remove()
+    assert fused_calls.ops == (["linear_gelu", "gelu_mlp"] if target == "down_proj" else ["gelu_mlp"])
+    assert fired == [1, 1]
+    (plain, plain_grads), (fused, fused_grads) = results
+    assert torch.equal(fused, plain)
+    assert len(fused_grads) == len(plain_grads)
+    assert all(torch.equal(a, b) for a, b in zip(fused_grads, plain_grads, strict=True))
+
+
 def test_training_keeps_the_composition_when_the_down_projection_has_a_hook(tiny, fused_calls, monkeypatch):
     """The training op runs the down-projection's product itself, so a hook on that module (or a replaced one)
     keeps the up-projection kernel followed by the module: the hook fires, and output and gradients stay the
@@ -531,29 +567,37 @@ def test_gpu_gelu_mlp_gradients_against_fp32(gemms):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check: needs CUDA (run on the device)")
 def test_gpu_quack_gemms_build_once_for_every_token_count(monkeypatch):
     """A training pack's token count changes from step to step, and quack's GEMMs are the training op's default
-    where they run ("auto"): they must build their kernels once, not once per token count. quack builds each
-    kernel through `cutlass.cute.compile`; counted over a forward and backward at four more token counts after
-    the first, no build may follow."""
+    where they run ("auto"): they must build their kernels once, not once per token count. quack builds a kernel
+    with `cutlass.cute.compile`, or loads it from its disk cache with `cute.runtime.load_module`; both counted,
+    the first forward and backward builds or loads (fp16, a dtype no other test here runs through quack, so
+    nothing for it is in the process yet), and over four more token counts neither follows."""
     cuda = torch.device("cuda")
     if not quack_gemms_available(cuda):
         pytest.skip("quack-kernels is not installed here (the hopper extra), or the GPU is not SM90")
     import cutlass.cute as cute
     from quack import gemm_tvm_ffi_utils
+    from quack.cache import jit
 
-    assert gemm_tvm_ffi_utils.cute is cute  # quack's GEMMs build through the function counted here
+    # quack's GEMMs build and load through the module attributes counted here
+    assert gemm_tvm_ffi_utils.cute is cute and jit.cute is cute
     builds = []
-    build = cute.compile
 
-    def counted(*args, **kwargs):
-        builds.append(args[0].__class__.__name__)
-        return build(*args, **kwargs)
+    def counted(owner, name):
+        real = getattr(owner, name)
 
-    monkeypatch.setattr(cute, "compile", counted)
+        def run(*args, **kwargs):
+            builds.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, run)
+
+    counted(cute, "compile")
+    counted(cute.runtime, "load_module")
 
     def step(tokens):
         leaves = [
             None if t is None else t.detach().cuda().requires_grad_()
-            for t in _mlp_leaves(torch.bfloat16, True, (tokens,), d=1024, hidden=4096)
+            for t in _mlp_leaves(torch.float16, True, (tokens,), d=1024, hidden=4096)
         ]
         y = gelu_mlp(*leaves, gemms="quack")
         torch.autograd.grad(y, [t for t in leaves if t is not None], torch.randn_like(y))
@@ -561,6 +605,7 @@ def test_gpu_quack_gemms_build_once_for_every_token_count(monkeypatch):
 
     step(3001)
     first = list(builds)
+    assert first  # the counting sees quack's builds
     for tokens in (1001, 4097, 2500, 60038):
         step(tokens)
     assert builds == first, builds[len(first) :]

@@ -67,10 +67,9 @@ _GELU_FORWARD = GELUActivation.forward
 
 def _is_plain(mlp: nn.Module) -> bool:
     """Whether the fused kernel computes exactly what `mlp` would: the Hugging Face GELU MLP with plain
-    `nn.Linear` projections and transformers' exact GELU, no hooks and no forward replaced on the instance
-    or the class. A replaced or
-    wrapped projection (LoRA adapters, quantized layers), a hook or a wrapped forward keeps the module path,
-    so nothing attached to the MLP is bypassed."""
+    `nn.Linear` projections and transformers' exact GELU, no forward or backward hooks and no forward replaced on
+    the instance or the class. A replaced or wrapped projection (LoRA adapters, quantized layers), a hook or a
+    wrapped forward keeps the module path, so nothing attached to the MLP is bypassed."""
     if type(mlp) is not DINOv3ViTMLP or type(mlp.up_proj) is not nn.Linear:
         return False
     # A forward replaced on the instance (a user's wrapper) is behaviour attached to it. Looked up as an
@@ -83,9 +82,22 @@ def _is_plain(mlp: nn.Module) -> bool:
     act = mlp.act_fn
     if type(act) is not GELUActivation or not runs_forward(act, _GELU_FORWARD) or act.act is not F.gelu:
         return False
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (mlp, mlp.up_proj, mlp.act_fn)):
+    if any(_hooked(m) for m in (mlp, mlp.up_proj, mlp.act_fn)):
         return False
-    return not (_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks)
+    return not (
+        _module_globals._global_forward_hooks
+        or _module_globals._global_forward_pre_hooks
+        or _module_globals._global_backward_hooks
+        or _module_globals._global_backward_pre_hooks
+    )
+
+
+def _hooked(module: nn.Module) -> bool:
+    """A forward or backward hook on `module` (the fused path would skip a backward hook too: the module's output is
+    not computed by the module)."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
 
 
 def runs_forward(module: nn.Module, function) -> bool:
@@ -102,7 +114,7 @@ def _down_is_plain(mlp: nn.Module) -> bool:
     down = mlp.down_proj
     if type(down) is not nn.Linear or not runs_forward(down, _LINEAR_FORWARD):
         return False
-    return not (down._forward_hooks or down._forward_pre_hooks)
+    return not _hooked(down)
 
 
 def _records(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
