@@ -266,12 +266,22 @@ def test_training_through_the_fused_op_equals_the_module_path(tiny, fused_calls,
         assert torch.equal(fused_grads[name], grad), name
 
 
-@pytest.mark.parametrize("target", ["mlp", "up_proj", "act_fn", "down_proj"])
-def test_training_runs_the_modules_of_an_mlp_with_a_backward_hook(tiny, fused_calls, monkeypatch, target):
-    """A full backward hook on the MLP or one of its modules: the fused training op would compute that module's
-    output without it, so the hook would never fire. Block 0 keeps its modules (the whole MLP; for the
-    down-projection, the up-projection kernel followed by the module), the hook fires in backward, and output and
-    gradients are the module path's bit for bit."""
+@pytest.mark.parametrize(
+    ("target", "hook"),
+    [
+        ("down_proj", "forward"),
+        ("mlp", "backward"),
+        ("up_proj", "backward"),
+        ("act_fn", "backward"),
+        ("down_proj", "backward"),
+    ],
+)
+def test_training_keeps_the_modules_a_hook_is_on(tiny, fused_calls, monkeypatch, target, hook):
+    """The training op computes the MLP's modules' outputs itself (the down-projection's product included), so a
+    forward hook on the down-projection, or a full backward hook on the MLP or any of its modules (which would
+    never fire), keeps block 0 on its modules: for the down-projection the up-projection kernel followed by the
+    module, otherwise the whole MLP. The hook fires once, and output and gradients are the module path's bit for
+    bit."""
     monkeypatch.setattr(lg, "linear_gelu_supported", lambda *a, **k: True)
     monkeypatch.setattr(
         lg, "launch_linear_gelu", lambda x, w, b, *, pre_out=None, deriv=False: _torch_launch(x, w, b, pre_out, deriv)
@@ -281,7 +291,8 @@ def test_training_runs_the_modules_of_an_mlp_with_a_backward_hook(tiny, fused_ca
     mlp = model.model.layer[0].mlp
     module = mlp if target == "mlp" else getattr(mlp, target)
     fired = []
-    handle = module.register_full_backward_hook(lambda *_: fired.append(1))
+    register = module.register_forward_hook if hook == "forward" else module.register_full_backward_hook
+    handle = register(lambda *_: fired.append(1))
     layout = PackedLayout.build([(1, 2, 3), (1, 3, 1)], model.num_prefix_tokens, "cpu")
     x = torch.randn(layout.num_tokens, model.config.hidden_size)
     batch = model.packed_batch(layout, inference=False)
@@ -295,38 +306,6 @@ def test_training_runs_the_modules_of_an_mlp_with_a_backward_hook(tiny, fused_ca
     finally:
         handle.remove()
     assert fused_calls.ops == (["linear_gelu", "gelu_mlp"] if target == "down_proj" else ["gelu_mlp"])
-    assert fired == [1, 1]
-    (plain, plain_grads), (fused, fused_grads) = results
-    assert torch.equal(fused, plain)
-    assert len(fused_grads) == len(plain_grads)
-    assert all(torch.equal(a, b) for a, b in zip(fused_grads, plain_grads, strict=True))
-
-
-def test_training_keeps_the_composition_when_the_down_projection_has_a_hook(tiny, fused_calls, monkeypatch):
-    """The training op runs the down-projection's product itself, so a hook on that module (or a replaced one)
-    keeps the up-projection kernel followed by the module: the hook fires, and output and gradients stay the
-    module path's bit for bit."""
-    monkeypatch.setattr(lg, "linear_gelu_supported", lambda *a, **k: True)
-    monkeypatch.setattr(
-        lg, "launch_linear_gelu", lambda x, w, b, *, pre_out=None, deriv=False: _torch_launch(x, w, b, pre_out, deriv)
-    )
-    torch.manual_seed(0)
-    model = DINOv3ViTPackingModel(tiny(num_hidden_layers=2)).train()
-    fired = []
-    handle = model.model.layer[0].mlp.down_proj.register_forward_hook(lambda m, i, o: fired.append(1))
-    layout = PackedLayout.build([(1, 2, 3), (1, 3, 1)], model.num_prefix_tokens, "cpu")
-    x = torch.randn(layout.num_tokens, model.config.hidden_size)
-    batch = model.packed_batch(layout, inference=False)
-    results = []
-    try:
-        for fused in (False, True):
-            model.zero_grad(set_to_none=True)
-            out, _ = model.model(x, dataclasses.replace(batch, fused_mlp=fused, fold_layer_scale=False))
-            out.square().mean().backward()
-            results.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    finally:
-        handle.remove()
-    assert fused_calls.ops == ["linear_gelu", "gelu_mlp"]  # block 0 keeps the module for its down-projection
     assert fired == [1, 1]
     (plain, plain_grads), (fused, fused_grads) = results
     assert torch.equal(fused, plain)

@@ -108,17 +108,21 @@ def _assert_grads_equal(model, ref):
             raise AssertionError(f"{name}: {e}") from None
 
 
-@pytest.mark.parametrize("overrides", [GELU, SWIGLU_NO_REG], ids=["gelu-4reg", "swiglu-0reg"])
-def test_backward_matches_hf(overrides):
-    """Gradients of every parameter (by name) and of the input rows equal HF's, mixed sizes and t > 1."""
-    model, ref = _models(overrides)
-    images = _images(MIXED)
+def _assert_backward_matches(model, ref, images) -> None:
+    """The packed model's loss, input-row gradients and parameter gradients equal HF's per-image ones."""
     coefs = _coefficients(images, model.num_prefix_tokens, model.config.hidden_size)
     loss, row_grad = _packed_backward(model, images, coefs)
     ref_loss, ref_row_grad = _reference_backward(ref, images, coefs)
     assert_close(loss[None], ref_loss[None])
     assert_close(row_grad, ref_row_grad)
     _assert_grads_equal(model, ref)
+
+
+@pytest.mark.parametrize("overrides", [GELU, SWIGLU_NO_REG], ids=["gelu-4reg", "swiglu-0reg"])
+def test_backward_matches_hf(overrides):
+    """Gradients of every parameter (by name) and of the input rows equal HF's, mixed sizes and t > 1."""
+    model, ref = _models(overrides)
+    _assert_backward_matches(model, ref, _images(MIXED))
     assert model.embeddings.register_tokens.grad is not None or not model.config.num_register_tokens
 
 
@@ -524,13 +528,7 @@ def test_layer_scale_fold_matches_hf_with_random_scales(fold):
     _random_layer_scales(model)
     ref = reference_model(model).train()
     model.fold_layer_scale = fold
-    images = _images(MIXED, seed=2)
-    coefs = _coefficients(images, model.num_prefix_tokens, model.config.hidden_size)
-    loss, row_grad = _packed_backward(model, images, coefs)
-    ref_loss, ref_row_grad = _reference_backward(ref, images, coefs)
-    assert_close(loss[None], ref_loss[None])
-    assert_close(row_grad, ref_row_grad)
-    _assert_grads_equal(model, ref)
+    _assert_backward_matches(model, ref, _images(MIXED, seed=2))
 
 
 def test_layer_scale_fold_keeps_no_projection_output_for_backward():
