@@ -51,6 +51,13 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              config's. Each launch's fastest schedule is then what the parts after it in this process run (the
              `adopted` row), so `--parts mlp-configs,train` times the step with them (`--pin-mlp-configs FILE`
              in another process).
+    quack-tiles quack's two MLP GEMMs at that training shape under other SM90 tiles of quack's own config space
+             (`QUACK_TILE_CANDIDATES`: cooperative and ping-pong, clusters 1x2 and 2x1) against `ops.quack.TILES`:
+             `quack_gelu_grad` with the bias gradient summed in its epilogue ("dact") first, then
+             `quack_linear_gelu` ("act"): ms, TFLOP/s, outputs against the current tile's. Each kind's fastest
+             tile (within 1e-2 of the current tile's outputs) is then what later parts of this process run
+             (`ops.quack.TILES`, an `adopted` row), and is written to `--quack-tiles-file` as soon as its kind is
+             swept, so that `--pin-quack-tiles FILE` pins it in a later process.
 A part that fails writes an `error` row with its traceback and the next part runs.
 """
 
@@ -88,6 +95,7 @@ GELU_COMPOSED = "new, GELU backward unfused (up-projection kernel + down_proj mo
 QUACK = "new, MLP GEMMs from quack-kernels (mlp_gemms='quack')"
 NO_FOLD = "new, LayerScale not folded into the projections (fold_layer_scale=False)"
 TRITON_DGELU = "new, MLP keeping gelu'(pre) instead of pre (mlp_gemms='triton-dgelu')"
+QUACK_SUM = "new, quack's MLP GEMMs, the up-projection's bias gradient summed apart (ops.quack.FUSED_BIAS_GRAD=False)"
 PARTS = (
     "fa4-bwd-tiles",
     "fa4-tiles",
@@ -97,6 +105,7 @@ PARTS = (
     "mlp-fwd",
     "mlp-configs",
     "mlp-grad",
+    "quack-tiles",
     "train",
 )  # short parts first: train compiles models (~70 s each)
 PREFIX = 5  # CLS + 4 registers
@@ -348,6 +357,7 @@ SYSTEMS = (
     "today",
     "new",
     "quack",
+    "quack-sum",
     "triton-dgelu",
     "no-fold",
     "rope-outside",
@@ -363,7 +373,8 @@ SYSTEMS = (
 composition it replaced (`gelu-composed`: the up-projection kernel, then the down_proj module and a separate GELU
 backward; each down_proj replaced by an `nn.Linear` subclass keeps `ops.mlp` on that path), the new one with each
 recompute policy, the new one under max-autotune-no-cudagraphs, the new one with quack-kernels' MLP GEMMs
-(`quack`), the new one with the MLP's Triton kernels keeping the GELU's derivative instead of the
+(`quack`; `quack-sum`: with the up-projection's bias gradient summed in a pass of its own, as before the sum moved
+into the GEMM's epilogue), the new one with the MLP's Triton kernels keeping the GELU's derivative instead of the
 pre-activation (`triton-dgelu`), the new one with LayerScale multiplying the projections' outputs as before
 (`no-fold`, `fold_layer_scale=False`; today's path never folds), the Hugging Face loop, the profile of today's and
 the new step (and of the other new systems' when they run). "new" and the recompute systems run the MLP's Triton
@@ -385,6 +396,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "rope-outside": (ROPE_OUTSIDE, "auto", None, None, None),
         "gelu-composed": (GELU_COMPOSED, "auto", None, None, None),
         "quack": (QUACK, "auto", None, None, None),
+        "quack-sum": (QUACK_SUM, "auto", None, None, None),
         "triton-dgelu": (TRITON_DGELU, "auto", None, None, None),
         "no-fold": (NO_FOLD, "auto", None, None, None),
         "attention": ("new + recompute attention", "auto", None, "attention", None),
@@ -392,9 +404,11 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         # inductor's Triton GEMM templates, whose epilogues can take the GELU backward (slow compile)
         "autotune": ("new, mode max-autotune-no-cudagraphs", "auto", None, None, "max-autotune-no-cudagraphs"),
     }
-    if "quack" in systems_asked and not quack_gemms_available(dev):
-        write_rows(out, [{"part": "train", "system": QUACK, "skipped": "quack-kernels cannot run here"}])
-        systems_asked = tuple(k for k in systems_asked if k != "quack")
+    if not quack_gemms_available(dev):
+        for key, name in (("quack", QUACK), ("quack-sum", QUACK_SUM)):
+            if key in systems_asked:
+                write_rows(out, [{"part": "train", "system": name, "skipped": "quack-kernels cannot run here"}])
+        systems_asked = tuple(k for k in systems_asked if k not in ("quack", "quack-sum"))
     systems = {every[k][0]: every[k][1:4] for k in every if k in systems_asked}
     modes = {every[k][0]: every[k][4] for k in every if k in systems_asked}
     if not systems:
@@ -404,16 +418,23 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend, fused_mlp=fused)
         model.fused_rope = name != ROPE_OUTSIDE
         model.fold_layer_scale = name not in (TODAY, NO_FOLD)  # today's path predates the fold
-        model.mlp_gemms = {QUACK: "quack", TRITON_DGELU: "triton-dgelu"}.get(name, "triton")
+        model.mlp_gemms = {QUACK: "quack", QUACK_SUM: "quack", TRITON_DGELU: "triton-dgelu"}.get(name, "triton")
         if name == GELU_COMPOSED:
             for block in model.model.layer:
                 block.mlp.down_proj = _ComposedLinear.of(block.mlp.down_proj)
         models[name] = compile_model(apply_recompute(model.train(), policy), mode=modes[name])
     flops = 3 * forward_flops(next(iter(models.values())), grid)
 
+    from dinov3_packing.ops import quack as quack_ops
+
     def step(model):
         model.zero_grad(set_to_none=True)
-        loss_of(model(hs, grid)).backward()
+        # The flag is read when the op runs (the op is opaque to the compiled graph): set for this system's step.
+        quack_ops.FUSED_BIAS_GRAD = model is not models.get(QUACK_SUM)
+        try:
+            loss_of(model(hs, grid)).backward()
+        finally:
+            quack_ops.FUSED_BIAS_GRAD = True
 
     # Baseline: Hugging Face's model, same weights, bf16, one image at a time (eager), forward + backward.
     if "hf" in systems_asked:
@@ -450,6 +471,8 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                         "system": name,
                         "backend": model.resolved_attn_backend(inference=False),
                         "mlp_gemms": model.mlp_gemms,
+                        "quack_tiles": dict(quack_ops.TILES) if model.mlp_gemms == "quack" else None,
+                        "quack_fused_bias_grad": name != QUACK_SUM if model.mlp_gemms == "quack" else None,
                         "images_per_s": 64 / stats["median_s"],
                         "step_ms": stats["median_s"] * 1e3,
                         "mfu": flops / stats["median_s"] / (peak["tflops"] * 1e12),
@@ -480,7 +503,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
             )
     for name in [
         n
-        for n in (TODAY, NEW, TRITON_DGELU, NO_FOLD, QUACK, ROPE_OUTSIDE, GELU_COMPOSED)
+        for n in (TODAY, NEW, TRITON_DGELU, NO_FOLD, QUACK, QUACK_SUM, ROPE_OUTSIDE, GELU_COMPOSED)
         if n in models and "profile" in systems_asked
     ]:
         by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev, f"train {name}")
@@ -573,11 +596,22 @@ def mlp_grad(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
         ),
     }
     if quack_gemms_available(dev):  # quack's dact GEMM also writes gelu(pre) (the training op's recomputed output)
+        from dinov3_packing.ops import quack
+
         grad = torch.ops.dinov3_packing.quack_gelu_grad
+
+        def apart():  # the bias gradient in a pass of its own, as quack's gemm_dact leaves it
+            quack.FUSED_BIAS_GRAD = False
+            try:
+                return grad(grad_out, down_weight, pre, True)[::2]
+            finally:
+                quack.FUSED_BIAS_GRAD = True
+
         for tile, config in _quack_configs().items():
-            systems[f"quack gemm_dact {tile} (+ gelu(pre) output) + sum"] = _with_quack_config(
+            systems[f"quack dact {tile} (+ gelu(pre) output), bias sum in the epilogue"] = _with_quack_config(
                 "dact", config, lambda: grad(grad_out, down_weight, pre, True)[::2]
             )
+            systems[f"quack gemm_dact {tile} (+ gelu(pre) output) + sum"] = _with_quack_config("dact", config, apart)
     ref = composed(grad_out.float(), down_weight.float(), pre.float())
     _mlp_rows(out, "mlp-grad", systems, ref, 2 * tokens * 1024 * 4096, ("grad_pre", "grad_bias"), dev)
 
@@ -718,6 +752,87 @@ def pin_adopted(path: str, dev: str = "cuda") -> dict:
     return adopted
 
 
+QUACK_TILE_CANDIDATES = (
+    (256, 128, False, 1, 2),
+    (256, 128, False, 2, 1),
+    (256, 192, False, 1, 2),
+    (128, 256, False, 2, 1),
+    (128, 256, False, 1, 2),
+    (128, 224, False, 2, 1),
+    (128, 128, True, 2, 1),
+    (128, 192, True, 2, 1),
+    (128, 192, True, 1, 2),
+)
+"""(tile_m, tile_n, pingpong, cluster_m, cluster_n) of quack's SM90 config space (`quack.gemm_config`, 0.6.5) that
+the `quack-tiles` part tries for both GEMMs."""
+
+QUACK_TILE_KEYS = ("tile_m", "tile_n", "pingpong", "cluster_m", "cluster_n")
+
+
+def quack_tiles(out: str | None, tiles_file: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
+    from dinov3_packing.ops import quack
+
+    dev, dt = torch.device(dev), torch.bfloat16
+    if not quack_gemms_available(dev):
+        write_rows(out, [{"part": "quack-tiles", "skipped": "quack-kernels cannot run here"}])
+        return
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(tokens, 1024, device=dev, generator=g).to(dt)
+    up_weight = (torch.randn(4096, 1024, device=dev, generator=g) / 32).to(dt)
+    up_bias = (torch.randn(4096, device=dev, generator=g) / 10).to(dt)
+    grad_out = torch.randn(tokens, 1024, device=dev, generator=g).to(dt)
+    down_weight = (torch.randn(1024, 4096, device=dev, generator=g) / 64).to(dt)
+    pre = (2 * torch.randn(tokens, 4096, device=dev, generator=g)).to(dt)
+    kinds = {  # the training launches: the backward's GEMM with the bias gradient summed in it, the forward's
+        "dact": lambda: torch.ops.dinov3_packing.quack_gelu_grad(grad_out, down_weight, pre, True),
+        "act": lambda: torch.ops.dinov3_packing.quack_linear_gelu(x, up_weight, up_bias),
+    }
+    flops = 2 * tokens * 1024 * 4096
+    adopted = {}
+    for kind, run in kinds.items():
+        current = tuple(quack.TILES[kind][k] for k in QUACK_TILE_KEYS)
+        ref = [t.float().clone() for t in run()]
+        best = None
+        for tile in dict.fromkeys((current, *QUACK_TILE_CANDIDATES)):
+            row = {"part": "quack-tiles", "kind": kind, "tile": dict(zip(QUACK_TILE_KEYS, tile, strict=True))}
+            row["current"] = tile == current
+            fn = _with_quack_config(kind, quack.gemm_config(*tile), run)
+            try:
+                got = fn()
+                diff = [((a.float() - r).abs().max() / r.abs().max()).item() for a, r in zip(got, ref, strict=True)]
+                stats = measure(fn, dev)
+            except Exception:  # a tile quack cannot build or launch is its row
+                write_rows(out, [row | {"error": traceback.format_exc()[-2000:]}])
+                continue
+            ms = stats["median_s"] * 1e3
+            write_rows(out, [row | {"ms": ms, "tflops": flops / stats["median_s"] / 1e12, "max_rel_vs_current": diff}])
+            if max(diff) <= 1e-2 and (best is None or ms < best[0]):  # the same sums up to the order of the adds
+                best = (ms, tile)
+        if best is None:
+            continue
+        quack.TILES[kind] = dict(zip(QUACK_TILE_KEYS, best[1], strict=True))
+        adopted[kind] = {"ms": best[0], "tile": quack.TILES[kind]}
+        write_rows(out, [{"part": "quack-tiles", "adopted": {kind: adopted[kind]}}])
+        if tiles_file:  # kind by kind, so a run cut short keeps what it swept
+            with open(tiles_file, "w") as f:
+                json.dump({k: v["tile"] for k, v in adopted.items()}, f)
+
+
+def pin_quack_tiles(path: str) -> dict:
+    """Set `ops.quack.TILES` from a `--quack-tiles-file` written by the quack-tiles part; returns what it set."""
+    from dinov3_packing.ops import quack
+
+    with open(path) as f:
+        tiles = json.load(f)
+    if not isinstance(tiles, dict) or not set(tiles) <= set(quack.TILES) or not tiles:
+        raise ValueError(f"--pin-quack-tiles: {path} should map 'act' and/or 'dact' to a tile, got {tiles!r}")
+    for kind, tile in tiles.items():
+        if set(tile) != set(QUACK_TILE_KEYS):
+            raise ValueError(f"--pin-quack-tiles: {path}'s {kind!r} tile should have keys {QUACK_TILE_KEYS}")
+        quack.TILES[kind] = dict(tile)
+    return tiles
+
+
 def grads(out: str | None) -> None:
     dev = torch.device("cuda")
     hs, grid = mixed_batch(dev, torch.float32, 16)
@@ -806,6 +921,18 @@ def main() -> int:
         metavar="FILE",
         help="run the MLP kernels with the schedules an earlier mlp-configs part adopted (its rows file)",
     )
+    parser.add_argument(
+        "--quack-tiles-file",
+        default=None,
+        metavar="FILE",
+        help="quack-tiles: write the adopted tiles here (for --pin-quack-tiles in a later process)",
+    )
+    parser.add_argument(
+        "--pin-quack-tiles",
+        default=None,
+        metavar="FILE",
+        help="run quack's MLP GEMMs with the tiles an earlier quack-tiles part adopted (its --quack-tiles-file)",
+    )
     args = parser.parse_args()
     global TRACE_DIR
     TRACE_DIR = args.trace_dir
@@ -824,6 +951,12 @@ def main() -> int:
         except (OSError, ValueError) as e:
             parser.error(str(e))
         write_rows(args.out, [{"part": "mlp-configs", "pinned_from": args.pin_mlp_configs, "pinned": pinned}])
+    if args.pin_quack_tiles:
+        try:
+            pinned = pin_quack_tiles(args.pin_quack_tiles)
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
+        write_rows(args.out, [{"part": "quack-tiles", "pinned_from": args.pin_quack_tiles, "pinned": pinned}])
     failed = 0
     for part in parts:
         torch._dynamo.reset()  # each part's graphs count alone against Dynamo's recompile limit
@@ -836,6 +969,7 @@ def main() -> int:
                 "mlp-fwd": mlp_fwd,
                 "mlp-grad": mlp_grad,
                 "mlp-configs": functools.partial(mlp_configs, launches=args.mlp_launches),
+                "quack-tiles": functools.partial(quack_tiles, tiles_file=args.quack_tiles_file),
             }
             run[part](args.out)
         except Exception:  # one part's failure is recorded and the next part still runs

@@ -544,6 +544,37 @@ def test_gpu_gelu_mlp_gradients_against_fp32(gemms):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check: needs CUDA (run on the device)")
+@pytest.mark.parametrize("tokens", [3001, 60038])
+def test_gpu_quack_bias_gradient_in_the_epilogue(monkeypatch, tokens):
+    """`quack_gelu_grad` with the up-projection's bias gradient summed in its GEMM's epilogue (`FUSED_BIAS_GRAD`, the
+    default) against the same op summing it in a pass of its own, at ViT-L widths, bf16, token counts no tile
+    divides: the gradient of the pre-activation and the recomputed GELU output equal bit for bit (one epilogue
+    computes both the same way), and the bias gradient, each against the fp32 sum of the fp32 gradient on the same
+    inputs, no worse than the separate sum of the rounded gradient (within 1.1x) and below 1e-2 relative L2."""
+    from dinov3_packing.ops import quack
+
+    if not quack_gemms_available(torch.device("cuda")):
+        pytest.skip("quack-kernels is not installed here (the hopper extra), or the GPU is not SM90")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grad_out = torch.randn(tokens, 1024, device="cuda", generator=g).bfloat16()
+    weight = (torch.randn(1024, 4096, device="cuda", generator=g) / 64).bfloat16()
+    pre = (2 * torch.randn(tokens, 4096, device="cuda", generator=g)).bfloat16()
+    op = torch.ops.dinov3_packing.quack_gelu_grad
+    fused = op(grad_out, weight, pre, True)
+    monkeypatch.setattr(quack, "FUSED_BIAS_GRAD", False)
+    apart = op(grad_out, weight, pre, True)
+    assert torch.equal(fused[0], apart[0]) and torch.equal(fused[1], apart[1])
+    assert fused[2].shape == apart[2].shape == (4096,) and fused[2].dtype == torch.bfloat16
+    ref = torch.ops.aten.gelu_backward(grad_out.float() @ weight.float(), pre.float()).sum(0)
+    err_fused = ((fused[2].float() - ref).norm() / ref.norm()).item()
+    err_apart = ((apart[2].float() - ref).norm() / ref.norm()).item()
+    print(f"bias gradient at {tokens} tokens: in the epilogue {err_fused:.2e}, apart {err_apart:.2e}")
+    assert err_fused <= 1e-2 and err_fused <= 1.1 * err_apart, (err_fused, err_apart)
+    monkeypatch.setattr(quack, "FUSED_BIAS_GRAD", True)
+    assert op(grad_out, weight, pre, False)[2].numel() == 0  # no bias: no sum
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check: needs CUDA (run on the device)")
 def test_gpu_quack_gemms_build_once_for_every_token_count(monkeypatch):
     """A training pack's token count changes from step to step, and quack's GEMMs are the training op's default
     where they run ("auto"): they must build their kernels once, not once per token count. quack builds a kernel

@@ -8,10 +8,13 @@ call for `torch.compile`:
 - `dinov3_packing::quack_linear_gelu(x, weight, bias) -> (y, pre)`: ``pre = x @ weight.T + bias`` and ``y =
   gelu(pre)`` (exact erf GELU) from one GEMM (`quack.gemm_interface.gemm_act`, activation ``"gelu_erf"``).
 - `dinov3_packing::quack_gelu_grad(grad_out, weight, pre, bias_grad) -> (grad_pre, y, grad_bias)`: ``grad_pre =
-  (grad_out @ weight) * gelu'(pre)`` and ``y = gelu(pre)`` recomputed from one GEMM (`gemm_dact`), and
-  ``grad_pre.sum(0)`` when ``bias_grad``. Because the backward recomputes the GELU output for the
-  down-projection's weight gradient, the training op need not keep it (one ``[tokens, 4D]`` activation less per
-  block).
+  (grad_out @ weight) * gelu'(pre)`` and ``y = gelu(pre)`` recomputed from one GEMM, and, when ``bias_grad``,
+  ``grad_pre``'s sum over tokens (the up-projection's bias gradient). Because the backward recomputes the GELU
+  output for the down-projection's weight gradient, the training op need not keep it (one ``[tokens, 4D]``
+  activation less per block). With `FUSED_BIAS_GRAD` (the default) the bias gradient comes from the same GEMM:
+  its epilogue sums each tile's fp32 ``grad_pre`` over the tile's rows (quack's `RowVecReduce`) and the tiles'
+  partial sums are added after it (`_dgelu_bias_mod`), where quack's own `gemm_dact` leaves a separate pass over
+  the ``[tokens, 4D]`` gradient (4.4 ms of the H100's ViT-L mixed-64 training step, 2026-12-07).
 
 Both fall back to the torch ops (CPU, other dtypes, quack missing) with the same outputs, so the ops, their
 fakes and the training op that uses them are tested without a GPU. quack's GELU evaluates erf with a fast
@@ -43,13 +46,20 @@ for ViT-L's MLP at mixed-64's 60,038 tokens on the H100 (`benchmarks/fa4_gpu_che
 `mlp-grad`, 2026-12-07: 0.846 and 1.216 ms, where quack's default tile took 0.916 and 1.357 ms). Never
 ``tuned=True``, whose autotuner keys on the token count and would sweep its configs again for every pack size."""
 
+FUSED_BIAS_GRAD = True
+"""Whether `quack_gelu_grad` sums the bias gradient in its GEMM's epilogue (True) or, as quack's `gemm_dact` leaves
+it, in a separate pass over ``grad_pre`` (False; for benchmarks that compare the two). Read at every call."""
+
 CONFIGS: dict[str, object | None] = {"act": None, "dact": None}
 """Overrides for benchmarks that compare tiles: a `quack.gemm_config.GemmConfig` (`gemm_config`), "default" for
 quack's own default tile (``tuned=False``), or None for `TILES`."""
 
 
+@functools.cache
 def gemm_config(tile_m: int, tile_n: int, pingpong: bool, cluster_m: int, cluster_n: int):
-    """A quack `GemmConfig` for SM90 with a static persistent schedule."""
+    """A quack `GemmConfig` for SM90 with a static persistent schedule; one object per tile, kept: quack's epilogue
+    mods key their launch cache by the config object's identity (`EpiMod.__call__`, quack 0.6.5), so a config made
+    anew for each call would miss that cache, and one whose id a freed config had could hit another tile's entry."""
     from quack.gemm_config import GemmConfig
 
     return GemmConfig(
@@ -142,15 +152,44 @@ def _quack_gelu_grad(
     """``(grad_pre, gelu(pre), grad_pre.sum(0) or an empty tensor)`` with ``grad_pre = (grad_out @ weight) *
     gelu'(pre)`` for 2-D ``grad_out [M, K]``, ``weight [K, N]``, ``pre [M, N]``."""
     if _runs_quack(grad_out, weight, pre):
+        if bias_grad and FUSED_BIAS_GRAD:
+            # quack's `gemm_dact` launch (its dynamic tile scheduler, the tile of `_choice`) with the bias sum added.
+            res = _dgelu_bias_mod()(
+                grad_out, weight, pre, dynamic_scheduler=True, **({"tuned": True} | _choice("dact"))
+            )
+            return res["D"], res["postact"], res["dbias"].to(pre.dtype)
         from quack.gemm_interface import gemm_dact
 
         grad_pre, y = gemm_dact(grad_out, weight, pre, activation="gelu_erf", **_choice("dact"))
     else:
         grad_pre = torch.ops.aten.gelu_backward(grad_out @ weight, pre)
         y = F.gelu(pre)
-    # The sum of the rounded grad_pre, accumulated in fp32 by ATen (what autograd of the unfused MLP computes).
+    # The sum of the rounded grad_pre, accumulated in fp32 by ATen (what autograd of the unfused MLP computes; the
+    # fused epilogue above sums grad_pre before its rounding).
     grad_b = grad_pre.sum(0) if bias_grad else pre.new_empty(0)
     return grad_pre, y, grad_b
+
+
+@functools.cache
+def _dgelu_bias_mod():
+    """The epilogue of `gemm_dact` for the exact GELU with the bias gradient summed in it, as a quack epilogue mod
+    (`quack.epilogue.frontend.gemm_epilogue`): from the accumulator ``acc = grad_out @ weight`` and the C operand
+    ``pre``, ``D = acc * gelu'(pre)`` (the gradient of the pre-activation) and ``postact = gelu(pre)`` by quack's
+    own `dgelu_erf` (what `gemm_dact(activation="gelu_erf")` computes), and ``dbias``, D in fp32 summed over each
+    tile's rows (`RowVecReduce`; rows past the token count are zeros). Calling it returns ``{"D", "postact",
+    "dbias"}``, ``dbias`` the fp32 sum of the tiles' partial sums. Built at the first GPU call (quack imported
+    then)."""
+    from quack.activation import dact_fn_map
+    from quack.epilogue.frontend import gemm_epilogue
+    from quack.epilogue.ops import RowVecReduce
+
+    dgelu = dact_fn_map["gelu_erf"]
+
+    def dgelu_erf_bias_grad(acc, c):
+        dx, out = dgelu(c, acc)
+        return {"D": dx, "postact": out, "dbias": dx}
+
+    return gemm_epilogue(outputs=("postact",), reduces={"dbias": RowVecReduce("dbias")})(dgelu_erf_bias_grad)
 
 
 @_quack_gelu_grad.register_fake
