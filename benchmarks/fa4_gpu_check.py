@@ -547,7 +547,8 @@ def _mlp_rows(out, part: str, systems: dict, ref, flops: float, names: tuple[str
 
 def _quack_configs() -> dict:
     """quack's own default tile and the two others for the MLP's GEMMs (N = 4096 is no multiple of the default's
-    192 columns); `ops.quack.TILES` took the fastest of these."""
+    192 columns) that the twelfth session compared; `ops.quack.TILES` took the fastest of these then, and since the
+    `quack-tiles` part (a wider sweep) the 128 x 128 ping-pong tile."""
     from dinov3_packing.ops.quack import gemm_config
 
     return {

@@ -38,13 +38,16 @@ import torch.nn.functional as F
 _DTYPES = (torch.float16, torch.bfloat16)
 
 TILES: dict[str, dict] = {
-    "act": dict(tile_m=256, tile_n=128, pingpong=False, cluster_m=1, cluster_n=2),
-    "dact": dict(tile_m=128, tile_n=256, pingpong=False, cluster_m=2, cluster_n=1),
+    "act": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=2, cluster_n=1),
+    "dact": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=2, cluster_n=1),
 }
-"""The SM90 tiles the ops run `gemm_act` ("act") and `gemm_dact` ("dact") with: the fastest of the three measured
-for ViT-L's MLP at mixed-64's 60,038 tokens on the H100 (`benchmarks/fa4_gpu_check.py` parts `mlp-fwd` and
-`mlp-grad`, 2026-12-07: 0.846 and 1.216 ms, where quack's default tile took 0.916 and 1.357 ms). Never
-``tuned=True``, whose autotuner keys on the token count and would sweep its configs again for every pack size."""
+"""The SM90 tiles the ops run the forward GEMM ("act") and the backward GEMM ("dact") with: the fastest of the ten
+tiles of quack's config space the `quack-tiles` part of `benchmarks/fa4_gpu_check.py` tried for ViT-L's MLP at
+mixed-64's 60,038 tokens on an H100 (2026-12-07): 128 x 128 ping-pong with a 2 x 1 cluster for both, 0.816 ms
+(forward) and 1.081 ms (backward, bias gradient in the epilogue), against 0.838 and 1.124 ms for the tiles before
+(256 x 128 cooperative 1 x 2, 128 x 256 cooperative 2 x 1) and 0.916 / 1.357 ms for quack's default (twelfth
+session). Never ``tuned=True``, whose autotuner keys on the token count and would sweep its configs again for every
+pack size."""
 
 FUSED_BIAS_GRAD = True
 """Whether `quack_gelu_grad` sums the bias gradient in its GEMM's epilogue (True) or, as quack's `gemm_dact` leaves
