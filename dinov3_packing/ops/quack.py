@@ -41,7 +41,7 @@ TILES: dict[str, dict] = {
     "act": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=2, cluster_n=1),
     "dact": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=2, cluster_n=1),
 }
-"""The SM90 tiles the ops run the forward GEMM ("act") and the backward GEMM ("dact") with: the fastest of the ten
+"""The SM90 tiles the ops run the forward GEMM ("act") and the backward GEMM ("dact") with: the fastest of the nine
 tiles of quack's config space the `quack-tiles` part of `benchmarks/fa4_gpu_check.py` tried for ViT-L's MLP at
 mixed-64's 60,038 tokens on an H100 (2026-12-07): 128 x 128 ping-pong with a 2 x 1 cluster for both, 0.816 ms
 (forward) and 1.081 ms (backward, bias gradient in the epilogue), against 0.838 and 1.124 ms for the tiles before
