@@ -645,12 +645,9 @@ def mlp_fwd(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
     _mlp_rows(out, "mlp-fwd", systems, ref, 2 * tokens * 1024 * 4096, ("y", "pre"), dev)
 
 
-def _mlp_launches(tokens: int, dev) -> dict:
-    """The four training launches of the MLP's Triton kernels at ViT-L widths, `tokens` rows of random bf16 data:
-    {name: (run(config) -> outputs, the autotuner list's first config, candidate configs, pin(config))}; `pin`
-    makes later launches of that kind (shapes N and K, dtypes, device) in this process run the config."""
-    from dinov3_packing.ops.triton import linear_gelu as lg
-
+def _mlp_tensors(tokens: int, dev) -> tuple[torch.Tensor, ...]:
+    """Random bf16 tensors of ViT-L's MLP at `tokens` rows, from one seeded generator: the up-projection's input,
+    weight and bias, the down-projection output's gradient, its weight and the pre-activation."""
     dt = torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(tokens, 1024, device=dev, generator=g).to(dt)
@@ -659,6 +656,17 @@ def _mlp_launches(tokens: int, dev) -> dict:
     grad_out = torch.randn(tokens, 1024, device=dev, generator=g).to(dt)
     down_weight = (torch.randn(1024, 4096, device=dev, generator=g) / 64).to(dt)
     pre = (2 * torch.randn(tokens, 4096, device=dev, generator=g)).to(dt)
+    return x, weight, bias, grad_out, down_weight, pre
+
+
+def _mlp_launches(tokens: int, dev) -> dict:
+    """The four training launches of the MLP's Triton kernels at ViT-L widths, `tokens` rows of random bf16 data:
+    {name: (run(config) -> outputs, the autotuner list's first config, candidate configs, pin(config))}; `pin`
+    makes later launches of that kind (shapes N and K, dtypes, device) in this process run the config."""
+    from dinov3_packing.ops.triton import linear_gelu as lg
+
+    dt = torch.bfloat16
+    x, weight, bias, grad_out, down_weight, pre = _mlp_tensors(tokens, dev)
     deriv = torch.ops.aten.gelu_backward(torch.ones_like(pre, dtype=torch.float32), pre.float()).to(dt)
     keep = torch.empty_like(pre)
 
@@ -773,17 +781,11 @@ QUACK_TILE_KEYS = ("tile_m", "tile_n", "pingpong", "cluster_m", "cluster_n")
 def quack_tiles(out: str | None, tiles_file: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
     from dinov3_packing.ops import quack
 
-    dev, dt = torch.device(dev), torch.bfloat16
+    dev = torch.device(dev)
     if not quack_gemms_available(dev):
         write_rows(out, [{"part": "quack-tiles", "skipped": "quack-kernels cannot run here"}])
         return
-    g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(tokens, 1024, device=dev, generator=g).to(dt)
-    up_weight = (torch.randn(4096, 1024, device=dev, generator=g) / 32).to(dt)
-    up_bias = (torch.randn(4096, device=dev, generator=g) / 10).to(dt)
-    grad_out = torch.randn(tokens, 1024, device=dev, generator=g).to(dt)
-    down_weight = (torch.randn(1024, 4096, device=dev, generator=g) / 64).to(dt)
-    pre = (2 * torch.randn(tokens, 4096, device=dev, generator=g)).to(dt)
+    x, up_weight, up_bias, grad_out, down_weight, pre = _mlp_tensors(tokens, dev)
     kinds = {  # the training launches: the backward's GEMM with the bias gradient summed in it, the forward's
         "dact": lambda: torch.ops.dinov3_packing.quack_gelu_grad(grad_out, down_weight, pre, True),
         "act": lambda: torch.ops.dinov3_packing.quack_linear_gelu(x, up_weight, up_bias),
@@ -827,9 +829,10 @@ def pin_quack_tiles(path: str) -> dict:
         tiles = json.load(f)
     if not isinstance(tiles, dict) or not set(tiles) <= set(quack.TILES) or not tiles:
         raise ValueError(f"--pin-quack-tiles: {path} should map 'act' and/or 'dact' to a tile, got {tiles!r}")
-    for kind, tile in tiles.items():
-        if set(tile) != set(QUACK_TILE_KEYS):
+    for kind, tile in tiles.items():  # all checked before any is set
+        if not isinstance(tile, dict) or set(tile) != set(QUACK_TILE_KEYS):
             raise ValueError(f"--pin-quack-tiles: {path}'s {kind!r} tile should have keys {QUACK_TILE_KEYS}")
+    for kind, tile in tiles.items():
         quack.TILES[kind] = dict(tile)
     return tiles
 
@@ -946,18 +949,16 @@ def main() -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (SM90+) with flash-attn-4 installed")
     write_rows(args.out, [{"part": "meta", **run_metadata("cuda")}])
-    if args.pin_mlp_configs:
-        try:
-            pinned = pin_adopted(args.pin_mlp_configs)
-        except (OSError, ValueError) as e:
-            parser.error(str(e))
-        write_rows(args.out, [{"part": "mlp-configs", "pinned_from": args.pin_mlp_configs, "pinned": pinned}])
-    if args.pin_quack_tiles:
-        try:
-            pinned = pin_quack_tiles(args.pin_quack_tiles)
-        except (OSError, ValueError) as e:
-            parser.error(str(e))
-        write_rows(args.out, [{"part": "quack-tiles", "pinned_from": args.pin_quack_tiles, "pinned": pinned}])
+    for part, path, pin in (
+        ("mlp-configs", args.pin_mlp_configs, pin_adopted),
+        ("quack-tiles", args.pin_quack_tiles, pin_quack_tiles),
+    ):
+        if path:  # what an earlier run of that part adopted, pinned for this process
+            try:
+                pinned = pin(path)
+            except (OSError, ValueError) as e:
+                parser.error(str(e))
+            write_rows(args.out, [{"part": part, "pinned_from": path, "pinned": pinned}])
     failed = 0
     for part in parts:
         torch._dynamo.reset()  # each part's graphs count alone against Dynamo's recompile limit

@@ -494,3 +494,30 @@ def test_loader_receive_smoke(tmp_path):
     assert all(r["main_cpu_ms_per_image_median"] > 0 for r in receive)
     bad = subprocess.run([*cmd[:2], "--chunks", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--chunks: expected comma-separated positive ints" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# benchmarks/fa4_gpu_check.py: pinning quack's tiles from a quack-tiles run (CPU)
+
+
+def test_fa4_gpu_check_pins_quack_tiles_from_a_tiles_file(tmp_path, monkeypatch):
+    """`--pin-quack-tiles FILE` sets `ops.quack.TILES` from what the quack-tiles part wrote, and refuses a file
+    that names another GEMM or an incomplete tile with a ValueError naming the option."""
+    from dinov3_packing.ops import quack
+
+    script = runpy.run_path(str(ROOT / "benchmarks" / "fa4_gpu_check.py"))
+    monkeypatch.setattr(quack, "TILES", {k: dict(v) for k, v in quack.TILES.items()})
+    tile = {"tile_m": 128, "tile_n": 192, "pingpong": True, "cluster_m": 1, "cluster_n": 2}
+    other = {"tile_m": 256, "tile_n": 128, "pingpong": False, "cluster_m": 1, "cluster_n": 2}
+    good = tmp_path / "tiles.json"
+    good.write_text(json.dumps({"dact": tile}))
+    before_act = dict(quack.TILES["act"])
+    assert script["pin_quack_tiles"](str(good)) == {"dact": tile}
+    assert quack.TILES["dact"] == tile and quack.TILES["act"] == before_act
+    pinned = {k: dict(v) for k, v in quack.TILES.items()}
+    for bad in ({"gemm": tile}, {"dact": other, "act": {"tile_m": 128}}, {"act": [128, 128]}, {}):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="--pin-quack-tiles"):
+            script["pin_quack_tiles"](str(path))
+        assert quack.TILES == pinned  # nothing set from a file it refuses
