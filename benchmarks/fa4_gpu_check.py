@@ -30,8 +30,9 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              mixed-64's tokens (60,038 x 1024 -> 4096, bf16): the `gelu_grad` kernel (its epilogue also sums the
              bias gradient), the `dgelu_grad` kernel (the same from the stored derivative: a product), cuBLAS +
              ATen's gelu_backward + the bias sum, eager and compiled, and, where quack-kernels runs,
-             `quack_gelu_grad` (`ops/quack.py`) at three tiles; each against fp32 (relative L2 error of both
-             outputs). Needs no flash-attn-4.
+             `quack_gelu_grad` (`ops/quack.py`) at the tiles of `_quack_configs` (`ops.quack.TILES` and three
+             others), each with the bias gradient summed in the GEMM's epilogue and apart
+             (`FUSED_BIAS_GRAD`); each against fp32 (relative L2 error of both outputs). Needs no flash-attn-4.
     fa4-bwd-tiles fa4's SM90 forward + backward on mixed-64 segment lengths with other backward configs than
              its heuristic's for head_dim 64 (FA3's 128 x 128; flash_attn.cute.interface._tile_size_bwd_sm90
              replaced for each, flash-attn-4 4.0.0b36): ms, TFLOP/s, max relative difference of dq, dk, dv
@@ -42,8 +43,8 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              default tile's (the 2048 px inference target wants a faster attention kernel than the default).
     mlp-fwd  the MLP's up-projection + bias + exact GELU at the same sizes: the `linear_gelu` kernel keeping the
              pre-activation (training), the GELU's derivative (`linear_gelu_dgelu`) or neither (inference),
-             cuBLAS + GELU eager and compiled, and quack's `quack_linear_gelu` at three tiles where it runs; each
-             against fp32. Needs no flash-attn-4.
+             cuBLAS + GELU eager and compiled, and quack's `quack_linear_gelu` at the tiles of `_quack_configs`
+             where it runs; each against fp32. Needs no flash-attn-4.
     mlp-configs the same two Triton kernels at that training shape under other schedules than the autotuner's
              lists hold (`linear_gelu.CANDIDATE_CONFIGS`, `GRAD_CANDIDATE_CONFIGS`: two programs per SM, the
              unflattened loop) against the lists' first config, for the four training launches (forward keeping
@@ -430,11 +431,8 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
     def step(model):
         model.zero_grad(set_to_none=True)
         # The flag is read when the op runs (the op is opaque to the compiled graph): set for this system's step.
-        quack_ops.FUSED_BIAS_GRAD = model is not models.get(QUACK_SUM)
-        try:
-            loss_of(model(hs, grid)).backward()
-        finally:
-            quack_ops.FUSED_BIAS_GRAD = True
+        fused = model is not models.get(QUACK_SUM)
+        _with_fused_bias_grad(fused, lambda: loss_of(model(hs, grid)).backward())()
 
     # Baseline: Hugging Face's model, same weights, bf16, one image at a time (eager), forward + backward.
     if "hf" in systems_asked:
@@ -546,12 +544,13 @@ def _mlp_rows(out, part: str, systems: dict, ref, flops: float, names: tuple[str
 
 
 def _quack_configs() -> dict:
-    """quack's own default tile and the two others for the MLP's GEMMs (N = 4096 is no multiple of the default's
-    192 columns) that the twelfth session compared; `ops.quack.TILES` took the fastest of these then, and since the
-    `quack-tiles` part (a wider sweep) the 128 x 128 ping-pong tile."""
+    """The tile the ops run (`ops.quack.TILES`; since the `quack-tiles` part's sweep the 128 x 128 ping-pong tile),
+    quack's own default tile and the two others the twelfth session compared for the MLP's GEMMs (N = 4096 is no
+    multiple of the default's 192 columns)."""
     from dinov3_packing.ops.quack import gemm_config
 
     return {
+        "ops.quack.TILES (what the training op runs)": None,
         "quack default": "default",
         "128x256 coop 2x1": gemm_config(128, 256, False, 2, 1),
         "256x128 coop 1x2": gemm_config(256, 128, False, 1, 2),
@@ -569,6 +568,21 @@ def _with_quack_config(kind: str, config, fn):
             return fn()
         finally:
             quack.CONFIGS[kind] = saved
+
+    return run
+
+
+def _with_fused_bias_grad(value: bool, fn):
+    """`fn` run with `ops.quack.FUSED_BIAS_GRAD` set to `value` (the previous value restored after each call)."""
+    from dinov3_packing.ops import quack
+
+    def run():
+        saved = quack.FUSED_BIAS_GRAD
+        quack.FUSED_BIAS_GRAD = value
+        try:
+            return fn()
+        finally:
+            quack.FUSED_BIAS_GRAD = saved
 
     return run
 
@@ -597,22 +611,19 @@ def mlp_grad(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
         ),
     }
     if quack_gemms_available(dev):  # quack's dact GEMM also writes gelu(pre) (the training op's recomputed output)
-        from dinov3_packing.ops import quack
-
         grad = torch.ops.dinov3_packing.quack_gelu_grad
 
-        def apart():  # the bias gradient in a pass of its own, as quack's gemm_dact leaves it
-            quack.FUSED_BIAS_GRAD = False
-            try:
-                return grad(grad_out, down_weight, pre, True)[::2]
-            finally:
-                quack.FUSED_BIAS_GRAD = True
+        def run():
+            return grad(grad_out, down_weight, pre, True)[::2]
 
         for tile, config in _quack_configs().items():
             systems[f"quack dact {tile} (+ gelu(pre) output), bias sum in the epilogue"] = _with_quack_config(
-                "dact", config, lambda: grad(grad_out, down_weight, pre, True)[::2]
+                "dact", config, _with_fused_bias_grad(True, run)
             )
-            systems[f"quack gemm_dact {tile} (+ gelu(pre) output) + sum"] = _with_quack_config("dact", config, apart)
+            # the bias gradient in a pass of its own, as quack's gemm_dact leaves it
+            systems[f"quack gemm_dact {tile} (+ gelu(pre) output) + sum"] = _with_quack_config(
+                "dact", config, _with_fused_bias_grad(False, run)
+            )
     ref = composed(grad_out.float(), down_weight.float(), pre.float())
     _mlp_rows(out, "mlp-grad", systems, ref, 2 * tokens * 1024 * 4096, ("grad_pre", "grad_bias"), dev)
 
@@ -832,6 +843,11 @@ def pin_quack_tiles(path: str) -> dict:
     for kind, tile in tiles.items():  # all checked before any is set
         if not isinstance(tile, dict) or set(tile) != set(QUACK_TILE_KEYS):
             raise ValueError(f"--pin-quack-tiles: {path}'s {kind!r} tile should have keys {QUACK_TILE_KEYS}")
+        kinds = [type(tile[k]) for k in QUACK_TILE_KEYS]
+        if kinds != [int, int, bool, int, int]:
+            raise ValueError(
+                f"--pin-quack-tiles: {path}'s {kind!r} tile should have int sizes and a bool pingpong, got {tile!r}"
+            )
     for kind, tile in tiles.items():
         quack.TILES[kind] = dict(tile)
     return tiles

@@ -515,7 +515,8 @@ def test_fa4_gpu_check_pins_quack_tiles_from_a_tiles_file(tmp_path, monkeypatch)
     assert script["pin_quack_tiles"](str(good)) == {"dact": tile}
     assert quack.TILES["dact"] == tile and quack.TILES["act"] == before_act
     pinned = {k: dict(v) for k, v in quack.TILES.items()}
-    for bad in ({"gemm": tile}, {"dact": other, "act": {"tile_m": 128}}, {"act": [128, 128]}, {}):
+    wrong_type = dict(tile, tile_m="128")
+    for bad in ({"gemm": tile}, {"dact": other, "act": {"tile_m": 128}}, {"act": [128, 128]}, {"act": wrong_type}, {}):
         path = tmp_path / "bad.json"
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match="--pin-quack-tiles"):

@@ -560,9 +560,14 @@ def test_gpu_quack_bias_gradient_in_the_epilogue(monkeypatch, tokens):
     weight = (torch.randn(1024, 4096, device="cuda", generator=g) / 64).bfloat16()
     pre = (2 * torch.randn(tokens, 4096, device="cuda", generator=g)).bfloat16()
     op = torch.ops.dinov3_packing.quack_gelu_grad
+    mods = []  # each launch of the fused epilogue fetches its mod: the count says which path ran
+    real = quack._dgelu_bias_mod
+    monkeypatch.setattr(quack, "_dgelu_bias_mod", lambda: mods.append(1) or real())
     fused = op(grad_out, weight, pre, True)
+    assert len(mods) == 1
     monkeypatch.setattr(quack, "FUSED_BIAS_GRAD", False)
     apart = op(grad_out, weight, pre, True)
+    assert len(mods) == 1
     assert torch.equal(fused[0], apart[0]) and torch.equal(fused[1], apart[1])
     assert fused[2].shape == apart[2].shape == (4096,) and fused[2].dtype == torch.bfloat16
     ref = torch.ops.aten.gelu_backward(grad_out.float() @ weight.float(), pre.float()).sum(0)

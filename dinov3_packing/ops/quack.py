@@ -16,8 +16,9 @@ call for `torch.compile`:
   partial sums are added after it (`_dgelu_bias_mod`), where quack's own `gemm_dact` leaves a separate pass over
   the ``[tokens, 4D]`` gradient (4.4 ms of the H100's ViT-L mixed-64 training step, 2026-12-07).
 
-Both fall back to the torch ops (CPU, other dtypes, quack missing) with the same outputs, so the ops, their
-fakes and the training op that uses them are tested without a GPU. quack's GELU evaluates erf with a fast
+Both fall back to the torch ops (CPU, other dtypes, quack missing) with the same outputs (up to rounding: the
+fallback sums the rounded ``grad_pre`` for the bias gradient, the fused epilogue the unrounded one), so the ops,
+their fakes and the training op that uses them are tested without a GPU. quack's GELU evaluates erf with a fast
 polynomial (Abramowitz-Stegun 7.1.26 with approximate reciprocal and exp2: ~5e-7 absolute in fp32), far below
 the bf16 rounding of its outputs; `benchmarks/fa4_gpu_check.py --parts mlp-fwd,mlp-grad` times both ops
 against the Triton kernels and measures their errors against fp32.
@@ -60,9 +61,11 @@ quack's own default tile (``tuned=False``), or None for `TILES`."""
 
 @functools.cache
 def gemm_config(tile_m: int, tile_n: int, pingpong: bool, cluster_m: int, cluster_n: int):
-    """A quack `GemmConfig` for SM90 with a static persistent schedule; one object per tile, kept: quack's epilogue
+    """A quack `GemmConfig` for SM90 (``is_dynamic_persistent=False``; the backward's launches ask for quack's dynamic
+    tile scheduler themselves, as `gemm_dact` does by default). Cached, so the objects are kept: quack's epilogue
     mods key their launch cache by the config object's identity (`EpiMod.__call__`, quack 0.6.5), so a config made
-    anew for each call would miss that cache, and one whose id a freed config had could hit another tile's entry."""
+    anew for each call would miss that cache, and one whose id a freed config had could hit another tile's entry.
+    (Keyword and positional calls of the same tile are two cache entries: two kept objects, which is harmless.)"""
     from quack.gemm_config import GemmConfig
 
     return GemmConfig(
@@ -155,7 +158,7 @@ def _quack_gelu_grad(
     """``(grad_pre, gelu(pre), grad_pre.sum(0) or an empty tensor)`` with ``grad_pre = (grad_out @ weight) *
     gelu'(pre)`` for 2-D ``grad_out [M, K]``, ``weight [K, N]``, ``pre [M, N]``."""
     if _runs_quack(grad_out, weight, pre):
-        if bias_grad and FUSED_BIAS_GRAD:
+        if bias_grad and FUSED_BIAS_GRAD and grad_out.shape[0] > 0:  # (no rows: gemm_dact's own empty-input path)
             # quack's `gemm_dact` launch (its dynamic tile scheduler, the tile of `_choice`) with the bias sum added.
             res = _dgelu_bias_mod()(
                 grad_out, weight, pre, dynamic_scheduler=True, **({"tuned": True} | _choice("dact"))
