@@ -32,7 +32,9 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              ATen's gelu_backward + the bias sum, eager and compiled, and, where quack-kernels runs,
              `quack_gelu_grad` (`ops/quack.py`) at the tiles of `_quack_configs` (`ops.quack.TILES` and three
              others), each with the bias gradient summed in the GEMM's epilogue and apart
-             (`FUSED_BIAS_GRAD`); each against fp32 (relative L2 error of both outputs). Needs no flash-attn-4.
+             (`FUSED_BIAS_GRAD`), and each with the GELU output recomputed in the same epilogue (the "gelu"
+             recompute policy) and without it (the default: the forward kept it); each against fp32 (relative L2
+             error of both outputs). Needs no flash-attn-4.
     fa4-bwd-tiles fa4's SM90 forward + backward on mixed-64 segment lengths with other backward configs than
              its heuristic's for head_dim 64 (FA3's 128 x 128; flash_attn.cute.interface._tile_size_bwd_sm90
              replaced for each, flash-attn-4 4.0.0b36): ms, TFLOP/s, max relative difference of dq, dk, dv
@@ -54,7 +56,8 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              in another process).
     quack-tiles quack's two MLP GEMMs at that training shape under other SM90 tiles of quack's own config space
              (`QUACK_TILE_CANDIDATES`: cooperative and ping-pong, clusters 1x2 and 2x1) against `ops.quack.TILES`:
-             `quack_gelu_grad` with the bias gradient summed in its epilogue ("dact") first, then
+             `quack_gelu_grad` with the bias gradient summed in its epilogue and no GELU output ("dact", the
+             training op's default launch) first, then
              `quack_linear_gelu` ("act"): ms, TFLOP/s, outputs against the current tile's. Each kind's fastest
              tile (within 1e-2 of the current tile's outputs) is then what later parts of this process run
              (`ops.quack.TILES`, an `adopted` row), and is written to `--quack-tiles-file` as soon as its kind is
@@ -97,6 +100,7 @@ QUACK = "new, MLP GEMMs from quack-kernels (mlp_gemms='quack')"
 NO_FOLD = "new, LayerScale not folded into the projections (fold_layer_scale=False)"
 TRITON_DGELU = "new, MLP keeping gelu'(pre) instead of pre (mlp_gemms='triton-dgelu')"
 QUACK_SUM = "new, quack's MLP GEMMs, the up-projection's bias gradient summed apart (ops.quack.FUSED_BIAS_GRAD=False)"
+QUACK_GELU = "new, quack's MLP GEMMs + recompute gelu (the GELU output recomputed in the backward GEMM's epilogue)"
 PARTS = (
     "fa4-bwd-tiles",
     "fa4-tiles",
@@ -359,6 +363,7 @@ SYSTEMS = (
     "new",
     "quack",
     "quack-sum",
+    "quack-gelu",
     "triton-dgelu",
     "no-fold",
     "rope-outside",
@@ -373,14 +378,15 @@ SYSTEMS = (
 (`fused_rope=False`, as before ops/triton/rope.py), the new one with the MLP's training op replaced by the
 composition it replaced (`gelu-composed`: the up-projection kernel, then the down_proj module and a separate GELU
 backward; each down_proj replaced by an `nn.Linear` subclass keeps `ops.mlp` on that path), the new one with each
-recompute policy, the new one under max-autotune-no-cudagraphs, the new one with quack-kernels' MLP GEMMs
-(`quack`; `quack-sum`: with the up-projection's bias gradient summed in a pass of its own, as before the sum moved
-into the GEMM's epilogue), the new one with the MLP's Triton kernels keeping the GELU's derivative instead of the
-pre-activation (`triton-dgelu`), the new one with LayerScale multiplying the projections' outputs as before
-(`no-fold`, `fold_layer_scale=False`; today's path never folds), the Hugging Face loop, the profile of today's and
-the new step (and of the other new systems' when they run). "new" and the recompute systems run the MLP's Triton
-kernels (`mlp_gemms="triton"`, named in each row); the model's default, "auto", is the `quack` system where
-quack-kernels is installed."""
+recompute policy, the new one under max-autotune-no-cudagraphs, the new one with quack-kernels' MLP GEMMs (`quack`;
+`quack-sum`: with the up-projection's bias gradient summed in a pass of its own, as before the sum moved into the
+GEMM's epilogue; `quack-gelu`: under the "gelu" recompute policy, the GELU output not kept but recomputed in the
+backward GEMM's epilogue, as quack's path ran before the sixteenth session), the new one with the MLP's Triton
+kernels keeping the GELU's derivative instead of the pre-activation (`triton-dgelu`), the new one with LayerScale
+multiplying the projections' outputs as before (`no-fold`, `fold_layer_scale=False`; today's path never folds), the
+Hugging Face loop, the profile of today's and the new step (and of the other new systems' when they run). "new" and
+the recompute systems run the MLP's Triton kernels (`mlp_gemms="triton"`, named in each row); the model's default,
+"auto", is the `quack` system where quack-kernels is installed."""
 DEFAULT_SYSTEMS = ("today", "new", "attention", "mlp", "hf", "profile")
 
 
@@ -398,6 +404,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "gelu-composed": (GELU_COMPOSED, "auto", None, None, None),
         "quack": (QUACK, "auto", None, None, None),
         "quack-sum": (QUACK_SUM, "auto", None, None, None),
+        "quack-gelu": (QUACK_GELU, "auto", None, "gelu", None),
         "triton-dgelu": (TRITON_DGELU, "auto", None, None, None),
         "no-fold": (NO_FOLD, "auto", None, None, None),
         "attention": ("new + recompute attention", "auto", None, "attention", None),
@@ -406,10 +413,10 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "autotune": ("new, mode max-autotune-no-cudagraphs", "auto", None, None, "max-autotune-no-cudagraphs"),
     }
     if not quack_gemms_available(dev):
-        for key, name in (("quack", QUACK), ("quack-sum", QUACK_SUM)):
+        for key, name in (("quack", QUACK), ("quack-sum", QUACK_SUM), ("quack-gelu", QUACK_GELU)):
             if key in systems_asked:
                 write_rows(out, [{"part": "train", "system": name, "skipped": "quack-kernels cannot run here"}])
-        systems_asked = tuple(k for k in systems_asked if k not in ("quack", "quack-sum"))
+        systems_asked = tuple(k for k in systems_asked if k not in ("quack", "quack-sum", "quack-gelu"))
     systems = {every[k][0]: every[k][1:4] for k in every if k in systems_asked}
     modes = {every[k][0]: every[k][4] for k in every if k in systems_asked}
     if not systems:
@@ -419,7 +426,9 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend, fused_mlp=fused)
         model.fused_rope = name != ROPE_OUTSIDE
         model.fold_layer_scale = name not in (TODAY, NO_FOLD)  # today's path predates the fold
-        model.mlp_gemms = {QUACK: "quack", QUACK_SUM: "quack", TRITON_DGELU: "triton-dgelu"}.get(name, "triton")
+        model.mlp_gemms = {QUACK: "quack", QUACK_SUM: "quack", QUACK_GELU: "quack", TRITON_DGELU: "triton-dgelu"}.get(
+            name, "triton"
+        )
         if name == GELU_COMPOSED:
             for block in model.model.layer:
                 block.mlp.down_proj = _ComposedLinear.of(block.mlp.down_proj)
@@ -501,7 +510,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
             )
     for name in [
         n
-        for n in (TODAY, NEW, TRITON_DGELU, NO_FOLD, QUACK, QUACK_SUM, ROPE_OUTSIDE, GELU_COMPOSED)
+        for n in (TODAY, NEW, TRITON_DGELU, NO_FOLD, QUACK, QUACK_SUM, QUACK_GELU, ROPE_OUTSIDE, GELU_COMPOSED)
         if n in models and "profile" in systems_asked
     ]:
         by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev, f"train {name}")
@@ -610,20 +619,23 @@ def mlp_grad(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
             torch.compile(composed), grad_out, down_weight, pre
         ),
     }
-    if quack_gemms_available(dev):  # quack's dact GEMM also writes gelu(pre) (the training op's recomputed output)
+    if quack_gemms_available(dev):
         grad = torch.ops.dinov3_packing.quack_gelu_grad
+        # With the GELU output recomputed in the same epilogue (the "gelu" recompute policy) and without it (the
+        # training op's default, whose forward keeps it).
+        for postact, note in ((True, "+ gelu(pre) output"), (False, "no gelu(pre) output")):
 
-        def run():
-            return grad(grad_out, down_weight, pre, True)[::2]
+            def run(postact=postact):
+                return grad(grad_out, down_weight, pre, True, postact)[::2]
 
-        for tile, config in _quack_configs().items():
-            systems[f"quack dact {tile} (+ gelu(pre) output), bias sum in the epilogue"] = _with_quack_config(
-                "dact", config, _with_fused_bias_grad(True, run)
-            )
-            # the bias gradient in a pass of its own, as quack's gemm_dact leaves it
-            systems[f"quack gemm_dact {tile} (+ gelu(pre) output) + sum"] = _with_quack_config(
-                "dact", config, _with_fused_bias_grad(False, run)
-            )
+            for tile, config in _quack_configs().items():
+                systems[f"quack dact {tile} ({note}), bias sum in the epilogue"] = _with_quack_config(
+                    "dact", config, _with_fused_bias_grad(True, run)
+                )
+                # the bias gradient in a pass of its own, as quack's gemm_dact leaves it
+                systems[f"quack dact {tile} ({note}) + sum"] = _with_quack_config(
+                    "dact", config, _with_fused_bias_grad(False, run)
+                )
     ref = composed(grad_out.float(), down_weight.float(), pre.float())
     _mlp_rows(out, "mlp-grad", systems, ref, 2 * tokens * 1024 * 4096, ("grad_pre", "grad_bias"), dev)
 
@@ -798,7 +810,7 @@ def quack_tiles(out: str | None, tiles_file: str | None, tokens: int = 60_038, d
         return
     x, up_weight, up_bias, grad_out, down_weight, pre = _mlp_tensors(tokens, dev)
     kinds = {  # the training launches: the backward's GEMM with the bias gradient summed in it, the forward's
-        "dact": lambda: torch.ops.dinov3_packing.quack_gelu_grad(grad_out, down_weight, pre, True),
+        "dact": lambda: torch.ops.dinov3_packing.quack_gelu_grad(grad_out, down_weight, pre, True, False),
         "act": lambda: torch.ops.dinov3_packing.quack_linear_gelu(x, up_weight, up_bias),
     }
     flops = 2 * tokens * 1024 * 4096

@@ -404,7 +404,7 @@ def saved_activation_bytes(model, fn) -> int:
     return sum(storages.values()), out
 
 
-@pytest.mark.parametrize("policy", [p for p in RECOMPUTE_POLICIES if p])
+@pytest.mark.parametrize("policy", list(INSIDE))
 def test_recompute_gives_identical_gradients(policy):
     """Each policy: input and parameter gradients equal those without recomputation (bitwise: the same fp32
     operations run again on the same inputs), with drop path on (checkpoint restores the RNG), and the
@@ -432,10 +432,11 @@ def test_recompute_gives_identical_gradients(policy):
 
 def test_recompute_saves_activation_memory():
     """Activation bytes held for backward per token: attention < none, mlp < none, block < both (the MLP's
-    4D-wide tensors are the largest term, so mlp < attention). Prints the numbers (docs/training.md)."""
+    4D-wide tensors are the largest term, so mlp < attention). Prints the numbers (docs/training.md). ("gelu" acts on
+    the fused MLP's training op only, which does not run on the CPU: test_fused_mlp.py measures it.)"""
     hidden_states, grid = pack(_images(MEMORY_SIZES, seed=1), 16)
     per_token = {}
-    for policy in RECOMPUTE_POLICIES:
+    for policy in (None, *INSIDE):
         model, _ = _models(GELU, **MEMORY_CONFIG)
         apply_recompute(model, policy)
         saved, out = saved_activation_bytes(model, lambda m=model: m(hidden_states, grid))
@@ -449,9 +450,11 @@ def test_recompute_saves_activation_memory():
 
 
 def test_recompute_rejects_bad_input():
+    # Every policy is tested: those recomputing a module here, "gelu" (the fused MLP op's) in test_fused_mlp.py.
+    assert RECOMPUTE_POLICIES == (None, "gelu", *INSIDE)
     model, _ = _models(GELU)
     with pytest.raises(ValueError, match="policy: expected one of"):
-        apply_recompute(model, "gelu")
+        apply_recompute(model, "softmax")
     with pytest.raises(TypeError, match="model: expected a DINOv3ViTPackingModel"):
         apply_recompute(torch.nn.Linear(2, 2), "mlp")
     apply_recompute(model, "mlp")
@@ -459,7 +462,7 @@ def test_recompute_rejects_bad_input():
         apply_recompute(model, "attention")
 
 
-@pytest.mark.parametrize("policy", [p for p in RECOMPUTE_POLICIES if p])
+@pytest.mark.parametrize("policy", list(INSIDE))
 def test_recompute_and_transformers_checkpointing_refuse_each_other(policy):
     """In either order: transformers' checkpoint of every whole block nests around the one `apply_recompute`
     puts in (a recomputed attention or MLP ran three times a step). Both of transformers' entry points where the

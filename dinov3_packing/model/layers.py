@@ -246,9 +246,12 @@ class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
     Attributes:
         recompute_mlp: run the MLP under checkpoint when autograd records (set by `parallel.recompute`'s
             "mlp" policy; a plain attribute, so a compiled block's graph is guarded on it).
+        recompute_gelu: the fused MLP's training op keeps no GELU output and its backward recomputes it (set by
+            the "gelu" policy; a plain attribute too).
     """
 
     recompute_mlp: bool = False
+    recompute_gelu: bool = False
 
     def __init__(self, config: DINOv3ViTConfig):
         super().__init__()
@@ -274,7 +277,14 @@ class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
         x = self.drop_path(h, batch) + x
         scale2 = _foldable(self.layer_scale2) if batch.fold_layer_scale else None
         # feed_forward multiplies by scale2 itself where it does not fold it.
-        h = feed_forward(self.mlp, self.norm2(x), batch, recompute=self.recompute_mlp, out_scale=scale2)
+        h = feed_forward(
+            self.mlp,
+            self.norm2(x),
+            batch,
+            recompute=self.recompute_mlp,
+            out_scale=scale2,
+            recompute_gelu=self.recompute_gelu,
+        )
         return self.drop_path(h if scale2 is not None else self.layer_scale2(h), batch) + x
 
 

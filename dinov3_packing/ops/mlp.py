@@ -121,9 +121,12 @@ def _records(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
 
 
-def _run(mlp: nn.Module, x: torch.Tensor, fused: bool, gemms: str, fold: torch.Tensor | None) -> torch.Tensor:
+def _run(
+    mlp: nn.Module, x: torch.Tensor, fused: bool, gemms: str, fold: torch.Tensor | None, recompute_gelu: bool = False
+) -> torch.Tensor:
     """The MLP; `fold` (a LayerScale, given only where `fused` and the down-projection is plain): its product with
-    the output, folded into the down-projection's weight and bias where the training op runs."""
+    the output, folded into the down-projection's weight and bias where the training op runs; `recompute_gelu`: the
+    training op's (`gelu_mlp`)."""
     if fused:
         up, down = mlp.up_proj, mlp.down_proj
         if _down_is_plain(mlp) and _records(x, up.weight, up.bias, down.weight, down.bias, fold):
@@ -131,7 +134,7 @@ def _run(mlp: nn.Module, x: torch.Tensor, fused: bool, gemms: str, fold: torch.T
             if fold is not None:  # (h W^T + b) * s == h (s W)^T + s b
                 weight = weight * fold[:, None]
                 bias = bias * fold if bias is not None else None
-            return gelu_mlp(x, up.weight, up.bias, weight, bias, gemms)
+            return gelu_mlp(x, up.weight, up.bias, weight, bias, gemms, recompute_gelu)
         out = down(linear_gelu(x, up.weight, up.bias))
     else:
         out = mlp(x)
@@ -145,7 +148,8 @@ epilogue), "triton-dgelu" (where both Triton kernels run, `linear_gelu.dgelu_pat
 derivative at the pre-activation instead, `linear_gelu_dgelu`, and the backward's GEMM, `dgelu_grad`, multiplies
 by it: a product in the epilogue where "triton" has the erf; elsewhere it is "triton"; not yet measured on a
 GPU) or "quack" (`ops/quack.py`: quack-kernels' GEMMs with the GELU in their epilogues; the forward keeps only
-the pre-activation and the backward recomputes the GELU output in its GEMM's epilogue)."""
+the GELU output and the pre-activation, as "triton" does; under `parallel.recompute`'s "gelu" policy only the
+pre-activation, and the backward recomputes the GELU output in its GEMM's epilogue)."""
 
 
 def mlp_gemms_setting(value: str) -> str:
@@ -180,11 +184,13 @@ def _gelu_mlp_op(
     down_weight: torch.Tensor,
     down_bias: torch.Tensor | None,
     gemms: str = "triton",
+    recompute_gelu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(down(gelu(up(x))), gelu(up(x)), s)``: the up-projection GEMM with the GELU in its epilogue, storing `s`
     too: ``gelu'(up(x))`` for "triton-dgelu", the pre-activation ``up(x)`` for "triton" and "quack" (`gemms`:
     `MLP_GEMMS`), then the down-projection (cuBLAS). The last two outputs are what the backward may read;
-    nothing else should."""
+    nothing else should. `recompute_gelu`: the backward recomputes ``gelu(up(x))`` instead of keeping it (see
+    `gelu_mlp`)."""
     if gemms == "quack":
         h, pre = torch.ops.dinov3_packing.quack_linear_gelu(x.reshape(-1, x.shape[-1]), up_weight, up_bias)
         h, pre = h.view(*x.shape[:-1], -1), pre.view(*x.shape[:-1], -1)
@@ -202,26 +208,28 @@ def _stores_deriv(gemms: str, x, up_weight, up_bias, down_weight) -> bool:
 
 
 @_gelu_mlp_op.register_fake
-def _(x, up_weight, up_bias, down_weight, down_bias, gemms="triton"):
+def _(x, up_weight, up_bias, down_weight, down_bias, gemms="triton", recompute_gelu=False):
     hidden = x.new_empty((*x.shape[:-1], up_weight.shape[0]))
     return x.new_empty((*x.shape[:-1], down_weight.shape[0])), hidden, torch.empty_like(hidden)
 
 
 def _gelu_mlp_setup_context(ctx, inputs, output) -> None:
-    x, up_weight, up_bias, down_weight, down_bias, gemms = inputs
+    x, up_weight, up_bias, down_weight, down_bias, gemms, recompute_gelu = inputs
     _, h, pre = output
     ctx.has_up_bias, ctx.has_down_bias, ctx.gemms = up_bias is not None, down_bias is not None, gemms
     ctx.deriv = _stores_deriv(gemms, x, up_weight, up_bias, down_weight)
-    # quack's backward GEMM recomputes the GELU output: the forward's is not kept.
-    ctx.save_for_backward(x, up_weight, down_weight, None if gemms == "quack" else h, pre)
+    # Recomputing the GELU output needs the pre-activation, which "triton-dgelu" does not keep.
+    keep_h = not recompute_gelu or ctx.deriv
+    ctx.save_for_backward(x, up_weight, down_weight, h if keep_h else None, pre)
     ctx.mark_non_differentiable(h, pre)
 
 
 def _gelu_mlp_backward(ctx, grad_out: torch.Tensor, _grad_h, _grad_pre):
     """The two linears' gradients, with the product through the down-projection and the GELU derivative as one
     GEMM (`dgelu_grad` with the stored derivative, `gelu_grad`, or `quack_gelu_grad`, which also recomputes the
-    GELU output for the down-projection's weight gradient), whose epilogue multiplies by gelu'(pre); so neither the
-    gradient of the GELU output nor a separate elementwise pass over the 4D-wide activations remains."""
+    GELU output for the down-projection's weight gradient where the forward's was not kept), whose epilogue
+    multiplies by gelu'(pre); so neither the gradient of the GELU output nor a separate elementwise pass over the
+    4D-wide activations remains (but for the recomputed GELU output of the Triton kernels' "gelu" policy)."""
     x, up_weight, down_weight, h, pre = ctx.saved_tensors
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
     g = grad_out.reshape(-1, grad_out.shape[-1])
@@ -230,20 +238,22 @@ def _gelu_mlp_backward(ctx, grad_out: torch.Tensor, _grad_h, _grad_pre):
     bias_grad = ctx.has_up_bias and need_b1
     if need_x or need_w1 or need_b1:
         if ctx.gemms == "quack":
-            grad_pre, h, grad_b = torch.ops.dinov3_packing.quack_gelu_grad(g, down_weight, pre, bias_grad)
+            recompute = h is None and need_w2
+            grad_pre, y, grad_b = torch.ops.dinov3_packing.quack_gelu_grad(g, down_weight, pre, bias_grad, recompute)
+            h = y if recompute else h
         elif ctx.deriv:
             grad_pre, grad_b = torch.ops.dinov3_packing.dgelu_grad(g, down_weight, pre, bias_grad)
         else:
             grad_pre, grad_b = torch.ops.dinov3_packing.gelu_grad(g, down_weight, pre, bias_grad)
         grad_b1 = grad_b if bias_grad else None
-    elif h is None and need_w2:  # quack's forward kept no GELU output, and no GEMM above recomputed it
+    if h is None and need_w2:  # the forward kept no GELU output, and no GEMM above recomputed it
         h = F.gelu(pre)
     grad_w2 = g.t() @ h.reshape(-1, h.shape[-1]) if need_w2 else None
     grad_b2 = g.sum(0) if ctx.has_down_bias and need_b2 else None
     if grad_pre is not None:
         grad_x = (grad_pre @ up_weight).reshape(x.shape) if need_x else None
         grad_w1 = grad_pre.t() @ x.reshape(-1, x.shape[-1]) if need_w1 else None
-    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
 _gelu_mlp_op.register_autograd(_gelu_mlp_backward, setup_context=_gelu_mlp_setup_context)
@@ -256,6 +266,7 @@ def gelu_mlp(
     down_weight: torch.Tensor,
     down_bias: torch.Tensor | None,
     gemms: str = "triton",
+    recompute_gelu: bool = False,
 ) -> torch.Tensor:
     """``F.linear(F.gelu(F.linear(x, up_weight, up_bias)), down_weight, down_bias)`` (exact GELU) as one custom op
     whose backward fuses the GELU derivative into the down-projection's input-gradient GEMM. For training.
@@ -263,12 +274,18 @@ def gelu_mlp(
     `gemms` (`MLP_GEMMS`): "triton" keeps the GELU output and the pre-activation for the backward, as the unfused
     MLP does, and runs ``torch.ops.dinov3_packing.gelu_grad`` there; "triton-dgelu" keeps the GELU's derivative
     at the pre-activation instead (as many bytes) and runs ``dgelu_grad``, where both Triton kernels run (else it
-    is "triton"); "quack" keeps the pre-activation only and runs ``torch.ops.dinov3_packing.quack_gelu_grad``,
-    which recomputes the GELU output in the same GEMM. All fall back to the torch ops where their kernels cannot
-    run."""
+    is "triton"); "quack" keeps both too and runs ``torch.ops.dinov3_packing.quack_gelu_grad``. All fall back to
+    the torch ops where their kernels cannot run.
+
+    `recompute_gelu` (`parallel.recompute`'s "gelu" policy): keep only the pre-activation, not the GELU output (one
+    ``[tokens, 4D]`` activation less); the backward recomputes the GELU output, in the gradient GEMM's epilogue
+    for "quack" (which then stores two ``[tokens, 4D]`` tensors instead of one) and in an elementwise pass for
+    "triton". "triton-dgelu" keeps no pre-activation to recompute it from, so it keeps the GELU output."""
     if gemms not in MLP_GEMMS:
         raise ValueError(f"gemms: expected one of {MLP_GEMMS}, got {gemms!r}")
-    return torch.ops.dinov3_packing.gelu_mlp(x, up_weight, up_bias, down_weight, down_bias, gemms)[0]
+    if not isinstance(recompute_gelu, bool):
+        raise TypeError(f"recompute_gelu: expected a bool, got {type(recompute_gelu).__name__}")
+    return torch.ops.dinov3_packing.gelu_mlp(x, up_weight, up_bias, down_weight, down_bias, gemms, recompute_gelu)[0]
 
 
 def feed_forward(
@@ -277,12 +294,16 @@ def feed_forward(
     batch: PackedBatch,
     recompute: bool = False,
     out_scale: torch.Tensor | None = None,
+    recompute_gelu: bool = False,
 ) -> torch.Tensor:
     """`mlp(x)`, with the up-projection + bias + GELU fused where `batch.fused_mlp` allows it.
 
     `recompute`: when autograd records, keep only `x` for backward and run the MLP (fused or not) again
     there instead of keeping its 4D-wide activations. The fused op has a backward of its own, so it is
     recomputed like any other op.
+
+    `recompute_gelu`: where the fused training op runs, it keeps the pre-activation only and its backward
+    recomputes the GELU output (`gelu_mlp`); elsewhere it changes nothing.
 
     `out_scale`: a `[D]` LayerScale to multiply the output by (`mlp(x) * out_scale`). Where the fused training op
     runs (`gelu_mlp`) it multiplies the down-projection's weight rows and bias instead, so autograd keeps neither
@@ -295,7 +316,7 @@ def feed_forward(
     fused = batch.fused_mlp and _is_plain(mlp)
     fold = out_scale if out_scale is not None and fused and _down_is_plain(mlp) else None
     if recompute and torch.is_grad_enabled():
-        out = checkpoint(_run, mlp, x, fused, batch.mlp_gemms, fold, use_reentrant=False)
+        out = checkpoint(_run, mlp, x, fused, batch.mlp_gemms, fold, recompute_gelu, use_reentrant=False)
     else:
-        out = _run(mlp, x, fused, batch.mlp_gemms, fold)
+        out = _run(mlp, x, fused, batch.mlp_gemms, fold, recompute_gelu)
     return out * out_scale if out_scale is not None and fold is None else out

@@ -7,14 +7,15 @@ call for `torch.compile`:
 
 - `dinov3_packing::quack_linear_gelu(x, weight, bias) -> (y, pre)`: ``pre = x @ weight.T + bias`` and ``y =
   gelu(pre)`` (exact erf GELU) from one GEMM (`quack.gemm_interface.gemm_act`, activation ``"gelu_erf"``).
-- `dinov3_packing::quack_gelu_grad(grad_out, weight, pre, bias_grad) -> (grad_pre, y, grad_bias)`: ``grad_pre =
-  (grad_out @ weight) * gelu'(pre)`` and ``y = gelu(pre)`` recomputed from one GEMM, and, when ``bias_grad``,
-  ``grad_pre``'s sum over tokens (the up-projection's bias gradient). Because the backward recomputes the GELU
-  output for the down-projection's weight gradient, the training op need not keep it (one ``[tokens, 4D]``
-  activation less per block). With `FUSED_BIAS_GRAD` (the default) the bias gradient comes from the same GEMM:
-  its epilogue sums each tile's fp32 ``grad_pre`` over the tile's rows (quack's `RowVecReduce`) and the tiles'
-  partial sums are added after it (`_dgelu_bias_mod`), where quack's own `gemm_dact` leaves a separate pass over
-  the ``[tokens, 4D]`` gradient (4.4 ms of the H100's ViT-L mixed-64 training step, 2026-12-07).
+- `dinov3_packing::quack_gelu_grad(grad_out, weight, pre, bias_grad, postact) -> (grad_pre, y, grad_bias)`:
+  ``grad_pre = (grad_out @ weight) * gelu'(pre)`` from one GEMM, with, when ``postact``, ``y = gelu(pre)``
+  recomputed in the same epilogue (for a training op that did not keep the GELU output: one ``[tokens, 4D]``
+  activation less per block, `parallel.recompute`'s "gelu" policy), and, when ``bias_grad``, ``grad_pre``'s sum
+  over tokens (the up-projection's bias gradient). With `FUSED_BIAS_GRAD` (the default) the bias gradient comes
+  from the same GEMM: its epilogue sums each tile's fp32 ``grad_pre`` over the tile's rows (quack's
+  `RowVecReduce`) and the tiles' partial sums are added after it (`_dgelu_mod`), where quack's own `gemm_dact`
+  leaves a separate pass over the ``[tokens, 4D]`` gradient (4.4 ms of the H100's ViT-L mixed-64 training step,
+  2026-12-07).
 
 Both fall back to the torch ops (CPU, other dtypes, quack missing) with the same outputs (up to rounding: the
 fallback sums the rounded ``grad_pre`` for the bias gradient, the fused epilogue the unrounded one), so the ops,
@@ -153,23 +154,31 @@ def _(x, weight, bias):
 
 @torch.library.custom_op("dinov3_packing::quack_gelu_grad", mutates_args=())
 def _quack_gelu_grad(
-    grad_out: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, bias_grad: bool
+    grad_out: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, bias_grad: bool, postact: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_pre, gelu(pre), grad_pre.sum(0) or an empty tensor)`` with ``grad_pre = (grad_out @ weight) *
-    gelu'(pre)`` for 2-D ``grad_out [M, K]``, ``weight [K, N]``, ``pre [M, N]``."""
+    """``(grad_pre, gelu(pre) or an empty tensor, grad_pre.sum(0) or an empty tensor)`` with ``grad_pre = (grad_out @
+    weight) * gelu'(pre)`` for 2-D ``grad_out [M, K]``, ``weight [K, N]``, ``pre [M, N]``. `postact`: recompute the
+    GELU output too (for a caller that did not keep the forward's); without it the GEMM stores ``grad_pre`` only."""
     if _runs_quack(grad_out, weight, pre):
-        if bias_grad and FUSED_BIAS_GRAD and grad_out.shape[0] > 0:  # (no rows: gemm_dact's own empty-input path)
-            # quack's `gemm_dact` launch (its dynamic tile scheduler, the tile of `_choice`) with the bias sum added.
-            res = _dgelu_bias_mod()(
+        fused_bias = bias_grad and FUSED_BIAS_GRAD
+        if (fused_bias or not postact) and grad_out.shape[0] > 0:  # (no rows: gemm_dact's own empty-input path)
+            # quack's `gemm_dact` launch (its dynamic tile scheduler, the tile of `_choice`) with the bias sum added
+            # and/or the GELU output left out.
+            res = _dgelu_mod(postact, fused_bias)(
                 grad_out, weight, pre, dynamic_scheduler=True, **({"tuned": True} | _choice("dact"))
             )
-            return res["D"], res["postact"], res["dbias"].to(pre.dtype)
-        from quack.gemm_interface import gemm_dact
+            y = res["postact"] if postact else pre.new_empty(0)
+            if fused_bias:
+                return res["D"], y, res["dbias"].to(pre.dtype)
+            grad_pre = res["D"]
+        else:
+            from quack.gemm_interface import gemm_dact
 
-        grad_pre, y = gemm_dact(grad_out, weight, pre, activation="gelu_erf", **_choice("dact"))
+            grad_pre, y = gemm_dact(grad_out, weight, pre, activation="gelu_erf", **_choice("dact"))
+            y = y if postact else pre.new_empty(0)
     else:
         grad_pre = torch.ops.aten.gelu_backward(grad_out @ weight, pre)
-        y = F.gelu(pre)
+        y = F.gelu(pre) if postact else pre.new_empty(0)
     # The sum of the rounded grad_pre, accumulated in fp32 by ATen (what autograd of the unfused MLP computes; the
     # fused epilogue above sums grad_pre before its rounding).
     grad_b = grad_pre.sum(0) if bias_grad else pre.new_empty(0)
@@ -177,27 +186,46 @@ def _quack_gelu_grad(
 
 
 @functools.cache
-def _dgelu_bias_mod():
-    """The epilogue of `gemm_dact` for the exact GELU with the bias gradient summed in it, as a quack epilogue mod
-    (`quack.epilogue.frontend.gemm_epilogue`): from the accumulator ``acc = grad_out @ weight`` and the C operand
-    ``pre``, ``D = acc * gelu'(pre)`` (the gradient of the pre-activation) and ``postact = gelu(pre)`` by quack's
-    own `dgelu_erf` (what `gemm_dact(activation="gelu_erf")` computes), and ``dbias``, D in fp32 summed over each
-    tile's rows (`RowVecReduce`; rows past the token count are zeros). Calling it returns ``{"D", "postact",
-    "dbias"}``, ``dbias`` the fp32 sum of the tiles' partial sums. Built at the first GPU call (quack imported
-    then)."""
+def _dgelu_mod(postact: bool, bias_grad: bool):
+    """The epilogue of `gemm_dact` for the exact GELU as a quack epilogue mod (`quack.epilogue.frontend.
+    gemm_epilogue`), with the GELU output (`postact`) and/or the bias gradient (`bias_grad`) among its outputs: from
+    the accumulator ``acc = grad_out @ weight`` and the C operand ``pre``, ``D = acc * gelu'(pre)`` (the gradient of
+    the pre-activation) and ``postact = gelu(pre)`` by quack's own `dgelu_erf` (what `gemm_dact(activation=
+    "gelu_erf")` computes), and ``dbias``, D in fp32 summed over each tile's rows (`RowVecReduce`; rows past the
+    token count are zeros). Calling it returns ``{"D"}`` with ``"postact"`` and ``"dbias"`` (the fp32 sum of the
+    tiles' partial sums) where asked. Built at the first GPU call (quack imported then)."""
     from quack.activation import dact_fn_map
     from quack.epilogue.frontend import gemm_epilogue
     from quack.epilogue.ops import RowVecReduce
 
     dgelu = dact_fn_map["gelu_erf"]
+    reduces = {"dbias": RowVecReduce("dbias")} if bias_grad else None
+    # One function per output set: quack fingerprints an epilogue by its function's source.
+    if postact and bias_grad:
 
-    def dgelu_erf_bias_grad(acc, c):
-        dx, out = dgelu(c, acc)
-        return {"D": dx, "postact": out, "dbias": dx}
+        def dgelu_erf_bias_grad(acc, c):
+            dx, out = dgelu(c, acc)
+            return {"D": dx, "postact": out, "dbias": dx}
 
-    return gemm_epilogue(outputs=("postact",), reduces={"dbias": RowVecReduce("dbias")})(dgelu_erf_bias_grad)
+        return gemm_epilogue(outputs=("postact",), reduces=reduces)(dgelu_erf_bias_grad)
+    if postact:
+        raise ValueError("postact without bias_grad: quack's gemm_dact computes that")
+    if bias_grad:
+
+        def dgelu_erf_bias_grad_only(acc, c):
+            dx, _ = dgelu(c, acc)
+            return {"D": dx, "dbias": dx}
+
+        return gemm_epilogue(reduces=reduces)(dgelu_erf_bias_grad_only)
+
+    def dgelu_erf_only(acc, c):
+        dx, _ = dgelu(c, acc)
+        return {"D": dx}
+
+    return gemm_epilogue()(dgelu_erf_only)
 
 
 @_quack_gelu_grad.register_fake
-def _(grad_out, weight, pre, bias_grad):
-    return torch.empty_like(pre), torch.empty_like(pre), pre.new_empty(pre.shape[1] if bias_grad else 0)
+def _(grad_out, weight, pre, bias_grad, postact=True):
+    y = torch.empty_like(pre) if postact else pre.new_empty(0)
+    return torch.empty_like(pre), y, pre.new_empty(pre.shape[1] if bias_grad else 0)

@@ -9,6 +9,10 @@ the part's `forward` on the instance; "mlp" sets the block's `recompute_mlp` fla
 `forward` is behaviour the fused path must not bypass, so it would turn the kernel off). Policies, from the
 least memory saved to the most:
     None          nothing recomputed.
+    "gelu"        the GELU output of the fused MLP's training op (`ops.mlp.gelu_mlp`): frees that [tokens, 4D]
+                  activation; the backward recomputes it from the kept pre-activation, inside its gradient
+                  GEMM's epilogue with quack's kernels (stores one more [tokens, 4D] output there) or in an
+                  elementwise pass with the Triton kernels. No effect where the fused op does not run.
     "attention"   the attention sub-block (q/k/v GEMM, RoPE, the attention kernel, output projection):
                   frees q, k, v, the rotated q/k, the kernel's output and statistics; recomputes ~4 D^2 + the
                   attention FLOPs a token per block.
@@ -41,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from ..model.layers import RECOMPUTES
 from ..model.modeling import DINOv3ViTPackingModel
 
-RECOMPUTE_POLICIES = (None, "attention", "mlp", "block")
+RECOMPUTE_POLICIES = (None, "gelu", "attention", "mlp", "block")
 
 
 def _recomputed(forward):
@@ -83,9 +87,9 @@ def apply_recompute(model: DINOv3ViTPackingModel, policy: str | None) -> DINOv3V
     # Read by the model's `_set_gradient_checkpointing`, which then refuses transformers' checkpointing.
     model.recompute_policy = policy
     layers = model.model.layer
-    if policy == "mlp":
+    if policy in ("mlp", "gelu"):
         for layer in layers:
-            layer.recompute_mlp = True
+            setattr(layer, f"recompute_{policy}", True)
         return model
     for layer in layers:
         module = layer.attention if policy == "attention" else layer
