@@ -280,6 +280,9 @@ class PackedBatch:
         fold_layer_scale: the blocks multiply their LayerScale into the weight and bias of the projection before
             it (attention output, MLP down-projection) instead of into its output
             (`DINOv3ViTPackingModel.fold_layer_scale`; set only where autograd records).
+        fold_qkv_bias: where RoPE runs inside the attention kernel's op (`ops.attention.rope_in_kernel`) and
+            there is no attention dropout, the q and k biases are added in that op and the v bias goes into the
+            output projection's bias (`DINOv3ViTPackingModel.fold_qkv_bias`; set only where autograd records).
         dropout: attention dropout for this forward (0 outside training).
         inference: autograd does not record this forward (blocks may use cached fused weights).
         chunks: when not empty, the block stack runs over each of these groups of whole segments in turn
@@ -294,6 +297,7 @@ class PackedBatch:
     fused_rope: bool = True
     mlp_gemms: str = "triton"
     fold_layer_scale: bool = False
+    fold_qkv_bias: bool = False
     dropout: float = 0.0
     inference: bool = True
     chunks: tuple[PackedChunk, ...] = ()

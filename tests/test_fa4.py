@@ -227,8 +227,13 @@ def test_fake_gives_the_kernels_shapes():
         qkv, cos = torch.empty(300, 3, 16, 64, dtype=BF16), torch.empty(300, 64, dtype=BF16)
         out, lse, qk = torch.ops.dinov3_packing.fa4_rope_varlen(qkv, cos, cos, cu, 201)
         assert out.shape == (300, 16, 64) and lse.shape == (16, 300) and qk.shape == (300, 2, 16, 64)
-        dqkv = torch.ops.dinov3_packing.fa4_rope_varlen_backward(out, qkv, qk, out, lse, cos, cos, cu, 201)
-        assert dqkv.shape == qkv.shape and dqkv.dtype == BF16
+        dqkv, dbias = torch.ops.dinov3_packing.fa4_rope_varlen_backward(out, qkv, qk, out, lse, cos, cos, cu, 201)
+        assert dqkv.shape == qkv.shape and dqkv.dtype == BF16 and dbias.numel() == 0
+        bias = torch.empty(2, 16, 64, dtype=BF16)
+        out, lse, qk = torch.ops.dinov3_packing.fa4_rope_varlen(qkv, cos, cos, cu, 201, bias)
+        assert out.shape == (300, 16, 64) and qk.shape == (300, 2, 16, 64)
+        dqkv, dbias = torch.ops.dinov3_packing.fa4_rope_varlen_backward(out, qkv, qk, out, lse, cos, cos, cu, 201, True)
+        assert dqkv.shape == qkv.shape and dbias.shape == (2, 16, 64) and dbias.dtype == BF16
 
 
 def _qkv(layout, heads=4, head_dim=8, seed=0):
@@ -260,11 +265,14 @@ def _rope_tables(layout, head_dim=8, seed=3):
 
 
 @pytest.mark.parametrize("direct", [True, False])
-def test_rope_op_equals_rope_then_attention(stand_in, monkeypatch, direct):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_rope_op_equals_rope_then_attention(stand_in, monkeypatch, direct, with_bias):
     """`fa4_rope_attention` (RoPE inside the op, its inverse inside the backward) gives the output and the
     fused q/k/v gradient of `apply_rope` then the unfused fa4 op under autograd (the same kernel, so what is
     compared is the rotation and the assembly of the gradient), whether the backward kernel writes into the
-    gradient's planes (`DIRECT_GRADS`) or allocates its own."""
+    gradient's planes (`DIRECT_GRADS`) or allocates its own; `with_bias`: a q/k bias given to the op (added
+    before the rotation, its gradient summed in the backward's un-rotating pass) against the same bias added
+    before `apply_rope`."""
     from dinov3_packing.ops import fa4
     from dinov3_packing.ops.attention import apply_rope
     from dinov3_packing.ops.fa4 import fa4_rope_attention
@@ -274,22 +282,27 @@ def test_rope_op_equals_rope_then_attention(stand_in, monkeypatch, direct):
     cos, sin = _rope_tables(layout)
     g = torch.Generator().manual_seed(4)
     qkv0 = torch.randn(layout.num_tokens, 3, 4, 8, generator=g) * 3
+    bias0 = torch.randn(2, 4, 8, generator=g) * 0.5
     grad_out = torch.randn(layout.num_tokens, 4, 8, generator=g)
     results = {}
     for name in ("fused", "unfused"):
         qkv = qkv0.clone().requires_grad_(True)
+        bias = bias0.clone().requires_grad_(True) if with_bias else None
         if name == "fused":
-            out = fa4_rope_attention(qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen)
+            out = fa4_rope_attention(qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen, bias)
         else:
-            qk = apply_rope(qkv[:, :2], cos, sin)
+            qk = apply_rope(qkv[:, :2] if bias is None else qkv[:, :2] + bias, cos, sin)
             out = packed_attention(qk[:, 0], qk[:, 1], qkv[:, 2], layout, "fa4")
         out.backward(grad_out)
-        results[name] = (out.detach(), qkv.grad)
+        results[name] = (out.detach(), qkv.grad) + ((bias.grad,) if with_bias else ())
     assert stand_in == ["forward", "backward into given tensors" if direct else "backward", "forward", "backward"]
     for got, want in zip(results["fused"], results["unfused"], strict=True):
         assert_close(got, want)
     # The gradient is not trivially equal: v's plane, q's and k's all carry attention's gradient.
     assert all(results["fused"][1][:, p].abs().max() > 1e-3 for p in range(3))
+    if with_bias:  # the bias's gradient is the sum over the tokens of q's and k's planes
+        assert_close(results["fused"][2], results["fused"][1][:, :2].sum(0))
+        assert results["fused"][2].abs().max() > 1e-3
 
 
 def test_rope_op_refuses_gradients_for_the_tables(stand_in):
@@ -307,9 +320,10 @@ def test_opcheck_rope_op(stand_in):
     layout = PackedLayout.build([(1, 2, 3), (1, 3, 3)], 5, "cpu")
     cos, sin = _rope_tables(layout)
     qkv = torch.randn(layout.num_tokens, 3, 4, 8, requires_grad=True)
-    torch.library.opcheck(
-        torch.ops.dinov3_packing.fa4_rope_varlen.default, (qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen)
-    )
+    op = torch.ops.dinov3_packing.fa4_rope_varlen.default
+    torch.library.opcheck(op, (qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen))
+    bias = torch.randn(2, 4, 8, requires_grad=True)
+    torch.library.opcheck(op, (qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen, bias))
 
 
 def test_opcheck(stand_in):
@@ -318,24 +332,44 @@ def test_opcheck(stand_in):
     torch.library.opcheck(torch.ops.dinov3_packing.fa4_varlen.default, (q, k, v, layout.cu_seqlens, layout.max_seqlen))
 
 
-@pytest.mark.parametrize("fused_rope", [True, False])
-def test_model_gradients_through_fa4_match_sdpa(stand_in, fused_rope):
+@pytest.mark.parametrize(
+    ("fused_rope", "fold_qkv_bias"), [(True, True), (True, False), (False, True)], ids=["fused", "no-fold", "outside"]
+)
+def test_model_gradients_through_fa4_match_sdpa(stand_in, monkeypatch, fused_rope, fold_qkv_bias):
     """A whole model's training step with every block's attention on the fa4 op equals the sdpa one, with
-    RoPE inside the op (`fused_rope`, the default) and outside it. No RoPE augmentation (it draws from the
-    global RNG), and q, k scaled up so attention is far from uniform and its gradient matters."""
+    RoPE inside the op (`fused_rope`, the default) and outside it, and inside it with the q/k/v biases moved (q's
+    into the op, v's into the output projection's bias: `fold_qkv_bias`, the default) and not. No RoPE
+    augmentation (it draws from the global RNG), q, k scaled up so attention is far from uniform and its
+    gradient matters, and biases of a size that matters too. The biases moved exactly where RoPE ran in the op
+    (the q/k bias handed to `attend`)."""
+    from dinov3_packing.model import layers
+
+    qk_biases = []
+    attend = layers.attend
+    monkeypatch.setattr(layers, "attend", lambda *a, **k: qk_biases.append(k.get("qk_bias")) or attend(*a, **k))
     hidden_states, grid = pack(random_images([(2, 3), (1, 1), (2, 2, 1), (3, 3)], 16, seed=2), 16)
     grads = {}
     for backend in ("fa4", "sdpa"):
         model = random_packing_model(tiny_config(pos_embed_rescale=None), seed=0).train()
         model.fused_rope = fused_rope
+        model.fold_qkv_bias = fold_qkv_bias
         with torch.no_grad():
             for layer in model.model.layer:
                 layer.attention.q_proj.weight.mul_(10)
                 layer.attention.k_proj.weight.mul_(10)
+                layer.attention.q_proj.bias.mul_(20)
+                layer.attention.v_proj.bias.mul_(20)
         model.resolved_attn_backend = lambda inference=True, max_seqlen=None, b=backend: b
         out = model(hidden_states, grid)
         (out.last_hidden_state.pow(2).sum() + out.pooler_output.sum()).backward()
         grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    moved = fused_rope and fold_qkv_bias
+    layer_count = model.config.num_hidden_layers
+    assert [b is not None for b in qk_biases] == [moved] * layer_count + [False] * layer_count
+    if moved:  # q's bias and k's zeros (the config has no k bias)
+        q_bias = model.model.layer[-1].attention.q_proj.bias
+        assert qk_biases[layer_count - 1].shape == (2, 4, 8) and not qk_biases[layer_count - 1][1].any()
+        assert torch.equal(qk_biases[layer_count - 1][0].flatten(), q_bias.detach())
     calls = "backward into given tensors" if fused_rope else "backward"
     assert stand_in.count(calls) == len(stand_in) - stand_in.count("forward") == model.config.num_hidden_layers
     assert grads["fa4"].keys() == grads["sdpa"].keys() and len(grads["sdpa"]) > 20
@@ -401,7 +435,8 @@ def _real_fa4_on_hopper() -> bool:
 
 @pytest.mark.skipif(not _real_fa4_on_hopper(), reason="GPU check: needs flash-attn-4 on an SM90+ GPU (the device)")
 @pytest.mark.parametrize("direct", [True, False])
-def test_gpu_rope_op_matches_the_unfused_path(monkeypatch, direct):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gpu_rope_op_matches_the_unfused_path(monkeypatch, direct, with_bias):
     """The real kernels, bf16, ViT-L heads, mixed segment lengths: the fused op's output and q/k/v gradient
     against RoPE + the unfused op, both measured against the fp32 "sdpa" path of the same inputs. The fused
     path may differ from the unfused one by the rounding of the rotation (fp32, rounded once in both, FMA
@@ -410,7 +445,9 @@ def test_gpu_rope_op_matches_the_unfused_path(monkeypatch, direct):
     rows are not compared: with q and k this large, one ulp of a rotated q moves a sharp softmax row, and on
     the H200 the worst row's cosine against fp32 was 0.99810 fused and 0.99836 unfused, the two bf16 outputs'
     lowest row cosine with each other 0.9983, while their largest errors were 0.184 and 0.181 and their
-    relative L2 errors 0.0097 and 0.0114, gradients 0.0121 and 0.0142: the fused path rounds less.)"""
+    relative L2 errors 0.0097 and 0.0114, gradients 0.0121 and 0.0142: the fused path rounds less.) `with_bias`:
+    a q/k bias handed to the op (added in its RoPE pass, its gradient summed in the backward's) against the same
+    bias added before RoPE, its gradient held to the same bounds."""
     from dinov3_packing.ops import fa4
     from dinov3_packing.ops.attention import apply_rope
     from dinov3_packing.ops.fa4 import fa4_rope_attention
@@ -424,19 +461,21 @@ def test_gpu_rope_op_matches_the_unfused_path(monkeypatch, direct):
     cos32, sin32 = angles.cos(), torch.cat([-sin[:, : d // 2], sin[:, d // 2 :]], dim=1)
     qkv0 = torch.randn(n, 3, heads, d, generator=g, device=CUDA) * 2
     grad_out = torch.randn(n, heads, d, generator=g, device=CUDA)
+    bias0 = torch.randn(2, heads, d, generator=g, device=CUDA) * 0.5
     results = {}
     for name, dtype in (("fused", BF16), ("unfused", BF16), ("fp32", torch.float32)):
         qkv = qkv0.to(dtype).requires_grad_(True)
+        bias = bias0.to(dtype).requires_grad_(True) if with_bias else None
         cos, sin = cos32.to(dtype), sin32.to(dtype)
         if name == "fused":
-            out = fa4_rope_attention(qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen)
+            out = fa4_rope_attention(qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen, bias)
         else:
-            qk = apply_rope(qkv[:, :2], cos, sin)
+            qk = apply_rope(qkv[:, :2] if bias is None else qkv[:, :2] + bias, cos, sin)
             out = packed_attention(qk[:, 0], qk[:, 1], qkv[:, 2], layout, "fa4" if dtype == BF16 else "sdpa")
         out.backward(grad_out.to(dtype))
-        results[name] = [out.detach().float(), qkv.grad.float()]
+        results[name] = [out.detach().float(), qkv.grad.float()] + ([bias.grad.float()] if with_bias else [])
     ref = results["fp32"]
-    for i, what in enumerate(("output", "q/k/v gradient")):
+    for i, what in enumerate(("output", "q/k/v gradient", "q/k bias gradient")[: len(ref)]):
         fused, unfused = results["fused"][i], results["unfused"][i]
         scale = ref[i].abs().max()
         err_fused, err_unfused = ((t - ref[i]).abs().max().item() for t in (fused, unfused))

@@ -10,7 +10,8 @@ result: the kernel computes in fp32 and rounds once, and the interpreter (Triton
 by truncation (every element equal to the truncated fp32 result when this was written), where a GPU rounds
 to nearest: the GPU check keeps half an ulp (2**-8). The inverse is also checked to be the rotation's
 transpose (`<R x, g> == <x, R^T g>`) and, for tables of real angles, its inverse (un-rotating a rotated
-tensor gives it back). On CUDA (the device) the same comparisons run on the GPU kernel.
+tensor gives it back). With a bias (added before the rotation) and with the inverse's column sums (the bias's
+gradient) the same comparisons hold. On CUDA (the device) the same comparisons run on the GPU kernel.
 """
 
 from __future__ import annotations
@@ -68,6 +69,21 @@ _SCRIPT = textwrap.dedent(
             row[key + "_excess"] = (err - ref.abs() * 2.0**-7 - 1e-6 * scale).max().item()
             row[key + "_same_object"] = got is dst
             row[key + "_v_untouched"] = bool(torch.equal(x[:, 2], qkv[:, 2]))
+        # A bias added before the rotation, and the column sums of the inverse (the bias's gradient).
+        bias = torch.randn(2, heads, d, generator=gen).to(dt)
+        x = qkv.clone()
+        dst = x[:, :2] if mode == "inplace" else torch.empty(tokens, 2, heads, d, dtype=dt)
+        got = rope_planes(x[:, :2], dst, cos, sin, use_kernel=True, bias=bias)
+        ref = rope_reference(qkv[:, :2].double() + bias.double(), cos.double(), sin.double())
+        err = (got.double() - ref).abs()
+        row["bias_rel"] = (err.max() / ref.abs().max()).item()
+        row["bias_excess"] = (err - ref.abs() * 2.0**-7 - 1e-6 * ref.abs().max()).max().item()
+        sums = torch.full((2, heads, d), float("nan"))
+        x = qkv.clone()
+        dst = x[:, :2] if mode == "inplace" else torch.empty(tokens, 2, heads, d, dtype=dt)
+        rope_planes(x[:, :2], dst, cos, sin, inverse=True, use_kernel=True, sums=sums)
+        ref = rope_reference(qkv[:, :2].double(), cos.double(), sin.double(), True)
+        row["sums_rel"] = ((sums.double() - ref.sum(0)).abs().max() / ref.abs().sum(0).max()).item()
         # The inverse is the transpose: <R x, g> == <x, R^T g> (fp64 tensors through the kernel's formula).
         xs, gs = (torch.randn(tokens, 1, heads, d, generator=gen, dtype=torch.float32) for _ in range(2))
         c32, s32 = cos64.float(), sin64.float()
@@ -100,6 +116,21 @@ def test_kernel_matches_torch_under_the_interpreter(results, case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kernel_adds_a_bias_and_sums_the_inverse_under_the_interpreter(results, case):
+    """The forward with a `[planes, heads, head_dim]` bias added before the rotation, against the fp64 rotation of
+    the biased input (the same tolerances as without it: the kernel adds in fp32 and rounds once), and the
+    inverse's column sums (the bias's gradient, summed in fp32 before rounding) against the fp64 sums of the fp64
+    inverse: within 1e-6 of the largest sum of magnitudes (fp32 sums of up to ~70 terms)."""
+    name, dtype = case[:2]
+    r = results[name]
+    if dtype == "float32":
+        assert r["bias_rel"] <= 1e-6, r
+    else:
+        assert r["bias_excess"] <= 0, r
+    assert r["sums_rel"] <= 1e-6, r
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_inverse_is_the_transpose_and_undoes_the_rotation(results, case):
     r = results[case[0]]
     assert r["adjoint_gap"] <= 1e-3, r  # sums of ~10^3 fp32 products of order 1
@@ -122,8 +153,28 @@ def test_cpu_path_without_kernel_equals_reference_in_place():
     cos, sin = (torch.randn(9, 8, generator=g) for _ in range(2))
     want = rope_reference(qkv[:, :2], cos, sin, inverse=True)
     v = qkv[:, 2].clone()
-    rope_planes(qkv[:, :2], qkv[:, :2], cos, sin, inverse=True)
+    sums = torch.empty(2, 2, 8)
+    rope_planes(qkv[:, :2], qkv[:, :2], cos, sin, inverse=True, sums=sums)
     assert torch.equal(qkv[:, :2], want) and torch.equal(qkv[:, 2], v)
+    assert torch.equal(sums, want.sum(0))
+    bias = torch.randn(2, 2, 8, generator=g)
+    got = rope_planes(qkv[:, :2], torch.empty(9, 2, 2, 8), cos, sin, bias=bias)
+    assert torch.equal(got, rope_reference(qkv[:, :2] + bias, cos, sin))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"bias": torch.zeros(2, 4, 8)}, r"bias: expected a contiguous \[planes, heads, head_dim\] = \[2, 8, 8\]"),
+        ({"bias": torch.zeros(2, 8, 8, 2)[..., 0]}, "bias: expected a contiguous"),
+        ({"sums": torch.zeros(1, 8, 8)}, "sums: expected a contiguous"),
+        ({"sums": torch.zeros(2, 8, 8, dtype=torch.float64)}, "sums: expected float32"),
+    ],
+)
+def test_bad_bias_or_sums_are_refused(kwargs, match):
+    x, c = torch.zeros(5, 2, 8, 8), torch.zeros(5, 8)
+    with pytest.raises(ValueError, match=match):
+        rope_planes(x, torch.empty_like(x), c, c, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -165,3 +216,17 @@ def test_gpu_kernel_matches_torch(dtype):
         x = qkv.clone()
         rope_planes(x[:, :2], x[:, :2], cos, sin, inverse)
         assert torch.equal(x[:, :2], got) and torch.equal(x[:, 2], qkv[:, 2])
+    # A bias before the rotation (as tight as without it), and the inverse's column sums in fp32: within 1e-5 of
+    # the largest sum of magnitudes (fp32 sums of 32 terms, then of 1,877 block sums).
+    bias = torch.randn(2, heads, d, generator=g, device=dev).to(dtype)
+    got = rope_planes(qkv[:, :2], torch.empty(tokens, 2, heads, d, device=dev, dtype=dtype), cos, sin, bias=bias)
+    ref = rope_reference(qkv[:, :2].double() + bias.double(), cos.double(), sin.double())
+    err = (got.double() - ref).abs()
+    if dtype == torch.float32:
+        assert (err.max() / ref.abs().max()).item() <= 1e-6
+    else:
+        assert (err - ref.abs() * 2.0**-8 - 1e-6 * ref.abs().max()).max().item() <= 0
+    sums = torch.empty(2, heads, d, device=dev)
+    rope_planes(qkv[:, :2], torch.empty_like(got), cos, sin, inverse=True, sums=sums)
+    ref = rope_reference(qkv[:, :2].double(), cos.double(), sin.double(), True)
+    assert ((sums.double() - ref.sum(0)).abs().max() / ref.abs().sum(0).max()).item() <= 1e-5

@@ -635,10 +635,13 @@ def test_layer_scale_fold_runs_under_attention_recompute(monkeypatch):
     assert decisions == [True] * blocks
 
 
-def test_fold_layer_scale_rejects_a_non_bool():
+def test_fold_options_reject_a_non_bool():
     model, _ = _models(GELU)
     with pytest.raises(TypeError, match="fold_layer_scale: expected a bool, got int"):
         model.fold_layer_scale = 1
+    with pytest.raises(TypeError, match="fold_qkv_bias: expected a bool, got str"):
+        model.fold_qkv_bias = "yes"
+    assert model.fold_qkv_bias is True
 
 
 def test_unfolded_layer_scale_reads_the_forward_output_under_attention_recompute():

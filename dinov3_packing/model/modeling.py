@@ -71,7 +71,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             kernels: `ops/triton/linear_gelu.py`), "triton-dgelu" (the same kernels keeping the GELU's derivative
             instead of the pre-activation, so the backward's epilogue multiplies instead of computing the erf),
             or "quack" (quack-kernels' warp-specialized GEMMs with the GELU and its derivative in their
-            epilogues, `ops/quack.py`; the forward then keeps one 4D-wide activation less per block). On the
+            epilogues, `ops/quack.py`). On the
             H100, a ViT-L mixed-64 step (benchmarks/results/RESULTS.md, 2026-12-07): "quack" 284 ms and 695 KiB
             of activations per token, "triton" 286 ms and 887 KiB, "triton-dgelu" 287 ms. "quack" where the
             fused MLP runs but quack cannot raises ValueError at the forward. Settable after construction.
@@ -83,6 +83,13 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             instead. Rounding differs: the scaled weight is rounded to the compute dtype. A projection or
             LayerScale that is replaced, wrapped or hooked is not folded. Forwards without autograd never fold.
             Default True; settable after construction.
+        fold_qkv_bias: when autograd records, RoPE runs inside the attention kernel's op ("fa4" with
+            `fused_rope`) and there is no attention dropout, each block leaves the q, k and v biases out of the
+            q/k/v projection: the op adds q's and k's in its RoPE pass and sums their gradient in the backward's,
+            and v's goes into the output projection's bias (``o(attn(q, k, v + b_v)) = o(attn(q, k, v)) + W_o
+            b_v``: each softmax row sums to one), so no pass sums the `[num_tokens, 3 D]` q/k/v gradient for the
+            biases' gradients. The same function; rounding differs. Not where the output projection is replaced,
+            wrapped or hooked. Default True; settable after construction.
 
     Attributes:
         cpu_chunk_tokens: on the CPU, without autograd and in eval mode, the blocks run over consecutive whole
@@ -110,6 +117,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         fused_rope: bool = True,
         mlp_gemms: str = "auto",
         fold_layer_scale: bool = True,
+        fold_qkv_bias: bool = True,
     ):
         super().__init__(config)
         self.attn_backend = check_attention_backend(attn_backend)
@@ -117,6 +125,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         self.fused_rope = fused_rope
         self.mlp_gemms = mlp_gemms
         self.fold_layer_scale = fold_layer_scale
+        self.fold_qkv_bias = fold_qkv_bias
         self.cpu_chunk_tokens = CPU_CHUNK_TOKENS
         self.embeddings = DINOv3ViTPackedEmbeddings(config)
         self.rope_embeddings = DINOv3ViTPackedRopeEmbedding(config)
@@ -145,6 +154,18 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         if not isinstance(value, bool):
             raise TypeError(f"fold_layer_scale: expected a bool, got {type(value).__name__}")
         self._fold_layer_scale = value
+
+    @property
+    def fold_qkv_bias(self) -> bool:
+        """When autograd records, q/k/v biases move into the attention op and the output projection (see the class
+        docstring)."""
+        return self._fold_qkv_bias
+
+    @fold_qkv_bias.setter
+    def fold_qkv_bias(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"fold_qkv_bias: expected a bool, got {type(value).__name__}")
+        self._fold_qkv_bias = value
 
     @property
     def mlp_gemms(self) -> str:
@@ -214,6 +235,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             fused_rope=self.fused_rope,
             mlp_gemms="triton" if inference else resolve_mlp_gemms(self.mlp_gemms, device, fused),
             fold_layer_scale=self.fold_layer_scale and not inference,
+            fold_qkv_bias=self.fold_qkv_bias and not inference,
             dropout=self.config.attention_dropout if self.training else 0.0,
             inference=inference,
         )

@@ -92,10 +92,10 @@ def _run_fa4(q, k, v, layout: PackedLayout, dropout_p: float) -> torch.Tensor:
     return fa4_varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen)
 
 
-def _run_fa4_qkv(qkv, cos, sin, layout: PackedLayout, dropout_p: float) -> torch.Tensor:
+def _run_fa4_qkv(qkv, cos, sin, layout: PackedLayout, dropout_p: float, qk_bias=None) -> torch.Tensor:
     from .fa4 import fa4_rope_attention
 
-    return fa4_rope_attention(qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen)
+    return fa4_rope_attention(qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen, qk_bias)
 
 
 def _run_triton(q, k, v, layout: PackedLayout, dropout_p: float) -> torch.Tensor:
@@ -128,9 +128,10 @@ class Backend:
         min_capability: the lowest CUDA compute capability it runs on (None: any).
         inference_min_seqlen: "auto" takes it for a forward without autograd only when the pack's longest
             segment has at least this many tokens (training takes it whatever the lengths).
-        run_qkv: `(qkv, cos, sin, layout, dropout_p) -> out`, the kernel with RoPE inside (`qkv [tokens, 3,
-            heads, head_dim]`, the RoPE tables), which `attend` calls instead of RoPE + `run` when the batch
-            allows it (`PackedBatch.fused_rope`); None: the kernel takes rotated q and k only.
+        run_qkv: `(qkv, cos, sin, layout, dropout_p, qk_bias) -> out`, the kernel with RoPE inside (`qkv [tokens,
+            3, heads, head_dim]`, the RoPE tables, None or a `[2, heads, head_dim]` bias to add to q and k before
+            the rotation), which `attend` calls instead of RoPE + `run` when the batch allows it
+            (`PackedBatch.fused_rope`); None: the kernel takes rotated q and k only.
     """
 
     name: str
@@ -282,13 +283,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.view(shape) + swap_halves(x) * sin.view(shape)
 
 
-def attend(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+def rope_in_kernel(batch: PackedBatch) -> bool:
+    """Whether `attend` rotates q and k inside the kernel's op (`Backend.run_qkv`, "fa4", with
+    `batch.fused_rope`)."""
+    return batch.fused_rope and _REGISTRY[batch.attention].run_qkv is not None
+
+
+def attend(qkv: torch.Tensor, batch: PackedBatch, qk_bias: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE on q and k (rows with cos = 1, sin = 0 stay unrotated), then attention per segment: inside the
     kernel's op where it has one (`Backend.run_qkv`, "fa4") and `batch.fused_rope` is set, else as below.
 
     Args:
         qkv: `[num_tokens, 3, heads, head_dim]`, the fused projection's output.
         batch: the forward's `PackedBatch` (layout, RoPE tables, the kernel and dropout to use).
+        qk_bias: None, or a contiguous `[2, heads, head_dim]` bias to add to q and k before the rotation (inside
+            the kernel's op where RoPE runs there).
 
     Returns:
         `[num_tokens, heads * head_dim]`.
@@ -296,10 +305,10 @@ def attend(qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     RoPE is one elementwise pass over q and k (fused by torch.compile); rotating inside the Triton kernel
     was measured slower on the H100 (benchmarks/results/RESULTS.md).
     """
-    run_qkv = _REGISTRY[batch.attention].run_qkv if batch.fused_rope else None
-    if run_qkv is not None:
-        return run_qkv(qkv, batch.cos, batch.sin, batch.layout, batch.dropout).flatten(1)
-    qk = apply_rope(qkv[:, :2], batch.cos, batch.sin)
+    if rope_in_kernel(batch):
+        run_qkv = _REGISTRY[batch.attention].run_qkv
+        return run_qkv(qkv, batch.cos, batch.sin, batch.layout, batch.dropout, qk_bias).flatten(1)
+    qk = apply_rope(qkv[:, :2] if qk_bias is None else qkv[:, :2] + qk_bias, batch.cos, batch.sin)
     out = packed_attention(qk[:, 0], qk[:, 1], qkv[:, 2], batch.layout, batch.attention, batch.dropout)
     return out.flatten(1)
 

@@ -9,11 +9,14 @@ image sizes changes only tensor sizes and `max_seqlen`, both symbolic after warm
 recompile. The flash-attn-4 package is imported at the first real call only; registering the ops needs
 torch alone.
 
-`fa4_rope_attention(qkv, cos, sin, cu_seqlens, max_seqlen)` is the same attention taking the fused q/k/v
+`fa4_rope_attention(qkv, cos, sin, cu_seqlens, max_seqlen, qk_bias)` is the same attention taking the fused q/k/v
 projection and the RoPE tables (ops `dinov3_packing::fa4_rope_varlen` and its backward): it rotates q and k
 with one Triton pass (`ops/triton/rope.py`) before the forward kernel, and in the backward has the kernel
 write dq, dk and dv straight into the planes of one `[tokens, 3, heads, head_dim]` gradient and un-rotates
-the q and k planes in place. Without it, torch.compile builds that gradient from three tensors in an
+the q and k planes in place. Given the q and k biases (`qk_bias`), the rotating pass adds them and the
+un-rotating pass sums their gradient over the tokens, so the projection before the op needs no bias for q and k
+and no pass of its own over the `[tokens, 3 D]` gradient for theirs (the model moves v's bias past the attention:
+`DINOv3ViTPackingModel.fold_qkv_bias`). Without it, torch.compile builds that gradient from three tensors in an
 elementwise kernel of its own, which on the H200 cost 15.7 ms of a 295 ms ViT-L training step
 (benchmarks/results/RESULTS.md). `DIRECT_GRADS = False` lets the kernel allocate its gradients instead (one
 more copy of dv and a read of dq and dk), for a flash-attn-4 release that refuses strided outputs.
@@ -141,17 +144,22 @@ def fa4_varlen_attention(
 
 @torch.library.custom_op("dinov3_packing::fa4_rope_varlen", mutates_args=())
 def _fa4_rope_varlen(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    qk_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     tokens, _, heads, head_dim = qkv.shape
     qk = qkv.new_empty((tokens, 2, heads, head_dim))
-    rope_planes(qkv[:, :2], qk, cos, sin)
+    rope_planes(qkv[:, :2], qk, cos, sin, bias=qk_bias)
     out, lse = _forward(qk[:, 0], qk[:, 1], qkv[:, 2], cu_seqlens, max_seqlen)
     return out, lse, qk
 
 
 @_fa4_rope_varlen.register_fake
-def _(qkv, cos, sin, cu_seqlens, max_seqlen):
+def _(qkv, cos, sin, cu_seqlens, max_seqlen, qk_bias=None):
     tokens, _, heads, head_dim = qkv.shape
     return (
         qkv.new_empty((tokens, heads, head_dim)),
@@ -171,48 +179,62 @@ def _fa4_rope_varlen_backward(
     sin: torch.Tensor,
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
-) -> torch.Tensor:
+    bias_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dqkv, the q/k bias gradient [2, heads, head_dim] or an empty tensor)``: with `bias_grad`, the un-rotating
+    pass also sums the q and k planes' gradient over the tokens (in fp32, rounded once to qkv's dtype)."""
     dqkv = qkv.new_empty(qkv.shape)
     q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
+    sums = qkv.new_empty((2, *qkv.shape[2:]), dtype=torch.float32) if bias_grad else None
     if DIRECT_GRADS:
         _backward_kernel(
             grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, dq=dqkv[:, 0], dk=dqkv[:, 1], dv=dqkv[:, 2]
         )
-        rope_planes(dqkv[:, :2], dqkv[:, :2], cos, sin, inverse=True)
+        rope_planes(dqkv[:, :2], dqkv[:, :2], cos, sin, inverse=True, sums=sums)
     else:
         dq, dk, dv = _backward_kernel(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen)
-        rope_planes(dq.unsqueeze(1), dqkv[:, :1], cos, sin, inverse=True)
-        rope_planes(dk.unsqueeze(1), dqkv[:, 1:2], cos, sin, inverse=True)
+        for plane, grad in enumerate((dq, dk)):
+            part = None if sums is None else sums[plane : plane + 1]
+            rope_planes(grad.unsqueeze(1), dqkv[:, plane : plane + 1], cos, sin, inverse=True, sums=part)
         dqkv[:, 2].copy_(dv)
-    return dqkv
+    return dqkv, qkv.new_empty(0) if sums is None else sums.to(qkv.dtype)
 
 
 @_fa4_rope_varlen_backward.register_fake
-def _(grad_out, qkv, qk, out, lse, cos, sin, cu_seqlens, max_seqlen):
-    return qkv.new_empty(qkv.shape)
+def _(grad_out, qkv, qk, out, lse, cos, sin, cu_seqlens, max_seqlen, bias_grad=False):
+    return qkv.new_empty(qkv.shape), qkv.new_empty((2, *qkv.shape[2:]) if bias_grad else 0)
 
 
 def _rope_setup_context(ctx, inputs, output):
-    qkv, cos, sin, cu_seqlens, max_seqlen = inputs
+    qkv, cos, sin, cu_seqlens, max_seqlen, qk_bias = inputs
     out, lse, qk = output
     ctx.save_for_backward(qkv, qk, out, lse, cos, sin, cu_seqlens)
     ctx.max_seqlen = max_seqlen
+    ctx.has_bias = qk_bias is not None
 
 
 def _rope_backward(ctx, grad_out, grad_lse, grad_qk):
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         raise RuntimeError("dinov3_packing::fa4_rope_varlen has no gradient for the RoPE tables (cos, sin)")
     qkv, qk, out, lse, cos, sin, cu_seqlens = ctx.saved_tensors
+    bias_grad = ctx.has_bias and ctx.needs_input_grad[5]
     # lse and the rotated q/k are outputs for the backward's sake: nothing else reads them.
-    dqkv = _fa4_rope_varlen_backward(grad_out.contiguous(), qkv, qk, out, lse, cos, sin, cu_seqlens, ctx.max_seqlen)
-    return dqkv, None, None, None, None
+    dqkv, dbias = _fa4_rope_varlen_backward(
+        grad_out.contiguous(), qkv, qk, out, lse, cos, sin, cu_seqlens, ctx.max_seqlen, bias_grad
+    )
+    return dqkv, None, None, None, None, dbias if bias_grad else None
 
 
 _fa4_rope_varlen.register_autograd(_rope_backward, setup_context=_rope_setup_context)
 
 
 def fa4_rope_attention(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    qk_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RoPE on q and k (`ops.attention.apply_rope`'s formula and tables), then `fa4_varlen_attention`.
 
@@ -220,8 +242,10 @@ def fa4_rope_attention(
         qkv: `[num_tokens, 3, heads, head_dim]` (the fused projection; unit stride in head_dim).
         cos, sin: `[num_tokens, head_dim]` RoPE tables (`PackedBatch.cos`, `.sin`), without gradients.
         cu_seqlens, max_seqlen: as for `fa4_varlen_attention`.
+        qk_bias: None, or a contiguous `[2, heads, head_dim]` bias added to q and k before the rotation (the
+            projection's q and k biases, left out of the projection), whose gradient the backward sums.
 
     Returns:
         `[num_tokens, heads, head_dim]`.
     """
-    return torch.ops.dinov3_packing.fa4_rope_varlen(qkv, cos, sin, cu_seqlens, max_seqlen)[0]
+    return torch.ops.dinov3_packing.fa4_rope_varlen(qkv, cos, sin, cu_seqlens, max_seqlen, qk_bias)[0]

@@ -88,10 +88,14 @@ if triton is not None:
         stride_yh,
         stride_ct,
         stride_st,
+        BIAS,
+        SUMS,
         HEADS: tl.constexpr,
         HALF: tl.constexpr,
         HALF_P2: tl.constexpr,
         INVERSE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_SUMS: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -108,13 +112,25 @@ if triton is not None:
         s_x1 = s_lo if INVERSE else s_hi
         x_row = X + rows64 * stride_xt + plane * stride_xp + cols[None, :]
         y_row = Y + rows64 * stride_yt + plane * stride_yp + cols[None, :]
+        col_mask = cols < HALF
+        # BIAS and SUMS rows: [planes, heads, 2 * HALF] contiguous; SUMS has one such block per program.
+        bias_row = BIAS + plane * HEADS * 2 * HALF + cols
+        sums_row = SUMS + (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + plane) * HEADS * 2 * HALF + cols
         for h in tl.static_range(HEADS):
             x1 = tl.load(x_row + h * stride_xh, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(x_row + h * stride_xh + HALF, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:  # rows past the token count stay zero: they are neither stored nor summed
+                b1 = tl.load(bias_row + h * 2 * HALF, mask=col_mask).to(tl.float32)
+                b2 = tl.load(bias_row + h * 2 * HALF + HALF, mask=col_mask).to(tl.float32)
+                x1 = tl.where(mask, x1 + b1[None, :], 0.0)
+                x2 = tl.where(mask, x2 + b2[None, :], 0.0)
             y1 = x1 * c_lo + x2 * s_x2
             y2 = x2 * c_hi + x1 * s_x1
             tl.store(y_row + h * stride_yh, y1.to(Y.dtype.element_ty), mask=mask)
             tl.store(y_row + h * stride_yh + HALF, y2.to(Y.dtype.element_ty), mask=mask)
+            if HAS_SUMS:
+                tl.store(sums_row + h * 2 * HALF, tl.sum(y1, axis=0), mask=col_mask)
+                tl.store(sums_row + h * 2 * HALF + HALF, tl.sum(y2, axis=0), mask=col_mask)
 
 
 def rope_planes(
@@ -124,22 +140,46 @@ def rope_planes(
     sin: torch.Tensor,
     inverse: bool = False,
     use_kernel: bool | None = None,
+    bias: torch.Tensor | None = None,
+    sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotate (or, with `inverse`, un-rotate) every plane and head of `x [tokens, planes, heads, head_dim]`
     into `out` (same shape; `x` itself for in place) with tables `cos`, `sin` `[tokens, head_dim]`; returns
     `out`. `use_kernel`: None runs the Triton kernel on CUDA tensors and torch ops elsewhere; True forces the
-    kernel (CPU tensors only under Triton's interpreter)."""
+    kernel (CPU tensors only under Triton's interpreter).
+
+    `bias`: a `[planes, heads, head_dim]` tensor added to every token's `x` before the rotation (in fp32 in the
+    kernel). `sums`: an fp32 `[planes, heads, head_dim]` tensor that receives the result's sum over the tokens
+    (in the kernel, of the fp32 values before their rounding to `out`'s dtype: per block of tokens, then over the
+    blocks): with `inverse`, the gradient of such a bias, from the pass that un-rotates the gradient."""
     check_planes(x, out, cos, sin)
+    planes, heads, head_dim = x.shape[1:]
+    for name, t, dtypes in (("bias", bias, None), ("sums", sums, (torch.float32,))):
+        if t is None:
+            continue
+        if t.shape != (planes, heads, head_dim) or t.device != x.device or not t.is_contiguous():
+            raise ValueError(
+                f"{name}: expected a contiguous [planes, heads, head_dim] = {[planes, heads, head_dim]} tensor on "
+                f"{x.device}, got {list(t.shape)} on {t.device}"
+            )
+        if dtypes is not None and t.dtype not in dtypes:
+            raise ValueError(f"{name}: expected float32, got {t.dtype}")
     if use_kernel is None:
         use_kernel = x.is_cuda and triton is not None
     if not use_kernel:
-        out.copy_(rope_reference(x, cos, sin, inverse))
+        y = rope_reference(x if bias is None else x + bias, cos, sin, inverse)
+        out.copy_(y)
+        if sums is not None:
+            sums.copy_(y.float().sum(0))
         return out
-    tokens, planes, heads, head_dim = x.shape
+    tokens = x.shape[0]
     if tokens == 0 or planes == 0:
+        if sums is not None:
+            sums.zero_()
         return out
     half = head_dim // 2
     grid = (triton.cdiv(tokens, BLOCK_T), planes)
+    partial = x.new_empty((grid[0], planes, heads, head_dim), dtype=torch.float32) if sums is not None else None
     _rope_kernel[grid](
         x,
         out,
@@ -154,11 +194,17 @@ def rope_planes(
         out.stride(2),
         cos.stride(0),
         sin.stride(0),
+        x if bias is None else bias,
+        x if partial is None else partial,
         HEADS=heads,
         HALF=half,
         HALF_P2=triton.next_power_of_2(half),
         INVERSE=inverse,
+        HAS_BIAS=bias is not None,
+        HAS_SUMS=partial is not None,
         BLOCK=BLOCK_T,
         num_warps=4,
     )
+    if partial is not None:
+        torch.sum(partial, dim=0, out=sums)
     return out
