@@ -101,6 +101,7 @@ NO_FOLD = "new, LayerScale not folded into the projections (fold_layer_scale=Fal
 TRITON_DGELU = "new, MLP keeping gelu'(pre) instead of pre (mlp_gemms='triton-dgelu')"
 QUACK_SUM = "new, quack's MLP GEMMs, the up-projection's bias gradient summed apart (ops.quack.FUSED_BIAS_GRAD=False)"
 QUACK_GELU = "new, quack's MLP GEMMs + recompute gelu (the GELU output recomputed in the backward GEMM's epilogue)"
+NO_QKV_FOLD = "new, quack's MLP GEMMs, the q/k/v biases in the q/k/v projection (fold_qkv_bias=False)"
 PARTS = (
     "fa4-bwd-tiles",
     "fa4-tiles",
@@ -364,6 +365,7 @@ SYSTEMS = (
     "quack",
     "quack-sum",
     "quack-gelu",
+    "no-qkv-fold",
     "triton-dgelu",
     "no-fold",
     "rope-outside",
@@ -381,7 +383,8 @@ backward; each down_proj replaced by an `nn.Linear` subclass keeps `ops.mlp` on 
 recompute policy, the new one under max-autotune-no-cudagraphs, the new one with quack-kernels' MLP GEMMs (`quack`;
 `quack-sum`: with the up-projection's bias gradient summed in a pass of its own, as before the sum moved into the
 GEMM's epilogue; `quack-gelu`: under the "gelu" recompute policy, the GELU output not kept but recomputed in the
-backward GEMM's epilogue, as quack's path ran before the sixteenth session), the new one with the MLP's Triton
+backward GEMM's epilogue, as quack's path ran before the sixteenth session; `no-qkv-fold`: with the q/k/v biases in
+the q/k/v projection, `fold_qkv_bias=False`, as before the sixteenth session), the new one with the MLP's Triton
 kernels keeping the GELU's derivative instead of the pre-activation (`triton-dgelu`), the new one with LayerScale
 multiplying the projections' outputs as before (`no-fold`, `fold_layer_scale=False`; today's path never folds), the
 Hugging Face loop, the profile of today's and the new step (and of the other new systems' when they run). "new" and
@@ -405,6 +408,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "quack": (QUACK, "auto", None, None, None),
         "quack-sum": (QUACK_SUM, "auto", None, None, None),
         "quack-gelu": (QUACK_GELU, "auto", None, "gelu", None),
+        "no-qkv-fold": (NO_QKV_FOLD, "auto", None, None, None),
         "triton-dgelu": (TRITON_DGELU, "auto", None, None, None),
         "no-fold": (NO_FOLD, "auto", None, None, None),
         "attention": ("new + recompute attention", "auto", None, "attention", None),
@@ -413,10 +417,11 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "autotune": ("new, mode max-autotune-no-cudagraphs", "auto", None, None, "max-autotune-no-cudagraphs"),
     }
     if not quack_gemms_available(dev):
-        for key, name in (("quack", QUACK), ("quack-sum", QUACK_SUM), ("quack-gelu", QUACK_GELU)):
+        needs_quack = {"quack": QUACK, "quack-sum": QUACK_SUM, "quack-gelu": QUACK_GELU, "no-qkv-fold": NO_QKV_FOLD}
+        for key, name in needs_quack.items():
             if key in systems_asked:
                 write_rows(out, [{"part": "train", "system": name, "skipped": "quack-kernels cannot run here"}])
-        systems_asked = tuple(k for k in systems_asked if k not in ("quack", "quack-sum", "quack-gelu"))
+        systems_asked = tuple(k for k in systems_asked if k not in needs_quack)
     systems = {every[k][0]: every[k][1:4] for k in every if k in systems_asked}
     modes = {every[k][0]: every[k][4] for k in every if k in systems_asked}
     if not systems:
@@ -426,9 +431,9 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         model = load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=backend, fused_mlp=fused)
         model.fused_rope = name != ROPE_OUTSIDE
         model.fold_layer_scale = name not in (TODAY, NO_FOLD)  # today's path predates the fold
-        model.mlp_gemms = {QUACK: "quack", QUACK_SUM: "quack", QUACK_GELU: "quack", TRITON_DGELU: "triton-dgelu"}.get(
-            name, "triton"
-        )
+        model.fold_qkv_bias = name != NO_QKV_FOLD  # (today's path never folds: its RoPE is not in the kernel's op)
+        quack = (QUACK, QUACK_SUM, QUACK_GELU, NO_QKV_FOLD)
+        model.mlp_gemms = "quack" if name in quack else "triton-dgelu" if name == TRITON_DGELU else "triton"
         if name == GELU_COMPOSED:
             for block in model.model.layer:
                 block.mlp.down_proj = _ComposedLinear.of(block.mlp.down_proj)
@@ -480,6 +485,8 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                         "mlp_gemms": model.mlp_gemms,
                         "quack_tiles": dict(quack_ops.TILES) if model.mlp_gemms == "quack" else None,
                         "quack_fused_bias_grad": name != QUACK_SUM if model.mlp_gemms == "quack" else None,
+                        "fold_qkv_bias": model.fold_qkv_bias,
+                        "recompute_policy": model.recompute_policy,
                         "images_per_s": 64 / stats["median_s"],
                         "step_ms": stats["median_s"] * 1e3,
                         "mfu": flops / stats["median_s"] / (peak["tflops"] * 1e12),
@@ -508,11 +515,9 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                     }
                 ],
             )
-    for name in [
-        n
-        for n in (TODAY, NEW, TRITON_DGELU, NO_FOLD, QUACK, QUACK_SUM, QUACK_GELU, ROPE_OUTSIDE, GELU_COMPOSED)
-        if n in models and "profile" in systems_asked
-    ]:
+    profiled = (TODAY, NEW, TRITON_DGELU, NO_FOLD, QUACK, QUACK_SUM, QUACK_GELU, NO_QKV_FOLD)
+    profiled += (ROPE_OUTSIDE, GELU_COMPOSED)
+    for name in [n for n in profiled if n in models and "profile" in systems_asked]:
         by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev, f"train {name}")
         total = sum(by_class.values())
         write_rows(
