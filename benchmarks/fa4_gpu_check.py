@@ -77,6 +77,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import traceback
 from collections import defaultdict
 
@@ -462,7 +463,11 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         for name, model in list(models.items()):
             try:
                 retries = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0)
+                started = time.time()
                 stats = measure(lambda m=model: step(m), dev, compiled=r == 0)
+                # (wall-clock bounds of the timed calls, to line the row up with a clock/power log such as
+                # `nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv -lms 100`)
+                timed = (time.time() - sum(stats["times_s"]), time.time())
                 # The caching allocator's retries (a failed allocation frees cached blocks, which synchronizes the
                 # device): a step that has them cannot queue its host work ahead of the GPU.
                 retries = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0) - retries
@@ -495,6 +500,8 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                         "step_mem_kib_per_token": stats["fwd_mem_gib"] * 2**20 / tokens,
                         "first_call_s": stats["first_call_s"],
                         "alloc_retries": retries,
+                        "started_unix_s": started,
+                        "timed_unix_s": timed,
                     }
                 ],
             )
