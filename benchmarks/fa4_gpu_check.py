@@ -856,6 +856,22 @@ def quack_tiles(out: str | None, tiles_file: str | None, tokens: int = 60_038, d
                 json.dump({k: v["tile"] for k, v in adopted.items()}, f)
 
 
+def pin_rope_sums(path: str) -> dict:
+    """Set `ops.triton.rope.SUMS_LAUNCH` from the JSON file `benchmarks/rope_gpu_check.py --adopted-file` wrote;
+    returns it. ValueError names the file where it is not such a launch."""
+    from dinov3_packing.ops.triton import rope
+
+    kernels = ("rows", "heads")
+    with open(path) as f:
+        launch = json.load(f)
+    if not isinstance(launch, dict) or set(launch) != set(rope.SUMS_LAUNCH) or launch["kernel"] not in kernels:
+        raise ValueError(f"{path}: expected a launch with the keys {sorted(rope.SUMS_LAUNCH)}, got {launch!r}")
+    if not all(isinstance(launch[k], int) and launch[k] > 0 for k in ("block", "num_warps", "iters")):
+        raise ValueError(f"{path}: expected positive int block, num_warps and iters, got {launch!r}")
+    rope.SUMS_LAUNCH = launch
+    return launch
+
+
 def pin_quack_tiles(path: str) -> dict:
     """Set `ops.quack.TILES` from a `--quack-tiles-file` written by the quack-tiles part; returns what it set."""
     from dinov3_packing.ops import quack
@@ -977,6 +993,13 @@ def main() -> int:
         metavar="FILE",
         help="run quack's MLP GEMMs with the tiles an earlier quack-tiles part adopted (its --quack-tiles-file)",
     )
+    parser.add_argument(
+        "--pin-rope-sums",
+        default=None,
+        metavar="FILE",
+        help="run the RoPE backward's bias-gradient sums with the launch benchmarks/rope_gpu_check.py adopted "
+        "(its --adopted-file)",
+    )
     args = parser.parse_args()
     global TRACE_DIR
     TRACE_DIR = args.trace_dir
@@ -992,6 +1015,7 @@ def main() -> int:
     for part, path, pin in (
         ("mlp-configs", args.pin_mlp_configs, pin_adopted),
         ("quack-tiles", args.pin_quack_tiles, pin_quack_tiles),
+        ("rope-sums", args.pin_rope_sums, pin_rope_sums),
     ):
         if path:  # what an earlier run of that part adopted, pinned for this process
             try:

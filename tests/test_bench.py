@@ -522,3 +522,23 @@ def test_fa4_gpu_check_pins_quack_tiles_from_a_tiles_file(tmp_path, monkeypatch)
         with pytest.raises(ValueError, match="--pin-quack-tiles"):
             script["pin_quack_tiles"](str(path))
         assert quack.TILES == pinned  # nothing set from a file it refuses
+
+
+def test_fa4_gpu_check_pins_the_rope_sums_launch_from_a_file(tmp_path, monkeypatch):
+    """`--pin-rope-sums FILE` sets `ops.triton.rope.SUMS_LAUNCH` from what `rope_gpu_check.py --adopted-file` wrote,
+    and refuses another shape of file with a ValueError naming it, leaving the launch as it was."""
+    from dinov3_packing.ops.triton import rope
+
+    script = runpy.run_path(str(ROOT / "benchmarks" / "fa4_gpu_check.py"))
+    monkeypatch.setattr(rope, "SUMS_LAUNCH", dict(rope.SUMS_LAUNCH))
+    launch = {"kernel": "heads", "block": 32, "num_warps": 4, "iters": 8}
+    good = tmp_path / "sums.json"
+    good.write_text(json.dumps(launch))
+    assert script["pin_rope_sums"](str(good)) == launch and rope.SUMS_LAUNCH == launch
+    other_kernel = {"kernel": "cols", "block": 32, "num_warps": 4, "iters": 8}
+    for bad in (other_kernel, {"kernel": "rows"}, [1], dict(launch, iters=0)):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=r"bad\.json"):
+            script["pin_rope_sums"](str(path))
+        assert rope.SUMS_LAUNCH == launch

@@ -84,6 +84,19 @@ _SCRIPT = textwrap.dedent(
         rope_planes(x[:, :2], dst, cos, sin, inverse=True, use_kernel=True, sums=sums)
         ref = rope_reference(qkv[:, :2].double(), cos.double(), sin.double(), True)
         row["sums_rel"] = ((sums.double() - ref.sum(0)).abs().max() / ref.abs().sum(0).max()).item()
+        # The same through the other launch for sums (one head per program over several blocks of rows).
+        from dinov3_packing.ops.triton import rope
+        rope.SUMS_LAUNCH = {"kernel": "heads", "block": 16, "num_warps": 2, "iters": 2}
+        sums = torch.full((2, heads, d), float("nan"))
+        x = qkv.clone()
+        dst = x[:, :2] if mode == "inplace" else torch.empty(tokens, 2, heads, d, dtype=dt)
+        got = rope_planes(x[:, :2], dst, cos, sin, inverse=True, use_kernel=True, sums=sums)
+        row["heads_sums_rel"] = ((sums.double() - ref.sum(0)).abs().max() / ref.abs().sum(0).max()).item()
+        err = (got.double() - ref).abs()
+        row["heads_rel"] = (err.max() / ref.abs().max()).item()
+        row["heads_excess"] = (err - ref.abs() * 2.0**-7 - 1e-6 * ref.abs().max()).max().item()
+        row["heads_v_untouched"] = bool(torch.equal(x[:, 2], qkv[:, 2]))
+        rope.SUMS_LAUNCH = {"kernel": "rows", "block": 32, "num_warps": 4, "iters": 1}
         # The inverse is the transpose: <R x, g> == <x, R^T g> (fp64 tensors through the kernel's formula).
         xs, gs = (torch.randn(tokens, 1, heads, d, generator=gen, dtype=torch.float32) for _ in range(2))
         c32, s32 = cos64.float(), sin64.float()
@@ -120,14 +133,15 @@ def test_kernel_adds_a_bias_and_sums_the_inverse_under_the_interpreter(results, 
     """The forward with a `[planes, heads, head_dim]` bias added before the rotation, against the fp64 rotation of
     the biased input (the same tolerances as without it: the kernel adds in fp32 and rounds once), and the
     inverse's column sums (the bias's gradient, summed in fp32 before rounding) against the fp64 sums of the fp64
-    inverse: within 1e-6 of the largest sum of magnitudes (fp32 sums of up to ~70 terms)."""
+    inverse: within 1e-6 of the largest sum of magnitudes (fp32 sums of up to ~70 terms); the inverse with sums
+    through both launches (`SUMS_LAUNCH` "rows" and "heads")."""
     name, dtype = case[:2]
     r = results[name]
     if dtype == "float32":
-        assert r["bias_rel"] <= 1e-6, r
+        assert r["bias_rel"] <= 1e-6 and r["heads_rel"] <= 1e-6, r
     else:
-        assert r["bias_excess"] <= 0, r
-    assert r["sums_rel"] <= 1e-6, r
+        assert r["bias_excess"] <= 0 and r["heads_excess"] <= 0, r
+    assert r["sums_rel"] <= 1e-6 and r["heads_sums_rel"] <= 1e-6 and r["heads_v_untouched"], r
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -216,8 +230,9 @@ def test_gpu_kernel_matches_torch(dtype):
         x = qkv.clone()
         rope_planes(x[:, :2], x[:, :2], cos, sin, inverse)
         assert torch.equal(x[:, :2], got) and torch.equal(x[:, 2], qkv[:, 2])
-    # A bias before the rotation (as tight as without it), and the inverse's column sums in fp32: within 1e-5 of
-    # the largest sum of magnitudes (fp32 sums of 32 terms, then of 1,877 block sums).
+    # A bias before the rotation (as tight as without it), and the inverse's column sums in fp32 under each launch
+    # (`SUMS_LAUNCH`): within 1e-5 of the largest sum of magnitudes (fp32 sums of blocks of rows, then of the
+    # blocks' sums), the un-rotated result equal to the launch without sums.
     bias = torch.randn(2, heads, d, generator=g, device=dev).to(dtype)
     got = rope_planes(qkv[:, :2], torch.empty(tokens, 2, heads, d, device=dev, dtype=dtype), cos, sin, bias=bias)
     ref = rope_reference(qkv[:, :2].double() + bias.double(), cos.double(), sin.double())
@@ -226,7 +241,21 @@ def test_gpu_kernel_matches_torch(dtype):
         assert (err.max() / ref.abs().max()).item() <= 1e-6
     else:
         assert (err - ref.abs() * 2.0**-8 - 1e-6 * ref.abs().max()).max().item() <= 0
-    sums = torch.empty(2, heads, d, device=dev)
-    rope_planes(qkv[:, :2], torch.empty_like(got), cos, sin, inverse=True, sums=sums)
+    from dinov3_packing.ops.triton import rope
+
     ref = rope_reference(qkv[:, :2].double(), cos.double(), sin.double(), True)
-    assert ((sums.double() - ref.sum(0)).abs().max() / ref.abs().sum(0).max()).item() <= 1e-5
+    want = rope_planes(qkv[:, :2], torch.empty_like(got), cos, sin, inverse=True)
+    default = dict(rope.SUMS_LAUNCH)
+    try:
+        for launch in (
+            default,
+            {"kernel": "rows", "block": 32, "num_warps": 1, "iters": 1},
+            {"kernel": "heads", "block": 32, "num_warps": 4, "iters": 8},
+        ):
+            rope.SUMS_LAUNCH = dict(launch)
+            sums = torch.empty(2, heads, d, device=dev)
+            out = rope_planes(qkv[:, :2], torch.empty_like(got), cos, sin, inverse=True, sums=sums)
+            assert torch.equal(out, want), launch  # the same rotation, rounded once
+            assert ((sums.double() - ref.sum(0)).abs().max() / ref.abs().sum(0).max()).item() <= 1e-5, launch
+    finally:
+        rope.SUMS_LAUNCH = default

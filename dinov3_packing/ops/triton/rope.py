@@ -132,6 +132,71 @@ if triton is not None:
                 tl.store(sums_row + h * 2 * HALF, tl.sum(y1, axis=0), mask=col_mask)
                 tl.store(sums_row + h * 2 * HALF + HALF, tl.sum(y2, axis=0), mask=col_mask)
 
+    @triton.jit
+    def _rope_head_sums_kernel(
+        X,
+        Y,
+        COS,
+        SIN,
+        SUMS,
+        num_tokens,
+        stride_xt,
+        stride_xp,
+        stride_xh,
+        stride_yt,
+        stride_yp,
+        stride_yh,
+        stride_ct,
+        stride_st,
+        HEADS: tl.constexpr,
+        HALF: tl.constexpr,
+        HALF_P2: tl.constexpr,
+        INVERSE: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ITERS: tl.constexpr,
+    ):
+        # The rotation of `_rope_kernel` (no bias) with the result's sum over the tokens, for one head of one plane
+        # over BLOCK * ITERS tokens per program: the rows are summed into the accumulators as they go and reduced
+        # across the program's threads once at the end (`_rope_kernel` reduces every head of every block of rows).
+        ph = tl.program_id(0)  # plane * HEADS + head, fastest: the programs of one row block share table rows
+        plane = ph // HEADS
+        h = ph % HEADS
+        first = tl.program_id(1) * (BLOCK * ITERS)
+        cols = tl.arange(0, HALF_P2)
+        col_mask = cols < HALF
+        acc1 = tl.zeros([BLOCK, HALF_P2], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK, HALF_P2], dtype=tl.float32)
+        for it in range(ITERS):
+            rows = first + it * BLOCK + tl.arange(0, BLOCK)
+            mask = (rows < num_tokens)[:, None] & col_mask[None, :]
+            rows64 = rows.to(tl.int64)[:, None]
+            c_lo = tl.load(COS + rows64 * stride_ct + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            c_hi = tl.load(COS + rows64 * stride_ct + HALF + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s_lo = tl.load(SIN + rows64 * stride_st + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s_hi = tl.load(SIN + rows64 * stride_st + HALF + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s_x2 = s_hi if INVERSE else s_lo
+            s_x1 = s_lo if INVERSE else s_hi
+            x_row = X + rows64 * stride_xt + plane * stride_xp + h * stride_xh + cols[None, :]
+            y_row = Y + rows64 * stride_yt + plane * stride_yp + h * stride_yh + cols[None, :]
+            x1 = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x_row + HALF, mask=mask, other=0.0).to(tl.float32)
+            y1 = x1 * c_lo + x2 * s_x2
+            y2 = x2 * c_hi + x1 * s_x1
+            tl.store(y_row, y1.to(Y.dtype.element_ty), mask=mask)
+            tl.store(y_row + HALF, y2.to(Y.dtype.element_ty), mask=mask)
+            acc1 += y1
+            acc2 += y2
+        sums_row = SUMS + (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + ph) * 2 * HALF + cols
+        tl.store(sums_row, tl.sum(acc1, axis=0), mask=col_mask)
+        tl.store(sums_row + HALF, tl.sum(acc2, axis=0), mask=col_mask)
+
+
+SUMS_LAUNCH: dict = {"kernel": "rows", "block": BLOCK_T, "num_warps": 4, "iters": 1}
+"""How `rope_planes` launches when it sums the result (`sums`) and adds no bias: "rows", `_rope_kernel` (every head
+of a block of `block` tokens per program, each head's block reduced on its own), or "heads", `_rope_head_sums_kernel`
+(one head of one plane over `block * iters` tokens per program, reduced once); `num_warps` per program. For
+benchmarks to compare (`benchmarks/rope_gpu_check.py`)."""
+
 
 def rope_planes(
     x: torch.Tensor,
@@ -178,7 +243,37 @@ def rope_planes(
             sums.zero_()
         return out
     half = head_dim // 2
-    grid = (triton.cdiv(tokens, BLOCK_T), planes)
+    if sums is not None and bias is None and SUMS_LAUNCH["kernel"] == "heads":
+        rows = SUMS_LAUNCH["block"] * SUMS_LAUNCH["iters"]
+        grid = (planes * heads, triton.cdiv(tokens, rows))
+        partial = x.new_empty((grid[1], planes, heads, head_dim), dtype=torch.float32)
+        _rope_head_sums_kernel[grid](
+            x,
+            out,
+            cos,
+            sin,
+            partial,
+            tokens,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            cos.stride(0),
+            sin.stride(0),
+            HEADS=heads,
+            HALF=half,
+            HALF_P2=triton.next_power_of_2(half),
+            INVERSE=inverse,
+            BLOCK=SUMS_LAUNCH["block"],
+            ITERS=SUMS_LAUNCH["iters"],
+            num_warps=SUMS_LAUNCH["num_warps"],
+        )
+        torch.sum(partial, dim=0, out=sums)
+        return out
+    block = SUMS_LAUNCH["block"] if sums is not None else BLOCK_T
+    grid = (triton.cdiv(tokens, block), planes)
     partial = x.new_empty((grid[0], planes, heads, head_dim), dtype=torch.float32) if sums is not None else None
     _rope_kernel[grid](
         x,
@@ -202,8 +297,8 @@ def rope_planes(
         INVERSE=inverse,
         HAS_BIAS=bias is not None,
         HAS_SUMS=partial is not None,
-        BLOCK=BLOCK_T,
-        num_warps=4,
+        BLOCK=block,
+        num_warps=SUMS_LAUNCH["num_warps"] if sums is not None else 4,
     )
     if partial is not None:
         torch.sum(partial, dim=0, out=sums)
