@@ -302,7 +302,7 @@ KERNEL_CLASSES = (
     ("attention triton", r"_varlen_fwd_kernel|_attn_fwd"),
     ("attention other (sdpa, mem-efficient)", r"fmha|efficient_attention"),
     ("fused MLP GEMMs (up-proj+GELU fwd, GELU-grad bwd)", r"linear_gelu"),
-    ("RoPE kernel (ops/triton/rope.py)", r"_rope_kernel"),
+    ("RoPE kernel (ops/triton/rope.py)", r"_rope_kernel|_rope_head_sums_kernel"),
     ("GEMM (cuBLAS/CUTLASS)", r"gemm|nvjet|sm90_xmma|cutlass|cublas|Kernel2|splitK"),
     ("inductor fused (norms, RoPE, GELU, adds)", r"^triton_"),
     ("copies, fills, reductions", r"elementwise|reduce|copy|fill|memcpy|memset|cat|index"),
