@@ -12,7 +12,8 @@ least memory saved to the most:
     "gelu"        the GELU output of the fused MLP's training op (`ops.mlp.gelu_mlp`): frees that [tokens, 4D]
                   activation; the backward recomputes it from the kept pre-activation, inside its gradient
                   GEMM's epilogue with quack's kernels (stores one more [tokens, 4D] output there) or in an
-                  elementwise pass with the Triton kernels. No effect where the fused op does not run.
+                  elementwise pass with the Triton kernels. No effect where the fused op does not run. Not
+                  bitwise in bf16: the recomputed output is the GELU of the stored, rounded pre-activation.
     "attention"   the attention sub-block (q/k/v GEMM, RoPE, the attention kernel, output projection):
                   frees q, k, v, the rotated q/k, the kernel's output and statistics; recomputes ~4 D^2 + the
                   attention FLOPs a token per block.
@@ -22,7 +23,8 @@ least memory saved to the most:
     "block"       the whole block (both of the above plus the norms and residuals); keeps only the
                   block's input, as transformers' `gradient_checkpointing_enable()` does.
 The gradients are those without recomputation (the same operations run again on the same inputs; drop
-path's RNG state is restored by checkpoint). Forwards without autograd run the part directly.
+path's RNG state is restored by checkpoint), but for "gelu" in low precision (above). Forwards without autograd run
+the part directly.
 
 Transformers' `gradient_checkpointing_enable()` checkpoints every whole block, so it does not combine with
 a policy: `apply_recompute` refuses a model where it is on, and it refuses a model `apply_recompute` was
