@@ -858,17 +858,15 @@ def quack_tiles(out: str | None, tiles_file: str | None, tokens: int = 60_038, d
 
 def pin_rope_sums(path: str) -> dict:
     """Set `ops.triton.rope.SUMS_LAUNCH` from the JSON file `benchmarks/rope_gpu_check.py --adopted-file` wrote;
-    returns it. ValueError names the file where it is not such a launch."""
+    returns it. ValueError names the file where it is not such a launch (`rope.check_sums_launch`)."""
     from dinov3_packing.ops.triton import rope
 
-    kernels = ("rows", "heads")
     with open(path) as f:
         launch = json.load(f)
-    if not isinstance(launch, dict) or set(launch) != set(rope.SUMS_LAUNCH) or launch["kernel"] not in kernels:
-        raise ValueError(f"{path}: expected a launch with the keys {sorted(rope.SUMS_LAUNCH)}, got {launch!r}")
-    if not all(isinstance(launch[k], int) and launch[k] > 0 for k in ("block", "num_warps", "iters")):
-        raise ValueError(f"{path}: expected positive int block, num_warps and iters, got {launch!r}")
-    rope.SUMS_LAUNCH = launch
+    try:
+        rope.SUMS_LAUNCH = rope.check_sums_launch(launch)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return launch
 
 

@@ -143,7 +143,7 @@ def main() -> int:
     ms = _time(no_sums)
     rows.append({"part": "time", "kind": "backward+sums", "impl": "copies + un-rotation without sums", "ms": ms})
     rows.append({"part": "adopted", "sums_launch": best[1] if best else None, "ms": best[0] if best else None})
-    if args.adopted_file and best:  # for `fa4_gpu_check.py --rope-sums-launch FILE` in a later process
+    if args.adopted_file and best:  # for `fa4_gpu_check.py --pin-rope-sums FILE` in a later process
         with open(args.adopted_file, "w") as f:
             json.dump(best[1], f)
     for r in rows:

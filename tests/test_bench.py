@@ -536,7 +536,8 @@ def test_fa4_gpu_check_pins_the_rope_sums_launch_from_a_file(tmp_path, monkeypat
     good.write_text(json.dumps(launch))
     assert script["pin_rope_sums"](str(good)) == launch and rope.SUMS_LAUNCH == launch
     other_kernel = {"kernel": "cols", "block": 32, "num_warps": 4, "iters": 8}
-    for bad in (other_kernel, {"kernel": "rows"}, [1], dict(launch, iters=0)):
+    not_powers = (dict(launch, block=True), dict(launch, block=48))
+    for bad in (other_kernel, {"kernel": "rows"}, [1], dict(launch, iters=0), *not_powers):
         path = tmp_path / "bad.json"
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=r"bad\.json"):

@@ -28,6 +28,7 @@ from dinov3_packing.ops import attention
 from dinov3_packing.ops.attention import FA4_INFERENCE_MIN_SEQLEN, packed_attention, resolve_attention
 from dinov3_packing.ops.fa4 import fa4_varlen_attention
 from dinov3_packing.packing import PackedLayout
+from dinov3_packing.parallel.recompute import apply_recompute
 
 CUDA = torch.device("cuda")
 BF16 = torch.bfloat16
@@ -232,8 +233,12 @@ def test_fake_gives_the_kernels_shapes():
         bias = torch.empty(2, 16, 64, dtype=BF16)
         out, lse, qk = torch.ops.dinov3_packing.fa4_rope_varlen(qkv, cos, cos, cu, 201, bias)
         assert out.shape == (300, 16, 64) and qk.shape == (300, 2, 16, 64)
-        dqkv, dbias = torch.ops.dinov3_packing.fa4_rope_varlen_backward(out, qkv, qk, out, lse, cos, cos, cu, 201, True)
+        backward = torch.ops.dinov3_packing.fa4_rope_varlen_backward
+        dqkv, dbias = backward(out, qkv, qk, out, lse, cos, cos, cu, 201, bias)
         assert dqkv.shape == qkv.shape and dbias.shape == (2, 16, 64) and dbias.dtype == BF16
+        # the bias's gradient comes back in the bias's dtype (an fp32 bias beside a bf16 projection: autocast)
+        dqkv, dbias = backward(out, qkv, qk, out, lse, cos, cos, cu, 201, bias.float())
+        assert dqkv.dtype == BF16 and dbias.dtype == torch.float32
 
 
 def _qkv(layout, heads=4, head_dim=8, seed=0):
@@ -332,37 +337,53 @@ def test_opcheck(stand_in):
     torch.library.opcheck(torch.ops.dinov3_packing.fa4_varlen.default, (q, k, v, layout.cu_seqlens, layout.max_seqlen))
 
 
-@pytest.mark.parametrize(
-    ("fused_rope", "fold_qkv_bias"), [(True, True), (True, False), (False, True)], ids=["fused", "no-fold", "outside"]
-)
-def test_model_gradients_through_fa4_match_sdpa(stand_in, monkeypatch, fused_rope, fold_qkv_bias):
-    """A whole model's training step with every block's attention on the fa4 op equals the sdpa one, with
-    RoPE inside the op (`fused_rope`, the default) and outside it, and inside it with the q/k/v biases moved (q's
-    into the op, v's into the output projection's bias: `fold_qkv_bias`, the default) and not. No RoPE
-    augmentation (it draws from the global RNG), q, k scaled up so attention is far from uniform and its
-    gradient matters, and biases of a size that matters too. The biases moved exactly where RoPE ran in the op
-    (the q/k bias handed to `attend`)."""
+def _fa4_and_sdpa_gradients(monkeypatch, config: dict, prepare=lambda model: None) -> tuple[dict, list, object]:
+    """One training step of the same random model (`tiny_config(**config)`, no RoPE augmentation: it draws from the
+    global RNG) on the fa4 op and on "sdpa", q and k weights scaled up so attention is far from uniform and its
+    gradient matters, and biases of a size that matters too; `prepare(model)` before each. Returns each backend's
+    parameter gradients, the `qk_bias` every block handed to `attend` (fa4's blocks first), and the fa4 model."""
     from dinov3_packing.model import layers
 
     qk_biases = []
     attend = layers.attend
     monkeypatch.setattr(layers, "attend", lambda *a, **k: qk_biases.append(k.get("qk_bias")) or attend(*a, **k))
     hidden_states, grid = pack(random_images([(2, 3), (1, 1), (2, 2, 1), (3, 3)], 16, seed=2), 16)
-    grads = {}
+    grads, models = {}, {}
     for backend in ("fa4", "sdpa"):
-        model = random_packing_model(tiny_config(pos_embed_rescale=None), seed=0).train()
-        model.fused_rope = fused_rope
-        model.fold_qkv_bias = fold_qkv_bias
+        model = random_packing_model(tiny_config(pos_embed_rescale=None, **config), seed=0).train()
         with torch.no_grad():
             for layer in model.model.layer:
                 layer.attention.q_proj.weight.mul_(10)
                 layer.attention.k_proj.weight.mul_(10)
-                layer.attention.q_proj.bias.mul_(20)
-                layer.attention.v_proj.bias.mul_(20)
+                for proj in (layer.attention.q_proj, layer.attention.k_proj, layer.attention.v_proj):
+                    if proj.bias is not None:
+                        proj.bias.mul_(20)
+        prepare(model)
         model.resolved_attn_backend = lambda inference=True, max_seqlen=None, b=backend: b
         out = model(hidden_states, grid)
         (out.last_hidden_state.pow(2).sum() + out.pooler_output.sum()).backward()
         grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        models[backend] = model
+    assert grads["fa4"].keys() == grads["sdpa"].keys() and len(grads["sdpa"]) > 15
+    for name, want in grads["sdpa"].items():
+        assert_close(grads["fa4"][name], want)
+    return grads, qk_biases, models["fa4"]
+
+
+@pytest.mark.parametrize(
+    ("fused_rope", "fold_qkv_bias"), [(True, True), (True, False), (False, True)], ids=["fused", "no-fold", "outside"]
+)
+def test_model_gradients_through_fa4_match_sdpa(stand_in, monkeypatch, fused_rope, fold_qkv_bias):
+    """A whole model's training step with every block's attention on the fa4 op equals the sdpa one, with
+    RoPE inside the op (`fused_rope`, the default) and outside it, and inside it with the q/k/v biases moved (q's
+    into the op, v's into the output projection's bias: `fold_qkv_bias`, the default) and not. The biases moved
+    exactly where RoPE ran in the op (the q/k bias handed to `attend`)."""
+
+    def prepare(model):
+        model.fused_rope = fused_rope
+        model.fold_qkv_bias = fold_qkv_bias
+
+    _, qk_biases, model = _fa4_and_sdpa_gradients(monkeypatch, {}, prepare)
     moved = fused_rope and fold_qkv_bias
     layer_count = model.config.num_hidden_layers
     assert [b is not None for b in qk_biases] == [moved] * layer_count + [False] * layer_count
@@ -372,9 +393,36 @@ def test_model_gradients_through_fa4_match_sdpa(stand_in, monkeypatch, fused_rop
         assert torch.equal(qk_biases[layer_count - 1][0].flatten(), q_bias.detach())
     calls = "backward into given tensors" if fused_rope else "backward"
     assert stand_in.count(calls) == len(stand_in) - stand_in.count("forward") == model.config.num_hidden_layers
-    assert grads["fa4"].keys() == grads["sdpa"].keys() and len(grads["sdpa"]) > 20
-    for name, want in grads["sdpa"].items():
-        assert_close(grads["fa4"][name], want)
+
+
+def _hook_o_proj(model):
+    for layer in model.model.layer:
+        layer.attention.o_proj.register_forward_hook(lambda module, args, output: output)
+
+
+@pytest.mark.parametrize(
+    ("config", "prepare", "qk_moved"),
+    [
+        ({"query_bias": False}, None, False),  # v's bias alone: moved into the output projection, no q/k bias
+        ({"value_bias": False, "key_bias": True}, None, True),  # q's and k's alone
+        ({"proj_bias": False}, None, True),  # v's bias becomes the output projection's only bias
+        ({"query_bias": False, "value_bias": False}, None, False),  # nothing to move
+        ({}, _hook_o_proj, False),  # a hooked output projection cannot take v's bias: nothing moves
+        ({"value_bias": False}, _hook_o_proj, True),  # ... but with no v bias q's still moves, the hook runs
+        ({}, lambda model: apply_recompute(model, "attention"), True),  # inside the recomputed attention
+    ],
+    ids=["v-only", "qk-only", "no-o-bias", "no-bias", "hooked-o", "hooked-o-no-v", "recompute-attention"],
+)
+def test_moved_biases_match_sdpa_for_every_bias_layout(stand_in, monkeypatch, config, prepare, qk_moved):
+    """`fold_qkv_bias` over the configs' other bias layouts, a hooked output projection and the "attention"
+    recompute policy: the fa4 step's gradients equal the sdpa step's (1e-5), and a q/k bias reaches the op exactly
+    where one is moved (with the policy, in the forward and again in the recomputation)."""
+    _, qk_biases, model = _fa4_and_sdpa_gradients(monkeypatch, config, prepare or (lambda model: None))
+    layer_count = model.config.num_hidden_layers
+    runs = 2 if model.recompute_policy == "attention" else 1  # the recomputation hands it over again
+    fa4_calls = qk_biases[: layer_count * runs]
+    assert [b is not None for b in fa4_calls] == [qk_moved] * layer_count * runs
+    assert all(b is None for b in qk_biases[layer_count * runs :])
 
 
 @pytest.mark.parametrize("rope", [False, True], ids=["fa4_varlen", "fa4_rope_varlen"])

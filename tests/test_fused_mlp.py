@@ -780,3 +780,34 @@ def test_training_op_folds_layer_scale(tiny, fused_calls, monkeypatch, gemms):
     # GELU output as the unfused MLP does: compare with what each path keeps besides the LayerScale terms.
     t, d, i = layout.num_tokens, cfg.hidden_size, cfg.intermediate_size
     assert plain_saved - folded_saved == 3 * (2 * t * d - d * d - d * i) * 4
+
+
+def test_gelu_policy_leaves_the_derivative_path_keeping_the_gelu_output(monkeypatch):
+    """Where "triton-dgelu" keeps the GELU's derivative instead of the pre-activation (`dgelu_path_runs`, forced here;
+    on the CPU its ops run their torch paths), the output cannot be recomputed, so `recompute_gelu` keeps it: the op
+    holds as many bytes for backward either way and gives the same gradients, while "triton" holds one `[tokens,
+    hidden]` tensor less with it."""
+    monkeypatch.setattr(lg, "dgelu_path_runs", lambda *a: True)
+    leaves = _mlp_leaves(torch.float32, True)
+    grad_out = torch.randn(37, 64, generator=torch.Generator().manual_seed(9))
+    leaf_storages = {t.untyped_storage().data_ptr() for t in leaves if t is not None}
+    saved, grads = {}, {}
+    for gemms in ("triton-dgelu", "triton"):
+        for recompute in (False, True):
+            storages = {}
+
+            def pack_hook(t, storages=storages):
+                if t.untyped_storage().data_ptr() not in leaf_storages:
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+                y = gelu_mlp(*leaves, gemms=gemms, recompute_gelu=recompute)
+            grads[gemms, recompute] = torch.autograd.grad(y, [t for t in leaves if t is not None], grad_out)
+            saved[gemms, recompute] = sum(storages.values())
+    hidden = 37 * 96 * 4
+    assert saved["triton-dgelu", True] == saved["triton-dgelu", False] == saved["triton", False]
+    assert saved["triton", False] - saved["triton", True] == hidden
+    for key in (("triton-dgelu", True), ("triton", True), ("triton", False)):
+        for a, b in zip(grads[key], grads["triton-dgelu", False], strict=True):
+            assert torch.equal(a, b), key

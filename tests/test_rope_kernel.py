@@ -99,6 +99,13 @@ _SCRIPT = textwrap.dedent(
         row["heads_rel"] = (err.max() / ref.abs().max()).item()
         row["heads_excess"] = (err - ref.abs() * 2.0**-7 - 1e-6 * ref.abs().max()).max().item()
         row["heads_v_untouched"] = bool(torch.equal(x[:, 2], qkv[:, 2]))
+        # Past CUDA's grid limit for the "heads" launch's rows the "rows" launch takes over (the limit lowered here).
+        limit, rope._MAX_GRID_Y = rope._MAX_GRID_Y, 0
+        sums = torch.full((2, heads, d), float("nan"))
+        x = qkv.clone()
+        rope_planes(x[:, :2], x[:, :2], cos, sin, inverse=True, use_kernel=True, sums=sums)
+        row["fallback_sums_rel"] = ((sums.double() - ref.sum(0)).abs().max() / ref.abs().sum(0).max()).item()
+        rope._MAX_GRID_Y = limit
         rope.SUMS_LAUNCH = default
         # The inverse is the transpose: <R x, g> == <x, R^T g> (fp64 tensors through the kernel's formula).
         xs, gs = (torch.randn(tokens, 1, heads, d, generator=gen, dtype=torch.float32) for _ in range(2))
@@ -145,6 +152,29 @@ def test_kernel_adds_a_bias_and_sums_the_inverse_under_the_interpreter(results, 
     else:
         assert r["bias_excess"] <= 0 and r["heads_excess"] <= 0, r
     assert r["sums_rel"] <= 1e-6 and r["heads_sums_rel"] <= 1e-6 and r["heads_v_untouched"], r
+    assert r["fallback_sums_rel"] <= 1e-6, r
+
+
+@pytest.mark.parametrize(
+    "launch",
+    [
+        {"kernel": "cols", "block": 32, "num_warps": 4, "iters": 8},
+        {"kernel": "heads", "block": 24, "num_warps": 4, "iters": 8},
+        {"kernel": "heads", "block": 32, "num_warps": 3, "iters": 8},
+        {"kernel": "heads", "block": 32, "num_warps": 4, "iters": 0},
+        {"kernel": "heads", "block": True, "num_warps": 4, "iters": 8},
+        {"kernel": "heads", "block": 32, "num_warps": 4},
+        [32, 4, 8],
+    ],
+)
+def test_bad_sums_launch_is_refused_before_launch(monkeypatch, launch):
+    from dinov3_packing.ops.triton import rope
+
+    assert rope.check_sums_launch(dict(rope.SUMS_LAUNCH)) == rope.SUMS_LAUNCH
+    monkeypatch.setattr(rope, "SUMS_LAUNCH", launch)
+    x, c = torch.zeros(5, 2, 8, 8), torch.zeros(5, 8)
+    with pytest.raises(ValueError, match="SUMS_LAUNCH: expected"):
+        rope_planes(x, x, c, c, inverse=True, use_kernel=True, sums=torch.empty(2, 8, 8))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

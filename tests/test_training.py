@@ -665,3 +665,16 @@ def test_unfolded_layer_scale_reads_the_forward_output_under_attention_recompute
     assert plain.keys() == recomputed.keys() and "model.layer.0.layer_scale1.lambda1" in plain
     for name, grad in plain.items():
         assert torch.equal(recomputed[name], grad), name
+
+
+def test_gelu_policy_and_transformers_checkpointing_refuse_each_other():
+    """The "gelu" policy (test_fused_mlp.py measures it) and transformers' whole-block checkpointing refuse each other
+    in either order, the message saying what whole blocks would recompute."""
+    model, _ = _models(GELU)
+    apply_recompute(model, "gelu")
+    with pytest.raises(ValueError, match=r"apply_recompute\(model, 'gelu'\).*GELU output included"):
+        model.gradient_checkpointing_enable()
+    model, _ = _models(GELU)
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing is on"):
+        apply_recompute(model, "gelu")

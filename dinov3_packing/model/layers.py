@@ -212,50 +212,48 @@ class DINOv3ViTPackedAttention(nn.Module):
         """`out_scale`: a `[D]` LayerScale folded into the output projection: its weight rows and bias are multiplied
         by it (the function of `o_proj(...) * out_scale`, with no `[tokens, D]` output kept for the scale's
         gradient); the caller passes it only where `o_proj` is a plain `nn.Linear` (`plain_linear`)."""
+        v_bias = None
         if self._moves_biases(batch):
-            return self._forward_biases_moved(x, batch, out_scale)
-        # Under autograd the concatenation is part of the graph, so gradients reach q, k and v.
-        weight, bias = self._fused[1] if batch.inference and self._fused is not None else self.qkv_weight_bias()
-        qkv = F.linear(x, weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))
-        out = attend(qkv, batch)
-        if out_scale is None:
+            out, v_bias = self._attend_biases_moved(x, batch)
+        else:
+            # Under autograd the concatenation is part of the graph, so gradients reach q, k and v.
+            fused = self._fused[1] if batch.inference and self._fused is not None else self.qkv_weight_bias()
+            qkv = F.linear(x, *fused).unflatten(-1, (3, self.num_heads, self.head_dim))
+            out = attend(qkv, batch)
+        if out_scale is None and v_bias is None:
             return self.o_proj(out)
-        o = self.o_proj  # (out W^T + b) * s == out (s W)^T + s b
-        return F.linear(out, o.weight * out_scale[:, None], o.bias * out_scale if o.bias is not None else None)
+        o = self.o_proj
+        weight, bias = o.weight, o.bias
+        if v_bias is not None:  # each softmax row sums to one: o(attn(q, k, v + b_v)) == o(attn(q, k, v)) + W b_v
+            moved = F.linear(v_bias, weight)
+            bias = moved if bias is None else bias + moved
+        if out_scale is not None:  # (out W^T + b) * s == out (s W)^T + s b
+            weight, bias = weight * out_scale[:, None], bias * out_scale if bias is not None else None
+        return F.linear(out, weight, bias)
 
     def _moves_biases(self, batch: PackedBatch) -> bool:
         """`PackedBatch.fold_qkv_bias` applies: RoPE inside the kernel's op, no attention dropout (the softmax rows
-        sum to one), a plain output projection, and a bias to move."""
+        sum to one), a bias to move, and, for a v bias, a plain output projection to take it."""
         return (
             batch.fold_qkv_bias
             and batch.dropout == 0.0
             and rope_in_kernel(batch)
-            and plain_linear(self.o_proj)
             and any(p.bias is not None for p in (self.q_proj, self.k_proj, self.v_proj))
+            and (self.v_proj.bias is None or plain_linear(self.o_proj))
         )
 
-    def _forward_biases_moved(
-        self, x: torch.Tensor, batch: PackedBatch, out_scale: torch.Tensor | None
-    ) -> torch.Tensor:
-        """`forward` with the q/k/v projection's biases moved (`DINOv3ViTPackingModel.fold_qkv_bias`): q's and k's
-        into the attention op (added before RoPE, their gradient summed in its backward), v's into the output
-        projection's bias: each segment's softmax rows sum to one, so ``attn(q, k, v + b_v) = attn(q, k, v) + b_v``
-        and ``o(attn + b_v) = o(attn) + W_o b_v``."""
+    def _attend_biases_moved(self, x: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention with the q/k/v projection's biases moved (`DINOv3ViTPackingModel.fold_qkv_bias`): q's and
+        k's into the attention op (added before RoPE, their gradient summed in its backward); v's returned for the
+        output projection's bias, since each segment's softmax rows sum to one (``attn(q, k, v + b_v) = attn(q, k,
+        v) + b_v``). Returns the attention's output and v's bias (None if there is none)."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
         qkv = F.linear(x, torch.cat([p.weight for p in projs])).unflatten(-1, (3, self.num_heads, self.head_dim))
         qk_bias = None
         if self.q_proj.bias is not None or self.k_proj.bias is not None:
             biases = [p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projs[:2]]
             qk_bias = torch.stack(biases).view(2, self.num_heads, self.head_dim)
-        out = attend(qkv, batch, qk_bias=qk_bias)
-        o = self.o_proj
-        weight, bias = o.weight, o.bias
-        if self.v_proj.bias is not None:
-            moved = F.linear(self.v_proj.bias, weight)
-            bias = moved if bias is None else bias + moved
-        if out_scale is not None:  # (out W^T + b) * s == out (s W)^T + s b
-            weight, bias = weight * out_scale[:, None], bias * out_scale if bias is not None else None
-        return F.linear(out, weight, bias)
+        return attend(qkv, batch, qk_bias=qk_bias), self.v_proj.bias
 
 
 class DINOv3ViTPackedDropPath(nn.Module):

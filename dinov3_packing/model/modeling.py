@@ -253,10 +253,15 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         step). `apply_recompute` refuses the other order. No parameter is named `value`: transformers takes a
         `_set_gradient_checkpointing` with one for its pre-4.35 format."""
         if enable and self.recompute_policy is not None:
+            around = (
+                "would recompute each whole block, the GELU output included, with the policy's recomputation inside"
+                if self.recompute_policy == "gelu"
+                else "would checkpoint each whole block around it (nested checkpoints)"
+            )
             raise ValueError(
                 f"model: apply_recompute(model, {self.recompute_policy!r}) already recomputes part of every block; "
-                "transformers' gradient checkpointing (gradient_checkpointing_enable()) would checkpoint each "
-                "whole block around it (nested checkpoints): use apply_recompute(model, 'block') alone for whole blocks"
+                f"transformers' gradient checkpointing (gradient_checkpointing_enable()) {around}: use "
+                "apply_recompute(model, 'block') alone for whole blocks"
             )
         super()._set_gradient_checkpointing(enable=enable, **kwargs)
 

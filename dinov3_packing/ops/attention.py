@@ -289,6 +289,24 @@ def rope_in_kernel(batch: PackedBatch) -> bool:
     return batch.fused_rope and _REGISTRY[batch.attention].run_qkv is not None
 
 
+def check_qk_bias(qk_bias: torch.Tensor | None, qkv: torch.Tensor) -> None:
+    """`qk_bias` for `attend` / `fa4_rope_attention` and the `[tokens, 3, heads, head_dim]` projection `qkv`: None, or a
+    contiguous floating `[2, heads, head_dim]` tensor on qkv's device; raises TypeError / ValueError naming it."""
+    if qk_bias is None:
+        return
+    import torch  # (this module imports without torch)
+
+    if not isinstance(qk_bias, torch.Tensor) or not qk_bias.is_floating_point():
+        raise TypeError(f"qk_bias: expected None or a floating-point tensor, got {type(qk_bias).__name__}")
+    want = (2, *qkv.shape[2:])
+    if tuple(qk_bias.shape) != want or qk_bias.device != qkv.device or not qk_bias.is_contiguous():
+        raise ValueError(
+            f"qk_bias: expected a contiguous [2, heads, head_dim] = {list(want)} tensor on {qkv.device} (q's and k's "
+            f"biases), got {'a non-contiguous ' if not qk_bias.is_contiguous() else ''}{list(qk_bias.shape)} on "
+            f"{qk_bias.device}"
+        )
+
+
 def attend(qkv: torch.Tensor, batch: PackedBatch, qk_bias: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE on q and k (rows with cos = 1, sin = 0 stay unrotated), then attention per segment: inside the
     kernel's op where it has one (`Backend.run_qkv`, "fa4") and `batch.fused_rope` is set, else as below.
@@ -305,6 +323,7 @@ def attend(qkv: torch.Tensor, batch: PackedBatch, qk_bias: torch.Tensor | None =
     RoPE is one elementwise pass over q and k (fused by torch.compile); rotating inside the Triton kernel
     was measured slower on the H100 (benchmarks/results/RESULTS.md).
     """
+    check_qk_bias(qk_bias, qkv)
     if rope_in_kernel(batch):
         run_qkv = _REGISTRY[batch.attention].run_qkv
         return run_qkv(qkv, batch.cos, batch.sin, batch.layout, batch.dropout, qk_bias).flatten(1)

@@ -179,13 +179,14 @@ def _fa4_rope_varlen_backward(
     sin: torch.Tensor,
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
-    bias_grad: bool = False,
+    qk_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dqkv, the q/k bias gradient [2, heads, head_dim] or an empty tensor)``: with `bias_grad`, the un-rotating
-    pass also sums the q and k planes' gradient over the tokens (in fp32, rounded once to qkv's dtype)."""
+    """``(dqkv, the q/k bias gradient [2, heads, head_dim] or an empty tensor)``: given `qk_bias` (when its gradient
+    is needed), the un-rotating pass also sums the q and k planes' gradient over the tokens (in fp32, rounded once
+    to the bias's dtype)."""
     dqkv = qkv.new_empty(qkv.shape)
     q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
-    sums = qkv.new_empty((2, *qkv.shape[2:]), dtype=torch.float32) if bias_grad else None
+    sums = qkv.new_empty((2, *qkv.shape[2:]), dtype=torch.float32) if qk_bias is not None else None
     if DIRECT_GRADS:
         _backward_kernel(
             grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, dq=dqkv[:, 0], dk=dqkv[:, 1], dv=dqkv[:, 2]
@@ -197,32 +198,31 @@ def _fa4_rope_varlen_backward(
             part = None if sums is None else sums[plane : plane + 1]
             rope_planes(grad.unsqueeze(1), dqkv[:, plane : plane + 1], cos, sin, inverse=True, sums=part)
         dqkv[:, 2].copy_(dv)
-    return dqkv, qkv.new_empty(0) if sums is None else sums.to(qkv.dtype)
+    return dqkv, qkv.new_empty(0) if sums is None else sums.to(qk_bias.dtype)
 
 
 @_fa4_rope_varlen_backward.register_fake
-def _(grad_out, qkv, qk, out, lse, cos, sin, cu_seqlens, max_seqlen, bias_grad=False):
-    return qkv.new_empty(qkv.shape), qkv.new_empty((2, *qkv.shape[2:]) if bias_grad else 0)
+def _(grad_out, qkv, qk, out, lse, cos, sin, cu_seqlens, max_seqlen, qk_bias=None):
+    return qkv.new_empty(qkv.shape), qkv.new_empty(0) if qk_bias is None else torch.empty_like(qk_bias)
 
 
 def _rope_setup_context(ctx, inputs, output):
     qkv, cos, sin, cu_seqlens, max_seqlen, qk_bias = inputs
     out, lse, qk = output
-    ctx.save_for_backward(qkv, qk, out, lse, cos, sin, cu_seqlens)
+    ctx.save_for_backward(qkv, qk, out, lse, cos, sin, cu_seqlens, qk_bias)
     ctx.max_seqlen = max_seqlen
-    ctx.has_bias = qk_bias is not None
 
 
 def _rope_backward(ctx, grad_out, grad_lse, grad_qk):
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         raise RuntimeError("dinov3_packing::fa4_rope_varlen has no gradient for the RoPE tables (cos, sin)")
-    qkv, qk, out, lse, cos, sin, cu_seqlens = ctx.saved_tensors
-    bias_grad = ctx.has_bias and ctx.needs_input_grad[5]
+    qkv, qk, out, lse, cos, sin, cu_seqlens, qk_bias = ctx.saved_tensors
+    bias = qk_bias if qk_bias is not None and ctx.needs_input_grad[5] else None
     # lse and the rotated q/k are outputs for the backward's sake: nothing else reads them.
     dqkv, dbias = _fa4_rope_varlen_backward(
-        grad_out.contiguous(), qkv, qk, out, lse, cos, sin, cu_seqlens, ctx.max_seqlen, bias_grad
+        grad_out.contiguous(), qkv, qk, out, lse, cos, sin, cu_seqlens, ctx.max_seqlen, bias
     )
-    return dqkv, None, None, None, None, dbias if bias_grad else None
+    return dqkv, None, None, None, None, dbias if bias is not None else None
 
 
 _fa4_rope_varlen.register_autograd(_rope_backward, setup_context=_rope_setup_context)
@@ -242,10 +242,14 @@ def fa4_rope_attention(
         qkv: `[num_tokens, 3, heads, head_dim]` (the fused projection; unit stride in head_dim).
         cos, sin: `[num_tokens, head_dim]` RoPE tables (`PackedBatch.cos`, `.sin`), without gradients.
         cu_seqlens, max_seqlen: as for `fa4_varlen_attention`.
-        qk_bias: None, or a contiguous `[2, heads, head_dim]` bias added to q and k before the rotation (the
-            projection's q and k biases, left out of the projection), whose gradient the backward sums.
+        qk_bias: None, or a contiguous `[2, heads, head_dim]` floating bias on qkv's device, added to q and k before
+            the rotation (the projection's q and k biases, left out of the projection), whose gradient the backward
+            sums. Anything else raises ValueError or TypeError naming it.
 
     Returns:
         `[num_tokens, heads, head_dim]`.
     """
+    from .attention import check_qk_bias
+
+    check_qk_bias(qk_bias, qkv)
     return torch.ops.dinov3_packing.fa4_rope_varlen(qkv, cos, sin, cu_seqlens, max_seqlen, qk_bias)[0]

@@ -48,8 +48,9 @@ tiles of quack's config space the `quack-tiles` part of `benchmarks/fa4_gpu_chec
 mixed-64's 60,038 tokens on an H100 (2026-12-07): 128 x 128 ping-pong with a 2 x 1 cluster for both, 0.816 ms
 (forward) and 1.081 ms (backward, bias gradient in the epilogue), against 0.838 and 1.124 ms for the tiles before
 (256 x 128 cooperative 1 x 2, 128 x 256 cooperative 2 x 1) and 0.916 / 1.357 ms for quack's default (twelfth
-session). Never ``tuned=True``, whose autotuner keys on the token count and would sweep its configs again for every
-pack size."""
+session). The backward's tile was chosen with the epilogue that also stores the GELU output; the training op's
+default launch (the forward kept that output, sixteenth session) leaves it out and was not swept again. Never
+``tuned=True``, whose autotuner keys on the token count and would sweep its configs again for every pack size."""
 
 FUSED_BIAS_GRAD = True
 """Whether `quack_gelu_grad` sums the bias gradient in its GEMM's epilogue (True) or, as quack's `gemm_dact` leaves

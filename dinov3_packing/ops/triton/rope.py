@@ -200,6 +200,34 @@ tokens, the backward's in-place un-rotation of the q/k planes with their two pla
 without the sums and 0.613 for "rows" with 32 tokens and 4 warps (the sums then cost 2.3 ms of a training step)."""
 
 
+def check_sums_launch(launch) -> dict:
+    """`launch` if it is a launch `SUMS_LAUNCH` may hold: kernel "rows" or "heads", `block` and `num_warps` powers of
+    two, `iters` a positive int; else ValueError naming `SUMS_LAUNCH`."""
+
+    def power_of_two(v) -> bool:
+        return type(v) is int and v > 0 and v & (v - 1) == 0
+
+    ok = (
+        isinstance(launch, dict)
+        and set(launch) == {"kernel", "block", "num_warps", "iters"}
+        and launch["kernel"] in ("rows", "heads")
+        and power_of_two(launch["block"])
+        and power_of_two(launch["num_warps"])
+        and type(launch["iters"]) is int
+        and launch["iters"] > 0
+    )
+    if not ok:
+        raise ValueError(
+            "SUMS_LAUNCH: expected {'kernel': 'rows' or 'heads', 'block': a power of two, 'num_warps': a power of "
+            f"two, 'iters': a positive int}}, got {launch!r}"
+        )
+    return launch
+
+
+# CUDA's limit on a grid's second dimension, where the "heads" launch puts its blocks of rows.
+_MAX_GRID_Y = 65_535
+
+
 def rope_planes(
     x: torch.Tensor,
     out: torch.Tensor,
@@ -245,9 +273,11 @@ def rope_planes(
             sums.zero_()
         return out
     half = head_dim // 2
-    if sums is not None and bias is None and SUMS_LAUNCH["kernel"] == "heads":
-        rows = SUMS_LAUNCH["block"] * SUMS_LAUNCH["iters"]
-        grid = (planes * heads, triton.cdiv(tokens, rows))
+    launch = check_sums_launch(SUMS_LAUNCH) if sums is not None else None
+    # (past 65,535 blocks of rows, 16.8M tokens at the default, the "heads" grid would not launch: "rows" does)
+    heads_rows = triton.cdiv(tokens, launch["block"] * launch["iters"]) if launch is not None else 0
+    if launch is not None and bias is None and launch["kernel"] == "heads" and heads_rows <= _MAX_GRID_Y:
+        grid = (planes * heads, heads_rows)
         partial = x.new_empty((grid[1], planes, heads, head_dim), dtype=torch.float32)
         _rope_head_sums_kernel[grid](
             x,
@@ -268,13 +298,13 @@ def rope_planes(
             HALF=half,
             HALF_P2=triton.next_power_of_2(half),
             INVERSE=inverse,
-            BLOCK=SUMS_LAUNCH["block"],
-            ITERS=SUMS_LAUNCH["iters"],
-            num_warps=SUMS_LAUNCH["num_warps"],
+            BLOCK=launch["block"],
+            ITERS=launch["iters"],
+            num_warps=launch["num_warps"],
         )
         torch.sum(partial, dim=0, out=sums)
         return out
-    block = SUMS_LAUNCH["block"] if sums is not None else BLOCK_T
+    block = launch["block"] if launch is not None and launch["kernel"] == "rows" else BLOCK_T
     grid = (triton.cdiv(tokens, block), planes)
     partial = x.new_empty((grid[0], planes, heads, head_dim), dtype=torch.float32) if sums is not None else None
     _rope_kernel[grid](
@@ -300,7 +330,7 @@ def rope_planes(
         HAS_BIAS=bias is not None,
         HAS_SUMS=partial is not None,
         BLOCK=block,
-        num_warps=SUMS_LAUNCH["num_warps"] if sums is not None else 4,
+        num_warps=launch["num_warps"] if launch is not None and launch["kernel"] == "rows" else 4,
     )
     if partial is not None:
         torch.sum(partial, dim=0, out=sums)
