@@ -89,8 +89,9 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             q/k/v projection: the op adds q's and k's in its RoPE pass and sums their gradient in the backward's,
             and v's goes into the output projection's bias (``o(attn(q, k, v + b_v)) = o(attn(q, k, v)) + W_o
             b_v``: each softmax row sums to one), so no pass sums the `[num_tokens, 3 D]` q/k/v gradient for the
-            biases' gradients. The same function; rounding differs. Not where the output projection is replaced,
-            wrapped or hooked. Default True; settable after construction.
+            biases' gradients. The same function; rounding differs. Where the output projection is replaced,
+            wrapped or hooked it cannot take v's bias, and then nothing moves (the q/k biases too, unless there is
+            no v bias). Default True; settable after construction.
 
     Attributes:
         cpu_chunk_tokens: on the CPU, without autograd and in eval mode, the blocks run over consecutive whole
