@@ -10,6 +10,7 @@ gradient must be bit-identical too. The kernel itself is checked in test_linear_
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -313,6 +314,21 @@ def test_training_keeps_the_modules_a_hook_is_on(tiny, fused_calls, monkeypatch,
     assert torch.equal(fused, plain)
     assert len(fused_grads) == len(plain_grads)
     assert all(torch.equal(a, b) for a, b in zip(fused_grads, plain_grads, strict=True))
+
+
+def _saved_bytes(fn, exclude: set):
+    """``(bytes, fn())``: the bytes of the storages autograd saves for backward while `fn` runs, each storage once,
+    those whose data pointers are in `exclude` (parameters, leaves) left out."""
+    storages = {}
+
+    def pack_hook(t):
+        if t.untyped_storage().data_ptr() not in exclude:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
 
 
 def _torch_launch(x, w, b, pre_out=None, deriv=False):
@@ -705,18 +721,10 @@ def test_gelu_policy_keeps_one_hidden_activation_less_per_block(tiny):
     for policy, model in models.items():
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         for gemms in MLP_GEMMS:
-            storages = {}
-
-            def pack_hook(t, storages=storages, params=params):
-                if t.untyped_storage().data_ptr() not in params:
-                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                return t
-
             model.zero_grad(set_to_none=True)
-            with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
-                out, _ = model.model(x, dataclasses.replace(batch, fused_mlp=True, mlp_gemms=gemms))
+            run = dataclasses.replace(batch, fused_mlp=True, mlp_gemms=gemms)
+            saved[policy, gemms], (out, _) = _saved_bytes(lambda m=model, r=run: m.model(x, r), params)
             out.square().mean().backward()  # what was kept is enough for backward
-            saved[policy, gemms] = sum(storages.values())
             grads[policy, gemms] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     hidden = layout.num_tokens * models[None].config.intermediate_size * x.element_size()
     for gemms in MLP_GEMMS:
@@ -753,20 +761,12 @@ def test_training_op_folds_layer_scale(tiny, fused_calls, monkeypatch, gemms):
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     results = {}
     for fold in (False, True):
-        storages = {}
-
-        def pack_hook(t, storages=storages):
-            if t.untyped_storage().data_ptr() not in params:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         model.zero_grad(set_to_none=True)
         run = dataclasses.replace(batch, fused_mlp=fold, mlp_gemms=gemms, fold_layer_scale=fold)
-        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
-            out, _ = model.model(x, run)
+        saved, (out, _) = _saved_bytes(lambda r=run: model.model(x, r), params)
         out.square().mean().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[fold] = (out.detach(), grads, sum(storages.values()))
+        results[fold] = (out.detach(), grads, saved)
     assert fused_calls.ops == ["gelu_mlp"] * 3
     (plain, plain_grads, plain_saved), (folded, folded_grads, folded_saved) = results[False], results[True]
     assert_close(folded, plain)
@@ -794,17 +794,9 @@ def test_gelu_policy_leaves_the_derivative_path_keeping_the_gelu_output(monkeypa
     saved, grads = {}, {}
     for gemms in ("triton-dgelu", "triton"):
         for recompute in (False, True):
-            storages = {}
-
-            def pack_hook(t, storages=storages):
-                if t.untyped_storage().data_ptr() not in leaf_storages:
-                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                return t
-
-            with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
-                y = gelu_mlp(*leaves, gemms=gemms, recompute_gelu=recompute)
+            run = functools.partial(gelu_mlp, *leaves, gemms=gemms, recompute_gelu=recompute)
+            saved[gemms, recompute], y = _saved_bytes(run, leaf_storages)
             grads[gemms, recompute] = torch.autograd.grad(y, [t for t in leaves if t is not None], grad_out)
-            saved[gemms, recompute] = sum(storages.values())
     hidden = 37 * 96 * 4
     assert saved["triton-dgelu", True] == saved["triton-dgelu", False] == saved["triton", False]
     assert saved["triton", False] - saved["triton", True] == hidden
