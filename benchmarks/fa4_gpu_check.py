@@ -54,11 +54,12 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              config's. Each launch's fastest schedule is then what the parts after it in this process run (the
              `adopted` row), so `--parts mlp-configs,train` times the step with them (`--pin-mlp-configs FILE`
              in another process).
-    quack-tiles quack's two MLP GEMMs at that training shape under other SM90 tiles of quack's own config space
+    quack-tiles quack's MLP GEMMs at that training shape under other SM90 tiles of quack's own config space
              (`QUACK_TILE_CANDIDATES`: cooperative and ping-pong, clusters 1x2 and 2x1) against `ops.quack.TILES`:
              `quack_gelu_grad` with the bias gradient summed in its epilogue and no GELU output ("dact", the
-             training op's default launch) first, then
-             `quack_linear_gelu` ("act"): ms, TFLOP/s, outputs against the current tile's. Each kind's fastest
+             training op's default launch) first, then `quack_linear_gelu` ("act"), then "quack-dgelu"'s two,
+             `quack_dgelu_grad` ("dact-dgelu") and `quack_linear_gelu_dgelu` ("act-dgelu"); `--quack-tile-kinds`
+             picks a subset: ms, TFLOP/s, outputs against the current tile's. Each kind's fastest
              tile (within 1e-2 of the current tile's outputs) is then what later parts of this process run
              (`ops.quack.TILES`, an `adopted` row), and is written to `--quack-tiles-file` as soon as its kind is
              swept, so that `--pin-quack-tiles FILE` pins it in a later process.
@@ -102,6 +103,7 @@ NO_FOLD = "new, LayerScale not folded into the projections (fold_layer_scale=Fal
 TRITON_DGELU = "new, MLP keeping gelu'(pre) instead of pre (mlp_gemms='triton-dgelu')"
 QUACK_SUM = "new, quack's MLP GEMMs, the up-projection's bias gradient summed apart (ops.quack.FUSED_BIAS_GRAD=False)"
 QUACK_GELU = "new, quack's MLP GEMMs + recompute gelu (the GELU output recomputed in the backward GEMM's epilogue)"
+QUACK_DGELU = "new, quack's MLP GEMMs keeping gelu'(pre) (mlp_gemms='quack-dgelu': the backward's epilogue a product)"
 NO_QKV_FOLD = "new, quack's MLP GEMMs, the q/k/v biases in the q/k/v projection (fold_qkv_bias=False)"
 PARTS = (
     "fa4-bwd-tiles",
@@ -366,6 +368,7 @@ SYSTEMS = (
     "quack",
     "quack-sum",
     "quack-gelu",
+    "quack-dgelu",
     "no-qkv-fold",
     "triton-dgelu",
     "no-fold",
@@ -384,13 +387,14 @@ backward; each down_proj replaced by an `nn.Linear` subclass keeps `ops.mlp` on 
 recompute policy, the new one under max-autotune-no-cudagraphs, the new one with quack-kernels' MLP GEMMs (`quack`;
 `quack-sum`: with the up-projection's bias gradient summed in a pass of its own, as before the sum moved into the
 GEMM's epilogue; `quack-gelu`: under the "gelu" recompute policy, the GELU output not kept but recomputed in the
-backward GEMM's epilogue, as quack's path ran before the sixteenth session; `no-qkv-fold`: with the q/k/v biases in
-the q/k/v projection, `fold_qkv_bias=False`, as before the sixteenth session), the new one with the MLP's Triton
-kernels keeping the GELU's derivative instead of the pre-activation (`triton-dgelu`), the new one with LayerScale
-multiplying the projections' outputs as before (`no-fold`, `fold_layer_scale=False`; today's path never folds), the
-Hugging Face loop, the profile of today's and the new step (and of the other new systems' when they run). "new" and
-the recompute systems run the MLP's Triton kernels (`mlp_gemms="triton"`, named in each row); the model's default,
-"auto", is the `quack` system where quack-kernels is installed."""
+backward GEMM's epilogue, as quack's path ran before the sixteenth session; `quack-dgelu`: the forward's GEMM
+keeping the GELU's derivative instead of the pre-activation and the backward's multiplying by it; `no-qkv-fold`:
+with the q/k/v biases in the q/k/v projection, `fold_qkv_bias=False`, as before the sixteenth session), the new one
+with the MLP's Triton kernels keeping the GELU's derivative instead of the pre-activation (`triton-dgelu`), the new
+one with LayerScale multiplying the projections' outputs as before (`no-fold`, `fold_layer_scale=False`; today's
+path never folds), the Hugging Face loop, the profile of today's and the new step (and of the other new systems'
+when they run). "new" and the recompute systems run the MLP's Triton kernels (`mlp_gemms="triton"`, named in each
+row); the model's default, "auto", is the `quack` system where quack-kernels is installed."""
 DEFAULT_SYSTEMS = ("today", "new", "attention", "mlp", "hf", "profile")
 
 
@@ -409,6 +413,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "quack": (QUACK, "auto", None, None, None),
         "quack-sum": (QUACK_SUM, "auto", None, None, None),
         "quack-gelu": (QUACK_GELU, "auto", None, "gelu", None),
+        "quack-dgelu": (QUACK_DGELU, "auto", None, None, None),
         "no-qkv-fold": (NO_QKV_FOLD, "auto", None, None, None),
         "triton-dgelu": (TRITON_DGELU, "auto", None, None, None),
         "no-fold": (NO_FOLD, "auto", None, None, None),
@@ -418,7 +423,13 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "autotune": ("new, mode max-autotune-no-cudagraphs", "auto", None, None, "max-autotune-no-cudagraphs"),
     }
     if not quack_gemms_available(dev):
-        needs_quack = {"quack": QUACK, "quack-sum": QUACK_SUM, "quack-gelu": QUACK_GELU, "no-qkv-fold": NO_QKV_FOLD}
+        needs_quack = {
+            "quack": QUACK,
+            "quack-sum": QUACK_SUM,
+            "quack-gelu": QUACK_GELU,
+            "quack-dgelu": QUACK_DGELU,
+            "no-qkv-fold": NO_QKV_FOLD,
+        }
         for key, name in needs_quack.items():
             if key in systems_asked:
                 write_rows(out, [{"part": "train", "system": name, "skipped": "quack-kernels cannot run here"}])
@@ -434,7 +445,8 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         model.fold_layer_scale = name not in (TODAY, NO_FOLD)  # today's path predates the fold
         model.fold_qkv_bias = name != NO_QKV_FOLD  # (today's path never folds: its RoPE is not in the kernel's op)
         quack = (QUACK, QUACK_SUM, QUACK_GELU, NO_QKV_FOLD)
-        model.mlp_gemms = "quack" if name in quack else "triton-dgelu" if name == TRITON_DGELU else "triton"
+        gemms = "quack" if name in quack else "quack-dgelu" if name == QUACK_DGELU else "triton"
+        model.mlp_gemms = "triton-dgelu" if name == TRITON_DGELU else gemms
         if name == GELU_COMPOSED:
             for block in model.model.layer:
                 block.mlp.down_proj = _ComposedLinear.of(block.mlp.down_proj)
@@ -488,7 +500,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                         "system": name,
                         "backend": model.resolved_attn_backend(inference=False),
                         "mlp_gemms": model.mlp_gemms,
-                        "quack_tiles": dict(quack_ops.TILES) if model.mlp_gemms == "quack" else None,
+                        "quack_tiles": dict(quack_ops.TILES) if model.mlp_gemms.startswith("quack") else None,
                         "quack_fused_bias_grad": name != QUACK_SUM if model.mlp_gemms == "quack" else None,
                         "fold_qkv_bias": model.fold_qkv_bias,
                         "recompute_policy": model.recompute_policy,
@@ -522,7 +534,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                     }
                 ],
             )
-    profiled = (TODAY, NEW, TRITON_DGELU, NO_FOLD, QUACK, QUACK_SUM, QUACK_GELU, NO_QKV_FOLD)
+    profiled = (TODAY, NEW, TRITON_DGELU, NO_FOLD, QUACK, QUACK_SUM, QUACK_GELU, QUACK_DGELU, NO_QKV_FOLD)
     profiled += (ROPE_OUTSIDE, GELU_COMPOSED)
     for name in [n for n in profiled if n in models and "profile" in systems_asked]:
         by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev, f"train {name}")
@@ -648,6 +660,12 @@ def mlp_grad(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
                 systems[f"quack dact {tile} ({note}) + sum"] = _with_quack_config(
                     "dact", config, _with_fused_bias_grad(False, run)
                 )
+        # "quack-dgelu": the product by the stored derivative, the bias sum in the epilogue
+        product = functools.partial(torch.ops.dinov3_packing.quack_dgelu_grad, grad_out, down_weight, deriv, True)
+        for tile, config in _quack_configs().items():
+            systems[f"quack dact-dgelu {tile} (from the stored gelu'(pre)), bias sum in the epilogue"] = (
+                _with_quack_config("dact-dgelu", config, product)
+            )
     ref = composed(grad_out.float(), down_weight.float(), pre.float())
     _mlp_rows(out, "mlp-grad", systems, ref, 2 * tokens * 1024 * 4096, ("grad_pre", "grad_bias"), dev)
 
@@ -674,8 +692,12 @@ def mlp_fwd(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
     }
     if quack_gemms_available(dev):
         act = functools.partial(torch.ops.dinov3_packing.quack_linear_gelu, x, weight, bias)
+        act_deriv = functools.partial(torch.ops.dinov3_packing.quack_linear_gelu_dgelu, x, weight, bias)
         for tile, config in _quack_configs().items():
             systems[f"quack gemm_act {tile}, keeps pre (training)"] = _with_quack_config("act", config, act)
+            systems[f"quack act-dgelu {tile}, keeps gelu'(pre) (training, 'quack-dgelu')"] = _with_quack_config(
+                "act-dgelu", config, lambda: act_deriv()[:1]
+            )
     ref = composed(x.float(), weight.float(), bias.float())
     _mlp_rows(out, "mlp-fwd", systems, ref, 2 * tokens * 1024 * 4096, ("y", "pre"), dev)
 
@@ -811,9 +833,17 @@ QUACK_TILE_CANDIDATES = (
 the `quack-tiles` part tries for both GEMMs."""
 
 QUACK_TILE_KEYS = ("tile_m", "tile_n", "pingpong", "cluster_m", "cluster_n")
+QUACK_TILE_KINDS = ("dact", "act", "dact-dgelu", "act-dgelu")
+"""The GEMMs the `quack-tiles` part can sweep (`--quack-tile-kinds`), keys of `ops.quack.TILES`."""
 
 
-def quack_tiles(out: str | None, tiles_file: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
+def quack_tiles(
+    out: str | None,
+    tiles_file: str | None,
+    kinds_asked: tuple[str, ...] = QUACK_TILE_KINDS,
+    tokens: int = 60_038,
+    dev: str = "cuda",
+) -> None:
     from dinov3_packing.ops import quack
 
     dev = torch.device(dev)
@@ -821,10 +851,15 @@ def quack_tiles(out: str | None, tiles_file: str | None, tokens: int = 60_038, d
         write_rows(out, [{"part": "quack-tiles", "skipped": "quack-kernels cannot run here"}])
         return
     x, up_weight, up_bias, grad_out, down_weight, pre = _mlp_tensors(tokens, dev)
-    kinds = {  # the training launches: the backward's GEMM with the bias gradient summed in it, the forward's
+    deriv = torch.ops.aten.gelu_backward(torch.ones_like(pre, dtype=torch.float32), pre.float()).to(pre.dtype)
+    every = {  # the training launches: the backward's GEMM with the bias gradient summed in it, the forward's
         "dact": lambda: torch.ops.dinov3_packing.quack_gelu_grad(grad_out, down_weight, pre, True, False),
         "act": lambda: torch.ops.dinov3_packing.quack_linear_gelu(x, up_weight, up_bias),
+        # "quack-dgelu"'s: the product by the stored derivative; the forward storing it
+        "dact-dgelu": lambda: torch.ops.dinov3_packing.quack_dgelu_grad(grad_out, down_weight, deriv, True),
+        "act-dgelu": lambda: torch.ops.dinov3_packing.quack_linear_gelu_dgelu(x, up_weight, up_bias),
     }
+    kinds = {kind: every[kind] for kind in kinds_asked}
     flops = 2 * tokens * 1024 * 4096
     adopted = {}
     for kind, run in kinds.items():
@@ -986,6 +1021,11 @@ def main() -> int:
         help="quack-tiles: write the adopted tiles here (for --pin-quack-tiles in a later process)",
     )
     parser.add_argument(
+        "--quack-tile-kinds",
+        default=",".join(QUACK_TILE_KINDS),
+        help="quack-tiles: comma-separated subset of the GEMMs to sweep (keys of ops.quack.TILES)",
+    )
+    parser.add_argument(
         "--pin-quack-tiles",
         default=None,
         metavar="FILE",
@@ -1007,6 +1047,12 @@ def main() -> int:
     systems = tuple(args.systems.split(",")) + (("autotune",) if args.autotune else ())
     if not set(systems) <= set(SYSTEMS):
         parser.error(f"--systems: expected a comma-separated subset of {SYSTEMS}, got {args.systems!r}")
+    tile_kinds = tuple(args.quack_tile_kinds.split(","))
+    if not set(tile_kinds) <= set(QUACK_TILE_KINDS) or not tile_kinds:
+        parser.error(
+            f"--quack-tile-kinds: expected a comma-separated subset of {QUACK_TILE_KINDS}, "
+            f"got {args.quack_tile_kinds!r}"
+        )
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (SM90+) with flash-attn-4 installed")
     write_rows(args.out, [{"part": "meta", **run_metadata("cuda")}])
@@ -1033,7 +1079,7 @@ def main() -> int:
                 "mlp-fwd": mlp_fwd,
                 "mlp-grad": mlp_grad,
                 "mlp-configs": functools.partial(mlp_configs, launches=args.mlp_launches),
-                "quack-tiles": functools.partial(quack_tiles, tiles_file=args.quack_tiles_file),
+                "quack-tiles": functools.partial(quack_tiles, tiles_file=args.quack_tiles_file, kinds_asked=tile_kinds),
             }
             run[part](args.out)
         except Exception:  # one part's failure is recorded and the next part still runs

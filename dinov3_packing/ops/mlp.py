@@ -141,15 +141,18 @@ def _run(
     return out if fold is None else out * fold
 
 
-MLP_GEMMS = ("triton", "triton-dgelu", "quack")
+MLP_GEMMS = ("triton", "triton-dgelu", "quack", "quack-dgelu")
 """The GEMM kernels of the training op `gelu_mlp`: "triton" (`ops/triton/linear_gelu.py`: the forward keeps the
 GELU output and the pre-activation, the backward's GEMM, `gelu_grad`, computes the GELU's derivative in its
 epilogue), "triton-dgelu" (where both Triton kernels run, `linear_gelu.dgelu_path_runs`, the forward keeps the
 derivative at the pre-activation instead, `linear_gelu_dgelu`, and the backward's GEMM, `dgelu_grad`, multiplies
 by it: a product in the epilogue where "triton" has the erf; elsewhere it is "triton"; not yet measured on a
-GPU) or "quack" (`ops/quack.py`: quack-kernels' GEMMs with the GELU in their epilogues; the forward keeps only
+GPU), "quack" (`ops/quack.py`: quack-kernels' GEMMs with the GELU in their epilogues; the forward keeps only
 the GELU output and the pre-activation, as "triton" does; under `parallel.recompute`'s "gelu" policy only the
-pre-activation, and the backward recomputes the GELU output in its GEMM's epilogue)."""
+pre-activation, and the backward recomputes the GELU output in its GEMM's epilogue) or "quack-dgelu" (quack's
+GEMMs, the forward keeping the derivative at the pre-activation instead, `quack_linear_gelu_dgelu`, and the
+backward's GEMM multiplying by it, `quack_dgelu_grad`: the erf and exp leave the backward's epilogue; under the
+"gelu" policy it is "quack", which keeps the pre-activation that policy recomputes from)."""
 
 
 def mlp_gemms_setting(value: str) -> str:
@@ -164,15 +167,17 @@ def mlp_gemms_setting(value: str) -> str:
 def resolve_mlp_gemms(value: str, device: torch.device, fused: bool) -> str:
     """The GEMMs the training op runs on `device` (`fused`: the fused MLP runs there, `fused_mlp_runs`): "auto" is
     "quack" where quack-kernels runs (`ops.quack.quack_gemms_available`: Hopper with the package installed), else
-    "triton"; "quack" asked for where the fused MLP runs but quack cannot raises ValueError."""
+    "triton"; "quack" or "quack-dgelu" asked for where the fused MLP runs but quack cannot raises ValueError."""
     if value in ("triton", "triton-dgelu"):
         return value
     if not fused:
         return "triton"
     available = quack_gemms_available(device)
-    if value == "quack" and not available:
+    if value in ("quack", "quack-dgelu") and not available:
         reason = quack_missing() or f"a CUDA device of compute capability 9.x; the model is on {device}"
-        raise ValueError(f"mlp_gemms='quack': {reason} (pip install \"dinov3-packing[hopper]\")")
+        raise ValueError(f'mlp_gemms={value!r}: {reason} (pip install "dinov3-packing[hopper]")')
+    if value == "quack-dgelu":
+        return value
     return "quack" if available else "triton"
 
 
@@ -187,23 +192,29 @@ def _gelu_mlp_op(
     recompute_gelu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(down(gelu(up(x))), gelu(up(x)), s)``: the up-projection GEMM with the GELU in its epilogue, storing `s`
-    too: ``gelu'(up(x))`` for "triton-dgelu", the pre-activation ``up(x)`` for "triton" and "quack" (`gemms`:
-    `MLP_GEMMS`), then the down-projection (cuBLAS). The last two outputs are what the backward may read;
-    nothing else should. `recompute_gelu`: the backward recomputes ``gelu(up(x))`` instead of keeping it (see
-    `gelu_mlp`)."""
-    if gemms == "quack":
-        h, pre = torch.ops.dinov3_packing.quack_linear_gelu(x.reshape(-1, x.shape[-1]), up_weight, up_bias)
+    too: ``gelu'(up(x))`` where `_stores_deriv` ("triton-dgelu", "quack-dgelu"), else the pre-activation
+    ``up(x)`` (`gemms`: `MLP_GEMMS`), then the down-projection (cuBLAS). The last two outputs are what the backward
+    may read; nothing else should. `recompute_gelu`: the backward recomputes ``gelu(up(x))`` instead of keeping it
+    (see `gelu_mlp`)."""
+    if gemms in ("quack", "quack-dgelu"):
+        deriv = _stores_deriv(gemms, x, up_weight, up_bias, down_weight, recompute_gelu)
+        op = torch.ops.dinov3_packing.quack_linear_gelu_dgelu if deriv else torch.ops.dinov3_packing.quack_linear_gelu
+        h, pre = op(x.reshape(-1, x.shape[-1]), up_weight, up_bias)
         h, pre = h.view(*x.shape[:-1], -1), pre.view(*x.shape[:-1], -1)
-    elif _stores_deriv(gemms, x, up_weight, up_bias, down_weight):
+    elif _stores_deriv(gemms, x, up_weight, up_bias, down_weight, recompute_gelu):
         h, pre = torch.ops.dinov3_packing.linear_gelu_dgelu(x, up_weight, up_bias)  # `pre` holds gelu'(pre)
     else:
         h, pre = torch.ops.dinov3_packing.linear_gelu(x, up_weight, up_bias, True)
     return F.linear(h, down_weight, down_bias), h, pre
 
 
-def _stores_deriv(gemms: str, x, up_weight, up_bias, down_weight) -> bool:
-    """Whether the op's forward keeps gelu'(pre) rather than pre (a function of the inputs' types, shapes and
-    devices, so the forward and `setup_context` agree, also on fake tensors)."""
+def _stores_deriv(gemms: str, x, up_weight, up_bias, down_weight, recompute_gelu: bool) -> bool:
+    """Whether the op's forward keeps gelu'(pre) rather than pre (a function of the op's arguments and the inputs'
+    types, shapes and devices, so the forward and `setup_context` agree, also on fake tensors): "quack-dgelu" but
+    under the "gelu" policy (which recomputes the GELU output from the pre-activation), "triton-dgelu" where both
+    Triton kernels run."""
+    if gemms == "quack-dgelu":
+        return not recompute_gelu
     return gemms == "triton-dgelu" and _lg.dgelu_path_runs(x, up_weight, up_bias, down_weight)
 
 
@@ -217,7 +228,7 @@ def _gelu_mlp_setup_context(ctx, inputs, output) -> None:
     x, up_weight, up_bias, down_weight, down_bias, gemms, recompute_gelu = inputs
     _, h, pre = output
     ctx.has_up_bias, ctx.has_down_bias, ctx.gemms = up_bias is not None, down_bias is not None, gemms
-    ctx.deriv = _stores_deriv(gemms, x, up_weight, up_bias, down_weight)
+    ctx.deriv = _stores_deriv(gemms, x, up_weight, up_bias, down_weight, recompute_gelu)
     # Recomputing the GELU output needs the pre-activation, which "triton-dgelu" does not keep.
     keep_h = not recompute_gelu or ctx.deriv
     ctx.save_for_backward(x, up_weight, down_weight, h if keep_h else None, pre)
@@ -237,7 +248,9 @@ def _gelu_mlp_backward(ctx, grad_out: torch.Tensor, _grad_h, _grad_pre):
     grad_x = grad_w1 = grad_b1 = grad_pre = None
     bias_grad = ctx.has_up_bias and need_b1
     if need_x or need_w1 or need_b1:
-        if ctx.gemms == "quack":
+        if ctx.gemms == "quack-dgelu" and ctx.deriv:
+            grad_pre, grad_b = torch.ops.dinov3_packing.quack_dgelu_grad(g, down_weight, pre, bias_grad)
+        elif ctx.gemms in ("quack", "quack-dgelu"):
             recompute = h is None and need_w2
             grad_pre, y, grad_b = torch.ops.dinov3_packing.quack_gelu_grad(g, down_weight, pre, bias_grad, recompute)
             h = y if recompute else h
@@ -274,13 +287,15 @@ def gelu_mlp(
     `gemms` (`MLP_GEMMS`): "triton" keeps the GELU output and the pre-activation for the backward, as the unfused
     MLP does, and runs ``torch.ops.dinov3_packing.gelu_grad`` there; "triton-dgelu" keeps the GELU's derivative
     at the pre-activation instead (as many bytes) and runs ``dgelu_grad``, where both Triton kernels run (else it
-    is "triton"); "quack" keeps both too and runs ``torch.ops.dinov3_packing.quack_gelu_grad``. All fall back to
-    the torch ops where their kernels cannot run.
+    is "triton"); "quack" keeps both too and runs ``torch.ops.dinov3_packing.quack_gelu_grad``; "quack-dgelu"
+    keeps the GELU output and its derivative, as "triton-dgelu" does, from quack's GEMMs (``quack_linear_gelu_dgelu``,
+    ``quack_dgelu_grad``). All fall back to the torch ops where their kernels cannot run.
 
     `recompute_gelu` (`parallel.recompute`'s "gelu" policy): keep only the pre-activation, not the GELU output (one
     ``[tokens, 4D]`` activation less); the backward recomputes the GELU output, in the gradient GEMM's epilogue
     for "quack" (which then stores two ``[tokens, 4D]`` tensors instead of one) and in an elementwise pass for
-    "triton". "triton-dgelu" keeps no pre-activation to recompute it from, so it keeps the GELU output."""
+    "triton". "triton-dgelu" keeps no pre-activation to recompute it from, so it keeps the GELU output;
+    "quack-dgelu" runs as "quack" under it."""
     if gemms not in MLP_GEMMS:
         raise ValueError(f"gemms: expected one of {MLP_GEMMS}, got {gemms!r}")
     if not isinstance(recompute_gelu, bool):

@@ -42,6 +42,8 @@ _DTYPES = (torch.float16, torch.bfloat16)
 TILES: dict[str, dict] = {
     "act": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=2, cluster_n=1),
     "dact": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=2, cluster_n=1),
+    "act-dgelu": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=2, cluster_n=1),
+    "dact-dgelu": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=2, cluster_n=1),
 }
 """The SM90 tiles the ops run the forward GEMM ("act") and the backward GEMM ("dact") with: the fastest of the nine
 tiles of quack's config space the `quack-tiles` part of `benchmarks/fa4_gpu_check.py` tried for ViT-L's MLP at
@@ -50,13 +52,15 @@ mixed-64's 60,038 tokens on an H100 (2026-12-07): 128 x 128 ping-pong with a 2 x
 (256 x 128 cooperative 1 x 2, 128 x 256 cooperative 2 x 1) and 0.916 / 1.357 ms for quack's default (twelfth
 session). The backward's tile was chosen with the epilogue that also stores the GELU output; the training op's
 default launch (the forward kept that output, sixteenth session) leaves it out and was not swept again. Never
-``tuned=True``, whose autotuner keys on the token count and would sweep its configs again for every pack size."""
+``tuned=True``, whose autotuner keys on the token count and would sweep its configs again for every pack size.
+"act-dgelu" and "dact-dgelu": the same GEMMs with the stored-derivative epilogues (`quack_linear_gelu_dgelu`,
+`quack_dgelu_grad`), set to the tiles above until their own sweep."""
 
 FUSED_BIAS_GRAD = True
 """Whether `quack_gelu_grad` sums the bias gradient in its GEMM's epilogue (True) or, as quack's `gemm_dact` leaves
 it, in a separate pass over ``grad_pre`` (False; for benchmarks that compare the two). Read at every call."""
 
-CONFIGS: dict[str, object | None] = {"act": None, "dact": None}
+CONFIGS: dict[str, object | None] = {kind: None for kind in TILES}
 """Overrides for benchmarks that compare tiles: a `quack.gemm_config.GemmConfig` (`gemm_config`), "default" for
 quack's own default tile (``tuned=False``), or None for `TILES`."""
 
@@ -82,7 +86,7 @@ def gemm_config(tile_m: int, tile_n: int, pingpong: bool, cluster_m: int, cluste
 
 
 def _choice(kind: str) -> dict:
-    """quack's keyword arguments that pick the tile of `kind` ("act" or "dact")."""
+    """quack's keyword arguments that pick the tile of `kind` (a key of `TILES`)."""
     override = CONFIGS[kind]
     if override == "default":
         return {"tuned": False}
@@ -151,6 +155,105 @@ def _quack_linear_gelu(
 def _(x, weight, bias):
     y = x.new_empty((x.shape[0], weight.shape[0]))
     return y, torch.empty_like(y)
+
+
+@torch.library.custom_op("dinov3_packing::quack_linear_gelu_dgelu", mutates_args=())
+def _quack_linear_gelu_dgelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gelu(pre), gelu'(pre))`` with ``pre = x @ weight.T + bias`` for 2-D ``x [M, K]``, ``weight [N, K]``: the
+    exact GELU and its derivative, both from the fp32 accumulator plus bias and rounded once to x's dtype, from one
+    GEMM whose epilogue (`_deriv_mod`) evaluates quack's own `dgelu_erf` of a unit gradient. For a training op whose
+    backward then only multiplies by the stored derivative (`quack_dgelu_grad`): the erf and the exp move from the
+    backward's epilogue into the forward's, which computes the erf anyway. Falls back to the torch ops (``F.gelu``
+    and ATen's ``gelu_backward`` of a unit gradient, as `linear_gelu_dgelu` does)."""
+    if _runs_quack(x, weight) and (bias is None or (bias.device == x.device and bias.dtype == x.dtype)):
+        if x.shape[0] > 0:
+            n = weight.shape[0]
+            y, deriv = x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], n))
+            operands = {} if bias is None else {"bias": bias}
+            _deriv_mod(bias is not None)(
+                x, weight.t(), out={"D": deriv, "postact": y}, **({"tuned": True} | _choice("act-dgelu")), **operands
+            )
+            return y, deriv
+    pre = F.linear(x, weight, bias)
+    return F.gelu(pre), torch.ops.aten.gelu_backward(torch.ones_like(pre), pre)
+
+
+@_quack_linear_gelu_dgelu.register_fake
+def _(x, weight, bias):
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    return y, torch.empty_like(y)
+
+
+@functools.cache
+def _deriv_mod(bias: bool):
+    """The forward's epilogue as a quack epilogue mod: from the accumulator ``acc = x @ weight.T`` (plus the bias, a
+    row-broadcast operand, where `bias`), ``D = gelu'(pre)`` and ``postact = gelu(pre)`` by quack's `dgelu_erf` with
+    a unit gradient (so the same erf and exp2 approximations as its backward epilogue). Built at the first GPU call."""
+    from quack.activation import dact_fn_map
+    from quack.epilogue.frontend import gemm_epilogue
+    from quack.epilogue.ops import RowVecLoad
+
+    dgelu = dact_fn_map["gelu_erf"]
+    if bias:
+
+        def gelu_erf_deriv_bias(acc, bias):
+            deriv, out = dgelu(acc + bias, 1.0)
+            return {"D": deriv, "postact": out}
+
+        return gemm_epilogue(outputs=("postact",), ops={"bias": RowVecLoad("bias")})(gelu_erf_deriv_bias)
+
+    def gelu_erf_deriv(acc):
+        deriv, out = dgelu(acc, 1.0)
+        return {"D": deriv, "postact": out}
+
+    return gemm_epilogue(outputs=("postact",))(gelu_erf_deriv)
+
+
+@torch.library.custom_op("dinov3_packing::quack_dgelu_grad", mutates_args=())
+def _quack_dgelu_grad(
+    grad_out: torch.Tensor, weight: torch.Tensor, deriv: torch.Tensor, bias_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_pre, grad_pre.sum(0) or an empty tensor)`` with ``grad_pre = (grad_out @ weight) * deriv`` for 2-D
+    ``grad_out [M, K]``, ``weight [K, N]`` and the stored derivative ``deriv = gelu'(pre) [M, N]``
+    (`quack_linear_gelu_dgelu`): one GEMM whose epilogue multiplies (no erf) and, when `bias_grad`, sums the fp32
+    ``grad_pre`` over each tile's rows (`_product_mod`, as `quack_gelu_grad`'s fused bias sum). Falls back to the
+    torch ops, which sum the rounded ``grad_pre``."""
+    if _runs_quack(grad_out, weight, deriv) and grad_out.shape[0] > 0:
+        res = _product_mod(bias_grad)(
+            grad_out, weight, deriv, dynamic_scheduler=True, **({"tuned": True} | _choice("dact-dgelu"))
+        )
+        return res["D"], res["dbias"].to(deriv.dtype) if bias_grad else deriv.new_empty(0)
+    grad_pre = (grad_out @ weight) * deriv
+    return grad_pre, grad_pre.sum(0) if bias_grad else deriv.new_empty(0)
+
+
+@_quack_dgelu_grad.register_fake
+def _(grad_out, weight, deriv, bias_grad):
+    return torch.empty_like(deriv), deriv.new_empty(deriv.shape[1] if bias_grad else 0)
+
+
+@functools.cache
+def _product_mod(bias_grad: bool):
+    """The backward's epilogue for a stored derivative as a quack epilogue mod: from the accumulator ``acc =
+    grad_out @ weight`` and the C operand ``deriv``, ``D = acc * deriv`` and, where `bias_grad`, ``dbias``, D in fp32
+    summed over each tile's rows (`RowVecReduce`, as in `_dgelu_mod`). Built at the first GPU call."""
+    from quack.epilogue.frontend import gemm_epilogue
+    from quack.epilogue.ops import RowVecReduce
+
+    if bias_grad:
+
+        def gelu_deriv_product_bias_grad(acc, c):
+            dx = acc * c
+            return {"D": dx, "dbias": dx}
+
+        return gemm_epilogue(reduces={"dbias": RowVecReduce("dbias")})(gelu_deriv_product_bias_grad)
+
+    def gelu_deriv_product(acc, c):
+        return {"D": acc * c}
+
+    return gemm_epilogue()(gelu_deriv_product)
 
 
 @torch.library.custom_op("dinov3_packing::quack_gelu_grad", mutates_args=())
