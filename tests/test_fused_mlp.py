@@ -501,9 +501,9 @@ def test_quack_ops_are_registered_with_fakes():
 
 
 def test_mlp_gemms_option_is_validated_and_resolved(tiny):
-    """`mlp_gemms`: a str of "auto", "triton", "quack" (TypeError / ValueError naming it otherwise). Where the fused
+    """`mlp_gemms`: a str of "auto" or `MLP_GEMMS` (TypeError / ValueError naming it otherwise). Where the fused
     MLP does not run (CPU) every choice resolves to "triton"; where it runs, "auto" takes quack only where quack
-    runs, and an explicit "quack" where it cannot raises before compute. The default is "auto"."""
+    runs, and an explicit "quack" or "quack-dgelu" where it cannot raises before compute. The default is "auto"."""
     model = DINOv3ViTPackingModel(tiny(num_hidden_layers=1))
     assert model.mlp_gemms == "auto"
     layout = PackedLayout.build([(1, 2, 3)], model.num_prefix_tokens, "cpu")
@@ -515,22 +515,25 @@ def test_mlp_gemms_option_is_validated_and_resolved(tiny):
     with pytest.raises(ValueError, match="mlp_gemms"):
         DINOv3ViTPackingModel(tiny(num_hidden_layers=1), mlp_gemms="fast")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for value in ("auto", "triton", "quack"):
+    for value in ("auto", "triton", "quack", "quack-dgelu"):
         assert resolve_mlp_gemms(value, cpu, fused=False) == "triton"
     assert not quack_gemms_available(cpu)
     if not quack_gemms_available(cuda):  # no GPU here, or no quack: what a machine without them must do
         assert resolve_mlp_gemms("auto", cuda, fused=True) == "triton"
-        with pytest.raises(ValueError, match=r"mlp_gemms='quack': .*dinov3-packing\[hopper\]"):
-            resolve_mlp_gemms("quack", cuda, fused=True)
+        for value in ("quack", "quack-dgelu"):
+            with pytest.raises(ValueError, match=rf"mlp_gemms='{value}': .*dinov3-packing\[hopper\]"):
+                resolve_mlp_gemms(value, cuda, fused=True)
     else:
         assert resolve_mlp_gemms("auto", cuda, fused=True) == "quack"
+        assert resolve_mlp_gemms("quack-dgelu", cuda, fused=True) == "quack-dgelu"
     model.mlp_gemms = "quack"
     assert model.packed_batch(layout, inference=False).mlp_gemms == "triton"  # the CPU runs no fused MLP
 
 
 def test_compiled_training_runs_the_op_forward_and_gelu_grad_backward():
     """Under torch.compile with autograd (AOTAutograd, as Inductor runs it) the forward graph holds `gelu_mlp`
-    once and the backward graph one GELU-gradient GEMM op (`gelu_grad`, or `quack_gelu_grad` for "quack"), with no
+    once and the backward graph one GELU-gradient GEMM op (`gelu_grad`, `quack_gelu_grad` for "quack", or
+    `quack_dgelu_grad` for "quack-dgelu", which is "quack" under the "gelu" policy), with no
     gelu_backward left beside it; gradients equal eager autograd through the unfused MLP. Both keep as many tensors
     for the backward; with `recompute_gelu`, "quack" keeps one less (the GELU output, which its backward GEMM then
     recomputes)."""
@@ -543,6 +546,8 @@ def test_compiled_training_runs_the_op_forward_and_gelu_grad_backward():
         ("triton", "gelu_grad", False),
         ("quack", "quack_gelu_grad", False),
         ("quack", "quack_gelu_grad", True),
+        ("quack-dgelu", "quack_dgelu_grad", False),
+        ("quack-dgelu", "quack_gelu_grad", True),  # under the "gelu" policy it is "quack"
     ):
         backend, graphs = capturing_aot_backend()
         fn = torch.compile(
@@ -556,7 +561,8 @@ def test_compiled_training_runs_the_op_forward_and_gelu_grad_backward():
             assert torch.equal(a, b)
         assert targets(graphs["forward"]).count(torch.ops.dinov3_packing.gelu_mlp.default) == 1
         backward = targets(graphs["backward"])
-        grad_ops = {name: getattr(torch.ops.dinov3_packing, name).default for name in ("gelu_grad", "quack_gelu_grad")}
+        names = ("gelu_grad", "quack_gelu_grad", "quack_dgelu_grad")
+        grad_ops = {name: getattr(torch.ops.dinov3_packing, name).default for name in names}
         assert {name: backward.count(op) for name, op in grad_ops.items()} == {
             name: int(name == grad_op) for name in grad_ops
         }
@@ -564,6 +570,7 @@ def test_compiled_training_runs_the_op_forward_and_gelu_grad_backward():
         (output,) = [n for n in graphs["forward"].graph.nodes if n.op == "output"]
         saved[gemms, recompute] = len(output.args[0]) - 1  # the loss, then what the backward reads
     assert saved["quack", False] == saved["triton", False] == saved["quack", True] + 1
+    assert saved["quack-dgelu", False] == saved["quack", False] and saved["quack-dgelu", True] == saved["quack", True]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check: needs CUDA (run on the device)")

@@ -70,12 +70,13 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             where it runs, Hopper with the `hopper` extra installed, else "triton"), "triton" (this package's
             kernels: `ops/triton/linear_gelu.py`), "triton-dgelu" (the same kernels keeping the GELU's derivative
             instead of the pre-activation, so the backward's epilogue multiplies instead of computing the erf),
-            or "quack" (quack-kernels' warp-specialized GEMMs with the GELU and its derivative in their
-            epilogues, `ops/quack.py`). On the H100, a ViT-L mixed-64 step (benchmarks/results/RESULTS.md,
+            "quack" (quack-kernels' warp-specialized GEMMs with the GELU and its derivative in their
+            epilogues, `ops/quack.py`) or "quack-dgelu" (quack's GEMMs keeping the GELU's derivative, as
+            "triton-dgelu" does). On the H100, a ViT-L mixed-64 step (benchmarks/results/RESULTS.md,
             2026-12-07, fourteenth session): "quack" 284 ms (then recomputing the GELU output, 695 KiB of
             activations per token), "triton" 286 ms and 887 KiB, "triton-dgelu" 287 ms; both keep the GELU
-            output now (887 KiB) unless `apply_recompute(model, "gelu")`. "quack" where the fused MLP runs but
-            quack cannot raises ValueError at the forward. Settable after construction.
+            output now (887 KiB) unless `apply_recompute(model, "gelu")`. "quack" or "quack-dgelu" where the fused
+            MLP runs but quack cannot raises ValueError at the forward. Settable after construction.
         fold_layer_scale: when autograd records, each block multiplies its LayerScale into the weight and bias of
             the projection it scales (the attention's output projection; the MLP's down-projection where the fused
             training op runs) instead of into that projection's output. The same function; the backward then
@@ -171,7 +172,8 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
 
     @property
     def mlp_gemms(self) -> str:
-        """The GEMM kernels of the fused MLP in training: "auto", "triton" or "quack" (see the class docstring)."""
+        """The GEMM kernels of the fused MLP in training: "auto" or one of `ops.mlp.MLP_GEMMS` (see the class
+        docstring)."""
         return self._mlp_gemms
 
     @mlp_gemms.setter
