@@ -502,8 +502,9 @@ def test_quack_ops_are_registered_with_fakes():
 
 def test_mlp_gemms_option_is_validated_and_resolved(tiny):
     """`mlp_gemms`: a str of "auto" or `MLP_GEMMS` (TypeError / ValueError naming it otherwise). Where the fused
-    MLP does not run (CPU) every choice resolves to "triton"; where it runs, "auto" takes quack only where quack
-    runs, and an explicit "quack" or "quack-dgelu" where it cannot raises before compute. The default is "auto"."""
+    MLP does not run (CPU) every choice resolves to "triton"; where it runs, "auto" takes quack ("quack-dgelu") only
+    where quack runs, and an explicit "quack" or "quack-dgelu" where it cannot raises before compute. The default is
+    "auto"."""
     model = DINOv3ViTPackingModel(tiny(num_hidden_layers=1))
     assert model.mlp_gemms == "auto"
     layout = PackedLayout.build([(1, 2, 3)], model.num_prefix_tokens, "cpu")
@@ -524,8 +525,8 @@ def test_mlp_gemms_option_is_validated_and_resolved(tiny):
             with pytest.raises(ValueError, match=rf"mlp_gemms='{value}': .*dinov3-packing\[hopper\]"):
                 resolve_mlp_gemms(value, cuda, fused=True)
     else:
-        assert resolve_mlp_gemms("auto", cuda, fused=True) == "quack"
-        assert resolve_mlp_gemms("quack-dgelu", cuda, fused=True) == "quack-dgelu"
+        assert resolve_mlp_gemms("auto", cuda, fused=True) == "quack-dgelu"
+        assert resolve_mlp_gemms("quack", cuda, fused=True) == "quack"
     model.mlp_gemms = "quack"
     assert model.packed_batch(layout, inference=False).mlp_gemms == "triton"  # the CPU runs no fused MLP
 
