@@ -394,7 +394,7 @@ with the MLP's Triton kernels keeping the GELU's derivative instead of the pre-a
 one with LayerScale multiplying the projections' outputs as before (`no-fold`, `fold_layer_scale=False`; today's
 path never folds), the Hugging Face loop, the profile of today's and the new step (and of the other new systems'
 when they run). "new" and the recompute systems run the MLP's Triton kernels (`mlp_gemms="triton"`, named in each
-row); the model's default, "auto", is the `quack` system where quack-kernels is installed."""
+row); the model's default, "auto", is the `quack-dgelu` system where quack-kernels is installed."""
 DEFAULT_SYSTEMS = ("today", "new", "attention", "mlp", "hf", "profile")
 
 

@@ -66,17 +66,18 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             other kernels always take q and k rotated by an elementwise op. Default True; False keeps RoPE
             outside the op (what torch.compile fuses on its own), for comparison. Settable after
             construction.
-        mlp_gemms: the GEMM kernels of the fused MLP when autograd records (training): "auto" (default: "quack"
-            where it runs, Hopper with the `hopper` extra installed, else "triton"), "triton" (this package's
-            kernels: `ops/triton/linear_gelu.py`), "triton-dgelu" (the same kernels keeping the GELU's derivative
-            instead of the pre-activation, so the backward's epilogue multiplies instead of computing the erf),
-            "quack" (quack-kernels' warp-specialized GEMMs with the GELU and its derivative in their
-            epilogues, `ops/quack.py`) or "quack-dgelu" (quack's GEMMs keeping the GELU's derivative, as
+        mlp_gemms: the GEMM kernels of the fused MLP when autograd records (training): "auto" (default:
+            "quack-dgelu" where quack runs, Hopper with the `hopper` extra installed, else "triton"), "triton"
+            (this package's kernels: `ops/triton/linear_gelu.py`), "triton-dgelu" (the same kernels keeping the
+            GELU's derivative instead of the pre-activation, so the backward's epilogue multiplies instead of
+            computing the erf), "quack" (quack-kernels' warp-specialized GEMMs with the GELU and its derivative in
+            their epilogues, `ops/quack.py`) or "quack-dgelu" (quack's GEMMs keeping the GELU's derivative, as
             "triton-dgelu" does). On the H100, a ViT-L mixed-64 step (benchmarks/results/RESULTS.md,
-            2026-12-07, fourteenth session): "quack" 284 ms (then recomputing the GELU output, 695 KiB of
-            activations per token), "triton" 286 ms and 887 KiB, "triton-dgelu" 287 ms; both keep the GELU
-            output now (887 KiB) unless `apply_recompute(model, "gelu")`. "quack" or "quack-dgelu" where the fused
-            MLP runs but quack cannot raises ValueError at the forward. Settable after construction.
+            2026-12-07): "quack-dgelu" 270-272 ms against 276-278 for "quack" (seventeenth session); "triton"
+            and "triton-dgelu" 286-287 ms (fourteenth session). All keep 887 KiB of activations per token
+            unless `apply_recompute(model, "gelu")` (695 KiB; "quack-dgelu" is "quack" under it). "quack" or
+            "quack-dgelu" where the fused MLP runs but quack cannot raises ValueError at the forward. Settable
+            after construction.
         fold_layer_scale: when autograd records, each block multiplies its LayerScale into the weight and bias of
             the projection it scales (the attention's output projection; the MLP's down-projection where the fused
             training op runs) instead of into that projection's output. The same function; the backward then

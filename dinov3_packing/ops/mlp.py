@@ -151,8 +151,9 @@ GPU), "quack" (`ops/quack.py`: quack-kernels' GEMMs with the GELU in their epilo
 the GELU output and the pre-activation, as "triton" does; under `parallel.recompute`'s "gelu" policy only the
 pre-activation, and the backward recomputes the GELU output in its GEMM's epilogue) or "quack-dgelu" (quack's
 GEMMs, the forward keeping the derivative at the pre-activation instead, `quack_linear_gelu_dgelu`, and the
-backward's GEMM multiplying by it, `quack_dgelu_grad`: the erf and exp leave the backward's epilogue; under the
-"gelu" policy it is "quack", which keeps the pre-activation that policy recomputes from)."""
+backward's GEMM multiplying by it, `quack_dgelu_grad`: the erf and exp leave the backward's epilogue; what "auto"
+takes where quack runs; under the "gelu" policy it is "quack", which keeps the pre-activation that policy
+recomputes from)."""
 
 
 def mlp_gemms_setting(value: str) -> str:

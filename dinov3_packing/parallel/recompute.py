@@ -11,9 +11,10 @@ least memory saved to the most:
     None          nothing recomputed.
     "gelu"        the GELU output of the fused MLP's training op (`ops.mlp.gelu_mlp`): frees that [tokens, 4D]
                   activation; the backward recomputes it from the kept pre-activation, inside its gradient
-                  GEMM's epilogue with quack's kernels (stores one more [tokens, 4D] output there) or in an
-                  elementwise pass with the Triton kernels ("triton-dgelu", which keeps the GELU's derivative
-                  instead of the pre-activation, keeps the output). No effect where the fused op does not run.
+                  GEMM's epilogue with quack's kernels (stores one more [tokens, 4D] output there; the default
+                  "quack-dgelu" then runs as "quack", keeping the pre-activation) or in an elementwise pass with
+                  the Triton kernels ("triton-dgelu", which keeps the GELU's derivative instead of the
+                  pre-activation, keeps the output). No effect where the fused op does not run.
                   Not bitwise in bf16: the recomputed output is the GELU of the stored, rounded pre-activation.
     "attention"   the attention sub-block (q/k/v GEMM, RoPE, the attention kernel, output projection):
                   frees q, k, v, the rotated q/k, the kernel's output and statistics; recomputes ~4 D^2 + the
