@@ -142,18 +142,19 @@ def _run(
 
 
 MLP_GEMMS = ("triton", "triton-dgelu", "quack", "quack-dgelu")
-"""The GEMM kernels of the training op `gelu_mlp`: "triton" (`ops/triton/linear_gelu.py`: the forward keeps the
-GELU output and the pre-activation, the backward's GEMM, `gelu_grad`, computes the GELU's derivative in its
-epilogue), "triton-dgelu" (where both Triton kernels run, `linear_gelu.dgelu_path_runs`, the forward keeps the
-derivative at the pre-activation instead, `linear_gelu_dgelu`, and the backward's GEMM, `dgelu_grad`, multiplies
-by it: a product in the epilogue where "triton" has the erf; elsewhere it is "triton"; not yet measured on a
-GPU), "quack" (`ops/quack.py`: quack-kernels' GEMMs with the GELU in their epilogues; the forward keeps only
-the GELU output and the pre-activation, as "triton" does; under `parallel.recompute`'s "gelu" policy only the
-pre-activation, and the backward recomputes the GELU output in its GEMM's epilogue) or "quack-dgelu" (quack's
+_QUACK = ("quack", "quack-dgelu")  # the choices that run quack's GEMMs
+"""The GEMM kernels of the training op `gelu_mlp`: "triton" (`ops/triton/linear_gelu.py`: the forward keeps the GELU
+output and the pre-activation, the backward's GEMM, `gelu_grad`, computes the GELU's derivative in its epilogue),
+"triton-dgelu" (where both Triton kernels run, `linear_gelu.dgelu_path_runs`, the forward keeps the derivative at
+the pre-activation instead, `linear_gelu_dgelu`, and the backward's GEMM, `dgelu_grad`, multiplies by it: a product
+in the epilogue where "triton" has the erf; elsewhere it is "triton"; on the H100 no faster than "triton",
+fourteenth session), "quack" (`ops/quack.py`: quack-kernels' GEMMs with the GELU in their epilogues; the forward
+keeps only the GELU output and the pre-activation, as "triton" does; under `parallel.recompute`'s "gelu" policy only
+the pre-activation, and the backward recomputes the GELU output in its GEMM's epilogue) or "quack-dgelu" (quack's
 GEMMs, the forward keeping the derivative at the pre-activation instead, `quack_linear_gelu_dgelu`, and the
 backward's GEMM multiplying by it, `quack_dgelu_grad`: the erf and exp leave the backward's epilogue; what "auto"
-takes where quack runs; under the "gelu" policy it is "quack", which keeps the pre-activation that policy
-recomputes from)."""
+takes where quack runs; under the "gelu" policy it is "quack", which keeps the pre-activation that policy recomputes
+from)."""
 
 
 def mlp_gemms_setting(value: str) -> str:
@@ -176,10 +177,10 @@ def resolve_mlp_gemms(value: str, device: torch.device, fused: bool) -> str:
     if not fused:
         return "triton"
     available = quack_gemms_available(device)
-    if value in ("quack", "quack-dgelu") and not available:
+    if value in _QUACK and not available:
         reason = quack_missing() or f"a CUDA device of compute capability 9.x; the model is on {device}"
         raise ValueError(f'mlp_gemms={value!r}: {reason} (pip install "dinov3-packing[hopper]")')
-    if value in ("quack", "quack-dgelu"):
+    if value in _QUACK:
         return value
     return "quack-dgelu" if available else "triton"
 
@@ -199,12 +200,13 @@ def _gelu_mlp_op(
     ``up(x)`` (`gemms`: `MLP_GEMMS`), then the down-projection (cuBLAS). The last two outputs are what the backward
     may read; nothing else should. `recompute_gelu`: the backward recomputes ``gelu(up(x))`` instead of keeping it
     (see `gelu_mlp`)."""
-    if gemms in ("quack", "quack-dgelu"):
-        deriv = _stores_deriv(gemms, x, up_weight, up_bias, down_weight, recompute_gelu)
+    deriv = _stores_deriv(gemms, x, up_weight, up_bias, down_weight, recompute_gelu)
+    if gemms in _QUACK:
         op = torch.ops.dinov3_packing.quack_linear_gelu_dgelu if deriv else torch.ops.dinov3_packing.quack_linear_gelu
         h, pre = op(x.reshape(-1, x.shape[-1]), up_weight, up_bias)
-        h, pre = h.view(*x.shape[:-1], -1), pre.view(*x.shape[:-1], -1)
-    elif _stores_deriv(gemms, x, up_weight, up_bias, down_weight, recompute_gelu):
+        shape = (*x.shape[:-1], up_weight.shape[0])  # (not -1: a pack of no tokens has no size to infer it from)
+        h, pre = h.view(shape), pre.view(shape)
+    elif deriv:
         h, pre = torch.ops.dinov3_packing.linear_gelu_dgelu(x, up_weight, up_bias)  # `pre` holds gelu'(pre)
     else:
         h, pre = torch.ops.dinov3_packing.linear_gelu(x, up_weight, up_bias, True)
@@ -251,14 +253,17 @@ def _gelu_mlp_backward(ctx, grad_out: torch.Tensor, _grad_h, _grad_pre):
     grad_x = grad_w1 = grad_b1 = grad_pre = None
     bias_grad = ctx.has_up_bias and need_b1
     if need_x or need_w1 or need_b1:
-        if ctx.gemms == "quack-dgelu" and ctx.deriv:
-            grad_pre, grad_b = torch.ops.dinov3_packing.quack_dgelu_grad(g, down_weight, pre, bias_grad)
-        elif ctx.gemms in ("quack", "quack-dgelu"):
+        if ctx.deriv:  # `pre` holds gelu'(pre): the GEMM's epilogue multiplies by it
+            product = (
+                torch.ops.dinov3_packing.quack_dgelu_grad
+                if ctx.gemms in _QUACK
+                else torch.ops.dinov3_packing.dgelu_grad
+            )
+            grad_pre, grad_b = product(g, down_weight, pre, bias_grad)
+        elif ctx.gemms in _QUACK:
             recompute = h is None and need_w2
             grad_pre, y, grad_b = torch.ops.dinov3_packing.quack_gelu_grad(g, down_weight, pre, bias_grad, recompute)
             h = y if recompute else h
-        elif ctx.deriv:
-            grad_pre, grad_b = torch.ops.dinov3_packing.dgelu_grad(g, down_weight, pre, bias_grad)
         else:
             grad_pre, grad_b = torch.ops.dinov3_packing.gelu_grad(g, down_weight, pre, bias_grad)
         grad_b1 = grad_b if bias_grad else None
