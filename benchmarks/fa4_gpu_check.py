@@ -33,8 +33,9 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              `quack_gelu_grad` (`ops/quack.py`) at the tiles of `_quack_configs` (`ops.quack.TILES` and three
              others), each with the bias gradient summed in the GEMM's epilogue and apart
              (`FUSED_BIAS_GRAD`), and each with the GELU output recomputed in the same epilogue (the "gelu"
-             recompute policy) and without it (the default: the forward kept it); each against fp32 (relative L2
-             error of both outputs). Needs no flash-attn-4.
+             recompute policy) and without it ("quack"'s: the forward kept it), and `quack_dgelu_grad` ("quack-dgelu",
+             the default: the product by the stored derivative, the bias sum in its epilogue); each against fp32
+             (relative L2 error of both outputs). Needs no flash-attn-4.
     fa4-bwd-tiles fa4's SM90 forward + backward on mixed-64 segment lengths with other backward configs than
              its heuristic's for head_dim 64 (FA3's 128 x 128; flash_attn.cute.interface._tile_size_bwd_sm90
              replaced for each, flash-attn-4 4.0.0b36): ms, TFLOP/s, max relative difference of dq, dk, dv
@@ -45,8 +46,9 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              default tile's (the 2048 px inference target wants a faster attention kernel than the default).
     mlp-fwd  the MLP's up-projection + bias + exact GELU at the same sizes: the `linear_gelu` kernel keeping the
              pre-activation (training), the GELU's derivative (`linear_gelu_dgelu`) or neither (inference),
-             cuBLAS + GELU eager and compiled, and quack's `quack_linear_gelu` at the tiles of `_quack_configs`
-             where it runs; each against fp32. Needs no flash-attn-4.
+             cuBLAS + GELU eager and compiled, and quack's `quack_linear_gelu` and `quack_linear_gelu_dgelu` (its GELU
+             output only; `tests/test_fused_mlp.py` checks the derivative) at the tiles of `_quack_configs` where it
+             runs; each against fp32. Needs no flash-attn-4.
     mlp-configs the same two Triton kernels at that training shape under other schedules than the autotuner's
              lists hold (`linear_gelu.CANDIDATE_CONFIGS`, `GRAD_CANDIDATE_CONFIGS`: two programs per SM, the
              unflattened loop) against the lists' first config, for the four training launches (forward keeping
@@ -57,7 +59,7 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
     quack-tiles quack's MLP GEMMs at that training shape under other SM90 tiles of quack's own config space
              (`QUACK_TILE_CANDIDATES`: cooperative and ping-pong, clusters 1x2 and 2x1) against `ops.quack.TILES`:
              `quack_gelu_grad` with the bias gradient summed in its epilogue and no GELU output ("dact", the
-             training op's default launch) first, then `quack_linear_gelu` ("act"), then "quack-dgelu"'s two,
+             "quack"'s launch) first, then `quack_linear_gelu` ("act"), then "quack-dgelu"'s two,
              `quack_dgelu_grad` ("dact-dgelu") and `quack_linear_gelu_dgelu` ("act-dgelu"); `--quack-tile-kinds`
              picks a subset: ms, TFLOP/s, outputs against the current tile's. Each kind's fastest
              tile (within 1e-2 of the current tile's outputs) is then what later parts of this process run
@@ -501,7 +503,8 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                         "backend": model.resolved_attn_backend(inference=False),
                         "mlp_gemms": model.mlp_gemms,
                         "quack_tiles": dict(quack_ops.TILES) if model.mlp_gemms.startswith("quack") else None,
-                        "quack_fused_bias_grad": name != QUACK_SUM if model.mlp_gemms == "quack" else None,
+                        # (quack-dgelu's bias gradient is always summed in its GEMM's epilogue)
+                        "quack_fused_bias_grad": name != QUACK_SUM if model.mlp_gemms.startswith("quack") else None,
                         "fold_qkv_bias": model.fold_qkv_bias,
                         "recompute_policy": model.recompute_policy,
                         "images_per_s": 64 / stats["median_s"],
@@ -912,7 +915,7 @@ def pin_quack_tiles(path: str) -> dict:
     with open(path) as f:
         tiles = json.load(f)
     if not isinstance(tiles, dict) or not set(tiles) <= set(quack.TILES) or not tiles:
-        raise ValueError(f"--pin-quack-tiles: {path} should map 'act' and/or 'dact' to a tile, got {tiles!r}")
+        raise ValueError(f"--pin-quack-tiles: {path} should map some of {tuple(quack.TILES)} to a tile, got {tiles!r}")
     for kind, tile in tiles.items():  # all checked before any is set
         if not isinstance(tile, dict) or set(tile) != set(QUACK_TILE_KEYS):
             raise ValueError(f"--pin-quack-tiles: {path}'s {kind!r} tile should have keys {QUACK_TILE_KEYS}")

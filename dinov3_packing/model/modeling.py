@@ -74,8 +74,9 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             their epilogues, `ops/quack.py`) or "quack-dgelu" (quack's GEMMs keeping the GELU's derivative, as
             "triton-dgelu" does). On the H100, a ViT-L mixed-64 step (benchmarks/results/RESULTS.md,
             2026-12-07): "quack-dgelu" 270-272 ms against 276-278 for "quack" (seventeenth session); "triton"
-            and "triton-dgelu" 286-287 ms (fourteenth session). All keep 887 KiB of activations per token
-            unless `apply_recompute(model, "gelu")` (695 KiB; "quack-dgelu" is "quack" under it). "quack" or
+            and "triton-dgelu" 286-287 ms (fourteenth session). All keep 887 KiB of activations per token;
+            under `apply_recompute(model, "gelu")` "triton", "quack" and "quack-dgelu" (which runs as "quack"
+            there) keep 695 KiB, "triton-dgelu" still 887. "quack" or
             "quack-dgelu" where the fused MLP runs but quack cannot raises ValueError at the forward. Settable
             after construction.
         fold_layer_scale: when autograd records, each block multiplies its LayerScale into the weight and bias of
