@@ -142,7 +142,6 @@ def _run(
 
 
 MLP_GEMMS = ("triton", "triton-dgelu", "quack", "quack-dgelu")
-_QUACK = ("quack", "quack-dgelu")  # the choices that run quack's GEMMs
 """The GEMM kernels of the training op `gelu_mlp`: "triton" (`ops/triton/linear_gelu.py`: the forward keeps the GELU
 output and the pre-activation, the backward's GEMM, `gelu_grad`, computes the GELU's derivative in its epilogue),
 "triton-dgelu" (where both Triton kernels run, `linear_gelu.dgelu_path_runs`, the forward keeps the derivative at
@@ -155,6 +154,8 @@ GEMMs, the forward keeping the derivative at the pre-activation instead, `quack_
 backward's GEMM multiplying by it, `quack_dgelu_grad`: the erf and exp leave the backward's epilogue; what "auto"
 takes where quack runs; under the "gelu" policy it is "quack", which keeps the pre-activation that policy recomputes
 from)."""
+
+_QUACK = ("quack", "quack-dgelu")  # the choices of `MLP_GEMMS` that run quack's GEMMs
 
 
 def mlp_gemms_setting(value: str) -> str:
@@ -177,10 +178,10 @@ def resolve_mlp_gemms(value: str, device: torch.device, fused: bool) -> str:
     if not fused:
         return "triton"
     available = quack_gemms_available(device)
-    if value in _QUACK and not available:
-        reason = quack_missing() or f"a CUDA device of compute capability 9.x; the model is on {device}"
-        raise ValueError(f'mlp_gemms={value!r}: {reason} (pip install "dinov3-packing[hopper]")')
     if value in _QUACK:
+        if not available:
+            reason = quack_missing() or f"a CUDA device of compute capability 9.x; the model is on {device}"
+            raise ValueError(f'mlp_gemms={value!r}: {reason} (pip install "dinov3-packing[hopper]")')
         return value
     return "quack-dgelu" if available else "triton"
 
