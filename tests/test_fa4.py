@@ -533,3 +533,80 @@ def test_gpu_rope_op_matches_the_unfused_path(monkeypatch, direct, with_bias):
         print(what, "max error vs fp32", err_fused, err_unfused, "relative L2 error vs fp32", l2_fused, l2_unfused)
         assert err_fused <= 1.05 * err_unfused + 1e-4 * scale, (what, err_fused, err_unfused)
         assert l2_fused <= 1.05 * l2_unfused + 1e-5, (what, l2_fused, l2_unfused)
+
+
+def _vit_l_pack(seed: int):
+    """A mixed pack with ViT-L heads on the GPU: layout, RoPE tables (bf16), q/k/v (bf16) and an output gradient."""
+    layout = PackedLayout.build([(1, 14, 14), (1, 32, 20), (1, 7, 9), (1, 48, 48), (1, 3, 5)], 5, CUDA)
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    n, heads, d = layout.num_tokens, 16, 64
+    angles = torch.rand(n, d // 2, generator=g, device=CUDA).mul(6.3).repeat(1, 2)
+    sin = angles.sin()
+    cos, sin = angles.cos().to(BF16), torch.cat([-sin[:, : d // 2], sin[:, d // 2 :]], dim=1).to(BF16)
+    qkv = (torch.randn(n, 3, heads, d, generator=g, device=CUDA) * 2).to(BF16)
+    grad_out = torch.randn(n, heads, d, generator=g, device=CUDA).to(BF16)
+    return layout, cos, sin, qkv, grad_out
+
+
+@pytest.mark.skipif(not _real_fa4_on_hopper(), reason="GPU check: needs flash-attn-4 on an SM90+ GPU (the device)")
+def test_gpu_dq_accumulator_conversion_is_flash_attn_4s_postprocess():
+    """The real backward on a mixed pack (segments of 20 to 2,309 rows, ViT-L heads): the dQ accumulator is taken
+    where flash-attn-4's postprocess would run (if this flash-attn-4 has another configuration or postprocess, the
+    capture fails here and the fused path is off), and `fa4_dq`'s conversion of it without the rotation equals
+    the postprocess's output bit for bit."""
+    from dinov3_packing.ops.fa4 import _backward_kernel, _forward
+    from dinov3_packing.ops.triton import fa4_dq
+
+    layout, _, _, qkv, grad_out = _vit_l_pack(0)
+    q, k, v = qkv.unbind(1)
+    cu, longest = layout.cu_seqlens, layout.max_seqlen
+    out, lse = _forward(q, k, v, cu, longest)
+    grads = torch.empty_like(qkv)
+    with fa4_dq.capture_dq_accum(grads[:, 0]) as captured:
+        _backward_kernel(grad_out, q, k, v, out, lse, cu, longest, dq=grads[:, 0], dk=grads[:, 1], dv=grads[:, 2])
+    assert captured.accum is not None, "flash-attn-4's dQ postprocess was not taken: another version or config?"
+    ours = torch.empty_like(qkv)[:, 0]
+    theirs = torch.empty_like(qkv)[:, 0]
+    fa4_dq.dq_rope_from_accum(captured.accum, ours, cu, longest, captured.scale)
+    captured.run_postprocess(theirs)
+    print("dq from the accumulator: max |dq|", theirs.abs().max().item())
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.skipif(not _real_fa4_on_hopper(), reason="GPU check: needs flash-attn-4 on an SM90+ GPU (the device)")
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gpu_fused_dq_rotation_against_the_postprocess_and_rope_pass(monkeypatch, with_bias):
+    """The RoPE op's backward with dq un-rotated in the accumulator's conversion (`FUSED_DQ_ROPE`) against
+    flash-attn-4's postprocess then the RoPE pass, and the fused path was taken. The k and v planes are equal bit
+    for bit (the same kernels; flash-attn-4 computes dK and dV without atomics). The q
+    plane is rounded once instead of twice, from an accumulator that flash-attn-4 adds to atomically (its order,
+    so its last bits, differ between two calls): relative L2 difference within 2**-8, none larger than 2**-6 of the
+    largest |dq|; the q/k bias gradient's relative L2 difference within 2**-8 (the k plane's sums in a launch
+    of their own). (The accuracy of both against fp32 is
+    `test_gpu_rope_op_matches_the_unfused_path`'s.)"""
+    from dinov3_packing.ops import fa4
+
+    layout, cos, sin, qkv0, grad_out = _vit_l_pack(1)
+    bias0 = torch.randn(2, 16, 64, device=CUDA).to(BF16) if with_bias else None
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(fa4, "FUSED_DQ_ROPE", fused)
+        qkv = qkv0.clone().requires_grad_(True)
+        bias = bias0.clone().requires_grad_(True) if with_bias else None
+        fa4.fa4_rope_attention(qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen, bias).backward(grad_out)
+        results[fused] = (qkv.grad, bias.grad if with_bias else None)
+        if fused:
+            assert fa4._DQ_LAYOUT_CHECKED.get(qkv.device) is True
+
+    def rel_l2(a, b):
+        return (torch.linalg.vector_norm(a.float() - b.float()) / torch.linalg.vector_norm(b.float())).item()
+
+    (fused, fused_bias), (plain, plain_bias) = results[True], results[False]
+    assert torch.equal(fused[:, 1:], plain[:, 1:])
+    dq, ref = fused[:, 0].float(), plain[:, 0].float()
+    print("q plane: relative L2", rel_l2(dq, ref), "elements that differ", (dq != ref).float().mean().item())
+    assert rel_l2(dq, ref) <= 2.0**-8
+    assert (dq - ref).abs().max() <= 2.0**-6 * ref.abs().max()
+    if with_bias:
+        print("q, k bias gradients: relative L2", rel_l2(fused_bias[0], plain_bias[0]), rel_l2(fused_bias[1], plain_bias[1]))
+        assert rel_l2(fused_bias, plain_bias) <= 2.0**-8

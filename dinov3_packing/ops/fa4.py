@@ -24,11 +24,25 @@ more copy of dv and a read of dq and dk), for a flash-attn-4 release that refuse
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 
+from .triton import fa4_dq
 from .triton.rope import rope_planes
 
 DIRECT_GRADS = True
+
+FUSED_DQ_ROPE = True
+"""The backward of `fa4_rope_attention` (with `DIRECT_GRADS`) un-rotates dq in the pass that converts flash-attn-4's
+fp32 dQ accumulator (`ops/triton/fa4_dq.py`) instead of flash-attn-4's postprocess and a RoPE pass after it, where
+the accumulator has the layout that module knows (SM90, head_dim 64); dq is then rounded once instead of twice.
+False: the postprocess, then the un-rotating pass over the q and k planes, as before."""
+
+_DQ_LAYOUT_CHECKED: dict[torch.device, bool] = {}
+"""Per device, whether the first captured accumulator converted by `fa4_dq` equalled flash-attn-4's own
+postprocess bit for bit (checked once per process and device, before the first fused result is used)."""
 
 
 def _scale(q: torch.Tensor) -> float:
@@ -188,9 +202,17 @@ def _fa4_rope_varlen_backward(
     q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
     sums = qkv.new_empty((2, *qkv.shape[2:]), dtype=torch.float32) if qk_bias is not None else None
     if DIRECT_GRADS:
-        _backward_kernel(
-            grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, dq=dqkv[:, 0], dk=dqkv[:, 1], dv=dqkv[:, 2]
-        )
+        dq = dqkv[:, 0]
+        fuse = FUSED_DQ_ROPE and _DQ_LAYOUT_CHECKED.get(dq.device, True) and q.shape[-1] == fa4_dq.HEAD_DIM
+        with fa4_dq.capture_dq_accum(dq) if fuse else contextlib.nullcontext() as captured:
+            _backward_kernel(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, dq=dq, dk=dqkv[:, 1], dv=dqkv[:, 2])
+        if captured is not None and captured.accum is not None:
+            if _dq_layout_checked(captured, dq, cu_seqlens, max_seqlen):
+                q_sums, k_sums = (None, None) if sums is None else (sums[0], sums[1:2])
+                fa4_dq.dq_rope_from_accum(captured.accum, dq, cu_seqlens, max_seqlen, captured.scale, cos, sin, q_sums)
+                rope_planes(dqkv[:, 1:2], dqkv[:, 1:2], cos, sin, inverse=True, sums=k_sums)
+                return dqkv, qkv.new_empty(0) if sums is None else sums.to(qk_bias.dtype)
+            captured.run_postprocess()  # flash-attn-4's own conversion into dq, then the pass below
         rope_planes(dqkv[:, :2], dqkv[:, :2], cos, sin, inverse=True, sums=sums)
     else:
         dq, dk, dv = _backward_kernel(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen)
@@ -199,6 +221,29 @@ def _fa4_rope_varlen_backward(
             rope_planes(grad.unsqueeze(1), dqkv[:, plane : plane + 1], cos, sin, inverse=True, sums=part)
         dqkv[:, 2].copy_(dv)
     return dqkv, qkv.new_empty(0) if sums is None else sums.to(qk_bias.dtype)
+
+
+def _dq_layout_checked(captured, dq: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> bool:
+    """Whether `fa4_dq` may convert `captured`'s accumulator on dq's device: the first time, its conversion (without
+    the rotation) is compared with flash-attn-4's postprocess of the same accumulator, bit for bit (one host sync);
+    a mismatch warns and turns the fusion off on that device for the process."""
+    device = dq.device
+    if device not in _DQ_LAYOUT_CHECKED:
+        ours = torch.empty_strided(dq.shape, dq.stride(), dtype=dq.dtype, device=device)
+        theirs = torch.empty_strided(dq.shape, dq.stride(), dtype=dq.dtype, device=device)
+        fa4_dq.dq_rope_from_accum(captured.accum, ours, cu_seqlens, max_seqlen, captured.scale)
+        captured.run_postprocess(theirs)
+        same = bool(torch.equal(ours, theirs))
+        if not same:
+            warnings.warn(
+                "dinov3_packing: flash-attn-4's dQ accumulator is not in the layout ops/triton/fa4_dq.py expects "
+                "(its conversion differs from flash-attn-4's postprocess); the backward uses the postprocess and a "
+                "separate RoPE pass instead (FUSED_DQ_ROPE is off on this device)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _DQ_LAYOUT_CHECKED[device] = same
+    return _DQ_LAYOUT_CHECKED[device]
 
 
 @_fa4_rope_varlen_backward.register_fake
