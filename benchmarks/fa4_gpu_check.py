@@ -107,6 +107,10 @@ QUACK_SUM = "new, quack's MLP GEMMs, the up-projection's bias gradient summed ap
 QUACK_GELU = "new, quack's MLP GEMMs + recompute gelu (the GELU output recomputed in the backward GEMM's epilogue)"
 QUACK_DGELU = "new, quack's MLP GEMMs keeping gelu'(pre) (mlp_gemms='quack-dgelu': the backward's epilogue a product)"
 NO_QKV_FOLD = "new, quack's MLP GEMMs, the q/k/v biases in the q/k/v projection (fold_qkv_bias=False)"
+DQ_UNFUSED = (
+    "new, quack-dgelu, dq converted by flash-attn-4's postprocess and un-rotated in the RoPE pass "
+    "(ops.fa4.FUSED_DQ_ROPE=False)"
+)
 PARTS = (
     "fa4-bwd-tiles",
     "fa4-tiles",
@@ -371,6 +375,7 @@ SYSTEMS = (
     "quack-sum",
     "quack-gelu",
     "quack-dgelu",
+    "dq-unfused",
     "no-qkv-fold",
     "triton-dgelu",
     "no-fold",
@@ -390,7 +395,9 @@ recompute policy, the new one under max-autotune-no-cudagraphs, the new one with
 `quack-sum`: with the up-projection's bias gradient summed in a pass of its own, as before the sum moved into the
 GEMM's epilogue; `quack-gelu`: under the "gelu" recompute policy, the GELU output not kept but recomputed in the
 backward GEMM's epilogue, as quack's path ran before the sixteenth session; `quack-dgelu`: the forward's GEMM
-keeping the GELU's derivative instead of the pre-activation and the backward's multiplying by it; `no-qkv-fold`:
+keeping the GELU's derivative instead of the pre-activation and the backward's multiplying by it; `dq-unfused`:
+quack-dgelu with flash-attn-4's dQ postprocess and the RoPE pass over dq, as before `ops.fa4.FUSED_DQ_ROPE`
+un-rotated dq in the accumulator's conversion; `no-qkv-fold`:
 with the q/k/v biases in the q/k/v projection, `fold_qkv_bias=False`, as before the sixteenth session), the new one
 with the MLP's Triton kernels keeping the GELU's derivative instead of the pre-activation (`triton-dgelu`), the new
 one with LayerScale multiplying the projections' outputs as before (`no-fold`, `fold_layer_scale=False`; today's
@@ -416,6 +423,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "quack-sum": (QUACK_SUM, "auto", None, None, None),
         "quack-gelu": (QUACK_GELU, "auto", None, "gelu", None),
         "quack-dgelu": (QUACK_DGELU, "auto", None, None, None),
+        "dq-unfused": (DQ_UNFUSED, "auto", None, None, None),
         "no-qkv-fold": (NO_QKV_FOLD, "auto", None, None, None),
         "triton-dgelu": (TRITON_DGELU, "auto", None, None, None),
         "no-fold": (NO_FOLD, "auto", None, None, None),
@@ -430,6 +438,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
             "quack-sum": QUACK_SUM,
             "quack-gelu": QUACK_GELU,
             "quack-dgelu": QUACK_DGELU,
+            "dq-unfused": DQ_UNFUSED,
             "no-qkv-fold": NO_QKV_FOLD,
         }
         for key, name in needs_quack.items():
@@ -447,7 +456,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         model.fold_layer_scale = name not in (TODAY, NO_FOLD)  # today's path predates the fold
         model.fold_qkv_bias = name != NO_QKV_FOLD  # (today's path never folds: its RoPE is not in the kernel's op)
         quack = (QUACK, QUACK_SUM, QUACK_GELU, NO_QKV_FOLD)
-        gemms = "quack" if name in quack else "quack-dgelu" if name == QUACK_DGELU else "triton"
+        gemms = "quack" if name in quack else "quack-dgelu" if name in (QUACK_DGELU, DQ_UNFUSED) else "triton"
         model.mlp_gemms = "triton-dgelu" if name == TRITON_DGELU else gemms
         if name == GELU_COMPOSED:
             for block in model.model.layer:
@@ -461,7 +470,8 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         model.zero_grad(set_to_none=True)
         # The flag is read when the op runs (the op is opaque to the compiled graph): set for this system's step.
         fused = model is not models.get(QUACK_SUM)
-        _with_fused_bias_grad(fused, lambda: loss_of(model(hs, grid)).backward())()
+        fused_dq = model is not models.get(DQ_UNFUSED)
+        _with_fused_dq_rope(fused_dq, _with_fused_bias_grad(fused, lambda: loss_of(model(hs, grid)).backward()))()
 
     # Baseline: Hugging Face's model, same weights, bf16, one image at a time (eager), forward + backward.
     if "hf" in systems_asked:
@@ -506,6 +516,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                         # (quack-dgelu's bias gradient is always summed in its GEMM's epilogue)
                         "quack_fused_bias_grad": name != QUACK_SUM if model.mlp_gemms.startswith("quack") else None,
                         "fold_qkv_bias": model.fold_qkv_bias,
+                        "fused_dq_rope": name != DQ_UNFUSED,
                         "recompute_policy": model.recompute_policy,
                         "images_per_s": 64 / stats["median_s"],
                         "step_ms": stats["median_s"] * 1e3,
@@ -538,7 +549,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                 ],
             )
     profiled = (TODAY, NEW, TRITON_DGELU, NO_FOLD, QUACK, QUACK_SUM, QUACK_GELU, QUACK_DGELU, NO_QKV_FOLD)
-    profiled += (ROPE_OUTSIDE, GELU_COMPOSED)
+    profiled += (ROPE_OUTSIDE, GELU_COMPOSED, DQ_UNFUSED)
     for name in [n for n in profiled if n in models and "profile" in systems_asked]:
         by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev, f"train {name}")
         total = sum(by_class.values())
@@ -604,6 +615,21 @@ def _with_quack_config(kind: str, config, fn):
             return fn()
         finally:
             quack.CONFIGS[kind] = saved
+
+    return run
+
+
+def _with_fused_dq_rope(value: bool, fn):
+    """`fn` run with `ops.fa4.FUSED_DQ_ROPE` set to `value` (the previous value restored after each call)."""
+    from dinov3_packing.ops import fa4
+
+    def run():
+        saved = fa4.FUSED_DQ_ROPE
+        fa4.FUSED_DQ_ROPE = value
+        try:
+            return fn()
+        finally:
+            fa4.FUSED_DQ_ROPE = saved
 
     return run
 
