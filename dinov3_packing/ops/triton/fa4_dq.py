@@ -117,6 +117,14 @@ def check_accum(accum: torch.Tensor, dq: torch.Tensor, cu_seqlens: torch.Tensor)
 if triton is not None:
 
     @triton.jit
+    def _natural_order(x):
+        # [512, 4] in storage order (a = 128 i + 32 warp + 4 q + p, v = 2 v1 + v0) -> [64, 32] by (row, col) of
+        # one warpgroup's rows: row = 16 warp + 8 v1 + q, col = 8 i + 2 p + v0 (through shared memory)
+        x = tl.reshape(x, (4, 4, 8, 4, 2, 2))
+        x = tl.permute(x, (1, 4, 2, 0, 3, 5))
+        return tl.reshape(x, (64, 32))
+
+    @triton.jit
     def _dq_rope_kernel(
         ACCUM,
         DQ,
@@ -135,41 +143,43 @@ if triton is not None:
         TILE: tl.constexpr,
         HALF: tl.constexpr,
     ):
-        # One program per (head, tile of 128 rows, segment); tiles past a segment's end load and store nothing.
+        # One program per (head, half tile: one warpgroup's 64 rows, segment); tiles past a segment's end load and
+        # store nothing. The program reads the half tile's lower 32 columns and its upper ones (2048 floats
+        # further) in storage order, 16 bytes per thread, and puts them in (row, col) order for the rest.
         h = tl.program_id(0)
-        m_block = tl.program_id(1)
+        m_block = tl.program_id(1) // 2
+        w = tl.program_id(1) % 2
         b = tl.program_id(2)
         start = tl.load(CU_SEQLENS + b).to(tl.int64)
         seqlen = tl.load(CU_SEQLENS + b + 1).to(tl.int64) - start
         padded = (start + b * TILE) // TILE * TILE
-        rows = tl.arange(0, TILE)
-        cols = tl.arange(0, HALF)
-        valid = (m_block * TILE + rows) < seqlen
-        mask = valid[:, None] & (cols < HALF)[None, :]
-        # The tile's storage order (module docstring); the upper half's columns lie 2048 floats further.
-        r = rows % 64
-        row_off = 4096 * (rows // 64) + 128 * (r // 16) + 16 * (r % 8) + 2 * ((r // 8) % 2)
-        col_off = 512 * (cols // 8) + 4 * ((cols % 8) // 2) + cols % 2
-        tile = ACCUM + h.to(tl.int64) * stride_ah + (padded + m_block * TILE) * (2 * HALF)
-        lo = tile + row_off[:, None] + col_off[None, :]
-        x1 = tl.load(lo, mask=mask, other=0.0) * scale
-        x2 = tl.load(lo + 512 * (HALF // 8), mask=mask, other=0.0) * scale  # columns + HALF: 8-column groups + 4
-        tokens = (start + m_block * TILE + rows)[:, None]
+        live = m_block * TILE < seqlen  # the whole tile lies in the accumulator; rows past the segment are ignored
+        a = tl.arange(0, 512)[:, None]
+        v = tl.arange(0, 4)[None, :]
+        tile = ACCUM + h.to(tl.int64) * stride_ah + (padded + m_block * TILE) * (2 * HALF) + 4096 * w
+        lo = tile + 512 * (a // 128) + 4 * (a % 128) + v
+        x1 = _natural_order(tl.load(lo, mask=live, other=0.0)) * scale
+        x2 = _natural_order(tl.load(lo + 512 * (HALF // 8), mask=live, other=0.0)) * scale  # 4 groups of 8 further
+        row = 64 * w + tl.arange(0, 64)
+        cols = tl.arange(0, HALF)[None, :]
+        mask = ((m_block * TILE + row) < seqlen)[:, None]
+        tokens = (start + m_block * TILE + row)[:, None]
         if ROTATE:  # the inverse rotation (ops/triton/rope.py): y1 = x1 c1 + x2 s2, y2 = x2 c2 + x1 s1
-            c_lo = tl.load(COS + tokens * stride_ct + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            c_hi = tl.load(COS + tokens * stride_ct + HALF + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            s_lo = tl.load(SIN + tokens * stride_st + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            s_hi = tl.load(SIN + tokens * stride_st + HALF + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            c_lo = tl.load(COS + tokens * stride_ct + cols, mask=mask, other=0.0).to(tl.float32)
+            c_hi = tl.load(COS + tokens * stride_ct + HALF + cols, mask=mask, other=0.0).to(tl.float32)
+            s_lo = tl.load(SIN + tokens * stride_st + cols, mask=mask, other=0.0).to(tl.float32)
+            s_hi = tl.load(SIN + tokens * stride_st + HALF + cols, mask=mask, other=0.0).to(tl.float32)
             y1 = x1 * c_lo + x2 * s_hi
             y2 = x2 * c_hi + x1 * s_lo
         else:
             y1 = x1
             y2 = x2
-        out = DQ + tokens * stride_dt + h * stride_dh + cols[None, :]
+        out = DQ + tokens * stride_dt + h * stride_dh + cols
         tl.store(out, y1.to(DQ.dtype.element_ty), mask=mask)
         tl.store(out + HALF, y2.to(DQ.dtype.element_ty), mask=mask)
-        if HAS_SUMS:  # this program's part of the column sums; SUMS: [segments, tiles, heads, 64]
-            part = SUMS + ((b * tl.num_programs(1) + m_block) * tl.num_programs(0) + h) * (2 * HALF) + cols
+        if HAS_SUMS:  # this program's part of the column sums; SUMS: [segments, 2 * tiles, heads, 64]
+            part = SUMS + ((b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + h) * (2 * HALF)
+            part = part + tl.arange(0, HALF)
             tl.store(part, tl.sum(tl.where(mask, y1, 0.0), axis=0))
             tl.store(part + HALF, tl.sum(tl.where(mask, y2, 0.0), axis=0))
 
@@ -211,8 +221,8 @@ def dq_rope_from_accum(
         return dq
     num_segments = cu_seqlens.numel() - 1
     tiles = triton.cdiv(max(int(max_seqlen), 1), TILE_M)
-    grid = (heads, tiles, num_segments)
-    part = accum.new_empty((num_segments, tiles, heads, HEAD_DIM)) if sums is not None else None
+    grid = (heads, 2 * tiles, num_segments)
+    part = accum.new_empty((num_segments, 2 * tiles, heads, HEAD_DIM)) if sums is not None else None
     _dq_rope_kernel[grid](
         accum,
         dq,
