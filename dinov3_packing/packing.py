@@ -283,6 +283,9 @@ class PackedBatch:
         fold_qkv_bias: where RoPE runs inside the attention kernel's op (`ops.attention.rope_in_kernel`) and
             there is no attention dropout, the q and k biases are added in that op and the v bias goes into the
             output projection's bias (`DINOv3ViTPackingModel.fold_qkv_bias`; set only where autograd records).
+        fused_norm: the blocks run their second norm as `ops.norm.residual_layer_norm`, with the attention's output
+            bias and the MLP's down-projection bias taken apart (`DINOv3ViTPackingModel.fused_norm`; set only where
+            autograd records).
         dropout: attention dropout for this forward (0 outside training).
         inference: autograd does not record this forward (blocks may use cached fused weights).
         chunks: when not empty, the block stack runs over each of these groups of whole segments in turn
@@ -298,6 +301,7 @@ class PackedBatch:
     mlp_gemms: str = "triton"
     fold_layer_scale: bool = False
     fold_qkv_bias: bool = False
+    fused_norm: bool = False
     dropout: float = 0.0
     inference: bool = True
     chunks: tuple[PackedChunk, ...] = ()

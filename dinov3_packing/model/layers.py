@@ -27,7 +27,8 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
 )
 
 from ..ops.attention import attend, rope_in_kernel
-from ..ops.mlp import feed_forward, runs_forward
+from ..ops.mlp import down_bias_apart, feed_forward, runs_forward
+from ..ops.norm import residual_layer_norm
 from ..packing import PackedBatch, PackedLayout
 
 
@@ -208,10 +209,14 @@ class DINOv3ViTPackedAttention(nn.Module):
             with torch.no_grad():
                 self._fused = (key, self.qkv_weight_bias())
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, batch: PackedBatch, out_scale: torch.Tensor | None = None, split_bias: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """`out_scale`: a `[D]` LayerScale folded into the output projection: its weight rows and bias are multiplied
         by it (the function of `o_proj(...) * out_scale`, with no `[tokens, D]` output kept for the scale's
-        gradient); the caller passes it only where `o_proj` is a plain `nn.Linear` (`plain_linear`)."""
+        gradient); the caller passes it only where `o_proj` is a plain `nn.Linear` (`plain_linear`).
+        `split_bias` (also only where `o_proj` is plain): return the output without the output projection's bias and
+        that bias (None if none) apart, for the caller to add (`ops.norm.residual_layer_norm`)."""
         v_bias = None
         if self._moves_biases(batch):
             out, v_bias = self._attend_biases_moved(x, batch)
@@ -220,7 +225,7 @@ class DINOv3ViTPackedAttention(nn.Module):
             fused = self._fused[1] if batch.inference and self._fused is not None else self.qkv_weight_bias()
             qkv = F.linear(x, *fused).unflatten(-1, (3, self.num_heads, self.head_dim))
             out = attend(qkv, batch)
-        if out_scale is None and v_bias is None:
+        if out_scale is None and v_bias is None and not split_bias:
             return self.o_proj(out)
         o = self.o_proj
         weight, bias = o.weight, o.bias
@@ -229,6 +234,8 @@ class DINOv3ViTPackedAttention(nn.Module):
             bias = moved if bias is None else bias + moved
         if out_scale is not None:  # (out W^T + b) * s == out (s W)^T + s b
             weight, bias = weight * out_scale[:, None], bias * out_scale if bias is not None else None
+        if split_bias:
+            return F.linear(out, weight), bias
         return F.linear(out, weight, bias)
 
     def _moves_biases(self, batch: PackedBatch) -> bool:
@@ -304,12 +311,28 @@ class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
         attention = self.attention
         fold1 = batch.fold_layer_scale and _plain_attention(attention) and plain_linear(attention.o_proj)
         scale1 = _foldable(self.layer_scale1) if fold1 else None
+        scale2 = _foldable(self.layer_scale2) if batch.fold_layer_scale else None
+        if scale1 is not None and scale2 is not None and self._norm_takes_biases(batch):
+            # The second norm's op adds the attention's output bias and returns the gradients of both biases around
+            # it (`ops.norm`); the down-projection's bias joins the residual stream after `s`, detached.
+            h, bias_o = attention(self.norm1(x), batch, out_scale=scale1, split_bias=True)
+            bias_2 = down_bias_apart(self.mlp, batch, scale2)
+            s, y = residual_layer_norm(x, h, self.norm2, bias_o, bias_2)
+            h = feed_forward(
+                self.mlp,
+                y,
+                batch,
+                recompute=self.recompute_mlp,
+                out_scale=scale2,
+                recompute_gelu=self.recompute_gelu,
+                down_bias=bias_2 is None,
+            )
+            return s + h if bias_2 is None else s + h + bias_2.detach()
         if scale1 is None:  # the module's own call, as before folding (a replaced forward takes (x, batch))
             h = self.layer_scale1(attention(self.norm1(x), batch))
         else:
             h = attention(self.norm1(x), batch, out_scale=scale1)
         x = self.drop_path(h, batch) + x
-        scale2 = _foldable(self.layer_scale2) if batch.fold_layer_scale else None
         # feed_forward multiplies by scale2 itself where it does not fold it.
         h = feed_forward(
             self.mlp,
@@ -321,9 +344,26 @@ class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
         )
         return self.drop_path(h if scale2 is not None else self.layer_scale2(h), batch) + x
 
+    def _norm_takes_biases(self, batch: PackedBatch) -> bool:
+        """Whether the block may run its second norm as `ops.norm.residual_layer_norm` (`batch.fused_norm`): no
+        stochastic depth in this forward (the attention's output joins the stream unscaled) and the norm Hugging
+        Face's `nn.LayerNorm` running its own forward with no hooks (which the op would bypass)."""
+        drop = self.drop_path
+        return (
+            batch.fused_norm
+            and type(drop) is DINOv3ViTPackedDropPath
+            and (drop.drop_prob == 0.0 or not drop.training)
+            and type(self.norm2) is nn.LayerNorm
+            and runs_forward(self.norm2, _LAYER_NORM_FORWARD)
+            and _no_hooks(self.norm2)
+            and self.norm2.weight is not None
+            and self.norm2.bias is not None
+        )
+
 
 # The forwards of the modules a block may fold, as they were at import (see `ops.mlp`'s note on patched classes).
 _LINEAR_FORWARD = nn.Linear.forward
+_LAYER_NORM_FORWARD = nn.LayerNorm.forward
 _LAYER_SCALE_FORWARD = DINOv3ViTLayerScale.forward
 _ATTENTION_FORWARD = DINOv3ViTPackedAttention.forward
 RECOMPUTES = "_dinov3_packing_recomputes"

@@ -95,6 +95,14 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             biases' gradients. The same function; rounding differs. Where the output projection is replaced,
             wrapped or hooked it cannot take v's bias, and then nothing moves (the q/k biases too, unless there is
             no v bias). Default True; settable after construction.
+        fused_norm: when autograd records and LayerScale folds, each block runs its second LayerNorm with the
+            residual add before it as one op (`ops.norm.residual_layer_norm`) that takes the attention's output
+            bias and, where the fused MLP leaves it out (`ops.mlp.down_bias_apart`), the MLP's down-projection
+            bias: its backward computes the gradient of the stream and the sums over the tokens for both biases
+            and the norm's weight and bias in one pass (`ops/triton/residual_norm.py` on CUDA), where torch.compile
+            summed each bias's `[num_tokens, D]` gradient in a pass of its own. The same function; rounding
+            differs. Not where the block drops paths (stochastic depth in training) or its norm is replaced or
+            hooked. Default True; settable after construction.
 
     Attributes:
         cpu_chunk_tokens: on the CPU, without autograd and in eval mode, the blocks run over consecutive whole
@@ -123,6 +131,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         mlp_gemms: str = "auto",
         fold_layer_scale: bool = True,
         fold_qkv_bias: bool = True,
+        fused_norm: bool = True,
     ):
         super().__init__(config)
         self.attn_backend = check_attention_backend(attn_backend)
@@ -131,6 +140,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         self.mlp_gemms = mlp_gemms
         self.fold_layer_scale = fold_layer_scale
         self.fold_qkv_bias = fold_qkv_bias
+        self.fused_norm = fused_norm
         self.cpu_chunk_tokens = CPU_CHUNK_TOKENS
         self.embeddings = DINOv3ViTPackedEmbeddings(config)
         self.rope_embeddings = DINOv3ViTPackedRopeEmbedding(config)
@@ -171,6 +181,18 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         if not isinstance(value, bool):
             raise TypeError(f"fold_qkv_bias: expected a bool, got {type(value).__name__}")
         self._fold_qkv_bias = value
+
+    @property
+    def fused_norm(self) -> bool:
+        """When autograd records, each block's second norm runs as one op with the biases around it (see the class
+        docstring)."""
+        return self._fused_norm
+
+    @fused_norm.setter
+    def fused_norm(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"fused_norm: expected a bool, got {type(value).__name__}")
+        self._fused_norm = value
 
     @property
     def mlp_gemms(self) -> str:
@@ -242,6 +264,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             mlp_gemms="triton" if inference else resolve_mlp_gemms(self.mlp_gemms, device, fused),
             fold_layer_scale=self.fold_layer_scale and not inference,
             fold_qkv_bias=self.fold_qkv_bias and not inference,
+            fused_norm=self.fused_norm and not inference,
             dropout=self.config.attention_dropout if self.training else 0.0,
             inference=inference,
         )

@@ -122,18 +122,27 @@ def _records(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
 
 
 def _run(
-    mlp: nn.Module, x: torch.Tensor, fused: bool, gemms: str, fold: torch.Tensor | None, recompute_gelu: bool = False
+    mlp: nn.Module,
+    x: torch.Tensor,
+    fused: bool,
+    gemms: str,
+    fold: torch.Tensor | None,
+    recompute_gelu: bool = False,
+    down_bias: bool = True,
 ) -> torch.Tensor:
     """The MLP; `fold` (a LayerScale, given only where `fused` and the down-projection is plain): its product with
     the output, folded into the down-projection's weight and bias where the training op runs; `recompute_gelu`: the
-    training op's (`gelu_mlp`)."""
+    training op's (`gelu_mlp`); `down_bias=False` (only with `fold`): without the down-projection's bias."""
     if fused:
         up, down = mlp.up_proj, mlp.down_proj
-        if _down_is_plain(mlp) and _records(x, up.weight, up.bias, down.weight, down.bias, fold):
-            weight, bias = down.weight, down.bias
+        records = _records(x, up.weight, up.bias, down.weight, down.bias, fold)
+        if _down_is_plain(mlp) and (records or not down_bias):
+            weight, bias = down.weight, down.bias if down_bias else None
             if fold is not None:  # (h W^T + b) * s == h (s W)^T + s b
                 weight = weight * fold[:, None]
                 bias = bias * fold if bias is not None else None
+            if not records:  # (the bias left out where autograd does not record: no training op to run)
+                return F.linear(linear_gelu(x, up.weight, up.bias), weight, bias)
             return gelu_mlp(x, up.weight, up.bias, weight, bias, gemms, recompute_gelu)
         out = down(linear_gelu(x, up.weight, up.bias))
     else:
@@ -312,6 +321,16 @@ def gelu_mlp(
     return torch.ops.dinov3_packing.gelu_mlp(x, up_weight, up_bias, down_weight, down_bias, gemms, recompute_gelu)[0]
 
 
+def down_bias_apart(mlp: nn.Module, batch: PackedBatch, out_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """The down-projection's bias times `out_scale` where `feed_forward(..., out_scale=out_scale, down_bias=False)`
+    leaves it out (the fused MLP with a plain down-projection that has a bias, and a LayerScale to fold), else
+    None (and `feed_forward` must keep it: `down_bias=True`)."""
+    if out_scale is None or not (batch.fused_mlp and _is_plain(mlp) and _down_is_plain(mlp)):
+        return None
+    bias = mlp.down_proj.bias
+    return bias * out_scale if bias is not None else None
+
+
 def feed_forward(
     mlp: nn.Module,
     x: torch.Tensor,
@@ -319,6 +338,7 @@ def feed_forward(
     recompute: bool = False,
     out_scale: torch.Tensor | None = None,
     recompute_gelu: bool = False,
+    down_bias: bool = True,
 ) -> torch.Tensor:
     """`mlp(x)`, with the up-projection + bias + GELU fused where `batch.fused_mlp` allows it.
 
@@ -334,13 +354,18 @@ def feed_forward(
     the op's output nor the product for the scale's gradient; elsewhere it multiplies the output, outside the
     recomputed part (its gradient then reads the output the forward computed, also where a hook on the MLP was
     removed before the backward recomputes it).
+
+    `down_bias=False`: leave out the down-projection's bias (times `out_scale`), which the caller adds; only where
+    `down_bias_apart` gives it (else ValueError).
     """
     # Decided here, outside the checkpoint: backward's recomputation runs the path the forward took, also
     # when a hook was added or removed in between (the other path would rebuild other saved tensors).
     fused = batch.fused_mlp and _is_plain(mlp)
     fold = out_scale if out_scale is not None and fused and _down_is_plain(mlp) else None
+    if not down_bias and (fold is None or mlp.down_proj.bias is None):
+        raise ValueError("down_bias=False: only where ops.mlp.down_bias_apart gives the bias to add apart")
     if recompute and torch.is_grad_enabled():
-        out = checkpoint(_run, mlp, x, fused, batch.mlp_gemms, fold, recompute_gelu, use_reentrant=False)
+        out = checkpoint(_run, mlp, x, fused, batch.mlp_gemms, fold, recompute_gelu, down_bias, use_reentrant=False)
     else:
-        out = _run(mlp, x, fused, batch.mlp_gemms, fold, recompute_gelu)
+        out = _run(mlp, x, fused, batch.mlp_gemms, fold, recompute_gelu, down_bias)
     return out * out_scale if out_scale is not None and fold is None else out
