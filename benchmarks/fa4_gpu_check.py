@@ -73,6 +73,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gzip
+import importlib
 import json
 import os
 import random
@@ -627,34 +628,29 @@ def _with_quack_config(kind: str, config, fn):
     return run
 
 
-def _with_fused_dq_rope(value: bool, fn):
-    """`fn` run with `ops.fa4.FUSED_DQ_ROPE` set to `value` (the previous value restored after each call)."""
-    from dinov3_packing.ops import fa4
+def _with_setting(module_name: str, attribute: str, value, fn):
+    """`fn` run with `dinov3_packing.ops.<module_name>.<attribute>` set to `value` (restored after each call)."""
+    module = importlib.import_module(f"dinov3_packing.ops.{module_name}")
 
     def run():
-        saved = fa4.FUSED_DQ_ROPE
-        fa4.FUSED_DQ_ROPE = value
+        saved = getattr(module, attribute)
+        setattr(module, attribute, value)
         try:
             return fn()
         finally:
-            fa4.FUSED_DQ_ROPE = saved
+            setattr(module, attribute, saved)
 
     return run
+
+
+def _with_fused_dq_rope(value: bool, fn):
+    """`fn` run with `ops.fa4.FUSED_DQ_ROPE` set to `value`."""
+    return _with_setting("fa4", "FUSED_DQ_ROPE", value, fn)
 
 
 def _with_fused_bias_grad(value: bool, fn):
-    """`fn` run with `ops.quack.FUSED_BIAS_GRAD` set to `value` (the previous value restored after each call)."""
-    from dinov3_packing.ops import quack
-
-    def run():
-        saved = quack.FUSED_BIAS_GRAD
-        quack.FUSED_BIAS_GRAD = value
-        try:
-            return fn()
-        finally:
-            quack.FUSED_BIAS_GRAD = saved
-
-    return run
+    """`fn` run with `ops.quack.FUSED_BIAS_GRAD` set to `value`."""
+    return _with_setting("quack", "FUSED_BIAS_GRAD", value, fn)
 
 
 def mlp_grad(out: str | None, tokens: int = 60_038, dev: str = "cuda") -> None:
