@@ -276,6 +276,9 @@ def layout_matches(call: dict, dq: torch.Tensor) -> bool:
     return all(k in call and (call[k] is None if v is None else call[k] == v) for k, v in _LAYOUT_ARGS.items())
 
 
+_SIGNATURES: dict = {}  # flash-attn-4's postprocess function -> its signature (read once, not at every backward)
+
+
 @contextlib.contextmanager
 def capture_dq_accum(dq: torch.Tensor):
     """Within the block, flash-attn-4's dQ postprocess into `dq` is not run where its accumulator has the layout this
@@ -292,7 +295,9 @@ def capture_dq_accum(dq: torch.Tensor):
     if original is None:
         yield captured
         return
-    signature = inspect.signature(original)
+    signature = _SIGNATURES.get(original)
+    if signature is None:
+        signature = _SIGNATURES.setdefault(original, inspect.signature(original))
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
         yield captured  # (its arguments could not be passed on by name)
         return
