@@ -108,7 +108,7 @@ QUACK_SUM = "new, quack's MLP GEMMs, the up-projection's bias gradient summed ap
 QUACK_GELU = "new, quack's MLP GEMMs + recompute gelu (the GELU output recomputed in the backward GEMM's epilogue)"
 QUACK_DGELU = "new, quack's MLP GEMMs keeping gelu'(pre) (mlp_gemms='quack-dgelu': the backward's epilogue a product)"
 NO_QKV_FOLD = "new, quack's MLP GEMMs, the q/k/v biases in the q/k/v projection (fold_qkv_bias=False)"
-NORM_UNFUSED = "new, quack-dgelu, the second norm and the bias gradients compiled by torch.compile (fused_norm=False)"
+NORM_FUSED = "new, quack-dgelu, the second norm with the bias gradients in one op (fused_norm=True, ops.norm)"
 DQ_UNFUSED = (
     "new, quack-dgelu, dq converted by flash-attn-4's postprocess and un-rotated in the RoPE pass "
     "(ops.fa4.FUSED_DQ_ROPE=False)"
@@ -378,7 +378,7 @@ SYSTEMS = (
     "quack-gelu",
     "quack-dgelu",
     "dq-unfused",
-    "norm-unfused",
+    "norm-fused",
     "no-qkv-fold",
     "triton-dgelu",
     "no-fold",
@@ -400,8 +400,8 @@ GEMM's epilogue; `quack-gelu`: under the "gelu" recompute policy, the GELU outpu
 backward GEMM's epilogue, as quack's path ran before the sixteenth session; `quack-dgelu`: the forward's GEMM
 keeping the GELU's derivative instead of the pre-activation and the backward's multiplying by it; `dq-unfused`:
 quack-dgelu with flash-attn-4's dQ postprocess and the RoPE pass over dq, as before `ops.fa4.FUSED_DQ_ROPE`
-un-rotated dq in the accumulator's conversion; `norm-unfused`: quack-dgelu with `fused_norm=False`, the blocks'
-second norm and the bias gradients around it as torch.compile builds them, as before `ops.norm`; `no-qkv-fold`:
+un-rotated dq in the accumulator's conversion; `norm-fused`: quack-dgelu with `fused_norm=True`, the blocks'
+second norm and the bias gradients around it as one op (`ops.norm`) instead of torch.compile's kernels; `no-qkv-fold`:
 with the q/k/v biases in the q/k/v projection, `fold_qkv_bias=False`, as before the sixteenth session), the new one
 with the MLP's Triton kernels keeping the GELU's derivative instead of the pre-activation (`triton-dgelu`), the new
 one with LayerScale multiplying the projections' outputs as before (`no-fold`, `fold_layer_scale=False`; today's
@@ -428,7 +428,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "quack-gelu": (QUACK_GELU, "auto", None, "gelu", None),
         "quack-dgelu": (QUACK_DGELU, "auto", None, None, None),
         "dq-unfused": (DQ_UNFUSED, "auto", None, None, None),
-        "norm-unfused": (NORM_UNFUSED, "auto", None, None, None),
+        "norm-fused": (NORM_FUSED, "auto", None, None, None),
         "no-qkv-fold": (NO_QKV_FOLD, "auto", None, None, None),
         "triton-dgelu": (TRITON_DGELU, "auto", None, None, None),
         "no-fold": (NO_FOLD, "auto", None, None, None),
@@ -444,7 +444,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
             "quack-gelu": QUACK_GELU,
             "quack-dgelu": QUACK_DGELU,
             "dq-unfused": DQ_UNFUSED,
-            "norm-unfused": NORM_UNFUSED,
+            "norm-fused": NORM_FUSED,
             "no-qkv-fold": NO_QKV_FOLD,
         }
         for key, name in needs_quack.items():
@@ -461,9 +461,9 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         model.fused_rope = name != ROPE_OUTSIDE
         model.fold_layer_scale = name not in (TODAY, NO_FOLD)  # today's path predates the fold
         model.fold_qkv_bias = name != NO_QKV_FOLD  # (today's path never folds: its RoPE is not in the kernel's op)
-        model.fused_norm = name not in (TODAY, NORM_UNFUSED)  # today's path predates ops.norm
+        model.fused_norm = name == NORM_FUSED  # (off by default until measured)
         quack = (QUACK, QUACK_SUM, QUACK_GELU, NO_QKV_FOLD)
-        dgelu = (QUACK_DGELU, DQ_UNFUSED, NORM_UNFUSED)
+        dgelu = (QUACK_DGELU, DQ_UNFUSED, NORM_FUSED)
         gemms = "quack" if name in quack else "quack-dgelu" if name in dgelu else "triton"
         model.mlp_gemms = "triton-dgelu" if name == TRITON_DGELU else gemms
         if name == GELU_COMPOSED:
@@ -558,7 +558,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                 ],
             )
     profiled = (TODAY, NEW, TRITON_DGELU, NO_FOLD, QUACK, QUACK_SUM, QUACK_GELU, QUACK_DGELU, NO_QKV_FOLD)
-    profiled += (ROPE_OUTSIDE, GELU_COMPOSED, DQ_UNFUSED, NORM_UNFUSED)
+    profiled += (ROPE_OUTSIDE, GELU_COMPOSED, DQ_UNFUSED, NORM_FUSED)
     for name in [n for n in profiled if n in models and "profile" in systems_asked]:
         by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev, f"train {name}")
         total = sum(by_class.values())

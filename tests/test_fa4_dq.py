@@ -17,7 +17,10 @@ element within one bf16 ulp (the interpreter truncates where a GPU rounds to nea
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
+import threading
+import types
 
 import pytest
 import torch
@@ -213,3 +216,102 @@ def test_bad_shapes_are_refused_before_launch():
         fa4_dq.dq_rope_from_accum(good, dq, cu, 5, 0.125, torch.empty(9, 32), torch.empty(9, 32))
     with pytest.raises(ValueError, match="sums"):
         fa4_dq.dq_rope_from_accum(good, dq, cu, 5, 0.125, sums=torch.empty(2, 64, dtype=torch.float64))
+
+
+def _stand_in_interface(monkeypatch, signature_with_kwargs: bool = False):
+    """A `flash_attn.cute.interface` holding a `_bwd_postprocess_convert` with flash-attn-4 4.0.0b36's parameters
+    (its source, `flash_attn/cute/interface.py`), which records the tensor it converts into and fills it with ones."""
+    calls = []
+
+    def _bwd_postprocess_convert(
+        accum,
+        output,
+        scale,
+        cu_seqlens,
+        seqused,
+        arch,
+        dtype,
+        hdim,
+        block_size,
+        num_threads,
+        atom_layout,
+        swap_ab,
+        use_2cta_instrs=False,
+        cluster_size=1,
+        cu_total_m_blocks=None,
+        sink_tensors=None,
+        hdim_multiple_of=32,
+        accum_order=None,
+        *,
+        fake_mode,
+    ):
+        calls.append(output)
+        output.fill_(1.0)
+
+    def with_kwargs(accum, output, *args, **kwargs):
+        calls.append(output)
+
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._bwd_postprocess_convert = with_kwargs if signature_with_kwargs else _bwd_postprocess_convert
+    cute = types.ModuleType("flash_attn.cute")
+    cute.interface = interface
+    package = types.ModuleType("flash_attn")
+    package.cute = cute
+    for name, module in (("flash_attn", package), ("flash_attn.cute", cute), ("flash_attn.cute.interface", interface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return interface, calls
+
+
+def _convert(interface, accum, output, **changes):
+    """A call as flash-attn-4's `_flash_attn_bwd` makes it for dQ (SM90, head_dim 64, varlen)."""
+    kw = dict(use_2cta_instrs=False, cluster_size=1, accum_order=None, cu_total_m_blocks=None, sink_tensors=None)
+    kw.update(fake_mode=False, hdim_multiple_of=32)
+    args = [accum, output, 0.125, torch.zeros(3, dtype=torch.int32), None, 90, "bf16", 64, 128, 256, 2, False]
+    args[8] = changes.pop("block_size", args[8])
+    kw.update(changes)
+    return interface._bwd_postprocess_convert(*args, **kw)
+
+
+def test_capture_takes_only_the_dq_conversion_of_its_thread(monkeypatch):
+    interface, calls = _stand_in_interface(monkeypatch)
+    original = interface._bwd_postprocess_convert
+    qkv = torch.zeros(5, 3, 2, 64)
+    accum = torch.zeros(2, 64)
+    with fa4_dq.capture_dq_accum(qkv[:, 0]) as captured:
+        _convert(interface, accum, qkv[:, 0])  # dQ: taken
+        _convert(interface, accum, qkv[:, 1])  # another output: runs
+        _convert(interface, accum, qkv[:, 0], block_size=64)  # another tile: runs
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(_convert(interface, accum, qkv[:, 0])))
+        thread.start()
+        thread.join()  # another thread's call: runs
+    assert captured.accum is accum and captured.scale == 0.125
+    assert [c.data_ptr() for c in calls] == [qkv[:, 1].data_ptr(), qkv[:, 0].data_ptr(), qkv[:, 0].data_ptr()]
+    calls.clear()
+    _convert(interface, accum, qkv[:, 0])  # no capture open: runs
+    assert len(calls) == 1
+    other = torch.zeros(5, 2, 64)
+    captured.run_postprocess(other)  # flash-attn-4's own conversion, into another tensor
+    assert calls[-1] is other and bool((other == 1).all())
+    # installed once: the wrapper keeps the function it wraps, a second capture reuses it
+    wrapper = interface._bwd_postprocess_convert
+    assert getattr(wrapper, fa4_dq._WRAPS) is original
+    with fa4_dq.capture_dq_accum(qkv[:, 0]) as again:
+        _convert(interface, accum, qkv[:, 0])
+    assert interface._bwd_postprocess_convert is wrapper and again.accum is accum
+
+
+def test_capture_leaves_a_postprocess_it_cannot_call_by_name(monkeypatch):
+    interface, calls = _stand_in_interface(monkeypatch, signature_with_kwargs=True)
+    dq = torch.zeros(5, 2, 64)
+    with fa4_dq.capture_dq_accum(dq) as captured:
+        _convert(interface, torch.zeros(2, 64), dq)
+    assert captured.accum is None and len(calls) == 1
+    assert getattr(interface._bwd_postprocess_convert, fa4_dq._WRAPS, None) is None
+
+
+def test_capture_without_flash_attn_4_takes_nothing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    with fa4_dq.capture_dq_accum(torch.zeros(5, 2, 64)) as captured:
+        pass
+    assert captured.accum is None

@@ -102,7 +102,8 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
             and the norm's weight and bias in one pass (`ops/triton/residual_norm.py` on CUDA), where torch.compile
             summed each bias's `[num_tokens, D]` gradient in a pass of its own. The same function; rounding
             differs. Not where the block drops paths (stochastic depth in training) or its norm is replaced or
-            hooked. Default True; settable after construction.
+            hooked. Default False until its speed is measured on a GPU (it replaces torch.compile's kernels with
+            one of this package's; tested on the CPU and in Triton's interpreter); settable after construction.
 
     Attributes:
         cpu_chunk_tokens: on the CPU, without autograd and in eval mode, the blocks run over consecutive whole
@@ -131,7 +132,7 @@ class DINOv3ViTPackingModel(DINOv3ViTPreTrainedModel):
         mlp_gemms: str = "auto",
         fold_layer_scale: bool = True,
         fold_qkv_bias: bool = True,
-        fused_norm: bool = True,
+        fused_norm: bool = False,
     ):
         super().__init__(config)
         self.attn_backend = check_attention_backend(attn_backend)

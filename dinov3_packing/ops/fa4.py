@@ -207,9 +207,10 @@ def _fa4_rope_varlen_backward(
         with fa4_dq.capture_dq_accum(dq) if fuse else contextlib.nullcontext() as captured:
             _backward_kernel(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, dq=dq, dk=dqkv[:, 1], dv=dqkv[:, 2])
         if captured is not None and captured.accum is not None:
-            if _dq_layout_checked(captured, dq, cu_seqlens, max_seqlen):
-                q_sums, k_sums = (None, None) if sums is None else (sums[0], sums[1:2])
-                fa4_dq.dq_rope_from_accum(captured.accum, dq, cu_seqlens, max_seqlen, captured.scale, cos, sin, q_sums)
+            if _dq_layout_checked(captured, dq, cu_seqlens, max_seqlen) and _dq_rope(
+                captured, dq, cu_seqlens, max_seqlen, cos, sin, sums
+            ):
+                k_sums = None if sums is None else sums[1:2]
                 rope_planes(dqkv[:, 1:2], dqkv[:, 1:2], cos, sin, inverse=True, sums=k_sums)
                 return dqkv, qkv.new_empty(0) if sums is None else sums.to(qk_bias.dtype)
             captured.run_postprocess()  # flash-attn-4's own conversion into dq, then the pass below
@@ -223,6 +224,25 @@ def _fa4_rope_varlen_backward(
     return dqkv, qkv.new_empty(0) if sums is None else sums.to(qk_bias.dtype)
 
 
+def _dq_rope(captured, dq, cu_seqlens, max_seqlen, cos, sin, sums) -> bool:
+    """`fa4_dq`'s conversion with the rotation into `dq` (and the q bias's sums into `sums[0]`); False, with a warning
+    and the fusion off on dq's device for the process, where its kernel fails to build or launch (the caller then
+    converts with flash-attn-4's postprocess: the accumulator is untouched)."""
+    try:
+        q_sums = None if sums is None else sums[0]
+        fa4_dq.dq_rope_from_accum(captured.accum, dq, cu_seqlens, max_seqlen, captured.scale, cos, sin, q_sums)
+    except Exception as error:  # any failure of the optional kernel falls back to the exact path
+        warnings.warn(
+            f"dinov3_packing: the dQ conversion with RoPE (ops/triton/fa4_dq.py) failed ({type(error).__name__}: "
+            f"{error}); the backward uses flash-attn-4's postprocess and a separate RoPE pass instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        _DQ_LAYOUT_CHECKED[dq.device] = False
+        return False
+    return True
+
+
 def _dq_layout_checked(captured, dq: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> bool:
     """Whether `fa4_dq` may convert `captured`'s accumulator on dq's device: the first time, its conversion (without
     the rotation) is compared with flash-attn-4's postprocess of the same accumulator, bit for bit (one host sync);
@@ -231,14 +251,17 @@ def _dq_layout_checked(captured, dq: torch.Tensor, cu_seqlens: torch.Tensor, max
     if device not in _DQ_LAYOUT_CHECKED:
         ours = torch.empty_strided(dq.shape, dq.stride(), dtype=dq.dtype, device=device)
         theirs = torch.empty_strided(dq.shape, dq.stride(), dtype=dq.dtype, device=device)
-        fa4_dq.dq_rope_from_accum(captured.accum, ours, cu_seqlens, max_seqlen, captured.scale)
         captured.run_postprocess(theirs)
-        same = bool(torch.equal(ours, theirs))
+        try:
+            fa4_dq.dq_rope_from_accum(captured.accum, ours, cu_seqlens, max_seqlen, captured.scale)
+            same = bool(torch.equal(ours, theirs))
+        except Exception:  # the optional kernel failed to build or launch: the exact path stays
+            same = False
         if not same:
             warnings.warn(
-                "dinov3_packing: flash-attn-4's dQ accumulator is not in the layout ops/triton/fa4_dq.py expects "
-                "(its conversion differs from flash-attn-4's postprocess); the backward uses the postprocess and a "
-                "separate RoPE pass instead (FUSED_DQ_ROPE is off on this device)",
+                "dinov3_packing: ops/triton/fa4_dq.py's conversion of flash-attn-4's dQ accumulator differs from "
+                "flash-attn-4's postprocess (or failed); the backward uses the postprocess and a separate RoPE pass "
+                "instead on this device",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -20,7 +20,9 @@ The accumulator's layout is flash-attn-4's, not a public interface, so this modu
   floats apart.
 
 `capture_dq_accum` takes the accumulator from flash-attn-4's backward where its dQ postprocess would run (and runs
-that postprocess unchanged for any configuration other than the one above); `dq_rope_from_accum` does the pass.
+that postprocess unchanged for any configuration other than the one above): at the first capture it wraps
+flash-attn-4's `interface._bwd_postprocess_convert` in a function that runs it for every call except the dQ
+conversion of a capture open on the calling thread. `dq_rope_from_accum` does the pass.
 The first capture of a process is checked against flash-attn-4's own postprocess, bit for bit, before it is used
 (`ops/fa4.py`); a mismatch turns the fusion off for the process with a warning.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 
 import torch
 
@@ -276,47 +279,63 @@ def layout_matches(call: dict, dq: torch.Tensor) -> bool:
     return all(k in call and (call[k] is None if v is None else call[k] == v) for k, v in _LAYOUT_ARGS.items())
 
 
-_SIGNATURES: dict = {}  # flash-attn-4's postprocess function -> its signature (read once, not at every backward)
+_LOCAL = threading.local()  # `active`: the (Captured, dq) of the capture open on this thread, if any
+_WRAPS = "_dinov3_packing_wraps"  # the attribute of the wrapper that holds the function it wraps
+
+
+def _wrapper_installed(interface) -> bool:
+    """Whether flash-attn-4's `_bwd_postprocess_convert` is (now) this module's wrapper: installed once, at the first
+    capture, it runs the function it wraps for every call but the dQ conversion of a capture open on the calling
+    thread. False (nothing installed) where the function is missing or takes `*args` or `**kwargs`."""
+    current = getattr(interface, "_bwd_postprocess_convert", None)
+    if current is None:
+        return False
+    if getattr(current, _WRAPS, None) is not None:
+        return True
+    signature = inspect.signature(current)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+        return False  # (its arguments could not be passed on by name)
+
+    def postprocess(*args, **kwargs):
+        active = getattr(_LOCAL, "active", None)
+        if active is not None:
+            captured, dq = active
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError:
+                bound = None
+            if bound is not None and captured.accum is None:
+                bound.apply_defaults()
+                if layout_matches(bound.arguments, dq):
+                    captured.accum = bound.arguments["accum"]
+                    captured.scale = float(bound.arguments["scale"])
+                    captured._call = (current, dict(bound.arguments))
+                    return None
+        return current(*args, **kwargs)
+
+    setattr(postprocess, _WRAPS, current)
+    interface._bwd_postprocess_convert = postprocess
+    return True
 
 
 @contextlib.contextmanager
 def capture_dq_accum(dq: torch.Tensor):
-    """Within the block, flash-attn-4's dQ postprocess into `dq` is not run where its accumulator has the layout this
-    module knows (`layout_matches`): the accumulator is kept in the yielded `Captured` instead (its `accum` stays
-    None where the postprocess ran: another configuration, or a flash-attn-4 whose postprocess function is not
-    there or takes other arguments). Every other postprocess call (dK, dV) runs unchanged."""
+    """Within the block, flash-attn-4's dQ postprocess into `dq` on this thread is not run where its accumulator has
+    the layout this module knows (`layout_matches`): the accumulator is kept in the yielded `Captured` instead (its
+    `accum` stays None where the postprocess ran: another configuration, or a flash-attn-4 without that function or
+    whose function takes other arguments). Every other postprocess call (dK, dV, other threads) runs unchanged."""
     captured = Captured()
     try:
         from flash_attn.cute import interface
     except ImportError:
         yield captured
         return
-    original = getattr(interface, "_bwd_postprocess_convert", None)
-    if original is None:
+    if not _wrapper_installed(interface):
         yield captured
         return
-    signature = _SIGNATURES.get(original)
-    if signature is None:
-        signature = _SIGNATURES.setdefault(original, inspect.signature(original))
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
-        yield captured  # (its arguments could not be passed on by name)
-        return
-
-    def postprocess(*args, **kwargs):
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError:
-            return original(*args, **kwargs)
-        bound.apply_defaults()
-        if captured.accum is None and layout_matches(bound.arguments, dq):
-            captured.accum = bound.arguments["accum"]
-            captured.scale = float(bound.arguments["scale"])
-            captured._call = (original, dict(bound.arguments))
-            return None
-        return original(*args, **kwargs)
-
-    interface._bwd_postprocess_convert = postprocess
+    previous = getattr(_LOCAL, "active", None)
+    _LOCAL.active = (captured, dq)
     try:
         yield captured
     finally:
-        interface._bwd_postprocess_convert = original
+        _LOCAL.active = previous
