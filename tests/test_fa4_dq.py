@@ -16,6 +16,7 @@ element within one bf16 ulp (the interpreter truncates where a GPU rounds to nea
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import textwrap
@@ -218,41 +219,57 @@ def test_bad_shapes_are_refused_before_launch():
         fa4_dq.dq_rope_from_accum(good, dq, cu, 5, 0.125, sums=torch.empty(2, 64, dtype=torch.float64))
 
 
-def _stand_in_interface(monkeypatch, signature_with_kwargs: bool = False):
-    """A `flash_attn.cute.interface` holding a `_bwd_postprocess_convert` with flash-attn-4 4.0.0b36's parameters
-    (its source, `flash_attn/cute/interface.py`), which records the tensor it converts into and fills it with ones."""
+_STAND_IN = """
+def _bwd_postprocess_convert(
+    accum,
+    output,
+    scale,
+    cu_seqlens,
+    seqused,
+    arch,
+    dtype,
+    hdim,
+    block_size,
+    num_threads,
+    atom_layout,
+    swap_ab,
+    use_2cta_instrs=False,
+    cluster_size=1,
+    cu_total_m_blocks=None,
+    sink_tensors=None,
+    hdim_multiple_of=32,
+    accum_order=None,
+    *,
+    fake_mode,
+):
+    key = (hdim, block_size)
+    if key not in _bwd_postprocess_convert.compile_cache:  # as flash-attn-4's: through its module-level name
+        _bwd_postprocess_convert.compile_cache[key] = "compiled"
+    CALLS.append(output)
+    output.fill_(1.0)
+
+
+_bwd_postprocess_convert.compile_cache = {}
+
+
+def with_kwargs(accum, output, *args, **kwargs):
+    CALLS.append(output)
+"""
+
+
+def _stand_in_interface(monkeypatch, tmp_path, signature_with_kwargs: bool = False):
+    """A `flash_attn.cute.interface` holding a `_bwd_postprocess_convert` with flash-attn-4 4.0.0b36's parameters,
+    which, as that package's (its source, `flash_attn/cute/interface.py`), reaches its compile cache through its
+    module-level name; it records the tensor it converts into and fills it with ones."""
     calls = []
-
-    def _bwd_postprocess_convert(
-        accum,
-        output,
-        scale,
-        cu_seqlens,
-        seqused,
-        arch,
-        dtype,
-        hdim,
-        block_size,
-        num_threads,
-        atom_layout,
-        swap_ab,
-        use_2cta_instrs=False,
-        cluster_size=1,
-        cu_total_m_blocks=None,
-        sink_tensors=None,
-        hdim_multiple_of=32,
-        accum_order=None,
-        *,
-        fake_mode,
-    ):
-        calls.append(output)
-        output.fill_(1.0)
-
-    def with_kwargs(accum, output, *args, **kwargs):
-        calls.append(output)
-
-    interface = types.ModuleType("flash_attn.cute.interface")
-    interface._bwd_postprocess_convert = with_kwargs if signature_with_kwargs else _bwd_postprocess_convert
+    source = tmp_path / "stand_in_interface.py"
+    source.write_text(_STAND_IN)
+    spec = importlib.util.spec_from_file_location("flash_attn.cute.interface", source)
+    interface = importlib.util.module_from_spec(spec)
+    interface.CALLS = calls
+    spec.loader.exec_module(interface)
+    if signature_with_kwargs:
+        interface._bwd_postprocess_convert = interface.with_kwargs
     cute = types.ModuleType("flash_attn.cute")
     cute.interface = interface
     package = types.ModuleType("flash_attn")
@@ -272,8 +289,8 @@ def _convert(interface, accum, output, **changes):
     return interface._bwd_postprocess_convert(*args, **kw)
 
 
-def test_capture_takes_only_the_dq_conversion_of_its_thread(monkeypatch):
-    interface, calls = _stand_in_interface(monkeypatch)
+def test_capture_takes_only_the_dq_conversion_of_its_thread(monkeypatch, tmp_path):
+    interface, calls = _stand_in_interface(monkeypatch, tmp_path)
     original = interface._bwd_postprocess_convert
     qkv = torch.zeros(5, 3, 2, 64)
     accum = torch.zeros(2, 64)
@@ -293,6 +310,7 @@ def test_capture_takes_only_the_dq_conversion_of_its_thread(monkeypatch):
     other = torch.zeros(5, 2, 64)
     captured.run_postprocess(other)  # flash-attn-4's own conversion, into another tensor
     assert calls[-1] is other and bool((other == 1).all())
+    assert interface._bwd_postprocess_convert.compile_cache == {(64, 128): "compiled", (64, 64): "compiled"}
     # installed once: the wrapper keeps the function it wraps, a second capture reuses it
     wrapper = interface._bwd_postprocess_convert
     assert getattr(wrapper, fa4_dq._WRAPS) is original
@@ -301,8 +319,8 @@ def test_capture_takes_only_the_dq_conversion_of_its_thread(monkeypatch):
     assert interface._bwd_postprocess_convert is wrapper and again.accum is accum
 
 
-def test_capture_leaves_a_postprocess_it_cannot_call_by_name(monkeypatch):
-    interface, calls = _stand_in_interface(monkeypatch, signature_with_kwargs=True)
+def test_capture_leaves_a_postprocess_it_cannot_call_by_name(monkeypatch, tmp_path):
+    interface, calls = _stand_in_interface(monkeypatch, tmp_path, signature_with_kwargs=True)
     dq = torch.zeros(5, 2, 64)
     with fa4_dq.capture_dq_accum(dq) as captured:
         _convert(interface, torch.zeros(2, 64), dq)

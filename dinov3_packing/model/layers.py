@@ -346,12 +346,15 @@ class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
 
     def _norm_takes_biases(self, batch: PackedBatch) -> bool:
         """Whether the block may run its second norm as `ops.norm.residual_layer_norm` (`batch.fused_norm`): no
-        stochastic depth in this forward (the attention's output joins the stream unscaled) and the norm Hugging
-        Face's `nn.LayerNorm` running its own forward with no hooks (which the op would bypass)."""
+        stochastic depth in this forward (the attention's output joins the stream unscaled; the drop-path module, which
+        the op bypasses, unhooked and running its own forward) and the norm torch's `nn.LayerNorm` running its own
+        forward with no hooks (which the op would bypass too)."""
         drop = self.drop_path
         return (
             batch.fused_norm
             and type(drop) is DINOv3ViTPackedDropPath
+            and runs_forward(drop, _DROP_PATH_FORWARD)
+            and _no_hooks(drop)
             and (drop.drop_prob == 0.0 or not drop.training)
             and type(self.norm2) is nn.LayerNorm
             and runs_forward(self.norm2, _LAYER_NORM_FORWARD)
@@ -364,6 +367,7 @@ class DINOv3ViTPackedLayer(GradientCheckpointingLayer):
 # The forwards of the modules a block may fold, as they were at import (see `ops.mlp`'s note on patched classes).
 _LINEAR_FORWARD = nn.Linear.forward
 _LAYER_NORM_FORWARD = nn.LayerNorm.forward
+_DROP_PATH_FORWARD = DINOv3ViTPackedDropPath.forward
 _LAYER_SCALE_FORWARD = DINOv3ViTLayerScale.forward
 _ATTENTION_FORWARD = DINOv3ViTPackedAttention.forward
 RECOMPUTES = "_dinov3_packing_recomputes"

@@ -251,11 +251,11 @@ def _dq_layout_checked(captured, dq: torch.Tensor, cu_seqlens: torch.Tensor, max
     if device not in _DQ_LAYOUT_CHECKED:
         ours = torch.empty_strided(dq.shape, dq.stride(), dtype=dq.dtype, device=device)
         theirs = torch.empty_strided(dq.shape, dq.stride(), dtype=dq.dtype, device=device)
-        captured.run_postprocess(theirs)
         try:
+            captured.run_postprocess(theirs)
             fa4_dq.dq_rope_from_accum(captured.accum, ours, cu_seqlens, max_seqlen, captured.scale)
             same = bool(torch.equal(ours, theirs))
-        except Exception:  # the optional kernel failed to build or launch: the exact path stays
+        except Exception:  # the optional kernel (or the capture) failed: the exact path stays
             same = False
         if not same:
             warnings.warn(

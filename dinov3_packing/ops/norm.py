@@ -49,7 +49,7 @@ class _ResidualLayerNorm(torch.autograd.Function):
     def backward(ctx, g_s, g_y):
         flat, weight, mean, rstd = ctx.saved_tensors
         d = flat.shape[-1]
-        g_s = g_s.reshape(-1, d).contiguous() if g_s is not None else torch.zeros_like(flat)
+        g_s = g_s.reshape(-1, d).contiguous()  # (autograd gives zeros where `s` got no gradient)
         g, sums = torch.ops.dinov3_packing.residual_norm_backward(
             g_s, g_y.reshape(-1, d).contiguous(), flat, weight, mean.view(-1), rstd.view(-1)
         )

@@ -33,6 +33,7 @@ interpreter (`TRITON_INTERPRET=1`) `use_kernel=True` runs the kernel on CPU tens
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 
@@ -102,6 +103,10 @@ def accum_index(cu_seqlens: torch.Tensor, heads: int) -> torch.Tensor:
 
 def check_accum(accum: torch.Tensor, dq: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
     """The shapes `dq_rope_from_accum` takes; raises ValueError naming the argument."""
+    if dq.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dq: expected float16, bfloat16 or float32, got {dq.dtype}")
+    if accum.device != dq.device or cu_seqlens.device != dq.device:
+        raise ValueError(f"accum, cu_seqlens: expected them on dq's device {dq.device}")
     if dq.ndim != 3 or dq.shape[2] != HEAD_DIM or dq.stride(2) != 1:
         raise ValueError(
             f"dq: expected [tokens, heads, {HEAD_DIM}] with a unit stride in head_dim, got {tuple(dq.shape)}"
@@ -206,8 +211,13 @@ def dq_rope_from_accum(
     check_accum(accum, dq, cu_seqlens)
     tokens, heads = dq.shape[:2]
     rotate = cos is not None
-    if rotate and (sin is None or cos.shape != (tokens, HEAD_DIM) or sin.shape != (tokens, HEAD_DIM)):
-        raise ValueError(f"cos, sin: expected two [tokens, head_dim] = {[tokens, HEAD_DIM]} tables")
+    if rotate and (
+        sin is None
+        or any(t.shape != (tokens, HEAD_DIM) or t.stride(-1) != 1 or t.device != dq.device for t in (cos, sin))
+    ):
+        raise ValueError(
+            f"cos, sin: expected two [tokens, head_dim] = {[tokens, HEAD_DIM]} tables with a unit stride on {dq.device}"
+        )
     if sums is not None and (sums.shape != (heads, HEAD_DIM) or sums.dtype != torch.float32):
         raise ValueError(f"sums: expected a float32 [heads, head_dim] = {[heads, HEAD_DIM]} tensor")
     if use_kernel is None:
@@ -313,6 +323,9 @@ def _wrapper_installed(interface) -> bool:
                     return None
         return current(*args, **kwargs)
 
+    # flash-attn-4's function reaches its compile cache through its module-level name (`_bwd_postprocess_convert.
+    # compile_cache`), which is now the wrapper's: the wrapper shares the function's attributes, the cache included.
+    functools.update_wrapper(postprocess, current)
     setattr(postprocess, _WRAPS, current)
     interface._bwd_postprocess_convert = postprocess
     return True
