@@ -588,15 +588,25 @@ def test_gpu_fused_dq_rotation_against_the_postprocess_and_rope_pass(monkeypatch
 
     layout, cos, sin, qkv0, grad_out = _vit_l_pack(1)
     bias0 = torch.randn(2, 16, 64, device=CUDA).to(BF16) if with_bias else None
+    conversions = []  # per conversion, whether it rotated (the first of a process checks the layout without)
+    convert = fa4.fa4_dq.dq_rope_from_accum
+
+    def counted(*args, **kwargs):
+        conversions.append(len(args) > 5 and args[5] is not None)
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(fa4.fa4_dq, "dq_rope_from_accum", counted)
     results = {}
     for fused in (True, False):
+        conversions.clear()
         monkeypatch.setattr(fa4, "FUSED_DQ_ROPE", fused)
         qkv = qkv0.clone().requires_grad_(True)
         bias = bias0.clone().requires_grad_(True) if with_bias else None
         fa4.fa4_rope_attention(qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen, bias).backward(grad_out)
         results[fused] = (qkv.grad, bias.grad if with_bias else None)
-        if fused:
-            assert fa4._DQ_LAYOUT_CHECKED.get(qkv.device) is True
+        # the fused call converted with the tables (the rotation), once; the other never
+        assert fa4._DQ_LAYOUT_CHECKED.get(qkv.device) is True
+        assert conversions.count(True) == (1 if fused else 0) and len(conversions) <= 2 * fused, conversions
 
     def rel_l2(a, b):
         return (torch.linalg.vector_norm(a.float() - b.float()) / torch.linalg.vector_norm(b.float())).item()
