@@ -567,7 +567,7 @@ def test_gpu_dq_accumulator_conversion_is_flash_attn_4s_postprocess():
     assert captured.accum is not None, "flash-attn-4's dQ postprocess was not taken: another version or config?"
     ours = torch.empty_like(qkv)[:, 0]
     theirs = torch.empty_like(qkv)[:, 0]
-    fa4_dq.dq_rope_from_accum(captured.accum, ours, cu, longest, captured.scale)
+    fa4_dq.dq_rope_from_accum(captured.accum, ours, cu, captured.scale)
     captured.run_postprocess(theirs)
     print("dq from the accumulator: max |dq|", theirs.abs().max().item())
     assert torch.equal(ours, theirs)
@@ -592,7 +592,7 @@ def test_gpu_fused_dq_rotation_against_the_postprocess_and_rope_pass(monkeypatch
     convert = fa4.fa4_dq.dq_rope_from_accum
 
     def counted(*args, **kwargs):
-        conversions.append(len(args) > 5 and args[5] is not None)
+        conversions.append(len(args) > 4 and args[4] is not None)
         return convert(*args, **kwargs)
 
     monkeypatch.setattr(fa4.fa4_dq, "dq_rope_from_accum", counted)

@@ -230,7 +230,7 @@ def _dq_rope(captured, dq, cu_seqlens, max_seqlen, cos, sin, sums) -> bool:
     converts with flash-attn-4's postprocess: the accumulator is untouched)."""
     try:
         q_sums = None if sums is None else sums[0]
-        fa4_dq.dq_rope_from_accum(captured.accum, dq, cu_seqlens, max_seqlen, captured.scale, cos, sin, q_sums)
+        fa4_dq.dq_rope_from_accum(captured.accum, dq, cu_seqlens, captured.scale, cos, sin, q_sums)
     except Exception as error:  # any failure of the optional kernel falls back to the exact path
         warnings.warn(
             f"dinov3_packing: the dQ conversion with RoPE (ops/triton/fa4_dq.py) failed ({type(error).__name__}: "
@@ -253,7 +253,7 @@ def _dq_layout_checked(captured, dq: torch.Tensor, cu_seqlens: torch.Tensor, max
         theirs = torch.empty_strided(dq.shape, dq.stride(), dtype=dq.dtype, device=device)
         try:
             captured.run_postprocess(theirs)
-            fa4_dq.dq_rope_from_accum(captured.accum, ours, cu_seqlens, max_seqlen, captured.scale)
+            fa4_dq.dq_rope_from_accum(captured.accum, ours, cu_seqlens, captured.scale)
             same = bool(torch.equal(ours, theirs))
         except Exception:  # the optional kernel (or the capture) failed: the exact path stays
             same = False

@@ -140,6 +140,9 @@ if triton is not None:
         SIN,
         SUMS,
         CU_SEQLENS,
+        CU_TILES,
+        num_segments,
+        search_steps,
         scale,
         stride_ah,
         stride_dt,
@@ -151,17 +154,28 @@ if triton is not None:
         TILE: tl.constexpr,
         HALF: tl.constexpr,
     ):
-        # One program per (head, half tile: one warpgroup's 64 rows, segment); tiles past a segment's end load and
-        # store nothing. The program reads the half tile's lower 32 columns and its upper ones (2048 floats
-        # further) in storage order, 16 bytes per thread, and puts them in (row, col) order for the rest.
+        # One program per (head, half tile: one warpgroup's 64 rows) of the pack's tiles, numbered segment after
+        # segment (`CU_TILES`: the cumulative count of 128-row tiles per segment); the program finds its segment by
+        # a binary search, and programs past the last tile (the grid is an upper bound) load and store nothing. It
+        # reads the half tile's lower 32 columns and its upper ones (2048 floats further) in storage order, 16 bytes
+        # per thread, and puts them in (row, col) order for the rest.
         h = tl.program_id(0)
-        m_block = tl.program_id(1) // 2
+        tile_id = tl.program_id(1) // 2
         w = tl.program_id(1) % 2
-        b = tl.program_id(2)
+        lo = tile_id * 0  # (int32 scalars: loop-carried values keep their type)
+        hi = tile_id * 0 + num_segments
+        for _ in range(search_steps):  # the last segment whose first tile is at or before tile_id
+            mid = (lo + hi) // 2
+            before = tl.load(CU_TILES + mid) <= tile_id
+            lo = tl.where(before, mid, lo)
+            hi = tl.where(before, hi, mid)
+        b = lo
+        m_block = tile_id - tl.load(CU_TILES + b)
         start = tl.load(CU_SEQLENS + b).to(tl.int64)
         seqlen = tl.load(CU_SEQLENS + b + 1).to(tl.int64) - start
         padded = (start + b * TILE) // TILE * TILE
-        live = m_block * TILE < seqlen  # the whole tile lies in the accumulator; rows past the segment are ignored
+        # the whole tile lies in the accumulator; rows past the segment are ignored
+        live = (tile_id < tl.load(CU_TILES + num_segments)) & (m_block * TILE < seqlen)
         a = tl.arange(0, 512)[:, None]
         v = tl.arange(0, 4)[None, :]
         tile = ACCUM + h.to(tl.int64) * stride_ah + (padded + m_block * TILE) * (2 * HALF) + 4096 * w
@@ -170,7 +184,7 @@ if triton is not None:
         x2 = _natural_order(tl.load(lo + 512 * (HALF // 8), mask=live, other=0.0)) * scale  # 4 groups of 8 further
         row = 64 * w + tl.arange(0, 64)
         cols = tl.arange(0, HALF)[None, :]
-        mask = ((m_block * TILE + row) < seqlen)[:, None]
+        mask = (live & ((m_block * TILE + row) < seqlen))[:, None]
         tokens = (start + m_block * TILE + row)[:, None]
         if ROTATE:  # the inverse rotation (ops/triton/rope.py): y1 = x1 c1 + x2 s2, y2 = x2 c2 + x1 s1
             c_lo = tl.load(COS + tokens * stride_ct + cols, mask=mask, other=0.0).to(tl.float32)
@@ -185,8 +199,8 @@ if triton is not None:
         out = DQ + tokens * stride_dt + h * stride_dh + cols
         tl.store(out, y1.to(DQ.dtype.element_ty), mask=mask)
         tl.store(out + HALF, y2.to(DQ.dtype.element_ty), mask=mask)
-        if HAS_SUMS:  # this program's part of the column sums; SUMS: [segments, 2 * tiles, heads, 64]
-            part = SUMS + ((b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + h) * (2 * HALF)
+        if HAS_SUMS:  # this program's part of the column sums; SUMS: [2 * tiles (the grid's), heads, 64]
+            part = SUMS + (tl.program_id(1) * tl.num_programs(0) + h) * (2 * HALF)
             part = part + tl.arange(0, HALF)
             tl.store(part, tl.sum(tl.where(mask, y1, 0.0), axis=0))
             tl.store(part + HALF, tl.sum(tl.where(mask, y2, 0.0), axis=0))
@@ -196,7 +210,6 @@ def dq_rope_from_accum(
     accum: torch.Tensor,
     dq: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    max_seqlen: int,
     scale: float,
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
@@ -206,8 +219,8 @@ def dq_rope_from_accum(
     """Write `dq [tokens, heads, 64]` (any token and head strides) from flash-attn-4's fp32 accumulator: `accum *
     scale`, un-rotated by RoPE's inverse with tables `cos`, `sin [tokens, 64]` (`ops/triton/rope.py`'s convention)
     when they are given, in fp32 and rounded once to `dq`'s dtype; returns `dq`. `sums`: an fp32 `[heads, 64]`
-    tensor that receives the column sums over the tokens of the fp32 result (the q bias's gradient). `max_seqlen`:
-    the longest segment (a host int). `use_kernel` as for `rope_planes`."""
+    tensor that receives the column sums over the tokens of the fp32 result (the q bias's gradient). `use_kernel` as
+    for `rope_planes`."""
     check_accum(accum, dq, cu_seqlens)
     tokens, heads = dq.shape[:2]
     rotate = cos is not None
@@ -233,9 +246,13 @@ def dq_rope_from_accum(
             sums.copy_(y.sum(0))
         return dq
     num_segments = cu_seqlens.numel() - 1
-    tiles = triton.cdiv(max(int(max_seqlen), 1), TILE_M)
-    grid = (heads, 2 * tiles, num_segments)
-    part = accum.new_empty((num_segments, 2 * tiles, heads, HEAD_DIM)) if sums is not None else None
+    # The pack's tiles on the device (no sync); the grid from a host bound on their count: sum(ceil(len / 128)) is
+    # at most tokens / 128 + segments.
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    cu_tiles = torch.nn.functional.pad(torch.cumsum((lengths + TILE_M - 1) // TILE_M, 0), (1, 0)).to(torch.int32)
+    tiles = tokens // TILE_M + num_segments
+    grid = (heads, 2 * tiles)
+    part = accum.new_empty((2 * tiles, heads, HEAD_DIM)) if sums is not None else None
     _dq_rope_kernel[grid](
         accum,
         dq,
@@ -243,6 +260,9 @@ def dq_rope_from_accum(
         sin if rotate else accum,
         part if part is not None else accum,
         cu_seqlens,
+        cu_tiles,
+        num_segments,
+        max(1, num_segments.bit_length()),
         float(scale),
         accum.stride(0),
         dq.stride(0),
