@@ -140,7 +140,6 @@ if triton is not None:
         SIN,
         SUMS,
         CU_SEQLENS,
-        CU_TILES,
         num_segments,
         search_steps,
         scale,
@@ -154,28 +153,28 @@ if triton is not None:
         TILE: tl.constexpr,
         HALF: tl.constexpr,
     ):
-        # One program per (head, half tile: one warpgroup's 64 rows) of the pack's tiles, numbered segment after
-        # segment (`CU_TILES`: the cumulative count of 128-row tiles per segment); the program finds its segment by
-        # a binary search, and programs past the last tile (the grid is an upper bound) load and store nothing. It
-        # reads the half tile's lower 32 columns and its upper ones (2048 floats further) in storage order, 16 bytes
-        # per thread, and puts them in (row, col) order for the rest.
+        # One program per (head, half tile: one warpgroup's 64 rows) of the accumulator's padded tiles: segment b's
+        # tiles are numbered from (cu_seqlens[b] + 128 b) // 128 on (its first padded row / 128), so a program finds
+        # its segment by a binary search over cu_seqlens; tiles in the padding between segments load and store
+        # nothing. It reads the half tile's lower 32 columns and its upper ones (2048 floats further) in storage
+        # order, 16 bytes per thread, and puts them in (row, col) order for the rest.
         h = tl.program_id(0)
         tile_id = tl.program_id(1) // 2
         w = tl.program_id(1) % 2
         lo = tile_id * 0  # (int32 scalars: loop-carried values keep their type)
         hi = tile_id * 0 + num_segments
-        for _ in range(search_steps):  # the last segment whose first tile is at or before tile_id
+        for _ in range(search_steps):  # the last segment whose first padded tile is at or before tile_id
             mid = (lo + hi) // 2
-            before = tl.load(CU_TILES + mid) <= tile_id
+            before = (tl.load(CU_SEQLENS + mid) + TILE * mid) // TILE <= tile_id
             lo = tl.where(before, mid, lo)
             hi = tl.where(before, hi, mid)
         b = lo
-        m_block = tile_id - tl.load(CU_TILES + b)
         start = tl.load(CU_SEQLENS + b).to(tl.int64)
         seqlen = tl.load(CU_SEQLENS + b + 1).to(tl.int64) - start
         padded = (start + b * TILE) // TILE * TILE
+        m_block = tile_id - padded // TILE
         # the whole tile lies in the accumulator; rows past the segment are ignored
-        live = (tile_id < tl.load(CU_TILES + num_segments)) & (m_block * TILE < seqlen)
+        live = (m_block >= 0) & (m_block * TILE < seqlen)
         a = tl.arange(0, 512)[:, None]
         v = tl.arange(0, 4)[None, :]
         tile = ACCUM + h.to(tl.int64) * stride_ah + (padded + m_block * TILE) * (2 * HALF) + 4096 * w
@@ -199,7 +198,7 @@ if triton is not None:
         out = DQ + tokens * stride_dt + h * stride_dh + cols
         tl.store(out, y1.to(DQ.dtype.element_ty), mask=mask)
         tl.store(out + HALF, y2.to(DQ.dtype.element_ty), mask=mask)
-        if HAS_SUMS:  # this program's part of the column sums; SUMS: [2 * tiles (the grid's), heads, 64]
+        if HAS_SUMS:  # this program's part of the column sums; SUMS: [2 * padded tiles, heads, 64]
             part = SUMS + (tl.program_id(1) * tl.num_programs(0) + h) * (2 * HALF)
             part = part + tl.arange(0, HALF)
             tl.store(part, tl.sum(tl.where(mask, y1, 0.0), axis=0))
@@ -246,11 +245,7 @@ def dq_rope_from_accum(
             sums.copy_(y.sum(0))
         return dq
     num_segments = cu_seqlens.numel() - 1
-    # The pack's tiles on the device (no sync); the grid from a host bound on their count: sum(ceil(len / 128)) is
-    # at most tokens / 128 + segments.
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    cu_tiles = torch.nn.functional.pad(torch.cumsum((lengths + TILE_M - 1) // TILE_M, 0), (1, 0)).to(torch.int32)
-    tiles = tokens // TILE_M + num_segments
+    tiles = padded_rows(tokens, num_segments) // TILE_M  # the accumulator's, segments' and padding's
     grid = (heads, 2 * tiles)
     part = accum.new_empty((2 * tiles, heads, HEAD_DIM)) if sums is not None else None
     _dq_rope_kernel[grid](
@@ -260,7 +255,6 @@ def dq_rope_from_accum(
         sin if rotate else accum,
         part if part is not None else accum,
         cu_seqlens,
-        cu_tiles,
         num_segments,
         max(1, num_segments.bit_length()),
         float(scale),
