@@ -29,9 +29,11 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
-LAUNCH: dict = {"rows": 4, "num_warps": 8, "programs_per_sm": 4}
+LAUNCH: dict = {"rows": 4, "num_warps": 8, "programs_per_sm": 2}
 """Rows a program handles per step (`rows`), its warps, and how many programs per SM share the tokens (each writes
-one partial row of each sum)."""
+one partial row of each sum). Offline (Triton 3.6, sm_90, D = 1024, `cuobjdump -res-usage`) 4 rows on 8 warps take
+128 registers a thread, so two programs fit on an SM: one wave of programs; 8 rows take 252, 4 rows on 4 warps 203.
+Not yet timed on a GPU."""
 
 
 def residual_norm_reference(g_s, g_y, s, weight, mean, rstd) -> tuple[torch.Tensor, torch.Tensor]:
