@@ -1034,6 +1034,9 @@ def main() -> int:
         default=",".join(DEFAULT_SYSTEMS),
         help=f"train: comma-separated subset of {SYSTEMS} (each model compiles for ~70 s)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="train: interleaved rounds (every system timed once a round; default 3)"
+    )
     parser.add_argument("--trace-dir", default=None, help="keep each profiled call's Chrome trace here (gzipped)")
     parser.add_argument(
         "--mlp-launches",
@@ -1080,6 +1083,8 @@ def main() -> int:
     systems = tuple(args.systems.split(",")) + (("autotune",) if args.autotune else ())
     if not set(systems) <= set(SYSTEMS):
         parser.error(f"--systems: expected a comma-separated subset of {SYSTEMS}, got {args.systems!r}")
+    if args.rounds < 1:
+        parser.error(f"--rounds: expected a positive number of rounds, got {args.rounds}")
     tile_kinds = tuple(args.quack_tile_kinds.split(","))
     if not set(tile_kinds) <= set(QUACK_TILE_KINDS) or not tile_kinds:
         parser.error(
@@ -1104,7 +1109,7 @@ def main() -> int:
     for part in parts:
         torch._dynamo.reset()  # each part's graphs count alone against Dynamo's recompile limit
         try:
-            run = {"kernels": kernels, "train": functools.partial(train, systems_asked=systems), "fa4-tiles": fa4_tiles}
+            run = {"kernels": kernels, "train": functools.partial(train, rounds=args.rounds, systems_asked=systems), "fa4-tiles": fa4_tiles}
             run["fa4-bwd-tiles"] = fa4_bwd_tiles
             run |= {
                 "grads": grads,
