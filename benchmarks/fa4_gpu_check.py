@@ -65,6 +65,15 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              tile (within 1e-2 of the current tile's outputs) is then what later parts of this process run
              (`ops.quack.TILES`, an `adopted` row), and is written to `--quack-tiles-file` as soon as its kind is
              swept, so that `--pin-quack-tiles FILE` pins it in a later process.
+    train-kernels the two backward passes of the eighteenth session alone, at the step's sizes, interleaved over
+             rounds: the fa4 RoPE op (`ops.fa4.fa4_rope_attention`, mixed-64, ViT-L heads, with the q/k bias)
+             forward + backward with `ops.fa4.FUSED_DQ_ROPE` on (dq un-rotated in the accumulator's conversion)
+             and off (flash-attn-4's postprocess, then the RoPE pass); and the residual-norm backward
+             (`ops/triton/residual_norm.py`, 60,038 x 1024 bf16) under launches other than `LAUNCH` against
+             inductor's compiled torch ops for the same outputs (the reference function, compiled); each with its
+             outputs against fp32. The fastest launch within the reference's error is then `LAUNCH` for later
+             parts of this process (an `adopted` row), so `--parts train-kernels,train` times `norm-fused`
+             with it.
 A part that fails writes an `error` row with its traceback and the next part runs.
 """
 
@@ -123,6 +132,7 @@ PARTS = (
     "mlp-configs",
     "mlp-grad",
     "quack-tiles",
+    "train-kernels",
     "train",
 )  # short parts first: train compiles models (~70 s each)
 PREFIX = 5  # CLS + 4 registers
@@ -959,6 +969,97 @@ def pin_quack_tiles(path: str) -> dict:
     return tiles
 
 
+NORM_LAUNCHES = (  # residual_norm.LAUNCH candidates: rows a step, warps, programs an SM (0: a program per `rows`)
+    {"rows": 4, "num_warps": 8, "programs_per_sm": 2},
+    {"rows": 1, "num_warps": 4, "programs_per_sm": 8},
+    {"rows": 2, "num_warps": 4, "programs_per_sm": 4},
+    {"rows": 2, "num_warps": 8, "programs_per_sm": 4},
+    {"rows": 4, "num_warps": 8, "programs_per_sm": 1},
+    {"rows": 4, "num_warps": 16, "programs_per_sm": 2},
+    {"rows": 1, "num_warps": 4, "programs_per_sm": 16},
+    {"rows": 1, "num_warps": 2, "programs_per_sm": 16},
+)
+
+
+def train_kernels(out: str | None, rounds: int = 3, tokens: int = 60_038, dev: str = "cuda", rope: bool = True) -> None:
+    from dinov3_packing.ops import fa4
+    from dinov3_packing.ops.triton import residual_norm as rn
+
+    dev = torch.device(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    # The fa4 RoPE op, forward + backward, dq un-rotated in the conversion or by the RoPE pass.
+    layout = layout_of(LENGTHS["mixed-64"], dev)
+    n = layout.num_tokens
+    angles = torch.rand(n, 32, generator=g, device=dev).mul(6.3).repeat(1, 2)
+    sin = angles.sin()
+    cos, sin = angles.cos().bfloat16(), torch.cat([-sin[:, :32], sin[:, 32:]], dim=1).bfloat16()
+    qkv = torch.randn(n, 3, 16, 64, generator=g, device=dev).bfloat16().requires_grad_(True)
+    bias = torch.randn(2, 16, 64, generator=g, device=dev).bfloat16().requires_grad_(True)
+    grad_out = torch.randn(n, 16, 64, generator=g, device=dev).bfloat16()
+
+    def rope_step():
+        o = fa4.fa4_rope_attention(qkv, cos, sin, layout.cu_seqlens, layout.max_seqlen, bias)
+        return torch.autograd.grad(o, (qkv, bias), grad_out)
+
+    # The residual norm's backward: the kernel under each launch, and inductor's fusion of the same torch ops.
+    d = 1024
+    g_s, g_y = (torch.randn(tokens, d, generator=g, device=dev).bfloat16() for _ in range(2))
+    s = (torch.randn(tokens, d, generator=g, device=dev) * 3 + 0.5).bfloat16()
+    weight = (1 + 0.1 * torch.randn(d, generator=g, device=dev)).bfloat16()
+    mean = s.float().mean(-1)
+    rstd = torch.rsqrt(s.float().var(-1, unbiased=False) + 1e-6)
+    ref_g, ref_sums = rn.residual_norm_reference(g_s.double(), g_y.double(), s.double(), weight, mean, rstd)
+    compiled = torch.compile(rn.residual_norm_reference)
+
+    def launch_fn(launch):
+        return _with_setting(
+            "triton.residual_norm", "LAUNCH", launch, lambda: rn.residual_norm_backward(g_s, g_y, s, weight, mean, rstd)
+        )
+
+    norm_systems = {"inductor (compiled reference)": lambda: compiled(g_s, g_y, s, weight, mean, rstd)}
+    norm_systems |= {json.dumps(launch, sort_keys=True): launch_fn(launch) for launch in NORM_LAUNCHES}
+    errors = {}
+    for name, fn in norm_systems.items():
+        got_g, got_sums = fn()
+        errors[name] = {
+            "rel_l2_g": ((got_g.double() - ref_g).norm() / ref_g.norm()).item(),
+            "rel_l2_sums": [
+                ((a.double() - b).norm() / b.norm()).item() for a, b in zip(got_sums, ref_sums, strict=True)
+            ],
+        }
+    systems = {}
+    if rope:
+        systems |= {f"fa4 rope op fwd+bwd, FUSED_DQ_ROPE={v}": _with_fused_dq_rope(v, rope_step) for v in (True, False)}
+    systems |= {f"residual norm backward, {k}": v for k, v in norm_systems.items()}
+    times = defaultdict(list)
+    for r in range(rounds):
+        for name, fn in systems.items():
+            stats = measure(fn, dev)
+            times[name].append(stats["median_s"] * 1e3)
+            write_rows(out, [{"part": "train-kernels", "round": r, "system": name, "ms": stats["median_s"] * 1e3}])
+    for name, ms in times.items():
+        key = name.removeprefix("residual norm backward, ")
+        row = {"part": "train-kernels", "system": name, "median_ms": sorted(ms)[len(ms) // 2], "rounds_ms": ms}
+        write_rows(out, [row | errors.get(key, {})])
+    # Adopt the fastest launch whose errors are within 1.5x of inductor's (both round g once to bf16).
+    bound = errors["inductor (compiled reference)"]
+    fine = [
+        launch
+        for launch in NORM_LAUNCHES
+        if errors[json.dumps(launch, sort_keys=True)]["rel_l2_g"] <= 1.5 * bound["rel_l2_g"]
+        and max(errors[json.dumps(launch, sort_keys=True)]["rel_l2_sums"]) <= 1.5 * max(bound["rel_l2_sums"]) + 1e-6
+    ]
+    if fine:
+        best = min(
+            fine,
+            key=lambda launch: sorted(times[f"residual norm backward, {json.dumps(launch, sort_keys=True)}"])[
+                rounds // 2
+            ],
+        )
+        rn.LAUNCH = dict(best)
+        write_rows(out, [{"part": "train-kernels", "adopted": best}])
+
+
 def grads(out: str | None) -> None:
     dev = torch.device("cuda")
     hs, grid = mixed_batch(dev, torch.float32, 16)
@@ -1035,7 +1136,10 @@ def main() -> int:
         help=f"train: comma-separated subset of {SYSTEMS} (each model compiles for ~70 s)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=3, help="train: interleaved rounds (every system timed once a round; default 3)"
+        "--rounds",
+        type=int,
+        default=3,
+        help="train, train-kernels: interleaved rounds (every system timed once a round; default 3)",
     )
     parser.add_argument("--trace-dir", default=None, help="keep each profiled call's Chrome trace here (gzipped)")
     parser.add_argument(
@@ -1109,8 +1213,13 @@ def main() -> int:
     for part in parts:
         torch._dynamo.reset()  # each part's graphs count alone against Dynamo's recompile limit
         try:
-            run = {"kernels": kernels, "train": functools.partial(train, rounds=args.rounds, systems_asked=systems), "fa4-tiles": fa4_tiles}
+            run = {
+                "kernels": kernels,
+                "train": functools.partial(train, rounds=args.rounds, systems_asked=systems),
+                "fa4-tiles": fa4_tiles,
+            }
             run["fa4-bwd-tiles"] = fa4_bwd_tiles
+            run["train-kernels"] = functools.partial(train_kernels, rounds=args.rounds)
             run |= {
                 "grads": grads,
                 "infer": infer,
