@@ -71,9 +71,9 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              and off (flash-attn-4's postprocess, then the RoPE pass); and the residual-norm backward
              (`ops/triton/residual_norm.py`, 60,038 x 1024 bf16) under launches other than `LAUNCH` against
              inductor's compiled torch ops for the same outputs (the reference function, compiled); each with its
-             outputs against fp32. The fastest launch within the reference's error is then `LAUNCH` for later
-             parts of this process (an `adopted` row), so `--parts train-kernels,train` times `norm-fused`
-             with it.
+             outputs against fp64 (relative L2). The fastest launch whose `g` is within 1.5x of inductor's error
+             and whose sums are within 1e-5 is then `LAUNCH` for later parts of this process (an `adopted` row),
+             so `--parts train-kernels,train` times `norm-fused` with it.
 A part that fails writes an `error` row with its traceback and the next part runs.
 """
 
@@ -1042,13 +1042,15 @@ def train_kernels(out: str | None, rounds: int = 3, tokens: int = 60_038, dev: s
         key = name.removeprefix("residual norm backward, ")
         row = {"part": "train-kernels", "system": name, "median_ms": sorted(ms)[len(ms) // 2], "rounds_ms": ms}
         write_rows(out, [row | errors.get(key, {})])
-    # Adopt the fastest launch whose errors are within 1.5x of inductor's (both round g once to bf16).
-    bound = errors["inductor (compiled reference)"]
+    # Adopt the fastest launch whose g is within 1.5x of inductor's error (both round g once to bf16) and whose fp32
+    # sums are within 1e-5 of fp64 (the GPU test's bound; not inductor's: its compiled LayerNorm sums differed from
+    # fp64 by a relative 1.0 on the H100 with torch 2.11, nineteenth session, not investigated).
+    bound = errors["inductor (compiled reference)"]["rel_l2_g"]
     fine = [
         launch
         for launch in NORM_LAUNCHES
-        if errors[json.dumps(launch, sort_keys=True)]["rel_l2_g"] <= 1.5 * bound["rel_l2_g"]
-        and max(errors[json.dumps(launch, sort_keys=True)]["rel_l2_sums"]) <= 1.5 * max(bound["rel_l2_sums"]) + 1e-6
+        if errors[json.dumps(launch, sort_keys=True)]["rel_l2_g"] <= 1.5 * bound
+        and max(errors[json.dumps(launch, sort_keys=True)]["rel_l2_sums"]) <= 1e-5
     ]
     if fine:
         best = min(
