@@ -339,6 +339,41 @@ def kernel_class(name: str) -> str:
 TRACE_DIR: str | None = None  # --trace-dir: where profile_step keeps each profiled call's gzipped Chrome trace
 
 
+def host_side(fn, dev, steps: int = 3) -> dict:
+    """Whether the host runs ahead of the GPU in back-to-back calls of `fn`: the host's own seconds per call
+    (no synchronize between calls) against the GPU's, and the synchronizing CUDA calls one call makes
+    (`torch.cuda.set_sync_debug_mode("warn")`: each is a warning naming the op). A call whose host time is
+    below its GPU time and that makes no synchronizing call hides its host work (layout, RoPE draws, copies)
+    behind the previous call's kernels; the profile's gaps (one call after a synchronize) then do not count."""
+    import warnings
+
+    fn()
+    torch.cuda.synchronize(dev)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(dev)
+    syncs = [str(w.message).splitlines()[0][:200] for w in caught if "synchroniz" in str(w.message).lower()]
+    host = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - t0)
+    torch.cuda.synchronize(dev)
+    wall = time.perf_counter() - start
+    return {
+        "host_ms_per_step": [t * 1e3 for t in host],
+        "wall_ms_per_step": wall / steps * 1e3,
+        "sync_calls": len(syncs),
+        "sync_messages": sorted(set(syncs))[:10],
+    }
+
+
 def profile_step(fn, dev, name: str = "step") -> tuple[dict, list, dict]:
     """GPU kernel time of one call of `fn` by class (ms), the ten longest kernels, and where the device
     waited (`timing.device_gaps` of the call's trace: its gaps with the kernels around them and the host's
@@ -539,6 +574,9 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                         "recompute_policy": model.recompute_policy,
                         "images_per_s": 64 / stats["median_s"],
                         "step_ms": stats["median_s"] * 1e3,
+                        # every timed step in order: the first follows a synchronize, so its host work before
+                        # the first kernel is exposed; the later ones show whether the host stays ahead
+                        "steps_ms": [t * 1e3 for t in stats["times_s"]],
                         "mfu": flops / stats["median_s"] / (peak["tflops"] * 1e12),
                         "peak_mem_gib": stats["peak_alloc_gib"],
                         "step_mem_gib": stats["fwd_mem_gib"],
@@ -567,6 +605,9 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                     }
                 ],
             )
+    for name, model in models.items():
+        write_rows(out, [{"part": "train-host", "system": name, **host_side(lambda m=model: step(m), dev)}])
+        model.zero_grad(set_to_none=True)
     profiled = (TODAY, NEW, TRITON_DGELU, NO_FOLD, QUACK, QUACK_SUM, QUACK_GELU, QUACK_DGELU, NO_QKV_FOLD)
     profiled += (ROPE_OUTSIDE, GELU_COMPOSED, DQ_UNFUSED, NORM_FUSED)
     for name in [n for n in profiled if n in models and "profile" in systems_asked]:
