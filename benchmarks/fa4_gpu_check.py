@@ -124,6 +124,7 @@ DQ_UNFUSED = (
 )
 PARTS = (
     "fa4-bwd-tiles",
+    "fa4-ex2",
     "fa4-tiles",
     "grads",
     "infer",
@@ -288,6 +289,45 @@ def fa4_tiles(out: str | None) -> None:
                 continue
             row |= {"fwd_ms": stats["median_s"] * 1e3, "fwd_tflops": fwd_flops / stats["median_s"] / 1e12}
             write_rows(out, [row | {"rel_vs_default": diff}])
+
+
+def fa4_ex2(out: str | None, rounds: int = 3) -> None:
+    """flash-attn-4's SM90 forward with part of the softmax's exponentials on the FMA pipe (`benchmarks/fa4_ex2.py`),
+    against the stock kernel in the same process (rounds interleaved): time, and the output's error against the
+    stock kernel's and (mixed-64) against fp32 sdpa."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from fa4_ex2 import forward_softmax
+
+    dev = torch.device("cuda")
+    variants = {"stock": None, "loop, no emulation": 0, "every 16th": 16, "every 8th": 8, "every 4th": 4}
+    for name in ("4x2048px", "mixed-64"):
+        lengths = LENGTHS[name]
+        layout = layout_of(lengths, dev)
+        fwd_flops = sum(4 * n * n * 64 * 16 for n in lengths)
+        g = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = (torch.randn(layout.num_tokens, 16, 64, device=dev, generator=g).bfloat16() for _ in range(3))
+        exact = None
+        if name == "mixed-64":
+            with torch.no_grad():
+                exact = packed_attention(q.float(), k.float(), v.float(), layout, "sdpa")
+        with forward_softmax(None):
+            ref = _fa4_fwd(q, k, v, layout)
+        fn = functools.partial(_fa4_fwd, q, k, v, layout)
+        for r in range(rounds):
+            for variant, every in variants.items():
+                row = {"part": "fa4-ex2", "lengths": name, "variant": variant, "round": r}
+                try:
+                    with forward_softmax(every), torch.no_grad():
+                        got = fn()
+                        stats = measure(fn, dev)
+                except Exception:  # a variant that does not build is its row
+                    write_rows(out, [row | {"error": traceback.format_exc()[-3000:]}])
+                    continue
+                row |= {"fwd_ms": stats["median_s"] * 1e3, "fwd_tflops": fwd_flops / stats["median_s"] / 1e12}
+                row["rel_vs_stock"] = rel(got, ref)
+                if exact is not None:
+                    row |= {"rel_vs_fp32": rel(got, exact), "stock_rel_vs_fp32": rel(ref, exact)}
+                write_rows(out, [row])
 
 
 def forward_flops(model, grid) -> float:
@@ -1278,6 +1318,7 @@ def main() -> int:
                 "fa4-tiles": fa4_tiles,
             }
             run["fa4-bwd-tiles"] = fa4_bwd_tiles
+            run["fa4-ex2"] = functools.partial(fa4_ex2, rounds=args.rounds)
             run["train-kernels"] = functools.partial(train_kernels, rounds=args.rounds)
             run |= {
                 "grads": functools.partial(grads, fused_norm=args.fused_norm),
