@@ -58,7 +58,7 @@ class EmulatedSoftmax(Softmax):
             row_max_cur_scaled = row_max_cur * scale_log2
             acc_S_mn[r, None].store(acc_S_row * scale_log2 - row_max_cur_scaled)
             for c in cutlass.range_constexpr(cute.size(acc_S_mn, mode=[1])):
-                if const_expr(every > 0 and c % every == every - 1):
+                if const_expr(c % max(every, 1) == every - 1):  # (never for 0; no `and`: the DSL rewrites it)
                     acc_S_mn[r, c] = utils.ex2_emulation(acc_S_mn[r, c])
                 else:
                     acc_S_mn[r, c] = cute.math.exp2(acc_S_mn[r, c], fastmath=True)
