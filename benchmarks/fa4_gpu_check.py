@@ -17,7 +17,10 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              of the previous step: activations and workspace; also per token), Hugging Face's
              `DINOv3ViTModel` looped per image (bf16, eager) as the baseline in the same run. Then one step
              of today's and the new path under `torch.profiler`: GPU kernel time by class and the device's idle gaps
-             with the host calls during them (`profile` rows).
+             with the host calls during them (`profile` rows). Each `train` row lists its timed steps in order
+             (`steps_ms`), and a `train-host` row per system gives the host's own time per step without a
+             synchronize against the wall time per step, and the synchronizing CUDA calls of one step: whether the
+             profile's host gaps (one step after a synchronize) also show in back-to-back steps.
     grads    gradients of one bf16 step on the fa4 path against the fp32 sdpa step, same weights, on the
              first 16 images of mixed-64 (an fp32 step on all 64 may not fit), eval mode (no RoPE
              augmentation, autograd still on): cosine of all gradients flattened and the lowest
@@ -74,6 +77,12 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              outputs against fp64 (relative L2). The fastest launch whose `g` is within 1.5x of inductor's error
              and whose sums are within 1e-5 is then `LAUNCH` for later parts of this process (an `adopted` row),
              so `--parts train-kernels,train` times `norm-fused` with it.
+    fa4-ex2  an experiment (`benchmarks/fa4_ex2.py`): fa4's SM90 forward on 4 x 2048 px and mixed-64 segment
+             lengths with every 16th, 8th or 4th softmax exponential of a thread's row computed by flash-attn-4's
+             own polynomial `ex2_emulation` on the FMA pipe instead of MUFU (at head_dim 64 the forward is bound
+             by MUFU's 16 exponentials a clock as much as by the tensor cores), against the stock kernel and the
+             same loop without emulation, rounds interleaved: ms, TFLOP/s, the output against the stock kernel's
+             and (mixed-64) both against fp32 sdpa.
 A part that fails writes an `error` row with its traceback and the next part runs.
 """
 
