@@ -89,6 +89,7 @@ A part that fails writes an `error` row with its traceback and the next part run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gzip
 import importlib
@@ -127,6 +128,9 @@ QUACK_GELU = "new, quack's MLP GEMMs + recompute gelu (the GELU output recompute
 QUACK_DGELU = "new, quack's MLP GEMMs keeping gelu'(pre) (mlp_gemms='quack-dgelu': the backward's epilogue a product)"
 NO_QKV_FOLD = "new, quack's MLP GEMMs, the q/k/v biases in the q/k/v projection (fold_qkv_bias=False)"
 NORM_FUSED = "new, quack-dgelu, the second norm with the bias gradients in one op (fused_norm=True, ops.norm)"
+EX2 = "new, quack-dgelu, part of fa4's forward exponentials on the FMA pipe (benchmarks/fa4_ex2.py, --ex2-every)"
+EX2_EVERY = 8
+"""`--ex2-every`: which of a thread's softmax exponentials the `ex2` system and `infer`'s third system emulate."""
 DQ_UNFUSED = (
     "new, quack-dgelu, dq converted by flash-attn-4's postprocess and un-rotated in the RoPE pass "
     "(ops.fa4.FUSED_DQ_ROPE=False)"
@@ -300,13 +304,21 @@ def fa4_tiles(out: str | None) -> None:
             write_rows(out, [row | {"rel_vs_default": diff}])
 
 
+def _ex2_softmax(every: int | None):
+    """`fa4_ex2.forward_softmax(every)`: fa4's forward with part of its exponentials emulated inside the block (None:
+    the stock kernel, without importing the experiment)."""
+    if every is None:
+        return contextlib.nullcontext()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from fa4_ex2 import forward_softmax
+
+    return forward_softmax(every)
+
+
 def fa4_ex2(out: str | None, rounds: int = 3) -> None:
     """flash-attn-4's SM90 forward with part of the softmax's exponentials on the FMA pipe (`benchmarks/fa4_ex2.py`),
     against the stock kernel in the same process (rounds interleaved): time, and the output's error against the
     stock kernel's and (mixed-64) against fp32 sdpa."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from fa4_ex2 import forward_softmax
-
     dev = torch.device("cuda")
     variants = {"stock": None, "loop, no emulation": 0, "every 16th": 16, "every 8th": 8, "every 4th": 4}
     for name in ("4x2048px", "mixed-64"):
@@ -319,14 +331,13 @@ def fa4_ex2(out: str | None, rounds: int = 3) -> None:
         if name == "mixed-64":
             with torch.no_grad():
                 exact = packed_attention(q.float(), k.float(), v.float(), layout, "sdpa")
-        with forward_softmax(None):
-            ref = _fa4_fwd(q, k, v, layout)
+        ref = _fa4_fwd(q, k, v, layout)
         fn = functools.partial(_fa4_fwd, q, k, v, layout)
         for r in range(rounds):
             for variant, every in variants.items():
                 row = {"part": "fa4-ex2", "lengths": name, "variant": variant, "round": r}
                 try:
-                    with forward_softmax(every), torch.no_grad():
+                    with _ex2_softmax(every), torch.no_grad():
                         got = fn()
                         stats = measure(fn, dev)
                 except Exception:  # a variant that does not build is its row
@@ -473,6 +484,7 @@ SYSTEMS = (
     "quack-dgelu",
     "dq-unfused",
     "norm-fused",
+    "ex2",
     "no-qkv-fold",
     "triton-dgelu",
     "no-fold",
@@ -494,14 +506,16 @@ GEMM's epilogue; `quack-gelu`: under the "gelu" recompute policy, the GELU outpu
 backward GEMM's epilogue, as quack's path ran before the sixteenth session; `quack-dgelu`: the forward's GEMM
 keeping the GELU's derivative instead of the pre-activation and the backward's multiplying by it; `dq-unfused`:
 quack-dgelu with flash-attn-4's dQ postprocess and the RoPE pass over dq, as before `ops.fa4.FUSED_DQ_ROPE`
-un-rotated dq in the accumulator's conversion; `norm-fused`: quack-dgelu with `fused_norm=True`, the blocks'
-second norm and the bias gradients around it as one op (`ops.norm`) instead of torch.compile's kernels; `no-qkv-fold`:
-with the q/k/v biases in the q/k/v projection, `fold_qkv_bias=False`, as before the sixteenth session), the new one
-with the MLP's Triton kernels keeping the GELU's derivative instead of the pre-activation (`triton-dgelu`), the new
-one with LayerScale multiplying the projections' outputs as before (`no-fold`, `fold_layer_scale=False`; today's
-path never folds), the Hugging Face loop, the profile of today's and the new step (and of the other new systems'
-when they run). "new" and the recompute systems run the MLP's Triton kernels (`mlp_gemms="triton"`, named in each
-row); the model's default, "auto", is the `quack-dgelu` system where quack-kernels is installed."""
+un-rotated dq in the accumulator's conversion; `ex2`: quack-dgelu with every `--ex2-every`-th exponential of fa4's
+forward softmax on the FMA pipe (the experiment of `fa4-ex2`, whose numbers differ); `norm-fused`: quack-dgelu with
+`fused_norm=True`, the blocks' second norm and the bias gradients around it as one op (`ops.norm`) instead of
+torch.compile's kernels; `no-qkv-fold`: with the q/k/v biases in the q/k/v projection, `fold_qkv_bias=False`, as
+before the sixteenth session), the new one with the MLP's Triton kernels keeping the GELU's derivative instead of
+the pre-activation (`triton-dgelu`), the new one with LayerScale multiplying the projections' outputs as before
+(`no-fold`, `fold_layer_scale=False`; today's path never folds), the Hugging Face loop, the profile of today's and
+the new step (and of the other new systems' when they run). "new" and the recompute systems run the MLP's Triton
+kernels (`mlp_gemms="triton"`, named in each row); the model's default, "auto", is the `quack-dgelu` system where
+quack-kernels is installed."""
 DEFAULT_SYSTEMS = ("today", "new", "attention", "mlp", "hf", "profile")
 
 
@@ -523,6 +537,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         "quack-dgelu": (QUACK_DGELU, "auto", None, None, None),
         "dq-unfused": (DQ_UNFUSED, "auto", None, None, None),
         "norm-fused": (NORM_FUSED, "auto", None, None, None),
+        "ex2": (EX2, "auto", None, None, None),
         "no-qkv-fold": (NO_QKV_FOLD, "auto", None, None, None),
         "triton-dgelu": (TRITON_DGELU, "auto", None, None, None),
         "no-fold": (NO_FOLD, "auto", None, None, None),
@@ -539,6 +554,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
             "quack-dgelu": QUACK_DGELU,
             "dq-unfused": DQ_UNFUSED,
             "norm-fused": NORM_FUSED,
+            "ex2": EX2,
             "no-qkv-fold": NO_QKV_FOLD,
         }
         for key, name in needs_quack.items():
@@ -557,7 +573,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         model.fold_qkv_bias = name != NO_QKV_FOLD  # (today's path never folds: its RoPE is not in the kernel's op)
         model.fused_norm = name == NORM_FUSED  # (off by default until measured)
         quack = (QUACK, QUACK_SUM, QUACK_GELU, NO_QKV_FOLD)
-        dgelu = (QUACK_DGELU, DQ_UNFUSED, NORM_FUSED)
+        dgelu = (QUACK_DGELU, DQ_UNFUSED, NORM_FUSED, EX2)
         gemms = "quack" if name in quack else "quack-dgelu" if name in dgelu else "triton"
         model.mlp_gemms = "triton-dgelu" if name == TRITON_DGELU else gemms
         if name == GELU_COMPOSED:
@@ -573,7 +589,8 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         # The flag is read when the op runs (the op is opaque to the compiled graph): set for this system's step.
         fused = model is not models.get(QUACK_SUM)
         fused_dq = model is not models.get(DQ_UNFUSED)
-        _with_fused_dq_rope(fused_dq, _with_fused_bias_grad(fused, lambda: loss_of(model(hs, grid)).backward()))()
+        with _ex2_softmax(EX2_EVERY if model is models.get(EX2) else None):
+            _with_fused_dq_rope(fused_dq, _with_fused_bias_grad(fused, lambda: loss_of(model(hs, grid)).backward()))()
 
     # Baseline: Hugging Face's model, same weights, bf16, one image at a time (eager), forward + backward.
     if "hf" in systems_asked:
@@ -658,7 +675,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
         write_rows(out, [{"part": "train-host", "system": name, **host_side(lambda m=model: step(m), dev)}])
         model.zero_grad(set_to_none=True)
     profiled = (TODAY, NEW, TRITON_DGELU, NO_FOLD, QUACK, QUACK_SUM, QUACK_GELU, QUACK_DGELU, NO_QKV_FOLD)
-    profiled += (ROPE_OUTSIDE, GELU_COMPOSED, DQ_UNFUSED, NORM_FUSED)
+    profiled += (ROPE_OUTSIDE, GELU_COMPOSED, DQ_UNFUSED, NORM_FUSED, EX2)
     for name in [n for n in profiled if n in models and "profile" in systems_asked]:
         by_class, top, gaps = profile_step(lambda m=models[name]: step(m), dev, f"train {name}")
         total = sum(by_class.values())
@@ -1184,7 +1201,7 @@ def grads(out: str | None, fused_norm: bool = False) -> None:
     )
 
 
-def infer(out: str | None) -> None:
+def infer(out: str | None, ex2_every: int = 0) -> None:
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(0)
     hs, grid = pack([torch.randn(3, 2048, 2048, generator=g) for _ in range(4)], 16)
@@ -1192,9 +1209,19 @@ def infer(out: str | None) -> None:
     models = {}
     for name in ("auto", "triton"):  # compiled once each, then timed in interleaved rounds
         models[name] = compile_model(load_packing_model("random:vitl16", dev, torch.bfloat16, attn_backend=name))
+    systems = {name: (model, None) for name, model in models.items()}
+    if ex2_every:  # the same compiled model; the op is opaque to it, so the fa4 kernel is swapped at call time
+        systems[f"auto, every {ex2_every}th forward exponential emulated"] = (models["auto"], ex2_every)
+        with torch.no_grad():
+            ref = models["auto"](hs, grid).last_hidden_state.float()
+            with _ex2_softmax(ex2_every):
+                got = models["auto"](hs, grid).last_hidden_state.float()
+        write_rows(
+            out, [{"part": "infer", "ex2_every": ex2_every, "rel_l2_vs_auto": ((got - ref).norm() / ref.norm()).item()}]
+        )
     for r in range(3):
-        for backend, model in models.items():
-            with torch.no_grad():
+        for backend, (model, every) in systems.items():
+            with torch.no_grad(), _ex2_softmax(every):
                 stats = measure(lambda m=model: m(hs, grid), dev, compiled=r == 0)
             chosen = model.resolved_attn_backend(inference=True, max_seqlen=PREFIX + 128 * 128)
             write_rows(
@@ -1249,6 +1276,13 @@ def main() -> int:
     parser.add_argument(
         "--fused-norm", action="store_true", help="grads: the bf16 model with fused_norm=True (ops.norm)"
     )
+    parser.add_argument(
+        "--ex2-every",
+        type=int,
+        default=0,
+        help="infer: also the auto path with every n-th exponential of fa4's forward softmax on the FMA pipe "
+        "(benchmarks/fa4_ex2.py); train: the n of the ex2 system (default 8 there; 0: infer runs no such system)",
+    )
     parser.add_argument("--trace-dir", default=None, help="keep each profiled call's Chrome trace here (gzipped)")
     parser.add_argument(
         "--mlp-launches",
@@ -1295,6 +1329,10 @@ def main() -> int:
     systems = tuple(args.systems.split(",")) + (("autotune",) if args.autotune else ())
     if not set(systems) <= set(SYSTEMS):
         parser.error(f"--systems: expected a comma-separated subset of {SYSTEMS}, got {args.systems!r}")
+    if args.ex2_every < 0:
+        parser.error(f"--ex2-every: expected 0 (off) or a positive n, got {args.ex2_every}")
+    global EX2_EVERY
+    EX2_EVERY = args.ex2_every or EX2_EVERY
     if args.rounds < 1:
         parser.error(f"--rounds: expected a positive number of rounds, got {args.rounds}")
     tile_kinds = tuple(args.quack_tile_kinds.split(","))
@@ -1331,7 +1369,7 @@ def main() -> int:
             run["train-kernels"] = functools.partial(train_kernels, rounds=args.rounds)
             run |= {
                 "grads": functools.partial(grads, fused_norm=args.fused_norm),
-                "infer": infer,
+                "infer": functools.partial(infer, ex2_every=args.ex2_every),
                 "mlp-fwd": mlp_fwd,
                 "mlp-grad": mlp_grad,
                 "mlp-configs": functools.partial(mlp_configs, launches=args.mlp_launches),
