@@ -9,7 +9,15 @@ row through `flash_attn.cute.utils.ex2_emulation` (a degree-3 polynomial of the 
 for the integer part), the rest through `exp2` as before. Numbers change: the polynomial's relative error is at most
 8.8e-5 on [0, 1) (numpy, 1e6 points) against `ex2.approx`'s ~2**-22, before P is rounded to bf16 (2**-9).
 
-Only for `benchmarks/fa4_gpu_check.py --parts fa4-ex2`: nothing in the package imports it.
+Only for `benchmarks/fa4_gpu_check.py --parts fa4-ex2` (and `--ex2-every`): nothing in the package imports it.
+
+Checked without a GPU (`python benchmarks/fa4_ex2.py`, see its `__main__`; 2026-12-08, flash-attn-4 4.0.0b36,
+nvidia-cutlass-dsl 4.8.1, Python 3.11 wheels): every variant compiles for sm_90a (4 x 2048 px lengths); the PTX's
+`ex2.approx` count goes from 130 (stock, and the explicit loop without emulation, whose PTX differs from the stock
+only in the operand order of commutative `fma`s) to 122 / 114 / 98 for every 16th / 8th / 4th, each replaced
+exponential an `add.rm` + two `sub` + three `fma` + a shift and an integer add; `ptxas -arch=sm_90a -v` (CUDA 13.0,
+after lowering the PTX `.version` from 9.4 to 9.0) reports no spills for any of them (0 bytes spill stores/loads),
+and `nvdisasm` shows 130 / 114 / 98 `MUFU.EX2` for the stock / 8th / 4th. Whether it is faster is for the GPU.
 """
 
 import contextlib
@@ -102,3 +110,50 @@ def forward_softmax(every: int | None):
     finally:
         flash_fwd_sm90.Softmax = stock_class
         _flash_attn_fwd.compile_cache = stock_cache
+
+
+def offline_ptx(every: int | None, dump_dir: str, lengths: tuple[int, ...] = (5 + 128 * 128,) * 4) -> str:
+    """The PTX of flash-attn-4's SM90 forward (ViT-L heads, bf16, varlen over `lengths`) with `emulated_softmax(every)`
+    (None: stock), compiled without a GPU: fake CUDA tensors (flash-attn-4 compiles but does not launch under torch's
+    FakeTensorMode), `_arch=90`. Needs `CUTE_DSL_ARCH=sm_90a`, `FLASH_ATTENTION_NUM_SMS` (132 for an H100 SXM) and
+    `CUTE_DSL_KEEP=ptx` with `CUTE_DSL_DUMP_DIR=dump_dir` in the environment before cutlass is imported."""
+    import glob
+    import os
+    import time
+
+    import torch
+    from flash_attn.cute.interface import _flash_attn_fwd
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    started = time.time()
+    n, longest = sum(lengths), max(lengths)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q, k, v = (torch.empty(n, 16, 64, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+        cu = torch.empty(len(lengths) + 1, dtype=torch.int32, device="cuda")
+        with forward_softmax(every):
+            _flash_attn_fwd(
+                q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
+                softmax_scale=0.125, causal=False, return_lse=True, _arch=90,
+            )  # fmt: skip
+    # (the same kernel name for every variant: the file of this compile is the one written since it started)
+    new = sorted(
+        (p for p in glob.glob(os.path.join(dump_dir, "*.ptx")) if os.path.getmtime(p) >= started), key=os.path.getmtime
+    )
+    if not new:
+        raise RuntimeError(
+            f"no PTX written to {dump_dir}: set CUTE_DSL_KEEP=ptx and CUTE_DSL_DUMP_DIR before importing"
+        )
+    with open(new[-1]) as f:
+        return f.read()
+
+
+if __name__ == "__main__":
+    # Offline check (no GPU): each variant's forward compiles, and the emulation replaces `ex2.approx` instructions.
+    #   CUTE_DSL_ARCH=sm_90a FLASH_ATTENTION_NUM_SMS=132 CUTE_DSL_KEEP=ptx CUTE_DSL_DUMP_DIR=/tmp/ptx \
+    #     python benchmarks/fa4_ex2.py
+    import os
+
+    for every in (None, 0, 16, 8, 4):
+        ptx = offline_ptx(every, os.environ.get("CUTE_DSL_DUMP_DIR", "."))
+        counts = {op: ptx.count(op) for op in ("ex2.approx", "add.rm.ftz.f32", "wgmma.mma_async")}
+        print(f"every={every}: {counts}")
