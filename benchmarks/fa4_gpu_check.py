@@ -281,14 +281,19 @@ def fa4_bwd_tiles(out: str | None) -> None:
         interface._tile_size_bwd_sm90 = heuristic
 
 
+def _forward_inputs(name: str, dev) -> tuple:
+    """`(layout, forward FLOPs, q, k, v)` of `LENGTHS[name]`: ViT-L heads, bf16 normal draws from seed 0."""
+    lengths = LENGTHS[name]
+    layout = layout_of(lengths, dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(layout.num_tokens, 16, 64, device=dev, generator=g).bfloat16() for _ in range(3))
+    return layout, sum(4 * n * n * 64 * 16 for n in lengths), q, k, v
+
+
 def fa4_tiles(out: str | None) -> None:
     dev = torch.device("cuda")
     for name in ("4x2048px", "mixed-64"):
-        lengths = LENGTHS[name]
-        layout = layout_of(lengths, dev)
-        fwd_flops = sum(4 * n * n * 64 * 16 for n in lengths)
-        g = torch.Generator(device=dev).manual_seed(0)
-        q, k, v = (torch.randn(layout.num_tokens, 16, 64, device=dev, generator=g).bfloat16() for _ in range(3))
+        layout, fwd_flops, q, k, v = _forward_inputs(name, dev)
         ref = _fa4_fwd(q, k, v, layout)
         for tile, kw in FA4_TILES.items():
             row = {"part": "fa4-tiles", "lengths": name, "tile": tile}
@@ -322,11 +327,7 @@ def fa4_ex2(out: str | None, rounds: int = 3) -> None:
     dev = torch.device("cuda")
     variants = {"stock": None, "loop, no emulation": 0, "every 16th": 16, "every 8th": 8, "every 4th": 4}
     for name in ("4x2048px", "mixed-64"):
-        lengths = LENGTHS[name]
-        layout = layout_of(lengths, dev)
-        fwd_flops = sum(4 * n * n * 64 * 16 for n in lengths)
-        g = torch.Generator(device=dev).manual_seed(0)
-        q, k, v = (torch.randn(layout.num_tokens, 16, 64, device=dev, generator=g).bfloat16() for _ in range(3))
+        layout, fwd_flops, q, k, v = _forward_inputs(name, dev)
         exact = None
         if name == "mixed-64":
             with torch.no_grad():
