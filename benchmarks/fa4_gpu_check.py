@@ -638,6 +638,7 @@ def train(out: str | None, rounds: int = 3, systems_asked: tuple[str, ...] = DEF
                         "fold_qkv_bias": model.fold_qkv_bias,
                         "fused_dq_rope": name != DQ_UNFUSED,
                         "fused_norm": model.fused_norm,
+                        "ex2_every": EX2_EVERY if name == EX2 else None,
                         "recompute_policy": model.recompute_policy,
                         "images_per_s": 64 / stats["median_s"],
                         "step_ms": stats["median_s"] * 1e3,
