@@ -85,31 +85,27 @@ def emulated_softmax(every: int) -> type:
     return type(f"EmulatedSoftmax{every}", (EmulatedSoftmax,), {"EVERY": every})
 
 
-_CACHES: dict = {}
-"""Per variant (`every`, None for the stock class), the forward's compiled kernels: the compile key does not name the
-softmax class, so each variant keeps a cache of its own and compiles once per process."""
+_VARIANTS: dict = {}
+"""Per `every` (None: the stock class), `(softmax class, compile cache)`: the forward's compile key does not name the
+softmax class, so each variant keeps its kernels in a cache of its own and compiles once per process."""
 
 
 @contextlib.contextmanager
 def forward_softmax(every: int | None):
     """flash-attn-4's SM90 forward compiled with `emulated_softmax(every)` inside the block (None: the stock
-    class), from a compile cache of that variant's own (`_CACHES`)."""
+    class), from that variant's own compile cache (`_VARIANTS`)."""
     from flash_attn.cute import flash_fwd_sm90
     from flash_attn.cute.cache_utils import JITCache
     from flash_attn.cute.interface import _flash_attn_fwd
 
-    stock_class, stock_cache = flash_fwd_sm90.Softmax, _flash_attn_fwd.compile_cache
-    if every not in _CACHES:
-        _CACHES[every] = stock_cache if every is None else JITCache()
-        if every is not None:
-            _CACHES[every, "class"] = emulated_softmax(every)
-    flash_fwd_sm90.Softmax = stock_class if every is None else _CACHES[every, "class"]
-    _flash_attn_fwd.compile_cache = _CACHES[every]
+    stock = flash_fwd_sm90.Softmax, _flash_attn_fwd.compile_cache
+    if every not in _VARIANTS:
+        _VARIANTS[every] = stock if every is None else (emulated_softmax(every), JITCache())
+    flash_fwd_sm90.Softmax, _flash_attn_fwd.compile_cache = _VARIANTS[every]
     try:
         yield
     finally:
-        flash_fwd_sm90.Softmax = stock_class
-        _flash_attn_fwd.compile_cache = stock_cache
+        flash_fwd_sm90.Softmax, _flash_attn_fwd.compile_cache = stock
 
 
 def offline_ptx(every: int | None, dump_dir: str, lengths: tuple[int, ...] = (5 + 128 * 128,) * 4) -> str:
