@@ -83,6 +83,11 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              by MUFU's 16 exponentials a clock as much as by the tensor cores), against the stock kernel and the
              same loop without emulation, rounds interleaved: ms, TFLOP/s, the output against the stock kernel's
              and (mixed-64) both against fp32 sdpa.
+    dense    forward kernels on packs of one segment length (4 x 2048, 4 x 1024, 32 x 512, 64 x 224 px), where
+             attention needs no varlen kernel: the Triton and fa4 varlen kernels against flash-attn-4's dense
+             `flash_attn_func` and PyTorch's SDPA backends (cuDNN, FlashAttention-2, memory-efficient) over the
+             pack viewed as `[images, n, heads, head_dim]`, rounds interleaved: ms, TFLOP/s, each output against
+             fp32 sdpa. Whether a dense kernel can carry the 2048 px inference target where fa4's varlen cannot.
 A part that fails writes an `error` row with its traceback and the next part runs.
 """
 
@@ -136,6 +141,7 @@ DQ_UNFUSED = (
     "(ops.fa4.FUSED_DQ_ROPE=False)"
 )
 PARTS = (
+    "dense",
     "fa4-bwd-tiles",
     "fa4-ex2",
     "fa4-tiles",
@@ -351,6 +357,69 @@ def fa4_ex2(out: str | None, rounds: int = 3) -> None:
                 if exact is not None:
                     row |= {"rel_vs_fp32": rel(got, exact), "stock_rel_vs_fp32": rel(ref, exact)}
                 write_rows(out, [row])
+
+
+DENSE_LENGTHS = ("4x2048px", "4x1024px", "32x512px", "64x224px")  # packs of one segment length
+
+
+def _dense_systems(q, k, v, layout: PackedLayout) -> dict:
+    """`name: (context factory, fn)` of the forward kernels timed on a pack whose segments all have one length:
+    the project's Triton and fa4 varlen kernels as the model runs them, and kernels that need that (flash-attn-4's
+    and PyTorch's SDPA backends over the pack viewed as `[images, n, heads, head_dim]`, no copy)."""
+    lengths = layout.cu_seqlens.diff().tolist()
+    images, n = len(lengths), lengths[0]
+    if set(lengths) != {n}:
+        raise ValueError(f"layout: expected segments of one length, got {sorted(set(lengths))}")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads, dim = q.shape[1:]
+
+    def bnhd(t):  # the packed rows as a batch of images (segments are contiguous rows)
+        return t.view(images, n, heads, dim)
+
+    def fa4_dense():
+        from flash_attn.cute import flash_attn_func
+
+        out = flash_attn_func(bnhd(q), bnhd(k), bnhd(v), softmax_scale=dim**-0.5)
+        return (out[0] if isinstance(out, tuple) else out).reshape(-1, heads, dim)
+
+    def sdpa():
+        args = (bnhd(t).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(*args, scale=dim**-0.5).transpose(1, 2).reshape(-1, heads, dim)
+
+    none = contextlib.nullcontext
+    return {
+        "triton varlen (today's path)": (none, lambda: packed_attention(q, k, v, layout, "triton")),
+        "fa4 varlen (auto)": (none, lambda: packed_attention(q, k, v, layout, "fa4")),
+        "fa4 dense (flash_attn_func)": (none, fa4_dense),
+        "sdpa cudnn": (functools.partial(sdpa_kernel, SDPBackend.CUDNN_ATTENTION), sdpa),
+        "sdpa flash (FA2)": (functools.partial(sdpa_kernel, SDPBackend.FLASH_ATTENTION), sdpa),
+        "sdpa efficient": (functools.partial(sdpa_kernel, SDPBackend.EFFICIENT_ATTENTION), sdpa),
+    }
+
+
+def dense_attention(out: str | None, rounds: int = 3) -> None:
+    """Forward kernels on packs of one segment length (4 x 2048 px and smaller), where attention needs no varlen
+    kernel: whether a dense kernel (cuDNN's, flash-attn-4's non-varlen) beats fa4's varlen one at 2048 px, the
+    inference target's shape. Rounds interleaved; each output against fp32 sdpa (max relative difference)."""
+    dev = torch.device("cuda")
+    for name in DENSE_LENGTHS:
+        layout, fwd_flops, q, k, v = _forward_inputs(name, dev)
+        with torch.no_grad():
+            exact = packed_attention(q.float(), k.float(), v.float(), layout, "sdpa")
+        systems = _dense_systems(q, k, v, layout)
+        for r in range(rounds):
+            for system, (context, fn) in systems.items():
+                row = {"part": "dense", "lengths": name, "system": system, "round": r}
+                try:
+                    with context(), torch.no_grad():
+                        got = fn()
+                        stats = measure(fn, dev)
+                except Exception:  # a kernel that does not run at this shape is its row
+                    write_rows(out, [row | {"error": traceback.format_exc()[-2000:]}])
+                    continue
+                row |= {"fwd_ms": stats["median_s"] * 1e3, "fwd_tflops": fwd_flops / stats["median_s"] / 1e12}
+                write_rows(out, [row | {"rel_vs_fp32": rel(got, exact)}])
 
 
 def forward_flops(model, grid) -> float:
@@ -1370,6 +1439,7 @@ def main() -> int:
             }
             run["fa4-bwd-tiles"] = fa4_bwd_tiles
             run["fa4-ex2"] = functools.partial(fa4_ex2, rounds=args.rounds)
+            run["dense"] = functools.partial(dense_attention, rounds=args.rounds)
             run["train-kernels"] = functools.partial(train_kernels, rounds=args.rounds)
             run |= {
                 "grads": functools.partial(grads, fused_norm=args.fused_norm),
