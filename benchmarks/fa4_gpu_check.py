@@ -85,9 +85,10 @@ two-call recipe). Parts, each a JSON row per measurement (`apps.bench.timing.wri
              and (mixed-64) both against fp32 sdpa.
     dense    forward kernels on packs of one segment length (4 x 2048, 4 x 1024, 32 x 512, 64 x 224 px), where
              attention needs no varlen kernel: the Triton and fa4 varlen kernels against flash-attn-4's dense
-             `flash_attn_func` and PyTorch's SDPA backends (cuDNN, FlashAttention-2, memory-efficient) over the
-             pack viewed as `[images, n, heads, head_dim]`, rounds interleaved: ms, TFLOP/s, each output against
-             fp32 sdpa. Whether a dense kernel can carry the 2048 px inference target where fa4's varlen cannot.
+             `flash_attn_func` and PyTorch's SDPA (its own choice, as the sdpa backend runs it, then cuDNN,
+             FlashAttention-2 and memory-efficient pinned) over the pack viewed as `[images, n, heads, head_dim]`,
+             rounds interleaved: ms, TFLOP/s, each output against fp32 sdpa. Whether a dense kernel can carry the
+             2048 px inference target where fa4's varlen cannot.
 A part that fails writes an `error` row with its traceback and the next part runs.
 """
 
@@ -116,6 +117,7 @@ from dinov3_packing import load_packing_model, pack
 from dinov3_packing.apps.bench.timing import device_gaps, measure, peak_matmul_tflops, run_metadata, write_rows
 from dinov3_packing.ops.attention import packed_attention
 from dinov3_packing.ops.quack import quack_gemms_available
+from dinov3_packing.ops.sdpa import sdpa_runs
 from dinov3_packing.ops.triton.linear_gelu import tuned_configs
 from dinov3_packing.packing import PackedLayout
 from dinov3_packing.parallel.compile import compile_model
@@ -366,10 +368,10 @@ def _dense_systems(q, k, v, layout: PackedLayout) -> dict:
     """`name: (context factory, fn)` of the forward kernels timed on a pack whose segments all have one length:
     the project's Triton and fa4 varlen kernels as the model runs them, and kernels that need that (flash-attn-4's
     and PyTorch's SDPA backends over the pack viewed as `[images, n, heads, head_dim]`, no copy)."""
-    lengths = layout.cu_seqlens.diff().tolist()
-    images, n = len(lengths), lengths[0]
-    if set(lengths) != {n}:
-        raise ValueError(f"layout: expected segments of one length, got {sorted(set(lengths))}")
+    runs = layout.equal_runs_host.view(-1, 3).tolist()  # (start, count, length) of each run of equal segments
+    if len(runs) != 1:
+        raise ValueError(f"layout: expected segments of one length, got lengths {sorted({r[2] for r in runs})}")
+    images, n = runs[0][1:]
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     heads, dim = q.shape[1:]
@@ -383,15 +385,16 @@ def _dense_systems(q, k, v, layout: PackedLayout) -> dict:
         out = flash_attn_func(bnhd(q), bnhd(k), bnhd(v), softmax_scale=dim**-0.5)
         return (out[0] if isinstance(out, tuple) else out).reshape(-1, heads, dim)
 
-    def sdpa():
-        args = (bnhd(t).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(*args, scale=dim**-0.5).transpose(1, 2).reshape(-1, heads, dim)
+    # ops.sdpa's batched call over one run of equal segments (what the "sdpa" backend runs on such a pack), with the
+    # SDPA backend pinned by the context
+    sdpa = functools.partial(sdpa_runs, q, k, v, runs, 0.0)
 
     none = contextlib.nullcontext
     return {
         "triton varlen (today's path)": (none, lambda: packed_attention(q, k, v, layout, "triton")),
         "fa4 varlen (auto)": (none, lambda: packed_attention(q, k, v, layout, "fa4")),
         "fa4 dense (flash_attn_func)": (none, fa4_dense),
+        "sdpa (its own choice: the sdpa backend)": (none, sdpa),
         "sdpa cudnn": (functools.partial(sdpa_kernel, SDPBackend.CUDNN_ATTENTION), sdpa),
         "sdpa flash (FA2)": (functools.partial(sdpa_kernel, SDPBackend.FLASH_ATTENTION), sdpa),
         "sdpa efficient": (functools.partial(sdpa_kernel, SDPBackend.EFFICIENT_ATTENTION), sdpa),
