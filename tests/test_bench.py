@@ -546,21 +546,24 @@ def test_fa4_gpu_check_pins_the_rope_sums_launch_from_a_file(tmp_path, monkeypat
         assert rope.SUMS_LAUNCH == launch
 
 
-def test_fa4_gpu_check_dense_systems_view_the_pack_as_a_batch_of_images():
-    """The `dense` part's SDPA system (CPU, fp32, no backend pinned) views a pack of equal segments as
-    `[images, n, heads, head_dim]` without a copy and gives the per-segment attention of `packed_attention`;
-    a pack of mixed lengths is refused before anything runs."""
-    from dinov3_packing.ops.attention import packed_attention
-
+def test_fa4_gpu_check_dense_systems_attend_within_each_image():
+    """The `dense` part's SDPA systems (run here on the CPU in fp32, no backend pinned) attend within each image of a
+    pack of equal segments, as softmax(q k^T / sqrt(d)) v computed segment by segment; a pack of mixed lengths is
+    refused before anything runs."""
     script = runpy.run_path(str(ROOT / "benchmarks" / "fa4_gpu_check.py"))
-    layout = script["layout_of"]([5 + 37] * 3, "cpu")
+    n = 5 + 37
+    layout = script["layout_of"]([n] * 3, "cpu")
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(layout.num_tokens, 4, 16, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(layout.num_tokens, 4, 16, generator=g, dtype=torch.float64) for _ in range(3))
     systems = script["_dense_systems"](q, k, v, layout)
     assert set(systems) >= {"sdpa cudnn", "fa4 dense (flash_attn_func)", "triton varlen (today's path)"}
-    got = systems["sdpa efficient"][1]()
-    want = packed_attention(q, k, v, layout, "sdpa")
-    assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    want = torch.cat(
+        [
+            torch.einsum("hij,jhd->ihd", torch.softmax(torch.einsum("ihd,jhd->hij", qs, ks) / 4, dim=-1), vs)
+            for qs, ks, vs in zip(q.split(n), k.split(n), v.split(n), strict=True)
+        ]
+    )
+    for name in ("sdpa (its own choice: the sdpa backend)", "sdpa efficient"):
+        torch.testing.assert_close(systems[name][1](), want, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="layout: expected segments of one length"):
         script["_dense_systems"](q[:80], k[:80], v[:80], script["layout_of"]([42, 38], "cpu"))
